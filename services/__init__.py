@@ -1,0 +1,1 @@
+"""tristage: disaggregated encode / prefill / decode serving."""
