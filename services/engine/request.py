@@ -1,0 +1,86 @@
+"""A request's state inside one engine.
+
+Token accounting (the scheduler's only view of progress):
+
+    all_token_ids:  | prompt (num_prompt_tokens) | output tokens ... |
+                    |<---- num_computed_tokens ---->|<- to compute ->|
+
+`num_computed_tokens` counts tokens whose KV is in the cache. A step schedules
+`num_tokens - num_computed_tokens` (capped by the chunk budget); when a step's chunk reaches
+`num_tokens`, the model's last logits are sampled and one token is appended. Preemption resets
+`num_computed_tokens` to 0 and the request recomputes prompt plus output from scratch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"  # EOS, stop token or stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context length
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    max_output_tokens: int  # max_tokens resolved against the context length
+    arrival_time_s: float = field(default_factory=time.monotonic)
+    cache_salt: str | None = None
+    prompt_text: str | None = None
+    generator: torch.Generator | None = None  # per-request RNG when a seed is given
+
+    output_token_ids: list[int] = field(default_factory=list)
+    # one entry per output token when logprobs were asked: {token_id: (logprob, rank)}
+    output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit on first scheduling (for metrics)
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    # block hashes of this request's full blocks, extended as blocks fill (see kv_cache.manager)
+    block_hashes: list[int] = field(default_factory=list)
+    # keep KV blocks after finishing, until the engine is told to release them (disaggregation)
+    hold_kv: bool = False
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
