@@ -36,7 +36,7 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: a request is one object
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -1,0 +1,48 @@
+"""Model registry and loading: HF architecture name -> our implementation, weights streamed in."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from services.common.errors import ModelLoadError
+from services.engine.models.llama import DecoderLM, DecoderSpec
+from services.engine.models.loader import SUPPORTED_ARCHITECTURES, iter_weights
+
+# Every supported architecture is a Llama-family decoder; their differences live in DecoderSpec.
+MODEL_CLASSES: dict[str, type[DecoderLM]] = {arch: DecoderLM for arch in SUPPORTED_ARCHITECTURES}
+
+
+def load_model(model_dir: str | os.PathLike, hf_config, device: torch.device, dtype: torch.dtype,
+               load_format: str = "auto", seed: int = 0) -> DecoderLM:
+    """Build the model on the meta device, materialise it on `device`, then fill its weights.
+
+    Weights stream one checkpoint shard at a time straight into the parameters, so host memory
+    never holds a second copy of the model.
+    """
+    arch = hf_config.architectures[0]
+    if arch not in MODEL_CLASSES:
+        raise ModelLoadError(f"architecture {arch!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
+    spec = DecoderSpec.from_hf_config(hf_config)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = MODEL_CLASSES[arch](spec)
+    model = model.to_empty(device=device)
+    if load_format == "dummy":
+        model.init_dummy_weights(seed)
+    else:
+        with torch.no_grad():
+            model.load_weights(iter_weights(model_dir))
+    model.init_rotary()
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

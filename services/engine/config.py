@@ -1,0 +1,72 @@
+"""Engine configuration: one frozen dataclass, resolved once (device, dtype) before anything is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
+          "float": torch.float32}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+CPU_KV_CACHE_BYTES = 512 * 2**20  # default KV budget on CPU
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF-format directory; None: the embedded default model
+    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    load_format: str = "auto"  # auto/safetensors read the weights; dummy: random weights of the real shapes
+    block_size: int = 16  # tokens per KV block
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill cuts prompts to it)
+    max_num_seqs: int = 256  # running requests at most
+    max_model_len: int | None = None  # context length; default: the model's, capped by the KV pool
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.90  # share of GPU memory for weights + activations + KV cache
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default: CPU_KV_CACHE_BYTES)
+    num_kv_blocks: int | None = None  # explicit pool size, overrides both budgets
+    attention_backend: str = "auto"  # auto: triton on CUDA, reference on CPU
+    enable_cuda_graphs: bool = True  # capture decode batches on CUDA
+    max_cuda_graph_batch_size: int = 256
+    seed: int = 0  # dummy weights and unseeded sampling
+
+    def resolved(self) -> "EngineConfig":
+        """Fill the `auto` fields for this machine and check the rest."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        backend = self.attention_backend
+        if backend == "auto":
+            backend = "triton" if device.startswith("cuda") else "reference"
+        cfg = replace(self, device=device, dtype=dtype, attention_backend=backend)
+        cfg._check()
+        return cfg
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def _check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format {self.load_format!r} is not one of {LOAD_FORMATS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        if self.attention_backend == "triton" and not self.device.startswith("cuda"):
+            raise ValueError("attention_backend 'triton' needs a CUDA device")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")

@@ -1,0 +1,331 @@
+"""The engine: one step at a time over a scheduler, a model runner and a sampler.
+
+    step():  schedule -> run the model -> sample -> append tokens, detokenize, check stops -> outputs
+
+It is a library with no threads, sockets or Ray: workers wrap it and drive `step()` in their own
+loop. The step-level API a worker needs:
+  * add_request / abort_request / step / has_unfinished_requests;
+  * KV export for disaggregated prefill: a request added with `hold_kv=True` keeps its blocks after
+    it finishes, `export_kv(request_id, layer)` copies one layer of them, `release_kv` frees them;
+  * KV import for disaggregated decode: `import_request` allocates blocks for a prompt computed
+    elsewhere, `import_kv` writes one layer into them, `commit_import` starts decoding.
+
+A request with n > 1 becomes n child requests (ids `<id>#<i>`) that share the prompt's full blocks
+through the prefix cache; their outputs are merged back into one RequestOutput.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import AutoTokenizer
+
+from services.common.errors import InvalidRequestError
+from services.engine.config import EngineConfig
+from services.engine.default_model import default_model_path
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.kv_cache.manager import KVCacheManager, cdiv
+from services.engine.model_runner import ModelRunner
+from services.engine.models.loader import read_model_config
+from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from services.engine.request import Request, RequestStatus
+from services.engine.sampler import Sampler, SamplerOutput
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(eq=False)
+class _Child:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    parent: "_Parent"
+    index: int
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+        config = replace(config or EngineConfig(), **overrides).resolved()
+        self.config = config
+        self.model_dir = str(config.model or default_model_path())
+        self.hf_config = read_model_config(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
+        self.runner = ModelRunner(config, self.model_dir, self.hf_config)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_batched_tokens, config.max_num_seqs)
+        self.sampler = Sampler()
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model.spec.vocab_size
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, self.model_dir)
+        self._children: dict[str, _Child] = {}
+        self._parents: dict[str, _Parent] = {}
+
+    # ------------------------------------------------------------------ requests in
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
+                    cache_salt: str | None = None, hold_kv: bool = False) -> None:
+        """Validate and queue a request. Raises InvalidRequestError before anything is allocated."""
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_text, token_ids = self._tokenize(prompt)
+        max_output_tokens = self._validate(token_ids, params, cache_salt)
+        parent = _Parent(request_id, prompt_text, token_ids)
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            child_params = self._child_params(params, index)
+            request = Request(child_id, list(token_ids), child_params, self._primary_eos, max_output_tokens,
+                              cache_salt=cache_salt, prompt_text=prompt_text,
+                              generator=self._generator(child_params.seed), hold_kv=hold_kv)
+            self._track(parent, request, index)
+            self.scheduler.add(request)
+        self._parents[request_id] = parent
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict):
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        return None, list(prompt)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams, cache_salt: str | None) -> int:
+        """Check a request against this engine; returns its max output tokens."""
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
+                f"and at least one must be left for the output", param="prompt")
+        params.validate(self.vocab_size)
+        room = self.max_model_len - len(token_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens is {params.max_tokens} but the prompt's {len(token_ids)} tokens leave room for "
+                f"{room} in this model's {self.max_model_len}-token context", param="max_tokens")
+        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string", param="cache_salt")
+        return params.max_tokens or room
+
+    def _child_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        seed = None if params.seed is None else params.seed + index
+        stop_ids = list(params.stop_token_ids)
+        if not params.ignore_eos:  # models with several end tokens stop on any of them
+            stop_ids += [t for t in self.eos_token_ids if t != self._primary_eos and t not in stop_ids]
+        return replace(params, n=1, seed=seed, stop_token_ids=stop_ids)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
+
+    @property
+    def _primary_eos(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def _track(self, parent: _Parent, request: Request, index: int) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling_params)
+        child = _Child(request, detok, parent, index)
+        parent.children.append(child)
+        self._children[request.request_id] = child
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids)
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += num_new
+        if not sampled:
+            return []
+        return self._process(sampled, self.sampler(logits, sampled))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def _process(self, requests: list[Request], result: SamplerOutput) -> list[RequestOutput]:
+        touched: dict[str, _Parent] = {}
+        for request, token_id, logprobs in zip(requests, result.token_ids, result.logprobs):
+            child = self._children[request.request_id]
+            self._append_token(child, token_id, logprobs)
+            touched[child.parent.request_id] = child.parent
+        return [self._make_output(parent) for parent in touched.values()]
+
+    def _append_token(self, child: _Child, token_id: int, logprobs: dict[int, tuple[float, int]] | None) -> None:
+        request = child.request
+        request.output_token_ids.append(token_id)
+        child.delta_token_ids.append(token_id)
+        if logprobs is not None:
+            entry = {tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, (lp, rank) in logprobs.items()}
+            request.output_logprobs.append(logprobs)
+            child.delta_logprobs.append(entry)
+        stop_string = child.detokenizer.update([token_id])
+        status = self._check_stop(request, token_id, stop_string)
+        if status is not None:
+            child.detokenizer.finish()
+            self.scheduler.finish(request, status)
+
+    def _check_stop(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
+        params = request.sampling_params
+        past_min = request.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token_id == request.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if stop_string is not None:
+            request.stop_reason = stop_string
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        outputs = [self._completion(child) for child in parent.children]
+        finished = parent.finished
+        if finished:
+            self._forget(parent)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
+                             num_cached_tokens=parent.children[0].request.num_cached_prompt_tokens)
+
+    def _completion(self, child: _Child) -> CompletionOutput:
+        request = child.request
+        params = request.sampling_params
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [{tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, (lp, rank) in entry.items()}
+                        for entry in request.output_logprobs]
+        out = CompletionOutput(
+            index=child.index, text=child.detokenizer.output_text, token_ids=list(request.output_token_ids),
+            logprobs=logprobs, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+            delta_text=child.detokenizer.take_delta(), delta_token_ids=child.delta_token_ids,
+            delta_logprobs=child.delta_logprobs if params.logprobs is not None else None)
+        child.delta_token_ids, child.delta_logprobs = [], []
+        return out
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for child in parent.children:
+            self._children.pop(child.request.request_id, None)
+
+    # ------------------------------------------------------------------ abort
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request at any moment and free everything it holds. False if it is unknown."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return self.release_kv(request_id)
+        for child in parent.children:
+            request = child.request
+            request.hold_kv = False
+            if not request.finished:
+                self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            else:
+                self.kv_cache.free(request.request_id)
+        self._forget(parent)
+        return True
+
+    # ------------------------------------------------------------------ KV export (prefill side)
+
+    def export_kv(self, request_id: str, layer_index: int) -> torch.Tensor:
+        """One layer of a held request's KV: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.runner.read_kv(layer_index, self._held_block_ids(request_id))
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished `hold_kv` request kept. False if it holds none."""
+        if not self.kv_cache.holds(request_id):
+            return False
+        self.kv_cache.free(request_id)
+        return True
+
+    def _held_block_ids(self, request_id: str) -> list[int]:
+        if not self.kv_cache.holds(request_id):
+            raise KeyError(f"request {request_id!r} holds no KV blocks")
+        return self.kv_cache.block_ids(request_id)
+
+    # ------------------------------------------------------------------ KV import (decode side)
+
+    def import_request(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+                       params: SamplingParams, *, cache_salt: str | None = None) -> list[int] | None:
+        """Reserve blocks for a prompt whose KV was computed elsewhere.
+
+        `output_token_ids` are tokens already sampled remotely (at least the first). Returns the block
+        ids the KV must be imported into, or None when the cache has no room now (try again later).
+        """
+        if params.n != 1:
+            raise InvalidRequestError("an imported request must have n == 1", param="n")
+        max_output_tokens = self._validate(prompt_token_ids, params, cache_salt)
+        request = Request(request_id, list(prompt_token_ids), self._child_params(params, 0), self._primary_eos,
+                          max_output_tokens, cache_salt=cache_salt, generator=self._generator(params.seed))
+        block_ids = self.kv_cache.allocate_for_import(request, len(prompt_token_ids))
+        if block_ids is None:
+            return None
+        parent = _Parent(request_id, None, list(prompt_token_ids))
+        self._track(parent, request, 0)
+        self._parents[request_id] = parent
+        for token_id in output_token_ids:
+            self._append_token(self._children[request_id], token_id, None)
+        return block_ids
+
+    def import_kv(self, request_id: str, layer_index: int, kv: torch.Tensor) -> None:
+        self.runner.write_kv(layer_index, self._held_block_ids(request_id), kv)
+
+    def commit_import(self, request_id: str) -> None:
+        """All layers are in: the request decodes from here on."""
+        request = self._children[request_id].request
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv_cache.commit_imported(request, request.num_prompt_tokens)
+        if not request.finished:
+            self.scheduler.add_running(request)
+
+    # ------------------------------------------------------------------ introspection
+
+    def num_free_blocks(self) -> int:
+        return self.kv_cache.num_free_blocks()
+
+    def num_usable_blocks(self) -> int:
+        return self.kv_cache.pool.num_usable_blocks
+
+    def kv_blocks_for(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.config.block_size)
+
+
+def _eos_token_ids(hf_config, tokenizer, model_dir: str) -> list[int]:
+    """End-of-sequence ids: generation_config.json first (it may list several), then the config, then the tokenizer."""
+    from transformers import GenerationConfig
+
+    candidates = None
+    try:
+        candidates = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        pass
+    if candidates is None:
+        candidates = getattr(hf_config, "eos_token_id", None)
+    if candidates is None:
+        candidates = tokenizer.eos_token_id
+    if candidates is None:
+        return []
+    return [candidates] if isinstance(candidates, int) else list(candidates)

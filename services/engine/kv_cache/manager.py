@@ -1,0 +1,150 @@
+"""Per-request block tables over the block pool, with prefix caching.
+
+A request's block table covers its computed tokens plus the tokens scheduled this step:
+
+    tokens:  | computed (KV in cache)       | scheduled now     |
+    blocks:  | b0 | b1 | b2 | b3 (partial) ...  | b4 (new)     |
+             |<- cached full blocks ->|
+
+Prefix caching: the leading full blocks of a new request are looked up by their chained hashes
+(services.common.block_hash) and shared by reference; at least the last prompt token is always
+computed, so the model yields logits to sample from. Full blocks are registered in the cache as
+soon as they are scheduled: within one step every layer writes all new K/V before any attention
+reads it, so a request scheduled later in the same step may already share them.
+
+Freeing releases a request's blocks tail first, so under eviction pressure a prefix outlives its
+continuations.
+"""
+
+from __future__ import annotations
+
+from services.common.block_hash import block_extra_keys, hash_request_blocks
+from services.engine.kv_cache.block_pool import BlockPool, KVBlock
+from services.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # mirrors _blocks, read by the runner every step
+        self._num_cached_blocks: dict[str, int] = {}  # leading blocks already registered in the cache
+
+    # --------------------------------------------------------------- queries
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self._block_ids.get(request_id, [])
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._blocks
+
+    def get_computed_blocks(self, request: Request) -> list[KVBlock]:
+        """Cached blocks covering the longest cached prefix of a request that holds no blocks yet."""
+        if not self.enable_prefix_caching:
+            return []
+        self._update_hashes(request, request.num_tokens)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        tokens = request.all_token_ids
+        hits: list[KVBlock] = []
+        for i, block_hash in enumerate(request.block_hashes[:max_hit_blocks]):
+            block_tokens = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
+            block = self.pool.lookup(block_hash, block_tokens)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    # --------------------------------------------------------------- allocation
+
+    def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
+        return self._num_blocks_to_take(request, num_new_tokens, computed_blocks) <= self.pool.num_free_blocks
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
+        """Give the request room for `num_new_tokens` more tokens (after any computed_blocks it adopts).
+
+        Returns False, changing nothing, when the pool cannot supply enough blocks.
+        """
+        if not self.can_allocate(request, num_new_tokens, computed_blocks):
+            return False
+        blocks = self._blocks.setdefault(request.request_id, [])
+        ids = self._block_ids.setdefault(request.request_id, [])
+        if computed_blocks:
+            assert not blocks, "computed blocks are adopted only by a request holding none"
+            self.pool.touch(computed_blocks)
+            self._append(blocks, ids, computed_blocks)
+            self._num_cached_blocks[request.request_id] = len(computed_blocks)
+        num_tokens_after = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        num_missing = cdiv(num_tokens_after, self.block_size) - len(blocks)
+        if num_missing > 0:
+            self._append(blocks, ids, self.pool.allocate(num_missing))
+        self._cache_full_blocks(request, num_tokens_after)
+        return True
+
+    def allocate_for_import(self, request: Request, num_tokens: int) -> list[int] | None:
+        """Fresh blocks for KV computed elsewhere (disaggregated prefill); None when there is no room."""
+        assert request.request_id not in self._blocks
+        if cdiv(num_tokens, self.block_size) > self.pool.num_free_blocks:
+            return None
+        blocks = self.pool.allocate(cdiv(num_tokens, self.block_size))
+        self._blocks[request.request_id] = blocks
+        self._block_ids[request.request_id] = [b.block_id for b in blocks]
+        return self.block_ids(request.request_id)
+
+    def commit_imported(self, request: Request, num_tokens: int) -> None:
+        """Imported KV is in place: its full blocks may now be shared."""
+        self._cache_full_blocks(request, num_tokens)
+
+    def free(self, request_id: str) -> None:
+        blocks = self._blocks.pop(request_id, None)
+        self._block_ids.pop(request_id, None)
+        self._num_cached_blocks.pop(request_id, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    # --------------------------------------------------------------- internals
+
+    @staticmethod
+    def _append(blocks: list[KVBlock], ids: list[int], new_blocks: list[KVBlock]) -> None:
+        blocks.extend(new_blocks)
+        ids.extend(b.block_id for b in new_blocks)
+
+    def _num_blocks_to_take(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock]) -> int:
+        held = len(self._blocks.get(request.request_id, ())) + len(computed_blocks)
+        num_tokens_after = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        num_new_blocks = max(0, cdiv(num_tokens_after, self.block_size) - held)
+        # adopting a cached block that sits in the free queue removes it from there
+        num_revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        return num_new_blocks + num_revived
+
+    def _update_hashes(self, request: Request, num_tokens: int) -> None:
+        if len(request.block_hashes) < num_tokens // self.block_size:
+            request.block_hashes = hash_request_blocks(
+                request.all_token_ids[:num_tokens], self.block_size, request.cache_salt,
+                known_hashes=request.block_hashes)
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        num_full = num_tokens // self.block_size
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        self._update_hashes(request, num_full * self.block_size)
+        blocks, tokens, bs = self._blocks[request.request_id], request.all_token_ids, self.block_size
+        for i in range(start, num_full):
+            parent = request.block_hashes[i - 1] if i > 0 else None
+            self.pool.cache_block(blocks[i], request.block_hashes[i], parent, tuple(tokens[i * bs:(i + 1) * bs]),
+                                  block_extra_keys(i, bs, request.cache_salt))
+        self._num_cached_blocks[request.request_id] = num_full

@@ -1,0 +1,276 @@
+"""The model runner: turns a scheduled batch into flat model inputs, runs the model, returns logits.
+
+It owns the device-side state: the weights, the KV cache tensor, the attention backend and the
+captured CUDA graphs. Per step:
+
+    prepare_inputs(batch) -> input_ids, positions, AttentionMetadata, rows to sample
+    forward (eager, or a captured graph for decode-only batches)
+    compute_logits(hidden[rows to sample])
+
+CUDA graphs: decode-only batches up to `max_cuda_graph_batch_size` rows run a graph captured for
+the next larger size in `CUDA_GRAPH_BATCH_SIZES`; padding rows point at the padding block (0) with
+sequence length 0, so they write only there and read nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.engine.attention.backends import AttentionMetadata, create_attention
+from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from services.engine.models import load_model
+from services.engine.models.llama import DecoderLM
+from services.engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 513, 16))
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    metadata: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
+    sampled_requests: list  # the requests those rows belong to
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: str, hf_config) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        start = time.perf_counter()
+        self.model: DecoderLM = load_model(model_dir, hf_config, self.device, self.dtype, config.load_format,
+                                           config.seed)
+        logger.info("loaded %s in %.1f s", model_dir, time.perf_counter() - start)
+        spec = self.model.spec
+        self.kv_bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * self.dtype.itemsize
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_cache = torch.zeros(  # [layers, k|v, blocks, block_size, kv_heads, head_dim]
+            spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim,
+            device=self.device, dtype=self.dtype)
+        self.attention = create_attention(config.attention_backend, self.kv_cache, spec.head_dim**-0.5)
+        self.max_model_len = self._max_model_len()
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self._graphs: dict[int, _DecodeGraph] = {}
+        if self.device.type == "cuda" and config.enable_cuda_graphs:
+            self._capture_decode_graphs()
+
+    # ------------------------------------------------------------------ sizing
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_free_gpu_bytes()
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        num_blocks = budget // (self.kv_bytes_per_token * self.block_size)
+        if num_blocks < 2:
+            raise ValueError(f"a KV budget of {budget} bytes holds no block of {self.block_size} tokens")
+        return int(num_blocks)
+
+    def _profile_free_gpu_bytes(self) -> int:
+        """Run the largest step once without a cache to measure peak activations; the rest is KV room."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = self.config.max_num_batched_tokens
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model.embed_tokens(ids)
+        spec = self.model.spec
+        # an MLP pass of the largest step dominates activations; logits of max_num_seqs rows too
+        layer = self.model.layers[0]
+        layer.mlp(hidden)
+        layer.self_attn.qkv_proj(hidden)
+        self.model.compute_logits(hidden[: min(num_tokens, self.config.max_num_seqs)])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        del ids, hidden
+        torch.cuda.empty_cache()
+        headroom = int(0.25 * (peak - torch.cuda.memory_allocated())) + 256 * 2**20  # graphs, sampler, fragmentation
+        budget = int(total * self.config.gpu_memory_utilization) - peak - headroom
+        logger.info("GPU memory: total %.1f GiB, peak after load %.1f GiB, KV budget %.1f GiB (%d layers, %d kv heads)",
+                    total / 2**30, peak / 2**30, budget / 2**30, spec.num_layers, spec.num_kv_heads)
+        return max(budget, 0)
+
+    def _max_model_len(self) -> int:
+        model_len = self.model.spec.max_position_embeddings
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > model_len:
+                raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's "
+                                 f"max_position_embeddings {model_len}")
+            model_len = self.config.max_model_len
+        pool_tokens = (self.num_blocks - 1) * self.block_size
+        return min(model_len, pool_tokens)
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare_inputs(self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]]) -> StepInputs:
+        bs = self.block_size
+        num_seqs = len(batch.requests)
+        width = max(len(block_ids(r.request_id)) for r in batch.requests)
+        table = np.zeros((num_seqs, width), dtype=np.int32)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(batch.num_new_tokens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        ids = np.empty(num_tokens, dtype=np.int64)
+        positions = np.empty(num_tokens, dtype=np.int64)
+        seq_lens = np.empty(num_seqs, dtype=np.int32)
+        sample_rows, sampled = [], []
+        for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
+            blocks = block_ids(req.request_id)
+            table[i, : len(blocks)] = blocks
+            lo, hi = query_start_loc[i], query_start_loc[i + 1]
+            if num_new == 1:
+                ids[lo] = req.all_token_ids[start] if start < req.num_prompt_tokens else req.output_token_ids[start - req.num_prompt_tokens]
+                positions[lo] = start
+            else:
+                ids[lo:hi] = req.all_token_ids[start:end]
+                positions[lo:hi] = np.arange(start, end)
+            seq_lens[i] = end
+            if end == req.num_tokens:
+                sample_rows.append(hi - 1)
+                sampled.append(req)
+        rows = np.repeat(np.arange(num_seqs), batch.num_new_tokens)
+        slots = table[rows, positions // bs].astype(np.int64) * bs + positions % bs
+        is_single = np.asarray(batch.num_new_tokens) == 1
+        num_decode_seqs = int(np.argmin(is_single)) if not is_single.all() else num_seqs
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=_to_device(slots, dev),
+            block_tables=_to_device(table, dev),
+            seq_lens=_to_device(seq_lens, dev),
+            num_decode_seqs=num_decode_seqs,
+            query_start_loc=query_start_loc.tolist(),
+            seq_lens_host=seq_lens.tolist(),
+            max_seq_len=int(seq_lens.max()),
+        )
+        return StepInputs(
+            input_ids=_to_device(ids, dev),
+            positions=_to_device(positions, dev),
+            metadata=meta,
+            sample_indices=_to_device(np.asarray(sample_rows, dtype=np.int64), dev),
+            sampled_requests=sampled,
+        )
+
+    # ------------------------------------------------------------------ execution
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]]) -> tuple[torch.Tensor, list]:
+        """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order)."""
+        inputs = self.prepare_inputs(batch, block_ids)
+        num_seqs = len(batch.requests)
+        graph = self._graph_for(num_seqs) if inputs.metadata.num_decode_seqs == num_seqs else None
+        if graph is not None:
+            hidden = graph.replay(inputs)
+        else:
+            self.attention.metadata = inputs.metadata
+            hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        return logits, inputs.sampled_requests
+
+    # ------------------------------------------------------------------ KV export / import
+
+    def read_kv(self, layer_index: int, block_ids: list[int]) -> torch.Tensor:
+        """A copy of the given blocks of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return self.kv_cache[layer_index].index_select(1, index)
+
+    def write_kv(self, layer_index: int, block_ids: list[int], kv: torch.Tensor) -> None:
+        expected = (2, len(block_ids), *self.kv_cache.shape[3:])
+        if tuple(kv.shape) != expected or kv.dtype != self.dtype:
+            raise ValueError(f"KV of shape {tuple(kv.shape)} {kv.dtype} does not fit blocks of shape "
+                             f"{expected} {self.dtype}")
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_cache[layer_index].index_copy_(1, index, kv.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _graph_for(self, num_seqs: int) -> "_DecodeGraph | None":
+        for size in CUDA_GRAPH_BATCH_SIZES:
+            if size >= num_seqs and size in self._graphs:
+                return self._graphs[size]
+        return None
+
+    def _capture_decode_graphs(self) -> None:
+        limit = min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs)
+        sizes = [s for s in CUDA_GRAPH_BATCH_SIZES if s <= limit]
+        if limit not in sizes and limit < CUDA_GRAPH_BATCH_SIZES[-1]:
+            sizes.append(next(s for s in CUDA_GRAPH_BATCH_SIZES if s >= limit))
+        buffers = _GraphBuffers(max(sizes), self.max_blocks_per_seq, self.device)
+        pool = torch.cuda.graph_pool_handle()
+        start = time.perf_counter()
+        for size in sorted(sizes, reverse=True):  # largest first so smaller ones reuse its memory pool
+            self._graphs[size] = _DecodeGraph(self.model, self.attention, buffers, size, self.max_model_len, pool)
+        logger.info("captured %d decode CUDA graphs in %.1f s", len(sizes), time.perf_counter() - start)
+
+
+class _GraphBuffers:
+    """Static inputs shared by every captured graph (a graph reads fixed addresses)."""
+
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+
+
+class _DecodeGraph:
+    def __init__(self, model: DecoderLM, attention, buffers: _GraphBuffers, batch_size: int, max_model_len: int,
+                 pool) -> None:
+        self.buffers, self.batch_size = buffers, batch_size
+        b = buffers
+        self.metadata = AttentionMetadata(
+            slot_mapping=b.slot_mapping[:batch_size], block_tables=b.block_tables[:batch_size],
+            seq_lens=b.seq_lens[:batch_size], num_decode_seqs=batch_size,
+            query_start_loc=list(range(batch_size + 1)), seq_lens_host=[1] * batch_size, max_seq_len=max_model_len)
+        self.attention, self.model = attention, model
+        b.seq_lens[:batch_size].fill_(1)
+        for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
+            self._run()
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.hidden = self._run()
+        b.seq_lens.zero_()
+
+    def _run(self) -> torch.Tensor:
+        self.attention.metadata = self.metadata
+        n = self.batch_size
+        return self.model(self.buffers.input_ids[:n], self.buffers.positions[:n], self.attention)
+
+    def replay(self, inputs: StepInputs) -> torch.Tensor:
+        b, n = self.buffers, inputs.input_ids.shape[0]
+        meta = inputs.metadata
+        b.input_ids[:n].copy_(inputs.input_ids)
+        b.positions[:n].copy_(inputs.positions)
+        b.slot_mapping[:n].copy_(meta.slot_mapping)
+        b.slot_mapping[n:self.batch_size].zero_()  # padding rows write into the padding block
+        b.seq_lens[:n].copy_(meta.seq_lens)
+        b.seq_lens[n:self.batch_size].zero_()
+        width = meta.block_tables.shape[1]
+        b.block_tables[:n, :width].copy_(meta.block_tables)
+        self.graph.replay()
+        return self.hidden[:n]
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

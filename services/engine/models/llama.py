@@ -1,0 +1,301 @@
+"""The Llama family: Llama (with Llama-3 rope scaling), Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norms).
+
+One decoder serves all four; they differ only in the flags of `DecoderSpec`. The model is free of
+serving concerns: it sees a flat batch of tokens (`[num_tokens, hidden]`, no padding) plus the
+attention metadata, and attention itself is a backend injected from outside, which also owns the
+paged KV cache layout.
+
+Numerics follow transformers' own modules so greedy output matches token for token: RMSNorm in
+float32 then cast, rotary tables computed in float32 per position then cast, rotate-half rotary.
+Projections are fused (q|k|v and gate|up) for speed; `load_weights` slices the checkpoint's
+separate matrices into them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.common.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the decoder needs from an HF config, resolved once."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    qkv_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "DecoderSpec":
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        num_heads = config.num_attention_heads
+        rope = _rope_parameters(config)
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """transformers 5 keeps rope settings in `rope_parameters`; older configs in rope_scaling/rope_theta."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)
+    if legacy:
+        params = {**legacy, **params}
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+class AttentionBackend(Protocol):
+    """Writes this step's K/V into the paged cache, then attends. Owns the cache layout."""
+
+    def forward(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> like q."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables, one row per position, in the model dtype."""
+
+    def __init__(self, spec: DecoderSpec, device: torch.device, dtype: torch.dtype) -> None:
+        inv_freq = _inv_freq(spec, device)
+        positions = torch.arange(spec.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # [max_pos, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, head_dim]
+        self.cos = emb.cos().to(dtype)
+        self.sin = emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, heads, head_dim]; rotate-half rotary as in transformers' Llama."""
+        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+def _inv_freq(spec: DecoderSpec, device: torch.device) -> torch.Tensor:
+    dim = spec.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (spec.rope_theta**exponents)
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    rope_type = scaling.get("rope_type")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ModelLoadError(f"config.json: rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama-3.1 frequency scaling: long wavelengths slowed by `factor`, short kept, smooth between."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                backend: AttentionBackend) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.apply(q, positions), rotary.apply(k, positions)
+        out = backend.forward(self.layer_index, q, k, v)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.intermediate_size = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer_index)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                backend: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    """Token ids -> hidden states -> logits. Built on the meta device, then materialised."""
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    def init_rotary(self) -> None:
+        weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(self.spec, weight.device, weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+        assert self.rotary is not None, "init_rotary() must run after the weights are materialised"
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [rows, hidden_size] -> logits [rows, vocab_size]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into the fused parameters; every parameter must be filled."""
+        params = dict(self.named_parameters())
+        filled: set[str] = set()
+        for hf_name, tensor in weights:
+            target = self._map_name(hf_name)
+            if target is None:
+                continue
+            name, rows = target
+            if name not in params:
+                raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in the model")
+            dest = params[name].data if rows is None else params[name].data[rows[0]:rows[1]]
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            filled.add(f"{name}[{rows}]" if rows else name)
+        self._check_all_filled(filled)
+
+    def _map_name(self, hf_name: str) -> tuple[str, tuple[int, int] | None] | None:
+        name = hf_name.removeprefix("model.")
+        if "rotary_emb" in name:
+            return None
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None  # tied: the embedding is the head
+        spec = self.spec
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        inter = spec.intermediate_size
+        fused = {
+            "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
+            "self_attn.k_proj": ("self_attn.qkv_proj", (q, q + kv)),
+            "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, q + 2 * kv)),
+            "mlp.gate_proj": ("mlp.gate_up_proj", (0, inter)),
+            "mlp.up_proj": ("mlp.gate_up_proj", (inter, 2 * inter)),
+        }
+        for part, (fused_part, rows) in fused.items():
+            if f".{part}." in name:
+                return name.replace(part, fused_part), rows
+        return name, None
+
+    def _check_all_filled(self, filled: set[str]) -> None:
+        spec = self.spec
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        inter = spec.intermediate_size
+        expected: set[str] = set()
+        for name, _ in self.named_parameters():
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                expected |= {f"{name}[{r}]" for r in [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]}
+            elif name.endswith("gate_up_proj.weight"):
+                expected |= {f"{name}[{r}]" for r in [(0, inter), (inter, 2 * inter)]}
+            else:
+                expected.add(name)
+        missing = sorted(expected - filled)
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, first: {missing[:3]}")
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights of the real shapes (benchmarks): small uniform values, norms at one."""
+        generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if "norm" in name:
+                    param.fill_(1.0)
+                else:
+                    param.uniform_(-0.02, 0.02, generator=generator)

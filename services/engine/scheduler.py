@@ -1,0 +1,131 @@
+"""Continuous batching with chunked prefill, decodes first, and preemption by recompute.
+
+Each step spends a token budget (`max_num_batched_tokens`):
+  1. running requests, decodes before unfinished prefills, each asking for all its uncomputed
+     tokens (one for a decode, the rest of the prompt for a prefill, cut to the budget);
+  2. waiting requests in arrival order (preempted ones first), while the budget lasts and fewer
+     than `max_num_seqs` run; a new request first adopts its cached prefix blocks.
+
+When the KV pool cannot supply a running request's blocks, the latest-arrived request not yet
+scheduled this step is preempted: its blocks are freed, its computed count reset to zero, and
+it goes back to the front of the waiting queue to recompute prompt plus output later. A request
+that would have to preempt itself waits instead. New requests never preempt. Progress is
+guaranteed because `add_request` refuses any request that could not fit in the pool alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.kv_cache.manager import KVCacheManager
+from services.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work, in batch order (decodes first)."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        self.requests.append(request)
+        self.num_new_tokens.append(num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # arrival order
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """A request whose KV is already in place (imported): it joins the running set directly."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        order = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)  # decodes first
+        pending = list(order)
+        while pending and budget > 0:
+            request = pending.pop(0)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                if not pending:  # only itself left to preempt: wait for others to finish
+                    num_new = 0
+                    break
+                victim = max(pending, key=lambda r: r.arrival_time_s)
+                pending.remove(victim)
+                self._preempt(victim, batch)
+            if num_new:
+                batch.add(request, num_new)
+                budget -= num_new
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        preempted_now = set(id(r) for r in batch.preempted)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if id(request) in preempted_now:
+                break  # a request preempted in this step waits at least one step
+            computed = self.kv_cache.get_computed_blocks(request)
+            num_computed = len(computed) * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, computed):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_computed
+            if request.num_preemptions == 0:
+                request.num_cached_prompt_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.add(request, num_new)
+            budget -= num_new
+
+    def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
+        self.kv_cache.free(request.request_id)
+        self.running.remove(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        batch.preempted.append(request)
+
+    # ------------------------------------------------------------------ updates
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues and free its blocks (unless it holds them for export)."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if not request.hold_kv:
+            self.kv_cache.free(request.request_id)
