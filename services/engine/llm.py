@@ -55,9 +55,8 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Apply the model's chat template to one conversation and generate the assistant's reply."""
-        token_ids = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(token_ids, dict):
-            token_ids = token_ids["input_ids"]
+        token_ids = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)
         return self.generate({"prompt_token_ids": list(token_ids)}, sampling_params)[0]
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:

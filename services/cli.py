@@ -1,0 +1,85 @@
+"""The `tristage` command.
+
+    tristage generate [PROMPT ...]   run the offline engine on prompts (default: the embedded model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from services.engine.config import DTYPES, EngineConfig
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF-format model directory (default: the embedded tiny model)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+        block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from services.engine import LLM, SamplingParams
+
+    config = engine_config_from_args(args)
+    start = time.perf_counter()
+    llm = LLM(**{k: v for k, v in vars(config).items()})
+    print(f"model {llm.engine.model_dir} loaded on {llm.engine.config.device} "
+          f"({llm.engine.config.dtype}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    prompts = args.prompts or ["Hello! Tell me about the three stages of serving."]
+    start = time.perf_counter()
+    if args.chat:
+        outputs = [llm.chat([{"role": "user", "content": p}], params) for p in prompts]
+    else:
+        outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    num_tokens = 0
+    for prompt, output in zip(prompts, outputs):
+        completion = output.outputs[0]
+        num_tokens += len(completion.token_ids)
+        print(f"--- prompt: {prompt!r}\n{completion.text}\n[{len(completion.token_ids)} tokens, "
+              f"finish_reason={completion.finish_reason}]")
+    print(f"{len(outputs)} requests, {num_tokens} tokens in {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tristage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="run the offline engine on prompts")
+    gen.add_argument("prompts", nargs="*", help="prompts (default: one example prompt)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    _add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
