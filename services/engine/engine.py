@@ -303,6 +303,17 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ introspection
 
+    def scheduler_stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics: queue lengths, KV usage, preemptions, prefix-cache tokens."""
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv_cache.usage(),
+            "num_preemptions": self.scheduler.num_preemptions_total,
+            "prefix_cache_queried_tokens": self.kv_cache.prefix_cache_queried_tokens,
+            "prefix_cache_hit_tokens": self.kv_cache.prefix_cache_hit_tokens,
+        }
+
     def num_free_blocks(self) -> int:
         return self.kv_cache.num_free_blocks()
 

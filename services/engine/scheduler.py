@@ -50,6 +50,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order
+        self.num_preemptions_total = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -114,6 +115,7 @@ class Scheduler:
         self.running.remove(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions_total += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         batch.preempted.append(request)

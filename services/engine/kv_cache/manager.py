@@ -35,6 +35,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._block_ids: dict[str, list[int]] = {}  # mirrors _blocks, read by the runner every step
         self._num_cached_blocks: dict[str, int] = {}  # leading blocks already registered in the cache
+        self.prefix_cache_queried_tokens = 0  # tokens looked up in the prefix cache (vllm:prefix_cache_queries)
+        self.prefix_cache_hit_tokens = 0  # of which found (vllm:prefix_cache_hits)
 
     # --------------------------------------------------------------- queries
 
@@ -64,6 +66,8 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
+        self.prefix_cache_queried_tokens += request.num_tokens
+        self.prefix_cache_hit_tokens += len(hits) * self.block_size
         return hits
 
     # --------------------------------------------------------------- allocation
