@@ -1,0 +1,60 @@
+"""What the HTTP layer needs from the cluster behind it.
+
+The gateway validates, templates and tokenizes; a Backend places the request on a worker, streams
+its deltas back and aborts it on demand. The production implementation is
+services.gateway.cluster.ClusterBackend (ZeroMQ to Ray worker actors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.messages import RequestDelta, RequestError, SamplingSpec
+
+
+class RequestFailed(Exception):
+    """The cluster refused or lost a request; carries the OpenAI error fields and HTTP status."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One worker's gauges and counters, as the gateway's /metrics exports them."""
+
+    worker: str
+    stage: str  # "colocated", "prefill", "decode", "encode"
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+class Backend(Protocol):
+    model_name: str  # the served model name
+    max_model_len: int  # context length in tokens
+    vocab_size: int
+    tokenizer: object  # a transformers tokenizer: chat template, tokenization
+
+    def is_ready(self) -> bool:
+        """Every worker pool is up."""
+        ...
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                 cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
+        """Deltas of one request until one with `finished`; raises RequestFailed."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request wherever it runs and free what it holds (idempotent)."""
+        ...
+
+    async def snapshot(self) -> list[WorkerSnapshot]:
+        """Current per-worker gauges (for /metrics)."""
+        ...
