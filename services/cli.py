@@ -1,5 +1,6 @@
 """The `tristage` command.
 
+    tristage serve                   a whole cluster on this machine behind an OpenAI-compatible API
     tristage generate [PROMPT ...]   run the offline engine on prompts (default: the embedded model)
 """
 
@@ -60,6 +61,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from services import serve
+
+    if args.mode != "colocated":
+        print("tristage serve: --mode disaggregated is not available in this version; use --mode colocated",
+              file=sys.stderr)
+        return 2
+    config = serve.ServeConfig(
+        engine=engine_config_from_args(args), host=args.host, port=args.port,
+        served_model_name=args.served_model_name, replicas=args.replicas, ray_address=args.ray_address,
+        api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
+        gateway_options={"max_queued_requests": args.max_queued_requests,
+                         "max_queued_tokens": args.max_queued_tokens})
+    return serve.run(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tristage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="start a local cluster behind an OpenAI-compatible API")
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="API model name (default: the directory's name)")
+    srv.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"])
+    srv.add_argument("--replicas", type=int, default=1, help="colocated engine actors")
+    srv.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
+    srv.add_argument("--api-key", action="append", default=None,
+                     help="accepted API key (repeatable; default: $TRISTAGE_API_KEYS, else no auth)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    srv.add_argument("--max-queued-requests", type=int, default=256)
+    srv.add_argument("--max-queued-tokens", type=int, default=262144)
+    _add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -37,7 +37,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     skip_special_tokens: bool = True
 
 
-class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
+class GenerateRequest(msgspec.Struct, tag="generate", tag_field="kind", kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
@@ -46,7 +46,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
     version: int = PROTOCOL_VERSION
 
 
-class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):
+class AbortRequest(msgspec.Struct, tag="abort", tag_field="kind", kw_only=True):
     request_id: str
     version: int = PROTOCOL_VERSION
 
@@ -58,7 +58,11 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 
 
 class PositionLogprobs(msgspec.Struct, array_like=True):
-    """Logprobs at one output position: the sampled token, then the top alternatives in order."""
+    """Logprobs at one output position: the sampled token, then candidates by rank.
+
+    `top` holds the asked top-k and, when the sampled token ranks below them, that token last: the
+    first k entries are the top-k.
+    """
 
     sampled: TokenLogprob
     top: list[TokenLogprob]
@@ -75,7 +79,7 @@ class CompletionDelta(msgspec.Struct, kw_only=True):
     stop_reason: int | str | None = None
 
 
-class RequestDelta(msgspec.Struct, tag="delta", kw_only=True):
+class RequestDelta(msgspec.Struct, tag="delta", tag_field="kind", kw_only=True):
     request_id: str
     completions: list[CompletionDelta]
     finished: bool
@@ -84,7 +88,7 @@ class RequestDelta(msgspec.Struct, tag="delta", kw_only=True):
     version: int = PROTOCOL_VERSION
 
 
-class RequestError(msgspec.Struct, tag="error", kw_only=True):
+class RequestError(msgspec.Struct, tag="error", tag_field="kind", kw_only=True):
     """A request the worker could not serve; `status` is the HTTP status the gateway should answer."""
 
     request_id: str
@@ -95,7 +99,7 @@ class RequestError(msgspec.Struct, tag="error", kw_only=True):
     version: int = PROTOCOL_VERSION
 
 
-class OutputBatch(msgspec.Struct, tag="batch", kw_only=True):
+class OutputBatch(msgspec.Struct, tag="batch", tag_field="kind", kw_only=True):
     items: list[RequestDelta | RequestError]
     version: int = PROTOCOL_VERSION
 

@@ -1,0 +1,38 @@
+"""ZeroMQ sockets for the data plane: bound to configured addresses only, bounded message sizes.
+
+Addresses are ZeroMQ endpoints. `tcp://HOST:0` binds a free port on HOST (loopback by default,
+never every interface unless the configuration says so); the socket's real endpoint is returned so
+it can be handed to peers through the control plane (Ray).
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from services.common.codec import MAX_HEADER_BYTES
+
+DEFAULT_BIND_HOST = "127.0.0.1"
+SEND_HIGH_WATER_MARK = 10_000  # messages queued per peer before send blocks (bounded memory)
+
+
+def bind(socket: zmq.Socket, address: str) -> str:
+    """Bind `socket` to `address` (port 0 means any free port); return the endpoint actually bound."""
+    if address.startswith("tcp://") and address.endswith(":0"):
+        host = address[len("tcp://"):-len(":0")]
+        port = socket.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+    socket.bind(address)
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def configure(socket: zmq.Socket, max_message_bytes: int = MAX_HEADER_BYTES) -> zmq.Socket:
+    """Common options: drop unsent messages on close, bound queues, refuse oversized messages."""
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
+    socket.setsockopt(zmq.RCVHWM, SEND_HIGH_WATER_MARK)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    return socket
+
+
+def tcp_address(host: str = DEFAULT_BIND_HOST, port: int = 0) -> str:
+    return f"tcp://{host}:{port}"

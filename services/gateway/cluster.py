@@ -1,0 +1,217 @@
+"""The gateway's Backend over a pool of engine actors.
+
+Data plane: one PUSH socket per worker carries GenerateRequest / AbortRequest; one PULL socket,
+bound by this gateway, receives every worker's OutputBatch (each request names it in `reply_to`).
+A receive task routes each delta to the queue of its request's stream.
+
+Control plane (Ray): a health task asks every worker for `info()` each `health_interval_s`. A worker
+that does not answer is marked down: its streams end at once with a 503 error (the client may
+retry) and placement skips it; when Ray has restarted it, its new address is picked up and it
+serves again.
+
+Placement: the alive worker with the fewest requests in flight from this gateway (ties go round
+robin). Prefix-aware placement comes with the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from services.common.channels import bind, configure, tcp_address
+from services.common.codec import DecodeError, MessageCodec
+from services.common.messages import (AbortRequest, GenerateRequest, OutputBatch, RequestDelta, RequestError,
+                                      SamplingSpec, WorkerInbound)
+from services.gateway.backend import RequestFailed, WorkerSnapshot
+from services.workers.pool import WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+STATS_TIMEOUT_S = 2.0
+
+
+@dataclass(eq=False)
+class _WorkerLink:
+    handle: WorkerHandle
+    socket: zmq.asyncio.Socket
+    address: str
+    alive: bool = True
+    in_flight: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Stream:
+    link: _WorkerLink
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+
+class ClusterBackend:
+    def __init__(self, workers: list[WorkerHandle], *, model_name: str, tokenizer, bind_host: str = "127.0.0.1",
+                 health_interval_s: float = 1.0) -> None:
+        if not workers:
+            raise ValueError("a cluster needs at least one worker")
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = min(w.info["max_model_len"] for w in workers)
+        self.vocab_size = min(w.info["vocab_size"] for w in workers)
+        self._context = zmq.asyncio.Context()
+        self._results = configure(self._context.socket(zmq.PULL))
+        self.reply_to = bind(self._results, tcp_address(bind_host))
+        self._links = [self._connect(w, w.address) for w in workers]
+        self._streams: dict[str, _Stream] = {}
+        self._inbound = MessageCodec(OutputBatch)
+        self._outbound = MessageCodec(WorkerInbound)
+        self._round_robin = itertools.count()
+        self._health_interval_s = health_interval_s
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._receive_loop(), name="receive"),
+                       asyncio.create_task(self._health_loop(), name="health")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for link in self._links:
+            link.socket.close(linger=0)
+        self._results.close(linger=0)
+        self._context.term()
+
+    def is_ready(self) -> bool:
+        return all(link.alive for link in self._links)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
+        link = self._place()
+        stream = _Stream(link)
+        self._streams[request_id] = stream
+        link.in_flight.add(request_id)
+        try:
+            message = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                      reply_to=self.reply_to, cache_salt=cache_salt)
+            await link.socket.send_multipart(self._outbound.encode(message))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, RequestError):
+                    stream.finished = True
+                    raise RequestFailed(item)
+                stream.finished = item.finished
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            link.in_flight.discard(request_id)
+            if not stream.finished:  # the consumer went away: free the worker's blocks now
+                self._send_abort(link, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._send_abort(stream.link, request_id)
+
+    def _send_abort(self, link: _WorkerLink, request_id: str) -> None:
+        # NOBLOCK never waits (safe inside a closing generator); a full queue means the worker is gone anyway
+        with contextlib.suppress(zmq.ZMQError):
+            link.socket.send_multipart(self._outbound.encode(AbortRequest(request_id=request_id)), flags=zmq.NOBLOCK)
+
+    def _place(self) -> _WorkerLink:
+        alive = [link for link in self._links if link.alive]
+        if not alive:
+            raise RequestFailed(RequestError(request_id="", message="no worker is available; retry later",
+                                             type="service_unavailable", status=503))
+        offset = next(self._round_robin)
+        rotated = alive[offset % len(alive):] + alive[: offset % len(alive)]
+        return min(rotated, key=lambda link: len(link.in_flight))
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self._results.recv_multipart()
+            try:
+                batch = self._inbound.decode(frames)
+            except DecodeError as exc:
+                logger.warning("dropped a malformed worker message: %s", exc)
+                continue
+            for item in batch.items:
+                stream = self._streams.get(item.request_id)
+                if stream is not None:
+                    stream.queue.put_nowait(item)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(link) for link in self._links))
+            await asyncio.sleep(self._health_interval_s)
+
+    async def _check(self, link: _WorkerLink) -> None:
+        try:
+            info = await asyncio.wait_for(link.handle.actor.info.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # RayActorError, timeout: the worker is gone or stuck
+            if link.alive:
+                logger.error("worker %s is down: %s", link.handle.name, exc)
+                link.alive = False
+                self._fail_streams(link, f"worker {link.handle.name} stopped while serving this request; retry")
+            return
+        if info["address"] != link.address:  # restarted by Ray: a new process with a new socket
+            logger.info("worker %s is back at %s", link.handle.name, info["address"])
+            self._fail_streams(link, f"worker {link.handle.name} restarted while serving this request; retry")
+            link.socket.close(linger=0)
+            fresh = self._connect(link.handle, info["address"])
+            link.socket, link.address = fresh.socket, fresh.address
+            link.handle.info = info
+        link.alive = True
+
+    def fail_all(self, message: str) -> None:
+        """End every open stream with a 503 error (shutdown after the drain timeout)."""
+        for link in self._links:
+            self._fail_streams(link, message)
+
+    def _fail_streams(self, link: _WorkerLink, message: str) -> None:
+        for request_id in list(link.in_flight):
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(RequestError(request_id=request_id, message=message,
+                                                     type="service_unavailable", status=503))
+
+    def _connect(self, handle: WorkerHandle, address: str) -> _WorkerLink:
+        socket = configure(self._context.socket(zmq.PUSH))
+        socket.connect(address)
+        return _WorkerLink(handle, socket, address)
+
+    # ------------------------------------------------------------------ metrics
+
+    async def snapshot(self) -> list[WorkerSnapshot]:
+        async def one(link: _WorkerLink) -> WorkerSnapshot | None:
+            try:
+                s = await asyncio.wait_for(link.handle.actor.stats.remote(), STATS_TIMEOUT_S)
+            except Exception:
+                return None
+            return WorkerSnapshot(worker=s["name"], stage=s["stage"], num_running=s["num_running"],
+                                  num_waiting=s["num_waiting"], kv_cache_usage=s["kv_cache_usage"],
+                                  num_preemptions=s["num_preemptions"],
+                                  prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"],
+                                  prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"])
+
+        results = await asyncio.gather(*(one(link) for link in self._links))
+        return [r for r in results if r is not None]

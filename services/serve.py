@@ -1,0 +1,141 @@
+"""`tristage serve`: a whole cluster on this machine (or joined to a Ray cluster).
+
+    start Ray (or join --ray-address) -> start the worker pool, wait for every model to load
+    -> start the gateway -> print the URL once /ready answers -> serve
+    SIGTERM / Ctrl-C -> stop accepting, let requests in flight finish for up to `drain_timeout_s`,
+    end the rest with a clear error -> stop the pool -> stop Ray (when this process started it)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, replace
+
+import httpx
+import ray
+import uvicorn
+
+from services.engine import EngineConfig
+from services.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+logger = logging.getLogger("tristage.serve")
+
+API_KEYS_ENV = "TRISTAGE_API_KEYS"  # comma-separated, used when --api-key is not given
+RAY_OBJECT_STORE_BYTES = 256 * 2**20  # the data plane is ZeroMQ: Ray's object store only carries control calls
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model directory's name
+    replicas: int = 1
+    ray_address: str | None = None  # join this Ray cluster instead of starting one
+    data_plane_host: str = "127.0.0.1"  # where workers and gateway bind their ZeroMQ sockets
+    api_keys: tuple[str, ...] = ()
+    drain_timeout_s: float = 30.0
+    gateway_options: dict = field(default_factory=dict)  # extra GatewayConfig fields
+
+
+def api_keys_from(arg_keys: list[str] | None) -> tuple[str, ...]:
+    if arg_keys:
+        return tuple(arg_keys)
+    env = os.environ.get(API_KEYS_ENV, "")
+    return tuple(k.strip() for k in env.split(",") if k.strip())
+
+
+def run(config: ServeConfig) -> int:
+    from services.workers.pool import start_pool, stop_pool
+
+    model_dir = config.engine.model or str(default_model_path())
+    engine_config = replace(config.engine, model=model_dir)
+    name = config.served_model_name or (DEFAULT_MODEL_NAME if config.engine.model is None
+                                        else os.path.basename(os.path.normpath(model_dir)))
+    started_ray = _start_ray(config)
+    workers = []
+    try:
+        workers = start_pool(engine_config, "colocated", config.replicas, bind_host=config.data_plane_host)
+        asyncio.run(_serve_http(config, workers, model_dir, name))
+    finally:
+        if workers:
+            stop_pool(workers)
+        if started_ray:
+            ray.shutdown()
+    logger.info("stopped")
+    return 0
+
+
+def _start_ray(config: ServeConfig) -> bool:
+    if config.ray_address:
+        ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+        return False
+    num_cpus = max(os.cpu_count() or 1, config.replicas + 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
+             logging_level=logging.WARNING)
+    return True
+
+
+async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: str) -> None:
+    from transformers import AutoTokenizer
+
+    from services.gateway.app import create_app
+    from services.gateway.cluster import ClusterBackend
+    from services.gateway.config import GatewayConfig
+
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
+    backend = ClusterBackend(workers, model_name=model_name, tokenizer=tokenizer, bind_host=config.data_plane_host)
+    await backend.start()
+    gateway_config = GatewayConfig(served_model_name=model_name, api_keys=config.api_keys,
+                                   **config.gateway_options)
+    app = create_app(gateway_config, backend)
+    server = _DrainingServer(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                       timeout_graceful_shutdown=int(config.drain_timeout_s) + 5),
+        backend, config.drain_timeout_s)
+    announce = asyncio.create_task(_announce_when_ready(server, config, model_name))
+    try:
+        await server.serve()
+    finally:
+        announce.cancel()
+        await backend.close()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown, plus: after the drain timeout, streams still open end with an error."""
+
+    def __init__(self, config: uvicorn.Config, backend, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._backend = backend
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drain_task is None:
+            logger.info("draining: %d requests in flight, up to %.0f s", self._backend.num_streams,
+                        self._drain_timeout_s)
+            self._drain_task = asyncio.get_event_loop().create_task(self._cut_after_timeout())
+        super().handle_exit(sig, frame)
+
+    async def _cut_after_timeout(self) -> None:
+        await asyncio.sleep(self._drain_timeout_s)
+        self._backend.fail_all("the server is shutting down; retry on another replica")
+
+
+async def _announce_when_ready(server: uvicorn.Server, config: ServeConfig, model_name: str) -> None:
+    url = f"http://{config.host}:{config.port}"
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while True:
+            await asyncio.sleep(0.1)
+            if not server.started:
+                continue
+            try:
+                if (await client.get(f"{url}/ready")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                continue
+    print(f"tristage is serving {model_name} at {url}/v1", flush=True)
+    sys.stdout.flush()

@@ -1,0 +1,45 @@
+"""The engine as a Ray actor: one process, one engine, one EngineWorker loop thread.
+
+Ray is the control plane only (placement, restarts, configuration, health and stats calls); tokens
+travel over the worker's ZeroMQ sockets. The actor is threaded (`max_concurrency`), so a stats call
+never waits behind the engine loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from services.common.channels import tcp_address
+from services.engine import EngineConfig, LLMEngine
+from services.workers.engine_worker import EngineWorker
+
+
+class EngineActor:
+    def __init__(self, engine_config: EngineConfig, name: str, stage: str = "colocated",
+                 bind_host: str = "127.0.0.1") -> None:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+        self.name, self.stage = name, stage
+        self.engine = LLMEngine(engine_config)
+        self.worker = EngineWorker(self.engine, tcp_address(bind_host), name)
+        self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+
+    def info(self) -> dict:
+        engine = self.engine
+        return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
+                "model_dir": engine.model_dir, "max_model_len": engine.max_model_len,
+                "vocab_size": engine.vocab_size, "device": engine.config.device, "dtype": engine.config.dtype,
+                "block_size": engine.config.block_size, "num_kv_blocks": engine.num_usable_blocks()}
+
+    def stats(self) -> dict:
+        return {"name": self.name, "stage": self.stage, "alive": self._thread.is_alive(),
+                **self.engine.scheduler_stats()}
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.worker.stop()
+        self._thread.join(timeout_s)

@@ -1,0 +1,53 @@
+"""Pools of engine actors: start them with their resource share, wait until they serve, stop them.
+
+A pool asks Ray for `num_gpus` per actor on CUDA (one GPU each by default) and one CPU otherwise.
+Ray restarts a dead actor (`max_restarts`); its new process binds a new address, which the
+gateway picks up from the next `info()` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from services.engine import EngineConfig
+from services.workers.actor import EngineActor
+
+MAX_ACTOR_RESTARTS = 3
+
+
+@dataclass
+class WorkerHandle:
+    name: str
+    stage: str
+    actor: "ray.actor.ActorHandle"
+    info: dict
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+
+def start_pool(engine_config: EngineConfig, stage: str, count: int, *, bind_host: str = "127.0.0.1",
+               gpus_per_worker: float = 1.0, name_prefix: str | None = None) -> list[WorkerHandle]:
+    """Start `count` actors and block until every one has loaded its model (raises if one fails)."""
+    on_gpu = engine_config.resolved().device.startswith("cuda")
+    remote = ray.remote(EngineActor).options(
+        num_cpus=0 if on_gpu else 1, num_gpus=gpus_per_worker if on_gpu else 0,
+        max_concurrency=4, max_restarts=MAX_ACTOR_RESTARTS)
+    prefix = name_prefix or stage
+    actors = [(f"{prefix}-{i}", remote.remote(engine_config, f"{prefix}-{i}", stage, bind_host))
+              for i in range(count)]
+    infos = ray.get([actor.info.remote() for _, actor in actors])
+    return [WorkerHandle(name, stage, actor, info) for (name, actor), info in zip(actors, infos)]
+
+
+def stop_pool(workers: list[WorkerHandle], timeout_s: float = 5.0) -> None:
+    stops = [w.actor.stop.remote(timeout_s) for w in workers]
+    try:
+        ray.get(stops, timeout=timeout_s + 2)
+    except Exception:  # a dead or stuck actor is killed below all the same
+        pass
+    for w in workers:
+        ray.kill(w.actor, no_restart=True)
