@@ -106,18 +106,26 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 class TritonAttention(PagedAttention):
     """GPU fast path. Decodes: Triton paged kernel. Prefill chunks: SDPA's fused kernels."""
 
+    # Few sequences leave most SMs idle with 512-token partitions: split them finer (measured on an
+    # H100 at batch 1, 1k context: 13 us -> 6 us per layer). Many sequences fill the GPU anyway.
+    SMALL_BATCH_SEQS = 16
+    SMALL_BATCH_PARTITION_TOKENS = 128
+
     def __init__(self, kv_cache: torch.Tensor, scale: float) -> None:
         super().__init__(kv_cache, scale)
-        from services.engine.attention.triton_decode import paged_decode_attention
+        from services.engine.attention import triton_decode
 
-        self._decode = paged_decode_attention
+        self._decode = triton_decode.paged_decode_attention
+        self._small_batch_tuning = triton_decode.DecodeTuning(partition_size=self.SMALL_BATCH_PARTITION_TOKENS)
+        self._default_tuning = triton_decode.DEFAULT_TUNING
 
     def _attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         nd = meta.num_decode_seqs
         if nd:
+            tuning = self._small_batch_tuning if nd <= self.SMALL_BATCH_SEQS else self._default_tuning
             self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
-                         out[:nd], meta.max_seq_len)
+                         out[:nd], meta.max_seq_len, tuning=tuning)
         for i in range(nd, len(meta.seq_lens_host)):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             seq_len = meta.seq_lens_host[i]

@@ -1,0 +1,274 @@
+"""Engine benchmark on one GPU: decode against the memory floor, prefill against the matmul rate,
+and end-to-end throughput against transformers' own continuous batching.
+
+Every figure is a ratio to something measured in the same run on the same GPU:
+  floors   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate
+  decode   engine step time at batch 1 / 64 / 256 with a 1k-token context, against the time to
+           read the weights (and, at batch > 1, the KV cache) once at the copy bandwidth
+  prefill  one 4k-token prompt, achieved FLOP/s against the matmul rate
+  e2e      the same batch of 1k-token prompts x 128 output tokens through our engine and through
+           transformers' `generate_batch`, output tokens per second
+
+Each part runs in its own process (`--part`), so one engine's memory never limits the other:
+
+    python benchmarks/engine_bench.py --part floors --out results/floors.json
+    python benchmarks/engine_bench.py --part ours   --out results/ours.json
+    python benchmarks/engine_bench.py --part hf     --out results/hf.json
+    python benchmarks/engine_bench.py --report results/floors.json results/ours.json results/hf.json
+
+`--tiny` runs every part on a tiny config (CPU or GPU) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Llama-3.1-8B's published shapes; weights are random (load_format="dummy").
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "rope_theta": 500000.0,
+}
+TINY = {**LLAMA_31_8B, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192}
+
+CONTEXT_TOKENS = 1024
+PREFILL_TOKENS = 4096
+E2E_BATCH, E2E_OUTPUT_TOKENS = 64, 128
+
+
+def write_model_dir(config: dict) -> str:
+    """A config-only model directory plus the embedded tokenizer (prompts are token ids anyway)."""
+    from services.engine.default_model import build_tokenizer
+
+    path = Path(tempfile.mkdtemp(prefix="bench-model-"))
+    (path / "config.json").write_text(json.dumps(config))
+    build_tokenizer(path)
+    return str(path)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (n,), generator=g).tolist()
+
+
+# ------------------------------------------------------------------ floors
+
+def measure_floors(tiny: bool) -> dict:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n_bytes = (2**30 if not tiny else 2**24)
+    src = torch.randn(n_bytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    copy_s = _time(lambda: dst.copy_(src), repeats=20)
+    copy_bw = 2 * n_bytes / copy_s
+    n = 8192 if not tiny else 512
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    mm_s = _time(lambda: a @ b, repeats=20)
+    result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+              "copy_bandwidth_bytes_per_s": copy_bw, "bf16_matmul_flops_per_s": 2 * n**3 / mm_s}
+    print(f"floors: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {result['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    return result
+
+
+def _time(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ our engine
+
+def bench_ours(model_dir: str, tiny: bool) -> dict:
+    from services.engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine(model=model_dir, load_format="dummy", max_num_seqs=256, max_num_batched_tokens=PREFILL_TOKENS,
+                       max_model_len=8192, enable_prefix_caching=False)
+    model = engine.runner.model
+    spec = model.spec
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    kv_bytes_per_token = engine.runner.kv_bytes_per_token
+    result = {"weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
+              "num_kv_blocks": engine.runner.num_blocks, "attention_backend": engine.config.attention_backend,
+              "decode": {}}
+    for batch in (1, 64, 256):
+        step_s = _decode_step_time(engine, batch, SamplingParams, spec.vocab_size, tiny)
+        result["decode"][str(batch)] = {"step_s": step_s, "context_tokens": CONTEXT_TOKENS}
+        print(f"ours: decode batch {batch}: {step_s * 1e3:.2f} ms/step, {batch / step_s:.0f} tok/s")
+    result["prefill"] = _prefill(engine, SamplingParams, spec)
+    result["e2e"] = _e2e_ours(engine, SamplingParams, spec.vocab_size)
+    return result
+
+
+def _decode_step_time(engine, batch: int, SamplingParams, vocab: int, tiny: bool) -> float:
+    num_steps = 30 if not tiny else 5
+    params = SamplingParams(temperature=0, max_tokens=num_steps + 20, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"d{batch}-{i}", prompt_ids(CONTEXT_TOKENS, vocab, seed=i), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(5):  # warm
+        engine.step()
+    sync()
+    times = []
+    for _ in range(num_steps):
+        start = time.perf_counter()
+        engine.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    for i in range(batch):
+        engine.abort_request(f"d{batch}-{i}")
+    assert engine.num_free_blocks() == engine.num_usable_blocks()
+    return statistics.median(times)
+
+
+def _prefill(engine, SamplingParams, spec) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for rep in range(6):
+        engine.add_request(f"p{rep}", prompt_ids(PREFILL_TOKENS, spec.vocab_size, seed=100 + rep), params)
+        sync()
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times[1:])
+    linear_params = sum(p.numel() for n, p in engine.runner.model.named_parameters()
+                        if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n)
+    s, L, H, D = PREFILL_TOKENS, spec.num_layers, spec.num_heads, spec.head_dim
+    flops = 2 * linear_params * s + 2 * spec.hidden_size * spec.vocab_size + L * 2 * s * s * H * D  # causal QK + PV
+    print(f"ours: prefill {s} tokens: {step_s * 1e3:.1f} ms, {flops / step_s / 1e12:.0f} TFLOP/s")
+    return {"tokens": s, "seconds": step_s, "flops": flops}
+
+
+def _e2e_ours(engine, SamplingParams, vocab: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=E2E_OUTPUT_TOKENS, ignore_eos=True)
+    prompts = [prompt_ids(CONTEXT_TOKENS, vocab, seed=1000 + i) for i in range(E2E_BATCH)]
+    for rep in range(2):  # the first pass warms every shape up
+        sync()
+        start = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.add_request(f"e{rep}-{i}", p, params)
+        num_tokens = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                num_tokens += len(out.outputs[0].delta_token_ids)
+        sync()
+        elapsed = time.perf_counter() - start
+    print(f"ours: e2e {E2E_BATCH} x ({CONTEXT_TOKENS} in, {E2E_OUTPUT_TOKENS} out): {num_tokens / elapsed:.0f} tok/s")
+    return {"output_tokens": num_tokens, "seconds": elapsed}
+
+
+# ------------------------------------------------------------------ transformers
+
+def bench_hf(model_dir: str, tiny: bool) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        print("hf: skipped (transformers sizes its continuous-batching cache from GPU memory)")
+        return {}
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    model.eval()
+    gen = GenerationConfig(max_new_tokens=E2E_OUTPUT_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    prompts = [prompt_ids(CONTEXT_TOKENS, config.vocab_size, seed=1000 + i) for i in range(E2E_BATCH)]
+    result = {}
+    for rep in range(2):
+        sync()
+        start = time.perf_counter()
+        outputs = model.generate_batch(inputs=prompts, generation_config=gen)
+        sync()
+        elapsed = time.perf_counter() - start
+        num_tokens = sum(len(o.generated_tokens) for o in outputs.values())
+        result = {"output_tokens": num_tokens, "seconds": elapsed,
+                  "attn_implementation": model.config._attn_implementation}
+    print(f"hf: e2e {num_tokens / elapsed:.0f} tok/s with {result['attn_implementation']}")
+    return result
+
+
+# ------------------------------------------------------------------ report
+
+def report(floors: dict, ours: dict, hf: dict | None) -> str:
+    bw, mm = floors["copy_bandwidth_bytes_per_s"], floors["bf16_matmul_flops_per_s"]
+    w, kvt = ours["weight_bytes_read_per_step"], ours["kv_bytes_per_token"]
+    lines = [f"device: {floors['device']}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s",
+             "| measure | figure | floor / ceiling | ratio | target |", "|---|---|---|---|---|"]
+    d1 = ours["decode"]["1"]["step_s"]
+    floor1 = w / bw
+    lines.append(f"| decode step, batch 1, 1k context | {d1 * 1e3:.2f} ms | {floor1 * 1e3:.2f} ms "
+                 f"(weight bytes / copy bw) | {d1 / floor1:.2f} x floor | <= 1.15 x |")
+    for b in ("64", "256"):
+        step = ours["decode"][b]["step_s"]
+        ceiling = int(b) / ((w + kvt * CONTEXT_TOKENS * int(b)) / bw)
+        lines.append(f"| decode throughput, batch {b}, 1k context | {int(b) / step:.0f} tok/s | {ceiling:.0f} tok/s "
+                     f"| {int(b) / step / ceiling:.0%} of ceiling | >= 70 % |")
+    p = ours["prefill"]
+    rate = p["flops"] / p["seconds"]
+    lines.append(f"| prefill, one {p['tokens']}-token prompt | {p['seconds'] * 1e3:.1f} ms, {rate / 1e12:.0f} TFLOP/s "
+                 f"| {mm / 1e12:.0f} TFLOP/s | {rate / mm:.0%} of matmul rate | >= 60 % |")
+    e = ours["e2e"]
+    ours_tps = e["output_tokens"] / e["seconds"]
+    if hf and hf.get("seconds"):
+        hf_tps = hf["output_tokens"] / hf["seconds"]
+        lines.append(f"| e2e {E2E_BATCH} x (1k in, {E2E_OUTPUT_TOKENS} out) vs transformers generate_batch "
+                     f"({hf['attn_implementation']}) | {ours_tps:.0f} tok/s | {hf_tps:.0f} tok/s | "
+                     f"{ours_tps / hf_tps:.1f} x | >= 3 x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["floors", "ours", "hf"])
+    parser.add_argument("--out")
+    parser.add_argument("--model-dir", help="reuse a model directory (default: write Llama-3.1-8B's config)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config, to check the script")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="floors.json ours.json [hf.json]")
+    args = parser.parse_args()
+    if args.report:
+        parts = [json.loads(Path(p).read_text()) for p in args.report]
+        print(report(parts[0], parts[1], parts[2] if len(parts) > 2 else None))
+        return
+    model_dir = args.model_dir or write_model_dir(TINY if args.tiny else LLAMA_31_8B)
+    if args.part == "floors":
+        result = measure_floors(args.tiny)
+    elif args.part == "ours":
+        result = bench_ours(model_dir, args.tiny)
+    else:
+        result = bench_hf(model_dir, args.tiny)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
