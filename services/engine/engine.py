@@ -49,6 +49,7 @@ class _Child:
     index: int
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # all positions so far
 
 
 @dataclass(eq=False)
@@ -181,6 +182,7 @@ class LLMEngine:
         if logprobs is not None:
             entry = {tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, (lp, rank) in logprobs.items()}
             request.output_logprobs.append(logprobs)
+            child.logprobs.append(entry)
             child.delta_logprobs.append(entry)
         stop_string = child.detokenizer.update([token_id])
         status = self._check_stop(request, token_id, stop_string)
@@ -214,13 +216,11 @@ class LLMEngine:
     def _completion(self, child: _Child) -> CompletionOutput:
         request = child.request
         params = request.sampling_params
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = [{tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, (lp, rank) in entry.items()}
-                        for entry in request.output_logprobs]
+        # token_ids and logprobs are the request's own lists (no per-step copy): final once finished
         out = CompletionOutput(
-            index=child.index, text=child.detokenizer.output_text, token_ids=list(request.output_token_ids),
-            logprobs=logprobs, finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+            index=child.index, text=child.detokenizer.output_text, token_ids=request.output_token_ids,
+            logprobs=child.logprobs if params.logprobs is not None else None,
+            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
             delta_text=child.detokenizer.take_delta(), delta_token_ids=child.delta_token_ids,
             delta_logprobs=child.delta_logprobs if params.logprobs is not None else None)
         child.delta_token_ids, child.delta_logprobs = [], []

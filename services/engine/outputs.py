@@ -16,8 +16,8 @@ class Logprob:
 class CompletionOutput:
     index: int
     text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob]] | None
+    token_ids: list[int]  # all tokens so far; while unfinished the engine keeps appending to this list
+    logprobs: list[dict[int, Logprob]] | None  # one entry per token in token_ids, when asked
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     # what this step added, for streaming
