@@ -1,1 +1,5 @@
-"""Load generator and benchmarks for OpenAI-compatible endpoints."""
+"""Load generator for OpenAI-compatible endpoints: `tristage-loadgen` (see loadgen.cli).
+
+    workloads (lengths, prompts, images, trace) -> arrivals -> runner -> client
+        -> metrics -> report (JSON lines, summary.json, tables) and plots
+"""
