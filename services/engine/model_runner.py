@@ -49,8 +49,10 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         start = time.perf_counter()
+        # the fused Triton ops go with the Triton attention backend (the GPU fast path); torch otherwise
+        ops = "triton" if config.attention_backend == "triton" else "torch"
         self.model: DecoderLM = load_model(model_dir, hf_config, self.device, self.dtype, config.load_format,
-                                           config.seed)
+                                           config.seed, ops=ops)
         logger.info("loaded %s in %.1f s", model_dir, time.perf_counter() - start)
         spec = self.model.spec
         self.kv_bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * self.dtype.itemsize
@@ -94,6 +96,7 @@ class ModelRunner:
         layer = self.model.layers[0]
         layer.mlp(hidden)
         layer.self_attn.qkv_proj(hidden)
+        self.model.ops.add_rms_norm(hidden, hidden, layer.input_layernorm.weight, layer.input_layernorm.eps)
         self.model.compute_logits(hidden[: min(num_tokens, self.config.max_num_seqs)])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

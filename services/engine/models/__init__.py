@@ -10,13 +10,14 @@ import torch
 from services.common.errors import ModelLoadError
 from services.engine.models.llama import DecoderLM, DecoderSpec
 from services.engine.models.loader import SUPPORTED_ARCHITECTURES, iter_weights
+from services.engine.ops import get_ops
 
 # Every supported architecture is a Llama-family decoder; their differences live in DecoderSpec.
 MODEL_CLASSES: dict[str, type[DecoderLM]] = {arch: DecoderLM for arch in SUPPORTED_ARCHITECTURES}
 
 
 def load_model(model_dir: str | os.PathLike, hf_config, device: torch.device, dtype: torch.dtype,
-               load_format: str = "auto", seed: int = 0) -> DecoderLM:
+               load_format: str = "auto", seed: int = 0, ops: str = "torch") -> DecoderLM:
     """Build the model on the meta device, materialise it on `device`, then fill its weights.
 
     Weights stream one checkpoint shard at a time straight into the parameters, so host memory
@@ -27,7 +28,7 @@ def load_model(model_dir: str | os.PathLike, hf_config, device: torch.device, dt
         raise ModelLoadError(f"architecture {arch!r} is not supported; supported: {sorted(MODEL_CLASSES)}")
     spec = DecoderSpec.from_hf_config(hf_config)
     with torch.device("meta"), _default_dtype(dtype):
-        model = MODEL_CLASSES[arch](spec)
+        model = MODEL_CLASSES[arch](spec, get_ops(ops))
     model = model.to_empty(device=device)
     if load_format == "dummy":
         model.init_dummy_weights(seed)

@@ -8,7 +8,14 @@ paged KV cache layout.
 Numerics follow transformers' own modules so greedy output matches token for token: RMSNorm in
 float32 then cast, rotary tables computed in float32 per position then cast, rotate-half rotary.
 Projections are fused (q|k|v and gate|up) for speed; `load_weights` slices the checkpoint's
-separate matrices into them.
+separate matrices into them. The elementwise work between projections goes through an `Ops`
+implementation (services.engine.ops): plain torch for the reference, fused Triton kernels on the
+GPU. Layers pass the residual stream separately, so each residual add fuses into the next norm:
+
+    h, residual = add_rms_norm(h, residual)   # residual += h; h = norm(residual)
+    h = attention(h)
+    h, residual = add_rms_norm(h, residual)
+    h = mlp(h)
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.errors import ModelLoadError
+from services.engine.ops import TORCH_OPS, Ops
 
 
 @dataclass(frozen=True)
@@ -88,16 +96,12 @@ class AttentionBackend(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the arithmetic is the Ops implementation's (float32 variance, as transformers)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
 
 
 class RotaryEmbedding:
@@ -111,13 +115,6 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, heads, head_dim]; rotate-half rotary as in transformers' Llama."""
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
 
 def _inv_freq(spec: DecoderSpec, device: torch.device) -> torch.Tensor:
@@ -152,8 +149,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
+    def __init__(self, spec: DecoderSpec, layer_index: int, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size = spec.num_heads * spec.head_dim
@@ -171,46 +169,52 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.apply(q, positions), rotary.apply(k, positions)
+            q = self.ops.rms_norm_heads(q, self.q_norm.weight, self.q_norm.eps)
+            k = self.ops.rms_norm_heads(k, self.k_norm.weight, self.k_norm.eps)
+        q, k = self.ops.rotary(q, k, rotary.cos, rotary.sin, positions)
         out = backend.forward(self.layer_index, q, k, v)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, ops: Ops) -> None:
         super().__init__()
-        self.intermediate_size = spec.intermediate_size
+        self.ops = ops
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer_index: int) -> None:
+    def __init__(self, spec: DecoderSpec, layer_index: int, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer_index)
+        self.self_attn = Attention(spec, layer_index, ops)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, ops)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rotary: RotaryEmbedding, backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: this layer's input (the previous layer's output, not yet added); residual: the stream so far."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h, residual = self.ops.add_rms_norm(h, residual, norm1.weight, norm1.eps)
+        h = self.self_attn(h, positions, rotary, backend)
+        h, residual = self.ops.add_rms_norm(h, residual, norm2.weight, norm2.eps)
+        return self.mlp(h), residual
 
 
 class DecoderLM(nn.Module):
     """Token ids -> hidden states -> logits. Built on the meta device, then materialised."""
 
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.spec = spec
+        self.ops = ops
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, ops) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
@@ -222,10 +226,11 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
         assert self.rotary is not None, "init_rotary() must run after the weights are materialised"
-        x = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, backend)
-        return self.norm(x)
+            h, residual = layer(h, residual, positions, self.rotary, backend)
+        h, _ = self.ops.add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden_size] -> logits [rows, vocab_size]."""
