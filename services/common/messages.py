@@ -58,11 +58,7 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 
 
 class PositionLogprobs(msgspec.Struct, array_like=True):
-    """Logprobs at one output position: the sampled token, then candidates by rank.
-
-    `top` holds the asked top-k and, when the sampled token ranks below them, that token last: the
-    first k entries are the top-k.
-    """
+    """Logprobs at one output position: the sampled token, and the asked top-k by rank."""
 
     sampled: TokenLogprob
     top: list[TokenLogprob]

@@ -42,6 +42,7 @@ class EngineWorker:
         self.input_address = bind(self._input, input_address)
         self._outputs: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
         self._reply_to: dict[str, str] = {}  # request id -> reply_to
+        self._num_logprobs: dict[str, int] = {}  # request id -> top logprobs asked (when asked)
         self._inbound = MessageCodec(WorkerInbound)
         self._outbound = MessageCodec(OutputBatch)
         self._stop = threading.Event()
@@ -85,9 +86,11 @@ class EngineWorker:
     def _handle(self, message: GenerateRequest | AbortRequest) -> RequestError | None:
         if isinstance(message, AbortRequest):
             self.engine.abort_request(message.request_id)
-            self._reply_to.pop(message.request_id, None)
+            self._forget(message.request_id)
             return None
         self._reply_to[message.request_id] = message.reply_to
+        if message.sampling.logprobs is not None:
+            self._num_logprobs[message.request_id] = message.sampling.logprobs
         try:
             params = SamplingParams(**{f: getattr(message.sampling, f) for f in message.sampling.__struct_fields__})
             self.engine.add_request(message.request_id, message.prompt_token_ids, params,
@@ -109,7 +112,7 @@ class EngineWorker:
             logger.error("%s step failed: %s", self.name, traceback.format_exc())
             return self._fail_all(f"internal error in the engine step: {exc}")
         self.num_steps += 1
-        return [to_delta(out) for out in outputs]
+        return [to_delta(out, self._num_logprobs.get(out.request_id, 0)) for out in outputs]
 
     def _fail_all(self, message: str) -> list[RequestError]:
         errors = []
@@ -124,11 +127,17 @@ class EngineWorker:
         by_gateway: dict[str, list[RequestDelta | RequestError]] = defaultdict(list)
         for item in items:
             finished = isinstance(item, RequestError) or item.finished
-            reply_to = self._reply_to.pop(item.request_id, None) if finished else self._reply_to.get(item.request_id)
+            reply_to = self._reply_to.get(item.request_id)
+            if finished:
+                self._forget(item.request_id)
             if reply_to is not None:
                 by_gateway[reply_to].append(item)
         for reply_to, batch in by_gateway.items():
             self._output(reply_to).send_multipart(self._outbound.encode(OutputBatch(items=batch)), copy=False)
+
+    def _forget(self, request_id: str) -> None:
+        self._reply_to.pop(request_id, None)
+        self._num_logprobs.pop(request_id, None)
 
     def _output(self, address: str) -> zmq.Socket:
         socket = self._outputs.get(address)
@@ -144,24 +153,25 @@ class EngineWorker:
         self._context.term()
 
 
-def to_delta(output: RequestOutput) -> RequestDelta:
-    completions = [_completion_delta(c) for c in output.outputs if c.delta_token_ids or c.finished]
+def to_delta(output: RequestOutput, num_top_logprobs: int = 0) -> RequestDelta:
+    completions = [_completion_delta(c, num_top_logprobs) for c in output.outputs if c.delta_token_ids or c.finished]
     return RequestDelta(request_id=output.request_id, completions=completions, finished=output.finished,
                         num_prompt_tokens=len(output.prompt_token_ids), num_cached_tokens=output.num_cached_tokens)
 
 
-def _completion_delta(c: CompletionOutput) -> CompletionDelta:
+def _completion_delta(c: CompletionOutput, num_top: int) -> CompletionDelta:
     logprobs = None
     if c.delta_logprobs is not None:
-        logprobs = [_position(token_id, entry) for token_id, entry in zip(c.delta_token_ids, c.delta_logprobs)]
+        logprobs = [_position(token_id, entry, num_top)
+                    for token_id, entry in zip(c.delta_token_ids, c.delta_logprobs)]
     return CompletionDelta(index=c.index, token_ids=c.delta_token_ids, text=c.delta_text, logprobs=logprobs,
                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
 
-def _position(token_id: int, entry: dict[int, Logprob]) -> PositionLogprobs:
+def _position(token_id: int, entry: dict[int, Logprob], num_top: int) -> PositionLogprobs:
     def item(tid: int) -> TokenLogprob:
         return TokenLogprob(tid, entry[tid].decoded_token or "", entry[tid].logprob)
 
-    # every entry by rank; a sampled token outside the asked top-k ranks last, so the first k are the top-k
-    top = sorted(entry, key=lambda tid: entry[tid].rank)
+    # the entry holds the top-k plus the sampled token; a sampled token outside the top-k ranks last
+    top = sorted(entry, key=lambda tid: entry[tid].rank)[:num_top]
     return PositionLogprobs(sampled=item(token_id), top=[item(tid) for tid in top])

@@ -1,0 +1,138 @@
+"""The gateway's FastAPI application: `create_app(config, backend)`.
+
+Routes:
+
+    POST /v1/chat/completions, POST /v1/completions    generation (services.gateway.serving)
+    GET  /v1/models                                    the served model
+    GET  /health                                       200 while the process serves
+    GET  /ready                                        200 when the backend is ready, else 503
+    GET  /metrics                                      Prometheus text
+
+Every /v1 route requires `Authorization: Bearer KEY` when `config.api_keys` is not empty; the key
+is compared in constant time with every configured key. Every error, from any layer, is answered
+in OpenAI's shape (services.gateway.errors).
+
+The app owns one tokenizer thread: a fast tokenizer called from several threads at once can fail
+("Already borrowed"), and one thread is enough to keep long prompts off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.gateway.admission import AdmissionController
+from services.gateway.backend import Backend, WorkerSnapshot
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import ApiError, install_error_handlers
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.protocol import ModelCard, ModelList
+from services.gateway.serving import GenerationService
+
+logger = logging.getLogger(__name__)
+
+
+class ApiKeyMiddleware:
+    """Refuses /v1 requests without a configured bearer key (401) before anything is read."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+        self._app = app
+        self._keys = [key.encode("utf-8") for key in api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._keys and _is_api_path(scope["path"]):
+            error = self._check(scope)
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+    def _check(self, scope: Scope) -> ApiError | None:
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        if header is None:
+            return _auth_error("You didn't provide an API key. Provide it in an Authorization header "
+                               "using Bearer auth (Authorization: Bearer YOUR_KEY).")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        # Compare with every key (no early exit), so the timing does not tell which key nearly matched.
+        matches = [hmac.compare_digest(token, key) for key in self._keys]
+        if scheme.lower() != b"bearer" or not any(matches):
+            return _auth_error("Incorrect API key provided.")
+        return None
+
+
+def _is_api_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def _auth_error(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
+    admission = AdmissionController(config.max_queued_requests, config.max_queued_tokens)
+    metrics = GatewayMetrics(config.served_model_name, admission)
+    tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    service = GenerationService(config, backend, admission, metrics, tokenizer_executor)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizer_executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="tristage", lifespan=lifespan)
+    app.state.admission = admission
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.completions(request)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=config.served_model_name, created=created,
+                                         max_model_len=backend.max_model_len)])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if not backend.is_ready():
+            raise ApiError(503, "The model is not ready yet.", code="service_unavailable",
+                           headers={"Retry-After": str(config.retry_after_s)})
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        snapshot = await _snapshot(backend, config.snapshot_timeout_s)
+        return Response(content=metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _snapshot(backend: Backend, timeout_s: float) -> list[WorkerSnapshot]:
+    """The workers' gauges; without them (a slow or failing backend) /metrics still answers."""
+    try:
+        return await asyncio.wait_for(backend.snapshot(), timeout_s)
+    except Exception:
+        logger.warning("backend snapshot unavailable for /metrics", exc_info=True)
+        return []

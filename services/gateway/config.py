@@ -1,0 +1,39 @@
+"""The gateway's settings, built once (by the CLI or a test) and passed to `create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    served_model_name: str  # the only `model` value requests may name; listed by /v1/models
+    api_keys: tuple[str, ...] = ()  # accepted bearer keys on /v1 routes; empty: no authentication
+
+    # Admission. A request is queued from the moment it is admitted until its first token arrives
+    # (or it ends); a new request that would push either total past its limit is refused with 429.
+    max_queued_requests: int = 256  # requests
+    max_queued_tokens: int = 262144  # prompt tokens of the queued requests
+    retry_after_s: int = 1  # seconds, sent in Retry-After with 429 and 503
+
+    max_body_bytes: int = 16 * MIB  # request body limit in bytes (413 above it)
+    max_n: int = 16  # completions per prompt
+    max_prompts_per_request: int = 64  # prompts in one /v1/completions batch
+    abort_timeout_s: float = 5.0  # seconds to wait for backend.abort after a client leaves
+    snapshot_timeout_s: float = 2.0  # seconds /metrics waits for backend.snapshot()
+
+    def __post_init__(self) -> None:
+        if not self.served_model_name:
+            raise ValueError("served_model_name must not be empty")
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys must not contain an empty key")
+        for name in ("max_queued_requests", "max_queued_tokens", "max_body_bytes", "max_n",
+                     "max_prompts_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.retry_after_s < 0:
+            raise ValueError("retry_after_s must be >= 0")
+        if self.abort_timeout_s <= 0 or self.snapshot_timeout_s <= 0:
+            raise ValueError("abort_timeout_s and snapshot_timeout_s must be positive")

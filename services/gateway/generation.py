@@ -1,0 +1,141 @@
+"""One HTTP request's run on the backend: its engine requests merged into one stream of deltas.
+
+A /v1/completions batch of P prompts with n completions each becomes P engine requests; choice
+`p * n + i` of the answer is completion `i` of prompt `p`:
+
+    prompt 0 -> request_id        (or request_id-0 when P > 1)   choices 0 .. n-1
+    prompt 1 -> request_id-1                                     choices n .. 2n-1
+
+One task per engine request pumps the backend's deltas into a queue; `next_delta()` takes them out
+in arrival order. `close()` is the single exit: it releases the admission ticket at once, stops the
+pumps, aborts every engine request that has not finished (shielded from cancellation, bounded by
+abort_timeout_s) and records the end-to-end metrics. Every exit path of the gateway calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import anyio
+
+from services.common.messages import RequestDelta, SamplingSpec
+from services.gateway.admission import AdmissionTicket
+from services.gateway.backend import Backend
+from services.gateway.metrics import GatewayMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class BackendStreamEnded(Exception):
+    """The backend's iterator stopped before a delta with `finished`."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    request_id: str
+    arrival_s: float  # time.monotonic() when the HTTP request arrived
+
+
+class Generation:
+    def __init__(self, backend: Backend, arrival: Arrival, prompts: list[list[int]], sampling: SamplingSpec,
+                 cache_salt: str | None, ticket: AdmissionTicket, metrics: GatewayMetrics,
+                 abort_timeout_s: float) -> None:
+        self._backend = backend
+        self._arrival = arrival
+        self._prompts = prompts
+        self._sampling = sampling
+        self._cache_salt = cache_salt
+        self._ticket = ticket
+        self._metrics = metrics
+        self._abort_timeout_s = abort_timeout_s
+        if len(prompts) == 1:
+            self.engine_request_ids = [arrival.request_id]
+        else:
+            self.engine_request_ids = [f"{arrival.request_id}-{p}" for p in range(len(prompts))]
+        self._unfinished = set(self.engine_request_ids)
+        self._queue: asyncio.Queue[tuple[int, RequestDelta | BaseException]] = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+        self._last_token_s: float | None = None
+        self._closed = False
+
+    @property
+    def num_choices(self) -> int:
+        return len(self._prompts) * self._sampling.n
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def start(self) -> None:
+        for prompt_index, request_id in enumerate(self.engine_request_ids):
+            self._pumps.append(asyncio.create_task(self._pump(prompt_index, request_id)))
+
+    async def _pump(self, prompt_index: int, request_id: str) -> None:
+        try:
+            stream = self._backend.generate(request_id, self._prompts[prompt_index], self._sampling,
+                                            self._cache_salt)
+            async for delta in stream:
+                self._queue.put_nowait((prompt_index, delta))
+                if delta.finished:
+                    return
+            raise BackendStreamEnded(f"the backend stream of {request_id} ended before it finished")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the consumer, which owns the answer
+            self._queue.put_nowait((prompt_index, exc))
+
+    async def next_delta(self) -> tuple[int, RequestDelta] | None:
+        """(first choice index of the delta's prompt, delta), or None once every request finished.
+
+        Raises what the backend raised (RequestFailed, or anything unexpected)."""
+        if not self._unfinished:
+            return None
+        prompt_index, item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._observe(item)
+        if item.finished:
+            self._unfinished.discard(self.engine_request_ids[prompt_index])
+        return prompt_index * self._sampling.n, item
+
+    def _observe(self, delta: RequestDelta) -> None:
+        num_tokens = sum(len(c.token_ids) for c in delta.completions)
+        now = time.monotonic()
+        if self._last_token_s is None:
+            self._ticket.leave_queue()
+            self._metrics.observe_first_token(now - self._arrival.arrival_s)
+            self._metrics.count_prompt_tokens(sum(len(p) for p in self._prompts))
+            self._last_token_s = now
+        elif num_tokens:
+            self._metrics.observe_inter_token(now - self._last_token_s)
+            self._last_token_s = now
+        self._metrics.count_generation_tokens(num_tokens)
+        for completion in delta.completions:
+            if completion.finish_reason is not None:
+                self._metrics.count_success(completion.finish_reason)
+
+    async def close(self) -> None:
+        """Release everything this request holds. Idempotent; safe to call while being cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ticket.release()
+        for pump in self._pumps:
+            pump.cancel()
+        if not self._unfinished:
+            self._metrics.observe_finished(time.monotonic() - self._arrival.arrival_s)
+        if not self._pumps:
+            return  # never started: nothing reached the backend
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._abort_timeout_s):
+            for request_id in sorted(self._unfinished):
+                await self._abort(request_id)
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self._backend.abort(request_id)
+        except Exception:
+            logger.exception("abort of %s failed", request_id)

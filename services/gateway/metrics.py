@@ -1,0 +1,139 @@
+"""The gateway's Prometheus metrics, in a registry of its own (no global state).
+
+Request metrics are observed here as requests run; per-worker gauges and counters come from
+`backend.snapshot()`, which the /metrics handler awaits and hands to `render()` just before
+the text is generated (a collector cannot await).
+
+vLLM's names where the meaning matches, so existing dashboards work:
+
+    vllm:time_to_first_token_seconds    histogram  arrival -> first token
+    vllm:inter_token_latency_seconds    histogram  between two steps of one request that brought tokens
+    vllm:e2e_request_latency_seconds    histogram  arrival -> last token (finished requests only)
+    vllm:prompt_tokens_total            counter    prompt tokens of requests that started
+    vllm:generation_tokens_total        counter    tokens generated
+    vllm:request_success_total          counter    finished completions, by finished_reason
+    vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc          per worker (gauges)
+    vllm:prefix_cache_queries / _hits (tokens), vllm:num_preemptions        per worker (counters)
+    tristage:admission_rejections_total counter    by reason ("requests", "tokens", "not_ready")
+    tristage:gateway_requests_in_flight gauge      admitted and not yet ended
+    tristage:gateway_queued_requests / _queued_prompt_tokens   gauges: waiting for their first token
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.gateway.admission import AdmissionController
+from services.gateway.backend import WorkerSnapshot
+
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0)
+ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                 240.0, 480.0, 960.0, 1800.0)
+
+_WORKER_LABELS = ("model_name", "stage", "worker")
+
+
+class _WorkerCollector(Collector):
+    """Exports the snapshot it was last given; `render()` sets it right before collecting."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+        self.snapshot: Sequence[WorkerSnapshot] = ()
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = {
+            "running": GaugeMetricFamily("vllm:num_requests_running", "Requests running on the worker.",
+                                         labels=_WORKER_LABELS),
+            "waiting": GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting on the worker.",
+                                         labels=_WORKER_LABELS),
+            "kv": GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
+                                    labels=_WORKER_LABELS),
+        }
+        counters = {
+            "queries": CounterMetricFamily("vllm:prefix_cache_queries",
+                                           "Prompt tokens looked up in the prefix cache.", labels=_WORKER_LABELS),
+            "hits": CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                        labels=_WORKER_LABELS),
+            "preemptions": CounterMetricFamily("vllm:num_preemptions", "Requests preempted by the worker.",
+                                               labels=_WORKER_LABELS),
+        }
+        for worker in self.snapshot:
+            labels = [self._model_name, worker.stage, worker.worker]
+            gauges["running"].add_metric(labels, worker.num_running)
+            gauges["waiting"].add_metric(labels, worker.num_waiting)
+            gauges["kv"].add_metric(labels, worker.kv_cache_usage)
+            counters["queries"].add_metric(labels, worker.prefix_cache_queried_tokens)
+            counters["hits"].add_metric(labels, worker.prefix_cache_hit_tokens)
+            counters["preemptions"].add_metric(labels, worker.num_preemptions)
+        yield from gauges.values()
+        yield from counters.values()
+
+
+class GatewayMetrics:
+    def __init__(self, model_name: str, admission: AdmissionController) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model_name",)
+        self._ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
+                               buckets=TTFT_BUCKETS_S, registry=self.registry).labels(model_name)
+        self._itl = Histogram("vllm:inter_token_latency_seconds", "Time between two steps of a request.",
+                              labels, buckets=ITL_BUCKETS_S, registry=self.registry).labels(model_name)
+        self._e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", labels,
+                              buckets=E2E_BUCKETS_S, registry=self.registry).labels(model_name)
+        self._prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", labels,
+                                      registry=self.registry).labels(model_name)
+        self._generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels,
+                                          registry=self.registry).labels(model_name)
+        self._success = Counter("vllm:request_success", "Finished completions.", ("model_name", "finished_reason"),
+                                registry=self.registry)
+        self._rejections = Counter("tristage:admission_rejections", "Requests refused by admission.",
+                                   ("model_name", "reason"), registry=self.registry)
+        self._model_name = model_name
+        self._gauge(admission, "tristage:gateway_requests_in_flight", "Requests admitted and not yet ended.",
+                    "num_in_flight")
+        self._gauge(admission, "tristage:gateway_queued_requests", "Requests waiting for their first token.",
+                    "num_queued_requests")
+        self._gauge(admission, "tristage:gateway_queued_prompt_tokens",
+                    "Prompt tokens of the requests waiting for their first token.", "num_queued_tokens")
+        self._workers = _WorkerCollector(model_name)
+        self.registry.register(self._workers)
+        ProcessCollector(registry=self.registry)
+
+    def _gauge(self, admission: AdmissionController, name: str, documentation: str, attribute: str) -> None:
+        gauge = Gauge(name, documentation, ("model_name",), registry=self.registry)
+        gauge.labels(self._model_name).set_function(lambda: getattr(admission, attribute))
+
+    def observe_first_token(self, ttft_s: float) -> None:
+        self._ttft.observe(ttft_s)
+
+    def observe_inter_token(self, latency_s: float) -> None:
+        self._itl.observe(latency_s)
+
+    def observe_finished(self, e2e_s: float) -> None:
+        self._e2e.observe(e2e_s)
+
+    def count_prompt_tokens(self, num_tokens: int) -> None:
+        self._prompt_tokens.inc(num_tokens)
+
+    def count_generation_tokens(self, num_tokens: int) -> None:
+        self._generation_tokens.inc(num_tokens)
+
+    def count_success(self, finished_reason: str) -> None:
+        self._success.labels(self._model_name, finished_reason).inc()
+
+    def count_rejection(self, reason: str) -> None:
+        self._rejections.labels(self._model_name, reason).inc()
+
+    def render(self, snapshot: Sequence[WorkerSnapshot]) -> bytes:
+        """The exposition text, with `snapshot` as the per-worker values. Never awaits."""
+        self._workers.snapshot = snapshot
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._workers.snapshot = ()

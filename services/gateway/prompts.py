@@ -1,0 +1,177 @@
+"""Requests -> prompt token ids and sampling parameters.
+
+The functions that tokenize run in the gateway's tokenizer thread (never on the event loop);
+they raise InvalidRequestError naming the field, which the gateway answers with a 400.
+
+Length rules (max_model_len is the context length in tokens):
+
+    |<------------------------------- max_model_len ------------------------------->|
+    |<------ prompt (1 .. max_model_len - 1) ------>|<---- max_tokens (>= 1) ---->|
+
+A prompt must leave room for at least one generated token; when max_tokens is given, prompt plus
+max_tokens must fit. When it is not given the backend generates up to the context left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import jinja2
+
+from services.common.errors import InvalidRequestError
+from services.common.messages import SamplingSpec
+from services.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+_TEMPLATE_ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
+
+
+class ContextLengthExceeded(InvalidRequestError):
+    code = "context_length_exceeded"  # OpenAI's code for this error
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    max_model_len: int  # tokens
+    vocab_size: int
+
+
+def to_sampling_spec(request: ChatCompletionRequest | CompletionRequest) -> SamplingSpec:
+    defaults = SamplingSpec()
+    return SamplingSpec(
+        n=request.num_choices_per_prompt,
+        temperature=_or(request.temperature, defaults.temperature),
+        top_p=_or(request.top_p, defaults.top_p),
+        top_k=_or(request.top_k, defaults.top_k),
+        min_p=_or(request.min_p, defaults.min_p),
+        seed=request.seed,
+        presence_penalty=_or(request.presence_penalty, defaults.presence_penalty),
+        frequency_penalty=_or(request.frequency_penalty, defaults.frequency_penalty),
+        repetition_penalty=_or(request.repetition_penalty, defaults.repetition_penalty),
+        stop=request.stop_list,
+        stop_token_ids=list(request.stop_token_ids or []),
+        include_stop_str_in_output=bool(request.include_stop_str_in_output),
+        ignore_eos=bool(request.ignore_eos),
+        max_tokens=request.effective_max_tokens(),
+        min_tokens=request.min_tokens or 0,
+        logprobs=request.num_logprobs,
+        skip_special_tokens=_or(request.skip_special_tokens, True),
+    )
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat
+
+
+def _message_text(index: int, message: ChatMessage) -> str:
+    if message.content is None:
+        if message.role != "assistant":
+            raise InvalidRequestError(f"messages[{index}].content is required for role '{message.role}'",
+                                      param="messages")
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part in message.content:
+        if part.type == "image_url":
+            raise InvalidRequestError(
+                f"messages[{index}]: image input is not supported by this model yet", param="messages")
+        if part.type != "text":
+            raise InvalidRequestError(
+                f"messages[{index}]: content parts of type '{part.type}' are not supported by this model; "
+                "only text parts are", param="messages")
+        if part.text is None:
+            raise InvalidRequestError(f"messages[{index}]: a text part needs a 'text' string", param="messages")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as chat templates expect them: role and one content string (text parts joined)."""
+    converted = []
+    for index, message in enumerate(messages):
+        entry = {"role": _TEMPLATE_ROLES.get(message.role, message.role), "content": _message_text(index, message)}
+        if message.name is not None:
+            entry["name"] = message.name
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        converted.append(entry)
+    return converted
+
+
+def tokenize_chat(tokenizer, request: ChatCompletionRequest, limits: ModelLimits) -> list[int]:
+    messages = template_messages(request.messages)
+    try:
+        token_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)
+    except jinja2.TemplateError as exc:  # the template refused these messages (e.g. role order)
+        raise InvalidRequestError(f"The chat template could not render these messages: {exc}",
+                                  param="messages") from exc
+    token_ids = list(token_ids)
+    check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
+    return token_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Completions
+
+
+def tokenize_completion(tokenizer, request: CompletionRequest, limits: ModelLimits,
+                        max_prompts: int) -> list[list[int]]:
+    """One list of token ids per prompt of the batch."""
+    prompts = _prompt_items(request.prompt)
+    if not prompts:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if len(prompts) > max_prompts:
+        raise InvalidRequestError(f"prompt may hold at most {max_prompts} prompts, not {len(prompts)}",
+                                  param="prompt")
+    token_id_lists = []
+    for item in prompts:
+        token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        if not isinstance(item, str):
+            _check_vocab(token_ids, limits.vocab_size)
+        check_prompt(token_ids, request.effective_max_tokens(), limits, param="prompt")
+        token_id_lists.append(token_ids)
+    return token_id_lists
+
+
+def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a batch: a string or a token-id list is a batch of one."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [cast(list[int], prompt)]
+    return cast(list[str | list[int]], list(prompt))
+
+
+def _check_vocab(token_ids: list[int], vocab_size: int) -> None:
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is out of the vocabulary [0, {vocab_size})", param="prompt")
+
+
+def check_prompt(token_ids: list[int], max_tokens: int | None, limits: ModelLimits, param: str) -> None:
+    num_prompt_tokens = len(token_ids)
+    if num_prompt_tokens == 0:
+        raise InvalidRequestError("The prompt is empty; it must hold at least one token.", param=param)
+    if num_prompt_tokens >= limits.max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, your "
+            f"{param} resulted in {num_prompt_tokens} tokens, which leaves no room for a completion. "
+            f"Please reduce the length of the {param}.", param=param)
+    if max_tokens is not None and num_prompt_tokens + max_tokens > limits.max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {param}, {max_tokens} in "
+            "the completion). Please reduce the length of the prompt or of max_tokens.", param="max_tokens")
+
+
+def check_stop_token_ids(request: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
+    bad = next((t for t in request.stop_token_ids or [] if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"stop_token_ids: token id {bad} is out of the vocabulary [0, {vocab_size})",
+                                  param="stop_token_ids")

@@ -1,0 +1,307 @@
+"""OpenAI request and response schemas (pydantic, the HTTP boundary only).
+
+Requests are parsed strictly, as OpenAI's API does: a string is never taken for a number or a
+boolean, NaN and infinities are refused, and ranges match OpenAI's (temperature [0, 2], top_p (0, 1],
+penalties [-2, 2], top_logprobs [0, 20]). Fields OpenAI has and we do not act on are either
+accepted and ignored (`user`, `metadata`, `store`, ...: unknown fields are ignored) or refused when
+they would change the answer (`echo`, `suffix`, `logit_bias`, `tools`, non-text `response_format`).
+Checks that involve two fields or the deployment (`n` against max_n, `top_logprobs` without
+`logprobs`) live in `check()`, which raises InvalidRequestError naming the field.
+
+vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
+stop_token_ids, cache_salt, skip_special_tokens, include_stop_str_in_output) are accepted as vLLM
+accepts them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from services.common.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16  # the engine's limit (services.engine.sampling_params)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+_REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenIds = list[int]
+
+
+class StreamOptions(BaseModel):
+    model_config = _REQUEST_CONFIG
+    include_usage: bool | None = None
+
+
+class _GenerationRequest(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: str
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    user: str | None = None  # accepted, ignored
+    logit_bias: dict[str, float] | None = None  # refused unless empty
+
+    # vLLM's extras
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    cache_salt: str | None = Field(None, min_length=1)
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+
+    @property
+    def num_choices_per_prompt(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def check(self, max_n: int) -> None:
+        """Checks across fields or against the deployment; raises InvalidRequestError."""
+        _require(self.num_choices_per_prompt <= max_n, "n", f"n must be at most {max_n}")
+        _require(self.stream_options is None or bool(self.stream), "stream_options",
+                 "stream_options is only allowed when stream is true")
+        stop = self.stop_list
+        _require(len(stop) <= MAX_STOP_SEQUENCES, "stop",
+                 f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, not {len(stop)}")
+        _require(all(stop), "stop", "stop sequences must not be empty")
+        _require(not self.logit_bias, "logit_bias", "logit_bias is not supported")
+        max_tokens = self.effective_max_tokens()
+        _require(max_tokens is None or (self.min_tokens or 0) <= max_tokens, "min_tokens",
+                 "min_tokens must not exceed max_tokens")
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only `text` parts are served by text models."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = _REQUEST_CONFIG
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None  # refused unless empty
+    tool_choice: str | dict[str, Any] | None = None  # only "none" / "auto" without tools
+    response_format: ResponseFormat | None = None  # only {"type": "text"}
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check(self, max_n: int) -> None:
+        super().check(max_n)
+        _require(self.top_logprobs is None or bool(self.logprobs), "top_logprobs",
+                 "top_logprobs requires logprobs to be true")
+        _require(not self.tools, "tools", "tools are not supported by this model")
+        _require(self.tool_choice in (None, "none", "auto"), "tool_choice",
+                 "tool_choice is not supported by this model")
+        _require(self.response_format is None or self.response_format.type == "text", "response_format",
+                 "only response_format {\"type\": \"text\"} is supported")
+
+
+# ----------------------------------------------------------------------------------------------
+# Completions
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def check(self, max_n: int) -> None:
+        super().check(max_n)
+        _require(not self.echo, "echo", "echo is not supported")
+        _require(self.suffix is None, "suffix", "suffix is not supported")
+        _require(self.best_of is None or self.best_of == self.num_choices_per_prompt, "best_of",
+                 "best_of is not supported (it may only equal n)")
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message, param=param)
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    """Only the keys that are set: `{"role": "assistant", "content": ""}`, `{"content": "..."}` or `{}`."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_keys_only(self, handler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Also the streaming chunk (OpenAI uses object "text_completion" for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tristage"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

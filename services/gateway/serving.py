@@ -1,0 +1,284 @@
+"""The two generation endpoints, from HTTP request to HTTP response.
+
+    read body (413) -> parse (400) -> model (404) -> field checks (400) -> backend ready (503)
+      -> admit (429) -> tokenize in the tokenizer thread (400) -> admit prompt tokens (429)
+      -> start the engine requests -> first delta (RequestFailed: its own status)
+      -> stream SSE, or collect and answer JSON
+
+Until the first delta arrives the answer is still an ordinary HTTP status, so failures before
+the first token reach clients as errors they can retry. A client that leaves at any point aborts
+its engine requests at once: non-streaming and first-delta waits race a disconnect watcher; a
+stream is cancelled by Starlette when the client goes away. `Generation.close()` runs on every
+exit, so the admission counters always return to zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
+
+from services.common.errors import InvalidRequestError
+from services.gateway.admission import AdmissionController, AdmissionRejected
+from services.gateway.backend import Backend, RequestFailed
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import ApiError, ClientGone, internal_error, parse_error
+from services.gateway.generation import Arrival, Generation
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.prompts import (
+    ModelLimits,
+    check_stop_token_ids,
+    to_sampling_spec,
+    tokenize_chat,
+    tokenize_completion,
+)
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from services.gateway.responses import (
+    DONE_EVENT,
+    ChatFormatter,
+    ChoiceState,
+    CompletionFormatter,
+    Formatter,
+    ResponseHeader,
+    UsageCounter,
+    error_event,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+PARSE_INLINE_MAX_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+
+
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed the limit."""
+    too_large = ApiError(413, f"The request body exceeds the limit of {max_body_bytes} bytes.",
+                         code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "The Content-Length header is not a number.")
+        if int(declared) > max_body_bytes:
+            raise too_large
+    chunks, num_bytes = [], 0
+    try:
+        async for chunk in request.stream():
+            num_bytes += len(chunk)
+            if num_bytes > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ClientGone() from exc
+    return b"".join(chunks)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """The awaitable's result, or ClientGone if the client disconnects first (the work is cancelled)."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, watcher):
+            task.cancel()
+        await asyncio.gather(work, watcher, return_exceptions=True)
+    if not work.cancelled():
+        return work.result()
+    raise ClientGone()
+
+
+class _EventStream(StreamingResponse):
+    """A text/event-stream response that runs `on_close` however the response ends."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class GenerationService:
+    """Serves /v1/chat/completions and /v1/completions against one backend."""
+
+    def __init__(self, config: GatewayConfig, backend: Backend, admission: AdmissionController,
+                 metrics: GatewayMetrics, tokenizer_executor: Executor) -> None:
+        self._config = config
+        self._backend = backend
+        self._admission = admission
+        self._metrics = metrics
+        self._executor = tokenizer_executor
+        self._limits = ModelLimits(max_model_len=backend.max_model_len, vocab_size=backend.vocab_size)
+
+    async def chat(self, http_request: Request) -> Response:
+        return await self._serve(http_request, ChatCompletionRequest, "chatcmpl")
+
+    async def completions(self, http_request: Request) -> Response:
+        return await self._serve(http_request, CompletionRequest, "cmpl")
+
+    # ------------------------------------------------------------------------------------------
+
+    async def _serve(self, http_request: Request, schema: type[GenerationRequest], id_prefix: str) -> Response:
+        arrival = Arrival(request_id=f"{id_prefix}-{uuid.uuid4().hex}", arrival_s=time.monotonic())
+        request = await self._parse(http_request, schema)
+        self._check(request)
+        ticket = self._admit()
+        generation: Generation | None = None
+        handed_over = False
+        try:
+            prompts = await self._tokenize(request)
+            try:
+                ticket.add_prompt_tokens(sum(len(p) for p in prompts))
+            except AdmissionRejected as exc:
+                raise self._rejected(exc) from exc
+            generation = Generation(self._backend, arrival, prompts, to_sampling_spec(request), request.cache_salt,
+                                    ticket, self._metrics, self._config.abort_timeout_s)
+            generation.start()
+            formatter = self._formatter(request, arrival.request_id)
+            if request.stream:
+                response = await self._stream(http_request, request, generation, formatter)
+                handed_over = True
+                return response
+            return await self._complete(http_request, generation, formatter)
+        finally:
+            if not handed_over:
+                if generation is not None:
+                    await generation.close()
+                ticket.release()
+
+    async def _parse(self, http_request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
+        body = await read_body(http_request, self._config.max_body_bytes)
+        try:
+            if len(body) <= PARSE_INLINE_MAX_BYTES:
+                return schema.model_validate_json(body)
+            return await asyncio.to_thread(schema.model_validate_json, body)
+        except ValidationError as exc:
+            raise parse_error(exc) from exc
+
+    def _check(self, request: GenerationRequest) -> None:
+        if request.model != self._config.served_model_name:
+            raise ApiError(404, f"The model `{request.model}` does not exist.", param="model",
+                           code="model_not_found")
+        try:
+            request.check(self._config.max_n)
+            check_stop_token_ids(request, self._limits.vocab_size)
+        except InvalidRequestError as exc:
+            raise ApiError.invalid(exc) from exc
+        if not self._backend.is_ready():
+            self._metrics.count_rejection("not_ready")
+            raise ApiError(503, "The model is not ready yet; please retry shortly.", code="service_unavailable",
+                           headers=self._retry_after())
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self._config.retry_after_s)}
+
+    def _admit(self):
+        try:
+            return self._admission.admit()
+        except AdmissionRejected as exc:
+            raise self._rejected(exc) from exc
+
+    def _rejected(self, exc: AdmissionRejected) -> ApiError:
+        self._metrics.count_rejection(exc.reason)
+        return ApiError(429, str(exc), code="rate_limit_exceeded", headers=self._retry_after())
+
+    async def _tokenize(self, request: GenerationRequest) -> list[list[int]]:
+        tokenizer = self._backend.tokenizer
+        loop = asyncio.get_running_loop()
+        try:
+            if isinstance(request, ChatCompletionRequest):
+                return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request, self._limits)]
+            return await loop.run_in_executor(self._executor, tokenize_completion, tokenizer, request,
+                                              self._limits, self._config.max_prompts_per_request)
+        except InvalidRequestError as exc:
+            raise ApiError.invalid(exc) from exc
+
+    def _formatter(self, request: GenerationRequest, request_id: str) -> Formatter:
+        header = ResponseHeader(request_id=request_id, model=self._config.served_model_name,
+                                created=int(time.time()), with_logprobs=request.num_logprobs is not None,
+                                include_usage=request.include_usage)
+        return ChatFormatter(header) if isinstance(request, ChatCompletionRequest) else CompletionFormatter(header)
+
+    # ------------------------------------------------------------------------------------------
+
+    async def _complete(self, http_request: Request, generation: Generation, formatter: Formatter) -> Response:
+        choices = [ChoiceState(index=i) for i in range(generation.num_choices)]
+        usage = UsageCounter()
+
+        async def collect() -> None:
+            while (item := await _next_delta(generation)) is not None:
+                first_choice, delta = item
+                usage.add(first_choice, delta)
+                for completion in delta.completions:
+                    choices[first_choice + completion.index].add(completion)
+
+        await until_disconnected(http_request, collect())
+        body = formatter.response(choices, usage.usage())
+        return _json(body, formatter.header.request_id)
+
+    async def _stream(self, http_request: Request, request: GenerationRequest, generation: Generation,
+                      formatter: Formatter) -> Response:
+        first = await until_disconnected(http_request, _next_delta(generation))
+        events = _stream_events(first, generation, formatter, request.include_usage)
+        return _EventStream(events, on_close=generation.close,
+                            headers={"X-Request-Id": formatter.header.request_id})
+
+
+async def _next_delta(generation: Generation):
+    """The next delta; a backend refusal becomes the ApiError it describes."""
+    try:
+        return await generation.next_delta()
+    except RequestFailed as exc:
+        raise ApiError.from_request_error(exc.error) from exc
+
+
+async def _stream_events(first, generation: Generation, formatter: Formatter,
+                         include_usage: bool) -> AsyncIterator[str]:
+    choices = [ChoiceState(index=i) for i in range(generation.num_choices)]
+    usage = UsageCounter()
+    try:
+        for event in formatter.stream_start(generation.num_choices):
+            yield event
+        item = first
+        while item is not None:
+            first_choice, delta = item
+            usage.add(first_choice, delta)
+            for completion in delta.completions:
+                for event in formatter.stream_delta(choices[first_choice + completion.index], completion):
+                    yield event
+            item = await _next_delta(generation)
+        if include_usage:
+            yield formatter.stream_usage(usage.usage())
+    except ApiError as exc:
+        yield error_event(exc.info)
+    except Exception:
+        logger.exception("stream %s failed", formatter.header.request_id)
+        yield error_event(internal_error().info)
+    yield DONE_EVENT
+
+
+def _json(body: BaseModel, request_id: str) -> Response:
+    return Response(content=body.model_dump_json(), media_type="application/json",
+                    headers={"X-Request-Id": request_id})

@@ -1,0 +1,587 @@
+"""The gateway end to end over loopback: the real app under uvicorn, a deterministic fake backend,
+driven by the official `openai` client (sync and async) and by raw httpx for exact SSE shapes.
+
+`FakeBackend` and `running_server` are also used by test_gateway_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import transformers
+import uvicorn
+
+from services.common.messages import (
+    CompletionDelta,
+    PositionLogprobs,
+    RequestDelta,
+    RequestError,
+    SamplingSpec,
+    TokenLogprob,
+)
+from services.gateway.app import create_app
+from services.gateway.backend import RequestFailed, WorkerSnapshot
+from services.gateway.config import GatewayConfig
+
+MODEL = "fake-model"
+API_KEY = "sk-test-key"
+STOP_TOKEN_ID = 7  # the fake stops on it at step 2 when it is in stop_token_ids
+STOP_WORD = "halt"  # ... or when this is among the stop strings
+FIRST_TOKEN_ID = 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake backend
+
+
+def _word(index: int) -> str:
+    return f" w{index}"  # the text every token of choice `index` decodes to
+
+
+class FakeBackend:
+    """Deterministic: each step every choice gains one token (`_word(index)`) until max_tokens."""
+
+    def __init__(self, tokenizer, max_model_len: int = 256, vocab_size: int = 1024) -> None:
+        self.model_name = MODEL
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        self.reset()
+
+    def reset(self) -> None:
+        self.ready = True
+        self.token_delay_s = 0.0  # sleep before each step, the first included
+        self.fail_with: RequestError | None = None  # raised before the first delta
+        self.fail_after_steps: int | None = None  # raise `mid_stream_error` after this many steps
+        self.mid_stream_error: Exception = RuntimeError("worker lost")
+        self.requests: list[tuple[str, list[int], SamplingSpec, str | None]] = []
+        self.aborted: list[str] = []
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+                       cache_salt: str | None = None):
+        self.requests.append((request_id, list(prompt_token_ids), sampling, cache_salt))
+        if self.fail_with is not None:
+            raise RequestFailed(self.fail_with)
+        num_steps = sampling.max_tokens or self.max_model_len - len(prompt_token_ids)
+        stops = STOP_TOKEN_ID in sampling.stop_token_ids or STOP_WORD in sampling.stop
+        for step in range(num_steps):
+            await asyncio.sleep(self.token_delay_s)
+            if step == self.fail_after_steps:
+                raise self.mid_stream_error
+            stop = stops and step == 2
+            last = stop or step == num_steps - 1
+            completions = [self._completion(i, step, sampling, stop, last) for i in range(sampling.n)]
+            yield RequestDelta(request_id=request_id, completions=completions, finished=last,
+                               num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=3)
+            if last:
+                return
+
+    def _completion(self, index: int, step: int, sampling: SamplingSpec, stop: bool, last: bool) -> CompletionDelta:
+        token_id = STOP_TOKEN_ID if stop else FIRST_TOKEN_ID + step
+        text = "" if stop else _word(index)
+        logprobs = None
+        if sampling.logprobs is not None:
+            top = [TokenLogprob(token_id + k + 1, f" alt{k}", -1.0 - k) for k in range(sampling.logprobs)]
+            logprobs = [PositionLogprobs(sampled=TokenLogprob(token_id, text, -0.5), top=top)]
+        finish_reason = ("stop" if stop else "length") if last else None
+        stop_reason = STOP_TOKEN_ID if stop else None
+        return CompletionDelta(index=index, token_ids=[token_id], text=text, logprobs=logprobs,
+                               finish_reason=finish_reason, stop_reason=stop_reason)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def snapshot(self) -> list[WorkerSnapshot]:
+        return [WorkerSnapshot(worker="decode-0", stage="decode", num_running=2, num_waiting=1,
+                               kv_cache_usage=0.25, num_preemptions=4, prefix_cache_queried_tokens=100,
+                               prefix_cache_hit_tokens=40)]
+
+
+class RecordingTokenizer:
+    """A real tokenizer that notes which thread tokenized."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.threads: list[str] = []
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+    def encode(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self._tokenizer.encode(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """Serve `app` under uvicorn on a free loopback port in a background thread; yields the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def counters_are_zero(app) -> bool:
+    admission = app.state.admission
+    return (admission.num_queued_requests, admission.num_queued_tokens, admission.num_in_flight) == (0, 0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_dir):
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def gateway(hf_tokenizer):
+    """(app, backend, base_url) with authentication on; the fake is reset before each test."""
+    backend = FakeBackend(RecordingTokenizer(hf_tokenizer))
+    app = create_app(GatewayConfig(served_model_name=MODEL, api_keys=("other-key", API_KEY)), backend)
+    with running_server(app) as base_url:
+        yield app, backend, base_url
+
+
+@pytest.fixture
+def served(gateway):
+    app, backend, base_url = gateway
+    backend.reset()
+    yield app, backend, base_url
+    wait_until(lambda: counters_are_zero(app))
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served[2]}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture
+def http(served):
+    with httpx.Client(base_url=served[2], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10) as http:
+        yield http
+
+
+def sse_payloads(response: httpx.Response) -> list:
+    """Every `data:` payload of an SSE response, JSON-decoded except the final "[DONE]"."""
+    payloads = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line[len("data: "):]
+        payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-streaming
+
+
+def test_models_and_probes(client, http):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert http.get("/health").status_code == 200
+    assert http.get("/ready").status_code == 200
+
+
+def test_chat_non_streaming(client, served, hf_tokenizer):
+    _, backend, _ = served
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    assert reply.id.startswith("chatcmpl-") and len(reply.id) == len("chatcmpl-") + 32
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    [choice] = reply.choices
+    assert (choice.index, choice.message.role, choice.message.content) == (0, "assistant", _word(0) * 4)
+    assert choice.finish_reason == "length" and choice.logprobs is None
+    expected_prompt = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)
+    request_id, prompt, sampling, salt = backend.requests[-1]
+    assert request_id == reply.id and prompt == expected_prompt and salt is None
+    assert reply.usage.prompt_tokens == len(expected_prompt)
+    assert (reply.usage.completion_tokens, reply.usage.total_tokens) == (4, len(expected_prompt) + 4)
+    assert reply.usage.prompt_tokens_details.cached_tokens == 3
+    assert backend.tokenizer.threads == ["tokenizer_0"]  # never on the event loop thread
+
+
+def test_text_parts_are_joined(client, served):
+    _, backend, _ = served
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=1)
+    joined = backend.tokenizer.apply_chat_template([{"role": "user", "content": "Say\nhello"}],
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert backend.requests[-1][1] == joined
+
+
+def test_sampling_fields_reach_the_backend(client, served):
+    _, backend, _ = served
+    client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=50, max_completion_tokens=5, n=2, temperature=0.5, top_p=0.9,
+        seed=7, presence_penalty=0.5, frequency_penalty=-0.5, stop="x", logprobs=True, top_logprobs=3, user="u1",
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True, "min_tokens": 2,
+                    "stop_token_ids": [9], "cache_salt": "tenant-a", "skip_special_tokens": False,
+                    "include_stop_str_in_output": True})
+    _, _, sampling, salt = backend.requests[-1]
+    assert sampling == SamplingSpec(
+        n=2, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=7, presence_penalty=0.5,
+        frequency_penalty=-0.5, repetition_penalty=1.2, stop=["x"], stop_token_ids=[9],
+        include_stop_str_in_output=True, ignore_eos=True, max_tokens=5, min_tokens=2, logprobs=3,
+        skip_special_tokens=False)
+    assert salt == "tenant-a"
+
+
+def test_defaults_reach_the_backend(client, served):
+    _, backend, _ = served
+    client.chat.completions.create(model=MODEL, messages=CHAT)
+    sampling = backend.requests[-1][2]
+    assert sampling == SamplingSpec(max_tokens=None)  # None: the backend fills the context left
+    client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True)
+    assert backend.requests[-1][2].logprobs == 0
+
+
+def test_chat_logprobs_and_n(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=3, logprobs=True,
+                                           top_logprobs=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        assert choice.message.content == _word(choice.index) * 2
+        [first, second] = choice.logprobs.content
+        assert (first.token, first.logprob, first.bytes) == (_word(choice.index), -0.5,
+                                                             list(_word(choice.index).encode()))
+        assert [(t.token, t.logprob) for t in first.top_logprobs] == [(" alt0", -1.0), (" alt1", -2.0)]
+        assert first.top_logprobs[0].bytes == list(b" alt0")
+    assert reply.usage.completion_tokens == 6
+
+
+def test_stop_token(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
+                                           extra_body={"stop_token_ids": [STOP_TOKEN_ID]})
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == _word(0) * 2
+    assert reply.usage.completion_tokens == 3
+
+
+def test_completions_token_ids_and_logprobs(client, served):
+    _, backend, _ = served
+    reply = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, logprobs=1, stop=[STOP_WORD])
+    assert reply.id.startswith("cmpl-") and reply.object == "text_completion"
+    [choice] = reply.choices
+    assert choice.text == _word(0) * 2 and choice.finish_reason == "stop"
+    assert backend.requests[-1][1] == [5, 6, 7]
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [_word(0), _word(0), ""]
+    assert logprobs.token_logprobs == [-0.5, -0.5, -0.5]
+    assert logprobs.top_logprobs[0] == {_word(0): -0.5, " alt0": -1.0}
+    assert logprobs.text_offset == [0, 3, 6]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 3)
+
+
+def test_completions_batch(client, served, hf_tokenizer):
+    _, backend, _ = served
+    reply = client.completions.create(model=MODEL, prompt=["one two", "three"], max_tokens=2, n=2)
+    assert [(c.index, c.text) for c in reply.choices] == [(0, _word(0) * 2), (1, _word(1) * 2),
+                                                          (2, _word(0) * 2), (3, _word(1) * 2)]
+    prompts = {request_id: prompt for request_id, prompt, _, _ in backend.requests[-2:]}
+    assert prompts == {f"{reply.id}-0": hf_tokenizer.encode("one two"), f"{reply.id}-1": hf_tokenizer.encode("three")}
+    assert reply.usage.prompt_tokens == sum(len(p) for p in prompts.values())
+    assert reply.usage.completion_tokens == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming
+
+
+def _chunk_header(chunk: dict, obj: str) -> tuple:
+    return chunk["object"] == obj, chunk["model"] == MODEL, isinstance(chunk["created"], int)
+
+
+def test_chat_stream_shape(http):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert all(_chunk_header(c, "chat.completion.chunk") == (True, True, True) for c in chunks)
+    choices = [c["choices"] for c in chunks[:-1]]
+    assert choices == [
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "delta": {"content": _word(0)}, "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "delta": {"content": _word(0)}, "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+    ]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
+    assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + 2
+
+
+def test_completion_stream_shape_without_usage(http):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert all(_chunk_header(c, "text_completion") == (True, True, True) for c in chunks)
+    assert all("usage" not in c for c in chunks)
+    assert [c["choices"] for c in chunks] == [
+        [{"index": 0, "text": _word(0), "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "text": _word(0), "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}],
+    ]
+
+
+def test_completion_stream_logprobs_offsets(http):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "stream": True, "logprobs": 0}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        chunks = sse_payloads(response)[:-1]
+    offsets = [c["choices"][0]["logprobs"]["text_offset"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert offsets == [[0], [3]]
+
+
+def test_async_client_stream_n_and_usage(served):
+    asyncio.run(_async_client_stream_n_and_usage(served[2]))
+
+
+async def _async_client_stream_n_and_usage(base_url: str) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0) as client:
+        stream = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, n=2, stream=True,
+                                                      stream_options={"include_usage": True}, logprobs=True)
+        texts, finish, roles, usage, logprob_tokens = {0: "", 1: ""}, {}, [], None, 0
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+                assert chunk.choices == []
+            for choice in chunk.choices:
+                if choice.delta.role:
+                    roles.append(choice.index)
+                texts[choice.index] += choice.delta.content or ""
+                if choice.finish_reason:
+                    finish[choice.index] = choice.finish_reason
+                if choice.logprobs:
+                    logprob_tokens += len(choice.logprobs.content)
+    assert roles == [0, 1]
+    assert texts == {0: _word(0) * 3, 1: _word(1) * 3}
+    assert finish == {0: "length", 1: "length"}
+    assert usage.completion_tokens == 6 and logprob_tokens == 6
+
+
+def test_sync_client_completion_stream(client):
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="hi", max_tokens=4, stream=True) if c.choices)
+    assert text == _word(0) * 4
+
+
+def test_error_mid_stream(served, http, client):
+    _, backend, _ = served
+    backend.fail_after_steps = 2
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 5, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    assert payloads[-2] == {"error": {"message": "The server had an error while processing your request.",
+                                      "type": "server_error", "param": None, "code": None}}
+    assert [c["choices"][0]["delta"] for c in payloads[:-2]] == [{"role": "assistant", "content": ""},
+                                                                {"content": _word(0)}, {"content": _word(0)}]
+    backend.mid_stream_error = RequestFailed(RequestError(request_id="x", message="worker lost", type="server_error",
+                                                          status=503))
+    with pytest.raises(openai.APIError, match="worker lost"):
+        for _ in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, stream=True):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors through the client's own exception classes
+
+
+def test_client_exceptions(client, served):
+    _, backend, base_url = served
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=CHAT, temperature=3)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=CHAT)
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+    wrong_key = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong_key.models.list()
+    backend.fail_with = RequestError(request_id="x", message="no decode worker", type="server_error", status=503)
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        client.chat.completions.create(model=MODEL, messages=CHAT, stream=True)
+    assert unavailable.value.status_code == 503
+    backend.fail_with = RequestError(request_id="x", message="bad salt", param="cache_salt", status=400)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="hi")
+    assert refused.value.body["param"] == "cache_salt"
+    backend.fail_with, backend.fail_after_steps = None, 0  # the backend breaks: still the OpenAI shape
+    with pytest.raises(openai.InternalServerError) as crashed:
+        client.chat.completions.create(model=MODEL, messages=CHAT)
+    assert crashed.value.status_code == 500 and crashed.value.body["type"] == "server_error"
+    assert not backend.aborted or all(r.startswith(("chatcmpl-", "cmpl-")) for r in backend.aborted)
+
+
+def test_not_ready(client, served, http):
+    _, backend, _ = served
+    backend.ready = False
+    assert http.get("/ready").status_code == 503
+    assert http.get("/health").status_code == 200
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        client.chat.completions.create(model=MODEL, messages=CHAT)
+    assert unavailable.value.status_code == 503
+    assert unavailable.value.response.headers["retry-after"] == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Disconnects, admission, limits
+
+
+def test_disconnect_mid_stream_aborts(served, http):
+    app, backend, _ = served
+    backend.token_delay_s = 0.02
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        while not next(lines).startswith('data: {"id"'):
+            pass
+        assert app.state.admission.num_in_flight == 1
+    request_id = backend.requests[-1][0]
+    wait_until(lambda: request_id in backend.aborted)
+    wait_until(lambda: counters_are_zero(app))
+
+
+def test_disconnect_while_waiting_aborts(served, http):
+    app, backend, _ = served
+    backend.token_delay_s = 0.02
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 200}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body, timeout=0.3)
+    request_id = backend.requests[-1][0]
+    wait_until(lambda: request_id in backend.aborted)
+    wait_until(lambda: counters_are_zero(app))
+    # also before the first token of a stream
+    backend.token_delay_s = 5.0
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json={**body, "stream": True}, timeout=0.3)
+    request_id = backend.requests[-1][0]
+    wait_until(lambda: request_id in backend.aborted)
+    wait_until(lambda: counters_are_zero(app))
+
+
+@pytest.fixture
+def tiny_limits(hf_tokenizer):
+    backend = FakeBackend(hf_tokenizer)
+    config = GatewayConfig(served_model_name=MODEL, max_queued_requests=1, max_queued_tokens=40, retry_after_s=3,
+                           max_body_bytes=2000)
+    app = create_app(config, backend)
+    with running_server(app) as base_url:
+        yield app, backend, base_url
+        wait_until(lambda: counters_are_zero(app))
+
+
+def test_admission_429(tiny_limits):
+    asyncio.run(_admission_429(*tiny_limits))
+
+
+async def _admission_429(app, backend, base_url) -> None:
+    backend.token_delay_s = 0.3  # the first token takes a while: requests stay queued
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
+        first = asyncio.create_task(client.completions.create(model=MODEL, prompt=[1] * 30, max_tokens=2))
+        while app.state.admission.num_queued_requests == 0:
+            await asyncio.sleep(0.005)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+        assert refused.value.response.headers["retry-after"] == "3"
+        assert refused.value.body["type"] == "rate_limit_error"
+        assert (await first).choices[0].text == _word(0) * 2
+    assert counters_are_zero(app)
+    metrics = httpx.get(f"{base_url}/metrics").text
+    assert 'tristage:admission_rejections_total{model_name="fake-model",reason="requests"} 1.0' in metrics
+
+
+def test_admission_429_on_tokens(tiny_limits):
+    asyncio.run(_admission_429_on_tokens(*tiny_limits))
+
+
+async def _admission_429_on_tokens(app, backend, base_url) -> None:
+    app.state.admission.max_queued_requests = 10
+    backend.token_delay_s = 0.3
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
+        first = asyncio.create_task(client.completions.create(model=MODEL, prompt=[1] * 30, max_tokens=1))
+        while app.state.admission.num_queued_tokens == 0:
+            await asyncio.sleep(0.005)
+        with pytest.raises(openai.RateLimitError):
+            await client.completions.create(model=MODEL, prompt=[1] * 20, max_tokens=1)
+        await first
+    # alone, a prompt above the whole token budget is still served
+    reply = await asyncio.to_thread(httpx.post, f"{base_url}/v1/completions",
+                                    json={"model": MODEL, "prompt": [1] * 50, "max_tokens": 1})
+    assert reply.status_code == 200
+
+
+def test_body_limit_streamed_without_length(tiny_limits):
+    _, _, base_url = tiny_limits
+
+    def body():
+        yield b'{"model": "fake-model", "prompt": "'
+        for _ in range(30):
+            yield b"x" * 100
+        yield b'"}'
+
+    reply = httpx.post(f"{base_url}/v1/completions", content=body(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in reply.request.headers
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+
+
+def test_metrics(served, client, http):
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)
+    text = http.get("/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "tristage:gateway_requests_in_flight",
+                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+        assert name in text, name
+    assert 'vllm:request_success_total{finished_reason="length",model_name="fake-model"}' in text
+    labels = 'model_name="fake-model",stage="decode",worker="decode-0"'
+    assert f"vllm:prefix_cache_hits_total{{{labels}}} 40.0" in text
+    assert f"vllm:kv_cache_usage_perc{{{labels}}} 0.25" in text
+    assert 'tristage:gateway_requests_in_flight{model_name="fake-model"} 0.0' in text
