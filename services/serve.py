@@ -9,9 +9,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -112,6 +115,20 @@ class _DrainingServer(uvicorn.Server):
         self._backend = backend
         self._drain_timeout_s = drain_timeout_s
         self._drain_task: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """Install the drain handler for SIGINT/SIGTERM; unlike uvicorn's, do not re-raise the signal after a
+        clean drain, so `tristage serve` exits 0 once everything it started has stopped."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig, frame) -> None:
         if self._drain_task is None:

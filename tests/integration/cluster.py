@@ -1,0 +1,84 @@
+"""Start a real `tristage serve` in a subprocess on loopback, and check it leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`tristage serve ...` in its own session (so every process it starts can be found afterwards)."""
+
+    def __init__(self, *args: str, cache_dir: Path, env: dict | None = None, startup_timeout_s: float = 240) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *args]
+        full_env = {**os.environ, "TRISTAGE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=full_env, start_new_session=True)
+        self.sid = self.proc.pid
+        self.log: list[str] = []
+        ready = threading.Event()
+        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
+        if not ready.wait(startup_timeout_s):
+            self.stop(signal.SIGKILL)
+            raise RuntimeError("tristage serve did not become ready:\n" + "".join(self.log[-60:]))
+
+    def _read(self, ready: threading.Event) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+            if re.search(r"tristage is serving .* at http", line):
+                ready.set()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.sid, signal.SIGKILL)
+            self.proc.wait(10)
+            raise
+
+    def leftover_processes(self) -> list[str]:
+        """Processes still alive in the server's session (Ray's included), after waiting a little for exits."""
+        deadline = time.monotonic() + 20
+        while True:
+            left = _processes_in_session(self.sid)
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.sid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _processes_in_session(sid: int) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == sid:
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+                if state != "Z":
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except (OSError, ProcessLookupError):
+            continue
+    return found
