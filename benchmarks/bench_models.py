@@ -1,0 +1,55 @@
+"""Model directories for benchmarks: real architecture configs, random weights, a tokenizer that covers the vocab.
+
+Weights are never read (`--load-format dummy`). The tokenizer is a word-level one with one word per id
+(" aaaa", " aaab", ...: four letters after a space, byte-level like GPT-2's), so every token of a random
+output decodes to visible text and N words encode to exactly N tokens (prompts of exact lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+# Llama-3.1-8B's published shapes.
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "bos_token_id": 128253, "eos_token_id": 128254, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "rope_theta": 500000.0,
+}
+TINY = {**LLAMA_31_8B, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192,
+        "bos_token_id": 1021, "eos_token_id": 1022}
+
+
+def write_model_dir(config: dict, path: str | None = None) -> str:
+    """config.json plus a word-level tokenizer covering the whole vocab (ids vocab-3.. are <s>, </s>, <pad>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(path or tempfile.mkdtemp(prefix="bench-model-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    size = config["vocab_size"]
+    vocab = {"\u0120" + _word(i): i for i in range(size - 3)}  # \u0120 is byte-level BPE's space
+    vocab.update({"<s>": size - 3, "</s>": size - 2, "<pad>": size - 1})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant {% endif %}")
+    fast.save_pretrained(out)
+    return str(out)
+
+
+def _word(index: int) -> str:
+    letters = []
+    for _ in range(4):
+        index, digit = divmod(index, 26)
+        letters.append(chr(ord("a") + digit))
+    return "".join(reversed(letters))

@@ -1,0 +1,172 @@
+"""What the gateway, Ray and ZeroMQ add: TTFT and inter-token latency through HTTP against the
+offline engine, same GPU, same model, same engine settings, same workload.
+
+    offline  LLMEngine in this process: C requests added at once, stepped to completion; a request's
+             TTFT is the time from adding it to its first delta, its ITLs the gaps between deltas
+    http     `tristage serve` in a subprocess, C streaming /v1/completions requests sent at once by
+             tristage-loadgen (prompts as token ids, fixed output length); times taken at the client
+
+Each concurrency C runs `rounds` times; figures are means over all requests. Every part is its own
+process, so the two engines never share the GPU:
+
+    python benchmarks/http_overhead.py --part offline --out results/offline.json
+    python benchmarks/http_overhead.py --part http --out results/http.json
+    python benchmarks/http_overhead.py --report results/offline.json results/http.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
+
+INPUT_TOKENS, OUTPUT_TOKENS = 512, 128
+CONCURRENCIES = (1, 32, 256)
+
+
+def rounds_for(concurrency: int) -> int:
+    return 5 if concurrency == 1 else 2
+
+
+def prompt(vocab: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(0, vocab - 3) for _ in range(INPUT_TOKENS)]
+
+
+# ------------------------------------------------------------------ offline
+
+def bench_offline(model_dir: str, vocab: int) -> dict:
+    import torch
+
+    from services.engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine(model=model_dir, load_format="dummy")
+    params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, min_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    result = {}
+    for c in CONCURRENCIES:
+        ttfts, itls = [], []
+        for r in range(rounds_for(c) + 1):  # the first round warms up
+            t_add, last, first = {}, {}, {}
+            gaps: list[float] = []
+            for i in range(c):
+                rid = f"{c}-{r}-{i}"
+                engine.add_request(rid, prompt(vocab, i), params)
+                t_add[rid] = time.perf_counter()
+            while engine.has_unfinished_requests():
+                outputs = engine.step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                for out in outputs:
+                    rid = out.request_id
+                    if rid not in first:
+                        first[rid] = now - t_add[rid]
+                    else:
+                        gaps.append(now - last[rid])
+                    last[rid] = now
+            if r > 0:
+                ttfts += list(first.values())
+                itls += gaps
+        result[str(c)] = {"ttft_mean_s": statistics.mean(ttfts), "itl_mean_s": statistics.mean(itls)}
+        print(f"offline c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
+              f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------ http
+
+def bench_http(model_dir: str, out_dir: str) -> dict:
+    port = 8765
+    serve = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", model_dir, "--load-format",
+                              "dummy", "--port", str(port), "--served-model-name", "bench"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready = threading.Event()
+    log: list[str] = []
+
+    def read() -> None:
+        for line in serve.stdout:
+            log.append(line)
+            if re.search(r"tristage is serving", line):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not ready.wait(600):
+            raise RuntimeError("serve did not start:\n" + "".join(log[-40:]))
+        result = {}
+        for c in CONCURRENCIES:
+            ttfts, itls = [], []
+            for r in range(rounds_for(c) + 1):
+                run_dir = os.path.join(out_dir, f"http_c{c}_r{r}")
+                subprocess.run([sys.executable, "-m", "loadgen", "run", "--base-url", f"http://127.0.0.1:{port}",
+                                "--model", "bench", "--endpoint", "completions", "--workload", "random",
+                                "--input-len", str(INPUT_TOKENS), "--output-len", str(OUTPUT_TOKENS),
+                                "--num-requests", str(c), "--tokenizer", model_dir, "--prompt-token-ids",
+                                "--seed", str(r), "--no-progress", "--no-plots", "--out", run_dir],
+                               check=True, stdout=subprocess.DEVNULL)
+                summary = json.loads(Path(run_dir, "summary.json").read_text())
+                if r > 0:
+                    assert summary["completed"] == c, summary
+                    ttfts.append(summary["ttft"]["mean"])
+                    itls.append(summary["itl"]["mean"])
+            result[str(c)] = {"ttft_mean_s": statistics.mean(ttfts), "itl_mean_s": statistics.mean(itls)}
+            print(f"http c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
+                  f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms", flush=True)
+        return result
+    finally:
+        serve.terminate()
+        serve.wait(120)
+
+
+# ------------------------------------------------------------------ report
+
+def report(offline: dict, http: dict) -> str:
+    lines = ["| streams | TTFT offline | TTFT http | added | ITL offline | ITL http | ratio |", "|---|---|---|---|---|---|---|"]
+    for c in (c for c in offline if c in http):
+        o, h = offline[c], http[c]
+        lines.append(f"| {c} | {o['ttft_mean_s'] * 1e3:.1f} ms | {h['ttft_mean_s'] * 1e3:.1f} ms | "
+                     f"{(h['ttft_mean_s'] - o['ttft_mean_s']) * 1e3:+.1f} ms | {o['itl_mean_s'] * 1e3:.2f} ms | "
+                     f"{h['itl_mean_s'] * 1e3:.2f} ms | {h['itl_mean_s'] / o['itl_mean_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["offline", "http"])
+    parser.add_argument("--out")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config, to check the script")
+    parser.add_argument("--report", nargs=2, metavar="JSON")
+    parser.add_argument("--concurrency", help="comma-separated stream counts (default 1,32,256)")
+    args = parser.parse_args()
+    if args.concurrency:
+        global CONCURRENCIES
+        CONCURRENCIES = tuple(int(c) for c in args.concurrency.split(","))
+    if args.report:
+        print(report(*(json.loads(Path(p).read_text()) for p in args.report)))
+        return
+    config = TINY if args.tiny else LLAMA_31_8B
+    model_dir = write_model_dir(config)
+    if args.part == "offline":
+        result = bench_offline(model_dir, config["vocab_size"])
+    else:
+        result = bench_http(model_dir, os.path.dirname(args.out or "") or tempfile.mkdtemp())
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

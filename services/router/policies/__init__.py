@@ -1,0 +1,10 @@
+"""Prefill placement policies, one per module, all behind services.router.policies.base.Policy."""
+
+from services.router.policies.base import Decision, Policy, PrefillRequest
+from services.router.policies.least_load import LeastLoad, LeastLoadConfig
+from services.router.policies.preble import Preble, PrebleConfig
+from services.router.policies.prefix_affinity import PrefixAffinity, PrefixAffinityConfig
+from services.router.policies.round_robin import RoundRobin
+
+__all__ = ["Decision", "LeastLoad", "LeastLoadConfig", "Policy", "Preble", "PrebleConfig", "PrefillRequest",
+           "PrefixAffinity", "PrefixAffinityConfig", "RoundRobin"]

@@ -1,0 +1,294 @@
+"""The router: where each request's encode, prefill and decode run.
+
+    place(request)
+      1. block hashes  the request's own (from the gateway) or hashed here from its token ids
+      2. match         PrefixIndex.match: leading blocks each prefill worker holds
+      3. decode        disaggregated: the decode worker with room and the lowest score (below)
+      4. prefill       the policy's choice among the prefill workers (colocated: those with room
+                       first), which is also the decode worker in colocated mode
+      5. encode        per image, a worker holding its embedding, else the least loaded one
+      6. account       in-flight estimates on every chosen worker, decision counters, the
+                       predicted hit kept for observe_hit
+
+Decode placement never picks a worker whose free KV blocks cannot hold the request:
+
+    need_blocks = ceil((num_prompt_tokens + expected_output_tokens) / block_size)
+    expected_output_tokens = max_tokens, or default_expected_output_tokens when not given
+    score(w)    = num_decoding(w) + decode_kv_usage_weight * kv_usage(w)      lowest wins
+
+and raises NoWorkerAvailable when none has room (the gateway answers 503 with Retry-After). In
+colocated mode one list serves both stages and decode = prefill; the policy chooses among the
+workers with room, or among all of them when none has (the engine queues the request until its
+own blocks free up, so a full colocated cluster queues rather than refuses).
+
+Hits are predicted as the engine counts them (whole blocks, never the block of the last prompt
+token): matched_tokens is the best any prefill worker offers, predicted_hit_tokens what the chosen
+one offers. observe_hit reports what the worker really reused, for the predicted-versus-observed
+hit metric.
+
+The router is a single-threaded object: one owner (the router actor, or one event loop) calls
+place, the index and load updates and the metric reads. Feed it through its parts:
+`router.index.apply(worker, seq, kv_events)`, `router.content_index.apply(...)`,
+`router.load.update(WorkerLoad(...))`.
+
+Tunables (RouterConfig; the policies' own are in their modules):
+  decode_kv_usage_weight          32.0   decode score of a full KV cache, in decoding sequences
+  default_expected_output_tokens  256    output tokens assumed when a request gives no max_tokens
+  inflight_ttl_s                  2.0    longest life of an in-flight estimate (services.router.load)
+  decode_window_s                 5.0    seconds of snapshots averaged for the decode term
+  max_pending_hit_predictions     65536  predictions kept for observe_hit (oldest dropped first)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from services.common.block_hash import MultiModalSpan, hash_request_blocks
+from services.router.index import ContentIndex, PrefixIndex
+from services.router.load import LoadView
+from services.router.policies.base import Policy, PrefillRequest
+from services.router.policies.least_load import LeastLoad, LeastLoadConfig, least_load_cost
+from services.router.policies.preble import Preble, PrebleConfig
+from services.router.policies.prefix_affinity import PrefixAffinity, PrefixAffinityConfig
+from services.router.policies.round_robin import RoundRobin
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    least_load: LeastLoadConfig = field(default_factory=LeastLoadConfig)
+    prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
+    preble: PrebleConfig = field(default_factory=PrebleConfig)
+    decode_kv_usage_weight: float = 32.0
+    default_expected_output_tokens: int = 256
+    inflight_ttl_s: float = 2.0
+    decode_window_s: float = 5.0
+    max_pending_hit_predictions: int = 65536
+
+
+POLICIES: Mapping[str, Callable[[RouterConfig], Policy]] = {
+    "round_robin": lambda config: RoundRobin(),
+    "least_load": lambda config: LeastLoad(config.least_load),
+    "prefix_affinity": lambda config: PrefixAffinity(config.prefix_affinity),
+    "preble": lambda config: Preble(config.preble),
+}
+
+
+class NoWorkerAvailable(RuntimeError):
+    """No worker can take the request now: a pool is empty, or no decode worker has KV room."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """A request to place. Give `block_hashes` (hashed by the caller, salt and images included) or `token_ids`."""
+
+    request_id: str
+    token_ids: Sequence[int] | None = None
+    block_hashes: Sequence[int] | None = None
+    num_prompt_tokens: int | None = None  # default: len(token_ids)
+    max_tokens: int | None = None
+    cache_salt: str | None = None
+    image_hashes: Sequence[str] = ()  # content hashes of the request's images, in prompt order
+    mm_spans: Sequence[MultiModalSpan] = ()  # the images' placeholder spans, to hash token_ids
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    prefill_worker: str
+    decode_worker: str
+    policy: str
+    reason: str
+    matched_tokens: int  # the longest reusable prefix on any prefill worker
+    predicted_hit_tokens: int  # the reusable prefix on prefill_worker
+    encode_workers: tuple[str, ...] = ()  # one per image_hashes entry
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    decisions: dict[tuple[str, str], int]  # (policy, reason) -> placements; encode choices as ("encode", ...)
+    num_placements: int
+    num_prompt_tokens: int  # over all placements
+    predicted_hit_tokens: int  # over all placements
+    num_observed: int  # placements whose hit was observed
+    predicted_hit_tokens_observed: int  # predictions of those placements
+    observed_hit_tokens: int  # what those placements really reused
+    load_imbalance: float  # busiest / least busy prefill worker by least_load cost, each floored at 1 token
+
+
+class Router:
+    def __init__(self, prefill_workers: Sequence[str], decode_workers: Sequence[str], policy_name: str,
+                 block_size: int, config: RouterConfig = RouterConfig(), *, encode_workers: Sequence[str] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if policy_name not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy_name!r}; choose one of {sorted(POLICIES)}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.colocated = list(prefill_workers) == list(decode_workers)
+        if not self.colocated and set(prefill_workers) & set(decode_workers):
+            raise ValueError("prefill and decode workers overlap; pass one list twice for colocated mode")
+        self.prefill_workers = list(prefill_workers)
+        self.decode_workers = list(decode_workers)
+        self.encode_workers = list(encode_workers)
+        self.block_size = block_size
+        self.config = config
+        self.policy = POLICIES[policy_name](config)
+        self.index = PrefixIndex()
+        self.content_index = ContentIndex()
+        self.load = LoadView(config.inflight_ttl_s, config.decode_window_s, clock)
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self._num_placements = 0
+        self._num_prompt_tokens = 0
+        self._predicted_hit_tokens = 0
+        self._num_observed = 0
+        self._predicted_hit_tokens_observed = 0
+        self._observed_hit_tokens = 0
+        self._pending_hits: OrderedDict[str, tuple[str, int]] = OrderedDict()  # request id -> (worker, hit tokens)
+
+    # ------------------------------------------------------------------ placement
+
+    def place(self, request: RouteRequest) -> Placement:
+        query = self._prefill_request(request)
+        need_blocks = self._kv_blocks_needed(query.num_prompt_tokens, request.max_tokens)
+        if not self.prefill_workers:
+            raise NoWorkerAvailable("no prefill worker")
+        if request.image_hashes and not self.encode_workers:
+            raise NoWorkerAvailable("the request has images and there is no encode worker")
+        index_match = self.index.match(query.block_hashes)
+        if self.colocated:
+            candidates = self._with_room(self.prefill_workers, need_blocks) or self.prefill_workers
+            decision = self.policy.choose_prefill(query, candidates, index_match, self.load)
+            decode_worker = decision.worker
+        else:
+            decode_worker = self._choose_decode(need_blocks)  # before any state changes: it may refuse
+            decision = self.policy.choose_prefill(query, self.prefill_workers, index_match, self.load)
+        encode_workers = self._choose_encoders(request)
+        predicted = query.hit_tokens(index_match.get(decision.worker, 0))
+        matched = query.hit_tokens(max((index_match.get(w, 0) for w in self.prefill_workers), default=0))
+        self._account(request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks,
+                      predicted)
+        self.decisions[self.policy.name, decision.reason] += 1
+        return Placement(decision.worker, decode_worker, self.policy.name, decision.reason, matched, predicted,
+                         encode_workers)
+
+    def _prefill_request(self, request: RouteRequest) -> PrefillRequest:
+        if request.block_hashes is not None:
+            block_hashes = request.block_hashes
+        elif request.token_ids is not None:
+            block_hashes = hash_request_blocks(request.token_ids, self.block_size, request.cache_salt,
+                                               request.mm_spans)
+        else:
+            raise ValueError(f"request {request.request_id!r} has neither token_ids nor block_hashes")
+        num_prompt_tokens = request.num_prompt_tokens
+        if num_prompt_tokens is None:
+            if request.token_ids is None:
+                raise ValueError(f"request {request.request_id!r} gives block_hashes without num_prompt_tokens")
+            num_prompt_tokens = len(request.token_ids)
+        if num_prompt_tokens < 1 or len(block_hashes) > num_prompt_tokens // self.block_size:
+            raise ValueError(f"request {request.request_id!r}: {len(block_hashes)} blocks do not fit "
+                             f"{num_prompt_tokens} prompt tokens")
+        return PrefillRequest(request.request_id, block_hashes, num_prompt_tokens, self.block_size)
+
+    def _kv_blocks_needed(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        expected_output = self.config.default_expected_output_tokens if max_tokens is None else max_tokens
+        return -(-(num_prompt_tokens + expected_output) // self.block_size)
+
+    def _with_room(self, workers: Sequence[str], need_blocks: int) -> list[str]:
+        return [w for w in workers if self.load.get(w).num_free_blocks >= need_blocks]
+
+    def _choose_decode(self, need_blocks: int) -> str:
+        best, best_score = None, 0.0
+        for worker in self.decode_workers:
+            load = self.load.get(worker)
+            if load.num_free_blocks < need_blocks:
+                continue
+            score = load.num_decoding + self.config.decode_kv_usage_weight * load.kv_usage
+            if best is None or score < best_score:
+                best, best_score = worker, score
+        if best is None:
+            raise NoWorkerAvailable(f"no decode worker has {need_blocks} free KV blocks"
+                                    if self.decode_workers else "no decode worker")
+        return best
+
+    def _choose_encoders(self, request: RouteRequest) -> tuple[str, ...]:
+        if not request.image_hashes:
+            return ()
+        chosen: dict[str, str] = {}
+        for content_hash in request.image_hashes:
+            if content_hash in chosen:
+                continue
+            holders = [w for w in self.content_index.holders(content_hash) if w in self.encode_workers]
+            pool, reason = (holders, "embedding_hit") if holders else (self.encode_workers, "least_load")
+            worker = min(pool, key=self._encode_load)
+            chosen[content_hash] = worker
+            self.load.add_inflight(request.request_id, worker, requests=1)
+            self.decisions["encode", reason] += 1
+        return tuple(chosen[h] for h in request.image_hashes)
+
+    def _encode_load(self, worker: str) -> int:
+        load = self.load.get(worker)
+        return load.num_running + load.num_waiting
+
+    def _account(self, request_id: str, num_prompt_tokens: int, prefill_worker: str, decode_worker: str,
+                 need_blocks: int, predicted_hit_tokens: int) -> None:
+        prefill_tokens = num_prompt_tokens - predicted_hit_tokens
+        if self.colocated:
+            self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1,
+                                   kv_blocks=need_blocks, decoding=1)
+        else:
+            self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1)
+            self.load.add_inflight(request_id, decode_worker, kv_blocks=need_blocks, decoding=1)
+        self._num_placements += 1
+        self._num_prompt_tokens += num_prompt_tokens
+        self._predicted_hit_tokens += predicted_hit_tokens
+        self._pending_hits[request_id] = (prefill_worker, predicted_hit_tokens)
+        if len(self._pending_hits) > self.config.max_pending_hit_predictions:
+            self._pending_hits.popitem(last=False)
+
+    # ------------------------------------------------------------------ feedback
+
+    def acknowledge(self, request_id: str, worker: str | None = None) -> None:
+        """A worker accepted the request: its next snapshot counts it (see LoadView)."""
+        self.load.acknowledge(request_id, worker)
+
+    def release(self, request_id: str) -> None:
+        """The placement was abandoned before any worker took it."""
+        self.load.release(request_id)
+        self._pending_hits.pop(request_id, None)
+
+    def observe_hit(self, request_id: str, worker: str, hit_tokens: int) -> None:
+        """What `worker` really reused of the request's prompt (its prefix-cache hit), once known.
+
+        Only a report from the prefill worker the request was placed on is compared with the prediction.
+        """
+        pending = self._pending_hits.pop(request_id, None)
+        if pending is None or pending[0] != worker:
+            return  # unknown, or run elsewhere than placed (a retry): no prediction to compare
+        predicted = pending[1]
+        self._num_observed += 1
+        self._predicted_hit_tokens_observed += predicted
+        self._observed_hit_tokens += hit_tokens
+
+    def remove_worker(self, worker: str) -> None:
+        """Forget a worker that left or died: its pools, cache entries and load."""
+        for pool in (self.prefill_workers, self.decode_workers, self.encode_workers):
+            if worker in pool:
+                pool.remove(worker)
+        self.index.remove_worker(worker)
+        self.content_index.remove_worker(worker)
+        self.load.remove_worker(worker)
+
+    # ------------------------------------------------------------------ metrics
+
+    def load_imbalance(self) -> float:
+        if not self.prefill_workers:
+            return 1.0
+        weight = self.config.least_load.running_weight
+        costs = [max(1.0, least_load_cost(self.load.get(w), weight)) for w in self.prefill_workers]
+        return max(costs) / min(costs)
+
+    def stats(self) -> RouterStats:
+        return RouterStats(dict(self.decisions), self._num_placements, self._num_prompt_tokens,
+                           self._predicted_hit_tokens, self._num_observed, self._predicted_hit_tokens_observed,
+                           self._observed_hit_tokens, self.load_imbalance())

@@ -1,0 +1,202 @@
+"""The router's prefix and embedding indexes: exact matches, holes, gaps, replays, removal."""
+
+import random
+
+from services.common.block_hash import ROOT_PARENT_HASH, hash_request_blocks
+from services.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from services.engine.kv_cache.manager import KVCacheManager
+from services.engine.request import Request
+from services.engine.sampling_params import SamplingParams
+from services.router.events import AllEmbeddingsCleared, EmbeddingRemoved, EmbeddingStored
+from services.router.index import FIRST_EVENT_SEQ, ContentIndex, PrefixIndex
+
+BLOCK = 4
+
+
+def chain(tokens, salt=None):
+    return hash_request_blocks(list(tokens), BLOCK, salt)
+
+
+def stored(hashes, parent=None):
+    """One BlockStored per block, as the engine's block pool emits them."""
+    events = []
+    for block_hash in hashes:
+        events.append(BlockStored([block_hash], parent, [0] * BLOCK, BLOCK))
+        parent = block_hash
+    return events
+
+
+def test_match_is_the_longest_fully_held_prefix_per_worker():
+    index = PrefixIndex()
+    a = chain(range(24))  # 6 blocks
+    b = chain(list(range(8)) + [99] * 16)  # shares blocks 0, 1 with a
+    assert index.apply("w0", 0, stored(a))
+    assert index.apply("w1", 0, stored(b[:4]))
+    assert index.match(a) == {"w0": 6, "w1": 2}
+    assert index.match(b) == {"w0": 2, "w1": 4}
+    assert index.match(a[:3]) == {"w0": 3, "w1": 2}
+    assert index.match(chain(range(100, 124))) == {}
+    assert index.match([]) == {}
+    assert index.holders(a[0]) == ["w0", "w1"] and index.holders(a[5]) == ["w0"]
+
+
+def test_eviction_in_the_middle_of_a_chain_stops_the_match_at_the_hole():
+    index = PrefixIndex()
+    a = chain(range(24))
+    index.apply("w0", 0, stored(a))
+    index.apply("w0", 1, [BlockRemoved([a[2]])])
+    assert index.match(a) == {"w0": 2}
+    assert index.blocks("w0") == frozenset(a) - {a[2]}  # later blocks stay stored: the worker holds them
+    index.apply("w0", 2, stored([a[2]], parent=a[1]))  # recomputed: the chain is whole again
+    assert index.match(a) == {"w0": 6}
+    index.apply("w0", 3, [BlockRemoved([a[0]])])
+    assert index.match(a) == {}
+    assert index.num_keys("w0") == 5
+
+
+def test_a_gap_is_refused_unapplied_and_a_replay_restores_the_exact_state():
+    index = PrefixIndex()
+    a, b = chain(range(16)), chain(range(50, 66))
+    assert index.apply("w0", 0, stored(a))
+    assert not index.apply("w0", 2, [BlockRemoved([a[0]])])  # batch 1 was lost
+    assert index.match(a) == {"w0": 4} and index.expected_seq("w0") == 1
+    # the worker's state after batches 1 (store b) and 2 (remove a[0]), replayed as of batch 2
+    index.replace_worker("w0", 2, [(h, p) for h, p in zip(a[1:] + b, [a[0], a[1], a[2], ROOT_PARENT_HASH, *b[:3]])])
+    reference = PrefixIndex()
+    reference.apply("w0", 0, stored(a))
+    reference.apply("w0", 1, stored(b))
+    reference.apply("w0", 2, [BlockRemoved([a[0]])])
+    assert index.blocks("w0") == reference.blocks("w0")
+    assert index.match(a) == reference.match(a) == {}
+    assert index.match(b) == reference.match(b) == {"w0": 4}
+    assert index.expected_seq("w0") == 3
+    assert not index.apply("w0", 2, [])  # a repeat is refused too
+    assert index.apply("w0", 3, [])
+
+
+def test_a_replay_is_exact_for_a_worker_whose_cache_changed_entirely():
+    index = PrefixIndex()
+    a, b = chain(range(16)), chain(range(50, 66))
+    index.apply("w0", 0, stored(a))
+    index.apply("w1", 0, stored(a))
+    index.replace_worker("w0", 7, [(h, None) for h in b[:2]])
+    assert index.match(a) == {"w1": 4}
+    assert index.match(b) == {"w0": 2}
+    assert len(index) == 6
+    index.replace_worker("w0", 8, [])
+    assert index.blocks("w0") == frozenset() and index.match(b) == {}
+
+
+def test_an_unknown_worker_must_start_at_the_first_batch():
+    index = PrefixIndex()
+    a = chain(range(8))
+    assert index.expected_seq("w9") == FIRST_EVENT_SEQ == 0
+    assert not index.apply("w9", 5, stored(a))  # the index missed its start: replay needed
+    assert index.match(a) == {} and index.workers() == []
+    assert index.apply("w9", 0, [])
+    assert index.workers() == ["w9"]
+
+
+def test_all_blocks_cleared_forgets_only_that_worker():
+    index = PrefixIndex()
+    a = chain(range(16))
+    index.apply("w0", 0, stored(a))
+    index.apply("w1", 0, stored(a[:2]))
+    index.apply("w0", 1, [AllBlocksCleared(), *stored(a[:1])])  # events apply in order within a batch
+    assert index.match(a) == {"w0": 1, "w1": 2}
+    assert index.num_keys("w0") == 1
+
+
+def test_remove_worker_forgets_it_and_its_slot_is_reused_cleanly():
+    index = PrefixIndex()
+    a = chain(range(16))
+    index.apply("w0", 0, stored(a))
+    index.apply("w1", 0, stored(a[:3]))
+    index.remove_worker("w0")
+    assert index.match(a) == {"w1": 3}
+    assert index.expected_seq("w0") == 0 and index.workers() == ["w1"]
+    index.apply("w2", 0, stored(a[:1]))  # takes w0's old slot
+    assert index.match(a) == {"w1": 3, "w2": 1}
+    index.remove_worker("w1")
+    index.remove_worker("w2")
+    assert len(index) == 0
+
+
+def test_match_agrees_with_a_plain_reference_under_random_events():
+    rng = random.Random(0)
+    prefixes = [chain([p] * 8 + list(range(32))) for p in range(6)]  # 6 chains of 10 blocks
+    index = PrefixIndex()
+    held = {f"w{i}": set() for i in range(5)}
+    seq = dict.fromkeys(held, 0)
+    for _ in range(400):
+        worker = rng.choice(list(held))
+        event = rng.random()
+        if event < 0.6:
+            hashes = rng.choice(prefixes)[: rng.randint(1, 10)]
+            events = stored(hashes)
+            held[worker] |= set(hashes)
+        elif event < 0.97:
+            gone = rng.sample(sorted(held[worker]), min(2, len(held[worker])))
+            events = [BlockRemoved(gone)]
+            held[worker] -= set(gone)
+        else:
+            events = [AllBlocksCleared()]
+            held[worker] = set()
+        assert index.apply(worker, seq[worker], events)
+        seq[worker] += 1
+        request = rng.choice(prefixes)
+        expected = {}
+        for w, blocks in held.items():
+            n = 0
+            while n < len(request) and request[n] in blocks:
+                n += 1
+            if n:
+                expected[w] = n
+        assert index.match(request) == expected
+    for w, blocks in held.items():
+        assert index.blocks(w) == frozenset(blocks)
+
+
+def test_the_engine_kv_cache_events_make_the_index_predict_its_hits():
+    kv = KVCacheManager(num_blocks=6, block_size=BLOCK)  # 5 usable
+    index = PrefixIndex()
+    seq = 0
+
+    def sync():
+        nonlocal seq
+        assert index.apply("w0", seq, kv.pool.take_events())
+        seq += 1
+
+    def request(request_id, tokens):
+        return Request(request_id, list(tokens), SamplingParams(max_tokens=4), eos_token_id=None,
+                       max_output_tokens=4)
+
+    a = request("a", range(13))  # 3 full blocks
+    kv.allocate_slots(a, 13)
+    kv.free("a")
+    sync()
+    probe = list(range(12)) + [77, 78, 79]
+    assert index.match(chain(probe)) == {"w0": 3} == {"w0": len(kv.get_computed_blocks(request("p", probe)))}
+    b = request("b", range(100, 116))  # 4 blocks: evicts from the free queue front, cached a-blocks included
+    kv.allocate_slots(b, 16)
+    sync()
+    # freed tail first, so a's blocks 2 and 1 were evicted and block 0 survives
+    assert index.match(chain(probe)) == {"w0": 1} == {"w0": len(kv.get_computed_blocks(request("p2", probe)))}
+
+
+def test_content_index_follows_events_gaps_and_replays():
+    index = ContentIndex()
+    assert index.apply("e0", 0, [EmbeddingStored(["img-a", "img-b"])])
+    assert index.apply("e1", 0, [EmbeddingStored(["img-b"])])
+    assert index.match(["img-a", "img-b", "img-c"]) == {"e0": 2, "e1": 1}
+    assert index.holders("img-b") == ["e0", "e1"]
+    assert index.apply("e0", 1, [EmbeddingRemoved(["img-b"])])
+    assert index.holders("img-b") == ["e1"]
+    assert not index.apply("e0", 3, [AllEmbeddingsCleared()])  # gap: unapplied
+    assert index.contents("e0") == frozenset({"img-a"})
+    index.replace_worker("e0", 3, ["img-c"])
+    assert index.match(["img-a", "img-c"]) == {"e0": 1}
+    assert index.apply("e0", 4, [AllEmbeddingsCleared()])
+    assert index.contents("e0") == frozenset()
+    index.remove_worker("e1")
+    assert index.holders("img-b") == [] and len(index) == 0
