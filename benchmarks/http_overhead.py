@@ -163,7 +163,7 @@ def main() -> None:
     if args.part == "offline":
         result = bench_offline(model_dir, config["vocab_size"])
     else:
-        result = bench_http(model_dir, os.path.dirname(args.out or "") or tempfile.mkdtemp())
+        result = bench_http(model_dir, tempfile.mkdtemp(prefix="http-runs-"))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
