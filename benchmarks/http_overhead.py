@@ -3,8 +3,8 @@ offline engine, same GPU, same model, same engine settings, same workload.
 
     offline  LLMEngine in this process: C requests added at once, stepped to completion; a request's
              TTFT is the time from adding it to its first delta, its ITLs the gaps between deltas
-    http     `tristage serve` in a subprocess, C streaming /v1/completions requests sent at once by
-             tristage-loadgen (prompts as token ids, fixed output length); times taken at the client
+    http     `tristage serve` in a subprocess, tristage-loadgen keeping C streaming /v1/completions
+             requests in flight (prompts as token ids, fixed output length); times taken at the client
 
 Each concurrency C runs `rounds` times; figures are means over all requests. Every part is its own
 process, so the two engines never share the GPU:
@@ -109,20 +109,21 @@ def bench_http(model_dir: str, out_dir: str) -> dict:
             raise RuntimeError("serve did not start:\n" + "".join(log[-40:]))
         result = {}
         for c in CONCURRENCIES:
-            ttfts, itls = [], []
-            for r in range(rounds_for(c) + 1):
-                run_dir = os.path.join(out_dir, f"http_c{c}_r{r}")
-                subprocess.run([sys.executable, "-m", "loadgen", "run", "--base-url", f"http://127.0.0.1:{port}",
-                                "--model", "bench", "--endpoint", "completions", "--workload", "random",
-                                "--input-len", str(INPUT_TOKENS), "--output-len", str(OUTPUT_TOKENS),
-                                "--num-requests", str(c), "--tokenizer", model_dir, "--prompt-token-ids",
-                                "--seed", str(r), "--no-progress", "--no-plots", "--out", run_dir],
-                               check=True, stdout=subprocess.DEVNULL)
-                summary = json.loads(Path(run_dir, "summary.json").read_text())
-                if r > 0:
-                    assert summary["completed"] == c, summary
-                    ttfts.append(summary["ttft"]["mean"])
-                    itls.append(summary["itl"]["mean"])
+            # one loadgen process per concurrency, a closed loop of c streams: the first wave warms the
+            # client and the server up and is dropped, as the offline part drops its first round
+            run_dir = os.path.join(out_dir, f"http_c{c}")
+            num_requests = c * (rounds_for(c) + 1)
+            subprocess.run([sys.executable, "-m", "loadgen", "run", "--base-url", f"http://127.0.0.1:{port}",
+                            "--model", "bench", "--endpoint", "completions", "--workload", "random",
+                            "--input-len", str(INPUT_TOKENS), "--output-len", str(OUTPUT_TOKENS),
+                            "--num-requests", str(num_requests), "--concurrency", str(c), "--tokenizer", model_dir,
+                            "--prompt-token-ids", "--no-progress", "--no-plots", "--out", run_dir],
+                           check=True, stdout=subprocess.DEVNULL)
+            records = [json.loads(line) for line in Path(run_dir, "results.jsonl").read_text().splitlines()]
+            measured = [r for r in records if r["index"] >= c]
+            assert len(measured) == num_requests - c and all(r["ttft_s"] is not None for r in measured)
+            ttfts = [r["ttft_s"] for r in measured]
+            itls = [gap for r in measured for gap in r["itl_s"]]
             result[str(c)] = {"ttft_mean_s": statistics.mean(ttfts), "itl_mean_s": statistics.mean(itls)}
             print(f"http c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
                   f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms", flush=True)

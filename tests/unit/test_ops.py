@@ -40,6 +40,9 @@ def randn(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
     return (torch.randn(shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
 
+MAX_ULPS = 2
+
+
 def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     """16-bit floats as integers whose difference counts units in the last place."""
     bits = x.view(torch.int16).to(torch.int32)
@@ -53,8 +56,11 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
         relative = diff / expected.double().abs().clamp_min(1e-30)
         assert relative.max().item() < FLOAT32_RELATIVE_TOLERANCE
         return
+    # A norm's float32 value may land on the other side of a 16-bit rounding boundary (variance summed in
+    # another order, GPU rsqrt): one unit off after the first rounding, at most two after the product with
+    # the weight is rounded again (seen on an H200). Everything else matches exactly.
     ulps = (ordered_bits(actual) - ordered_bits(expected)).abs()
-    assert ulps.max().item() <= 1
+    assert ulps.max().item() <= MAX_ULPS
     assert (ulps != 0).double().mean().item() <= MAX_MISMATCH_FRACTION
 
 
