@@ -1,12 +1,13 @@
 """What the gateway, Ray and ZeroMQ add: TTFT and inter-token latency through HTTP against the
 offline engine, same GPU, same model, same engine settings, same workload.
 
-    offline  LLMEngine in this process: C requests added at once, stepped to completion; a request's
-             TTFT is the time from adding it to its first delta, its ITLs the gaps between deltas
+    offline  LLMEngine in this process, a closed loop of C requests (a new one added as one finishes); a
+             request's TTFT is the time from adding it to its first delta, its ITLs the gaps between deltas
     http     `tristage serve` in a subprocess, tristage-loadgen keeping C streaming /v1/completions
              requests in flight (prompts as token ids, fixed output length); times taken at the client
 
-Each concurrency C runs `rounds` times; figures are means over all requests. Every part is its own
+Each concurrency C runs C x (rounds + 1) requests; the first C warm up and are dropped; figures are
+means over the rest. Every part is its own
 process, so the two engines never share the GPU:
 
     python benchmarks/http_overhead.py --part offline --out results/offline.json
@@ -58,29 +59,38 @@ def bench_offline(model_dir: str, vocab: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, min_tokens=OUTPUT_TOKENS, ignore_eos=True)
     result = {}
     for c in CONCURRENCIES:
+        # a closed loop of c requests, as loadgen keeps c streams in flight; the first c are warm-up
+        num_requests = c * (rounds_for(c) + 1)
+        t_add: dict[str, float] = {}
+        last: dict[str, float] = {}
         ttfts, itls = [], []
-        for r in range(rounds_for(c) + 1):  # the first round warms up
-            t_add, last, first = {}, {}, {}
-            gaps: list[float] = []
-            for i in range(c):
-                rid = f"{c}-{r}-{i}"
-                engine.add_request(rid, prompt(vocab, i), params)
-                t_add[rid] = time.perf_counter()
-            while engine.has_unfinished_requests():
-                outputs = engine.step()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                for out in outputs:
-                    rid = out.request_id
-                    if rid not in first:
-                        first[rid] = now - t_add[rid]
-                    else:
-                        gaps.append(now - last[rid])
-                    last[rid] = now
-            if r > 0:
-                ttfts += list(first.values())
-                itls += gaps
+        next_index = 0
+
+        def add_one() -> None:
+            nonlocal next_index
+            rid = f"{c}-{next_index}"
+            engine.add_request(rid, prompt(vocab, next_index), params)
+            t_add[rid] = time.perf_counter()
+            next_index += 1
+
+        for _ in range(c):
+            add_one()
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            for out in outputs:
+                rid = out.request_id
+                measured = int(rid.split("-")[1]) >= c
+                if rid not in last:
+                    if measured:
+                        ttfts.append(now - t_add[rid])
+                elif measured:
+                    itls.append(now - last[rid])
+                last[rid] = now
+                if out.finished and next_index < num_requests:
+                    add_one()
         result[str(c)] = {"ttft_mean_s": statistics.mean(ttfts), "itl_mean_s": statistics.mean(itls)}
         print(f"offline c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
               f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms", flush=True)

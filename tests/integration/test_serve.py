@@ -160,3 +160,22 @@ def test_sigterm_drains_requests_then_leaves_no_process(tmp_path):
         assert proc.leftover_processes() == []
     finally:
         proc.kill_all()
+
+
+def test_loadgen_run_against_the_real_cluster(server, tmp_path):
+    import json
+
+    from loadgen.cli import main as loadgen_main
+
+    out = tmp_path / "run"
+    code = loadgen_main(["run", "--base-url", server.base_url, "--workload", "shared-prefix", "--num-groups", "3",
+                         "--prefix-len", "40", "--suffix-len", "8", "--output-len", "6", "--num-requests", "24",
+                         "--rate", "50", "--slo", "ttft=10s,tpot=1s", "--time-limit", "120", "--no-progress",
+                         "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] == 24 and not any(summary["errors"].values())
+    for key in ("ttft", "itl", "tpot", "e2e"):
+        assert {"mean", "p50", "p90", "p99"} <= set(summary[key]) and summary[key]["mean"] > 0
+    assert summary["goodput"] > 0 and summary["output_token_throughput"] > 0
+    assert (out / "latency_cdf.png").exists()
