@@ -27,13 +27,17 @@ class MessageCodec(Generic[T]):
         self._decoder = msgspec.msgpack.Decoder(message_type)
         self.max_header_bytes = max_header_bytes
 
-    def encode(self, message: T) -> list[bytes]:
-        return [self._encoder.encode(message)]
+    def encode(self, message: T, *buffers: memoryview | bytes) -> list:
+        """The header frame, then each buffer as its own frame (sent without copying)."""
+        return [self._encoder.encode(message), *buffers]
 
-    def decode(self, frames: list[bytes] | list[memoryview]) -> T:
+    def decode(self, frames: list) -> T:
+        """The header's message (raw frames after it are the caller's to read)."""
         if not frames:
             raise DecodeError("empty message")
         header = frames[0]
+        if not isinstance(header, (bytes, memoryview)):
+            header = header.buffer  # a zmq.Frame received with copy=False
         if len(header) > self.max_header_bytes:
             raise DecodeError(f"header of {len(header)} bytes exceeds the {self.max_header_bytes}-byte limit")
         try:

@@ -6,6 +6,9 @@ request id. Nothing received from a socket is ever unpickled.
 
 Gateway -> worker:  GenerateRequest, AbortRequest
 Worker -> gateway:  OutputBatch of RequestDelta / RequestError (one batch per engine step)
+Prefill -> decode:  KVTransfer (the request and the KV layout), then KVLayers (header + one raw
+                    frame per layer group) until every layer is sent
+Decode -> prefill:  KVAck (the KV is in place, or refused: prefill may free its blocks)
 """
 
 from __future__ import annotations
@@ -37,17 +40,71 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     skip_special_tokens: bool = True
 
 
+class KVTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a prefill worker sends a request's KV: the chosen decode worker."""
+
+    worker: str
+    kv_address: str
+
+
 class GenerateRequest(msgspec.Struct, tag="generate", tag_field="kind", kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
     reply_to: str  # address of the output socket the worker streams this request's tokens to
     cache_salt: str | None = None
+    # disaggregated: the worker computes the prompt and the first token, then ships the KV here
+    kv_target: KVTarget | None = None
+    # tokens already produced elsewhere (a fallback or migration resumes after them)
+    output_token_ids: list[int] = []
     version: int = PROTOCOL_VERSION
 
 
 class AbortRequest(msgspec.Struct, tag="abort", tag_field="kind", kw_only=True):
     request_id: str
+    version: int = PROTOCOL_VERSION
+
+
+class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
+    """What both ends of a KV transfer must agree on; checked before any byte is written."""
+
+    model: str
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+class KVTransfer(msgspec.Struct, tag="kv_transfer", tag_field="kind", kw_only=True):
+    """Opens a transfer: the decode worker reserves blocks for `num_prompt_tokens` of KV."""
+
+    request_id: str
+    layout: KVLayout
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # sampled by prefill (the first token), already streamed
+    sampling: SamplingSpec
+    reply_to: str
+    ack_to: str  # the prefill worker's input address
+    cache_salt: str | None = None
+    version: int = PROTOCOL_VERSION
+
+
+class KVLayers(msgspec.Struct, tag="kv_layers", tag_field="kind", kw_only=True):
+    """Layers [layer_start, layer_end) of one request; the next frame holds
+    [layer_end - layer_start, 2, num_blocks, block_size, num_kv_heads, head_dim] in the layout's dtype."""
+
+    request_id: str
+    layer_start: int
+    layer_end: int
+    num_blocks: int
+    version: int = PROTOCOL_VERSION
+
+
+class KVAck(msgspec.Struct, tag="kv_ack", tag_field="kind", kw_only=True):
+    request_id: str
+    accepted: bool  # False: decode refused (layout mismatch, no room): it recomputes instead
+    message: str = ""
     version: int = PROTOCOL_VERSION
 
 
@@ -100,5 +157,6 @@ class OutputBatch(msgspec.Struct, tag="batch", tag_field="kind", kw_only=True):
     version: int = PROTOCOL_VERSION
 
 
-WorkerInbound = GenerateRequest | AbortRequest
+WorkerInbound = GenerateRequest | AbortRequest | KVAck
+KVInbound = KVTransfer | KVLayers
 WorkerOutbound = OutputBatch

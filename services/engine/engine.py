@@ -84,9 +84,18 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests in
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
-                    cache_salt: str | None = None, hold_kv: bool = False) -> None:
-        """Validate and queue a request. Raises InvalidRequestError before anything is allocated."""
+                    cache_salt: str | None = None, hold_kv: bool = False,
+                    output_token_ids: Sequence[int] = ()) -> None:
+        """Validate and queue a request. Raises InvalidRequestError before anything is allocated.
+
+        `output_token_ids` resumes a request whose first tokens were produced (and streamed) elsewhere:
+        it recomputes prompt plus those tokens, then continues; they are not emitted again.
+        """
         params = params or SamplingParams()
+        if output_token_ids and params.n != 1:
+            raise InvalidRequestError("a resumed request must have n == 1", param="n")
+        if output_token_ids and params.max_tokens is not None and len(output_token_ids) >= params.max_tokens:
+            raise InvalidRequestError("a resumed request has no tokens left to generate", param="max_tokens")
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_text, token_ids = self._tokenize(prompt)
@@ -98,7 +107,8 @@ class LLMEngine:
             request = Request(child_id, list(token_ids), child_params, self._primary_eos, max_output_tokens,
                               cache_salt=cache_salt, prompt_text=prompt_text,
                               generator=self._generator(child_params.seed), hold_kv=hold_kv)
-            self._track(parent, request, index)
+            child = self._track(parent, request, index)
+            self._replay_outputs(child, output_token_ids)
             self.scheduler.add(request)
         self._parents[request_id] = parent
 
@@ -145,11 +155,21 @@ class LLMEngine:
     def _primary_eos(self) -> int | None:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
-    def _track(self, parent: _Parent, request: Request, index: int) -> None:
+    def _track(self, parent: _Parent, request: Request, index: int) -> _Child:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.sampling_params)
         child = _Child(request, detok, parent, index)
         parent.children.append(child)
         self._children[request.request_id] = child
+        return child
+
+    def _replay_outputs(self, child: _Child, token_ids: Sequence[int]) -> None:
+        """Append tokens produced elsewhere without emitting them again (their text was already sent).
+
+        Stops are not checked here: whoever produced them already did, and the request was not finished.
+        """
+        child.request.output_token_ids.extend(token_ids)
+        child.detokenizer.update(list(token_ids))
+        child.detokenizer.take_delta()
 
     # ------------------------------------------------------------------ the step
 
@@ -284,10 +304,8 @@ class LLMEngine:
         if block_ids is None:
             return None
         parent = _Parent(request_id, None, list(prompt_token_ids))
-        self._track(parent, request, 0)
+        self._replay_outputs(self._track(parent, request, 0), output_token_ids)
         self._parents[request_id] = parent
-        for token_id in output_token_ids:
-            self._append_token(self._children[request_id], token_id, None)
         return block_ids
 
     def import_kv(self, request_id: str, layer_index: int, kv: torch.Tensor) -> None:

@@ -1,6 +1,15 @@
 """A worker's heartbeat: receive requests over ZeroMQ, step the engine, send token deltas back.
 
-    loop:  receive (block only when idle) -> engine.step() -> send one OutputBatch per gateway
+    loop:  receive (block only when idle) -> engine.step() -> hand off prefilled KV -> send one
+           OutputBatch per gateway
+
+Roles (one engine each; services.workers.kv_transfer moves the KV):
+  * colocated: prompt and every token.
+  * prefill: a request that names a `kv_target` runs to its first token, which streams to the
+    gateway; then its KV goes to the decode worker and its blocks are freed on the ack or lease end.
+    Requests without a target (n > 1, fallbacks) are served in full, as colocated.
+  * decode: also receives KV on its own socket; an imported request decodes from its second token on.
+    A transfer that is refused or times out is recomputed here, so the stream completes anyway.
 
 The loop owns the engine; nothing else touches it. Control-plane calls (stats, health) come from
 other threads and only read counters. Each request names the output socket (`reply_to`) of the
@@ -17,29 +26,54 @@ import logging
 import threading
 import traceback
 from collections import defaultdict
+from dataclasses import replace
 
 import zmq
 
 from services.common.channels import bind, configure
 from services.common.codec import DecodeError, MessageCodec
 from services.common.errors import InvalidRequestError
-from services.common.messages import (AbortRequest, CompletionDelta, GenerateRequest, OutputBatch, PositionLogprobs,
-                                      RequestDelta, RequestError, TokenLogprob, WorkerInbound)
+from services.common.messages import (AbortRequest, CompletionDelta, GenerateRequest, KVAck, KVTransfer,
+                                      OutputBatch, PositionLogprobs, RequestDelta, RequestError, SamplingSpec,
+                                      TokenLogprob, WorkerInbound)
 from services.engine import LLMEngine, SamplingParams
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from services.workers.kv_transfer import MAX_KV_MESSAGE_BYTES, KVReceiver, KVSender, TransferStats, engine_layout
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 50  # how long an idle loop waits for a request before checking for shutdown
 
 
+def sampling_params(spec: SamplingSpec) -> SamplingParams:
+    return SamplingParams(**{f: getattr(spec, f) for f in spec.__struct_fields__})
+
+
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, input_address: str, name: str = "worker-0") -> None:
+    def __init__(self, engine: LLMEngine, input_address: str, name: str = "worker-0", *, role: str = "colocated",
+                 kv_address: str | None = None, model_name: str = "model", kv_lease_s: float = 30.0,
+                 kv_timeout_s: float = 10.0) -> None:
         self.engine = engine
         self.name = name
+        self.role = role
         self._context = zmq.Context()
         self._input = configure(self._context.socket(zmq.PULL))
         self.input_address = bind(self._input, input_address)
+        self.transfer_stats = TransferStats()
+        layout = engine_layout(engine, model_name)
+        self._sender = KVSender(engine, self._context, layout, self.input_address, kv_lease_s, self.transfer_stats)
+        self._receiver: KVReceiver | None = None
+        self.kv_address: str | None = None
+        if role == "decode":
+            kv_socket = configure(self._context.socket(zmq.PULL), MAX_KV_MESSAGE_BYTES)
+            self.kv_address = bind(kv_socket, kv_address or input_address.rsplit(":", 1)[0] + ":0")
+            self._receiver = KVReceiver(engine, self._context, kv_socket, layout, kv_timeout_s, self.transfer_stats)
+        self._poller = zmq.Poller()
+        self._poller.register(self._input, zmq.POLLIN)
+        if self._receiver is not None:
+            self._poller.register(self._receiver.socket, zmq.POLLIN)
+        self._handoffs: dict[str, GenerateRequest] = {}  # prefill: requests whose KV goes to a decode worker
+        self._pending_forget: list[str] = []  # handed off this step: forget once their first token is sent
         self._outputs: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
         self._reply_to: dict[str, str] = {}  # request id -> reply_to
         self._num_logprobs: dict[str, int] = {}  # request id -> top logprobs asked (when asked)
@@ -53,27 +87,34 @@ class EngineWorker:
     def run(self) -> None:
         logger.info("%s serving on %s", self.name, self.input_address)
         while not self._stop.is_set():
-            errors = self._receive(block=not self.engine.has_unfinished_requests())
-            items: list[RequestDelta | RequestError] = list(errors)
+            items: list[RequestDelta | RequestError] = self._receive(block=not self._busy())
             if self.engine.has_unfinished_requests():
-                items += self._step()
+                items += self._hand_off(self._step())
+            self._sender.expire_leases()
             self._send(items)
+            for request_id in self._pending_forget:
+                self._forget(request_id)
+            self._pending_forget.clear()
         self._close()
+
+    def _busy(self) -> bool:
+        pending = self._receiver.num_pending if self._receiver is not None else 0
+        return self.engine.has_unfinished_requests() or pending > 0 or self._sender.num_leases > 0
 
     def stop(self) -> None:
         self._stop.set()
 
     # ------------------------------------------------------------------ receive
 
-    def _receive(self, block: bool) -> list[RequestError]:
-        errors = []
-        if block and not self._input.poll(IDLE_POLL_MS):
+    def _receive(self, block: bool) -> list[RequestDelta | RequestError]:
+        errors: list[RequestDelta | RequestError] = []
+        if block and not self._poller.poll(IDLE_POLL_MS):
             return errors
         while True:
             try:
                 frames = self._input.recv_multipart(flags=zmq.NOBLOCK, copy=True)
             except zmq.Again:
-                return errors
+                break
             try:
                 message = self._inbound.decode(frames)
             except DecodeError as exc:
@@ -82,22 +123,65 @@ class EngineWorker:
             error = self._handle(message)
             if error is not None:
                 errors.append(error)
+        if self._receiver is not None:
+            errors += self._receive_kv()
+        return errors
 
-    def _handle(self, message: GenerateRequest | AbortRequest) -> RequestError | None:
+    def _receive_kv(self) -> list[RequestError]:
+        assert self._receiver is not None
+        try:
+            completed, resumes = self._receiver.receive()
+        except DecodeError as exc:
+            logger.warning("%s dropped a malformed KV message: %s", self.name, exc)
+            return []
+        for transfer in completed:
+            self._track_reply(transfer.request_id, transfer.reply_to, transfer.sampling)
+        errors = []
+        for resume in resumes:  # recompute here: the stream continues after the tokens already sent
+            t = resume.transfer
+            self.transfer_stats.fallbacks += 1
+            logger.warning("%s recomputes %s: %s", self.name, t.request_id, resume.reason)
+            request = GenerateRequest(request_id=t.request_id, prompt_token_ids=t.prompt_token_ids,
+                                      sampling=t.sampling, reply_to=t.reply_to, cache_salt=t.cache_salt,
+                                      output_token_ids=t.output_token_ids)
+            error = self._handle(request)
+            if error is not None:
+                errors.append(error)
+        return errors
+
+    def _track_reply(self, request_id: str, reply_to: str, sampling: SamplingSpec) -> None:
+        self._reply_to[request_id] = reply_to
+        if sampling.logprobs is not None:
+            self._num_logprobs[request_id] = sampling.logprobs
+
+    def _handle(self, message: GenerateRequest | AbortRequest | KVAck) -> RequestError | None:
+        if isinstance(message, KVAck):
+            self._sender.on_ack(message)
+            return None
         if isinstance(message, AbortRequest):
             self.engine.abort_request(message.request_id)
+            if self._receiver is not None:
+                self._receiver.abort(message.request_id)
+            self._handoffs.pop(message.request_id, None)
             self._forget(message.request_id)
             return None
-        self._reply_to[message.request_id] = message.reply_to
-        if message.sampling.logprobs is not None:
-            self._num_logprobs[message.request_id] = message.sampling.logprobs
+        self._track_reply(message.request_id, message.reply_to, message.sampling)
         try:
-            params = SamplingParams(**{f: getattr(message.sampling, f) for f in message.sampling.__struct_fields__})
+            params = sampling_params(message.sampling)
+            hold_kv = False
+            if message.kv_target is not None and params.n == 1 and params.max_tokens != 1:
+                # prefill only: the first token here, the rest on the decode worker
+                params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+                hold_kv = True
+                self._handoffs[message.request_id] = message
             self.engine.add_request(message.request_id, message.prompt_token_ids, params,
-                                    cache_salt=message.cache_salt)
+                                    cache_salt=message.cache_salt, hold_kv=hold_kv,
+                                    output_token_ids=message.output_token_ids)
         except InvalidRequestError as exc:
+            self._handoffs.pop(message.request_id, None)
             return RequestError(request_id=message.request_id, message=exc.message, param=exc.param)
         except Exception as exc:  # a bug must not take the worker down
+            self._handoffs.pop(message.request_id, None)
             logger.error("%s could not add %s: %s", self.name, message.request_id, traceback.format_exc())
             return RequestError(request_id=message.request_id, message=f"internal error: {exc}",
                                 type="internal_error", status=500)
@@ -113,6 +197,36 @@ class EngineWorker:
             return self._fail_all(f"internal error in the engine step: {exc}")
         self.num_steps += 1
         return [to_delta(out, self._num_logprobs.get(out.request_id, 0)) for out in outputs]
+
+    def _hand_off(self, items: list[RequestDelta | RequestError]) -> list[RequestDelta | RequestError]:
+        """Prefill: a request that reached its first token streams it unfinished and ships its KV."""
+        for item in items:
+            message = self._handoffs.get(item.request_id)
+            if message is None or isinstance(item, RequestError) or not item.finished:
+                continue
+            del self._handoffs[item.request_id]
+            completion = item.completions[0]
+            if completion.finish_reason != "length":  # a real stop (EOS, stop token or string): done here
+                self.engine.release_kv(item.request_id)
+                continue
+            item.finished, completion.finish_reason = False, None
+            self._ship(message, completion.token_ids)
+            self._pending_forget.append(item.request_id)  # decode streams the rest, after this step's send
+        return items
+
+    def _ship(self, message: GenerateRequest, first_tokens: list[int]) -> None:
+        assert message.kv_target is not None
+        transfer = KVTransfer(request_id=message.request_id, layout=self._sender.layout,
+                              prompt_token_ids=message.prompt_token_ids,
+                              output_token_ids=list(message.output_token_ids) + list(first_tokens),
+                              sampling=message.sampling, reply_to=message.reply_to, ack_to=self.input_address,
+                              cache_salt=message.cache_salt)
+        try:
+            self._sender.send(transfer, message.kv_target.kv_address)
+        except Exception:  # the decode worker will time out and recompute; free our blocks now
+            logger.error("%s could not send the KV of %s: %s", self.name, message.request_id, traceback.format_exc())
+            self.transfer_stats.failures += 1
+            self.engine.release_kv(message.request_id)
 
     def _fail_all(self, message: str) -> list[RequestError]:
         errors = []
@@ -148,7 +262,12 @@ class EngineWorker:
         return socket
 
     def _close(self) -> None:
-        for socket in [self._input, *self._outputs.values()]:
+        self._sender.close()
+        sockets = [self._input, *self._outputs.values()]
+        if self._receiver is not None:
+            self._receiver.close()
+            sockets.append(self._receiver.socket)
+        for socket in sockets:
             socket.close(linger=0)
         self._context.term()
 

@@ -1,0 +1,191 @@
+"""Prefill and decode workers over real ZeroMQ sockets on loopback (no Ray): the KV moves between
+two engines, the output equals colocated output, and failed transfers fall back to recomputation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from services.common.channels import bind, configure
+from services.common.codec import MessageCodec
+from services.common.messages import (GenerateRequest, KVTarget, KVTransfer, OutputBatch, RequestError, SamplingSpec,
+                                      WorkerInbound)
+from services.engine import LLMEngine, SamplingParams
+from services.workers.engine_worker import EngineWorker
+from services.workers.kv_transfer import KVReceiver, KVSender, engine_layout
+
+ENGINE = dict(block_size=8, num_kv_blocks=96, max_num_batched_tokens=32)
+
+
+def make_engine(model_dir):
+    return LLMEngine(model=model_dir, **ENGINE)
+
+
+def colocated(model_dir, prompts, max_tokens):
+    engine = make_engine(model_dir)
+    outputs = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+    return [outputs[str(i)] for i in range(len(prompts))]
+
+
+class Cluster:
+    """One prefill worker, one decode worker, and the gateway's sockets."""
+
+    def __init__(self, model_dir, kv_timeout_s=10.0, kv_lease_s=30.0):
+        self.prefill_engine, self.decode_engine = make_engine(model_dir), make_engine(model_dir)
+        self.prefill = EngineWorker(self.prefill_engine, "tcp://127.0.0.1:0", "prefill-0", role="prefill",
+                                    kv_lease_s=kv_lease_s)
+        self.decode = EngineWorker(self.decode_engine, "tcp://127.0.0.1:0", "decode-0", role="decode",
+                                   kv_timeout_s=kv_timeout_s)
+        self.threads = [threading.Thread(target=w.run, daemon=True) for w in (self.prefill, self.decode)]
+        for t in self.threads:
+            t.start()
+        self.ctx = zmq.Context()
+        self.results = configure(self.ctx.socket(zmq.PULL))
+        self.reply_to = bind(self.results, "tcp://127.0.0.1:0")
+        self.to_prefill = configure(self.ctx.socket(zmq.PUSH))
+        self.to_prefill.connect(self.prefill.input_address)
+
+    def generate(self, prompts, max_tokens):
+        codec = MessageCodec(WorkerInbound)
+        target = KVTarget(worker="decode-0", kv_address=self.decode.kv_address)
+        for i, p in enumerate(prompts):
+            spec = SamplingSpec(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            self.to_prefill.send_multipart(codec.encode(GenerateRequest(
+                request_id=str(i), prompt_token_ids=p, sampling=spec, reply_to=self.reply_to, kv_target=target)))
+        tokens = {str(i): [] for i in range(len(prompts))}
+        done: set[str] = set()
+        outputs = MessageCodec(OutputBatch)
+        while len(done) < len(prompts):
+            assert self.results.poll(30000), "no output"
+            for item in outputs.decode(self.results.recv_multipart()).items:
+                assert not isinstance(item, RequestError), item
+                for c in item.completions:
+                    tokens[item.request_id] += c.token_ids
+                if item.finished:
+                    done.add(item.request_id)
+        return [tokens[str(i)] for i in range(len(prompts))]
+
+    def wait_idle(self, timeout_s=10.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(e.num_free_blocks() == e.num_usable_blocks() and not e.has_unfinished_requests()
+                   for e in (self.prefill_engine, self.decode_engine)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self):
+        for w in (self.prefill, self.decode):
+            w.stop()
+        for t in self.threads:
+            t.join(5)
+        self.results.close()
+        self.to_prefill.close()
+        self.ctx.term()
+
+
+def prompts_with_shared_prefix():
+    shared = list(range(100, 124))
+    return [list(range(10, 13)), shared + [5, 6, 7], shared + list(range(300, 341)), list(range(500, 517))]
+
+
+def test_disaggregated_output_equals_colocated(llama_dir):
+    prompts = prompts_with_shared_prefix()
+    cluster = Cluster(llama_dir)
+    try:
+        assert cluster.generate(prompts, max_tokens=10) == colocated(llama_dir, prompts, 10)
+        assert cluster.wait_idle(), "blocks leaked on a worker"
+        stats = cluster.prefill.transfer_stats
+        assert stats.transfers_completed == len(prompts) and stats.failures == 0
+        assert cluster.decode.transfer_stats.bytes_received == stats.bytes_sent > 0
+    finally:
+        cluster.close()
+
+
+def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir):
+    prefill, decode = make_engine(llama_dir), make_engine(llama_dir)
+    prompt = list(range(40, 77))
+    prefill.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=1), hold_kv=True)
+    while prefill.has_unfinished_requests():
+        first = [o for o in prefill.step() if o.finished]
+    ctx = zmq.Context()
+    pull = configure(ctx.socket(zmq.PULL), 2**30)
+    address = bind(pull, "tcp://127.0.0.1:0")
+    layout = engine_layout(prefill, "m")
+    sender = KVSender(prefill, ctx, layout, ack_to="tcp://127.0.0.1:1")
+    receiver = KVReceiver(decode, ctx, pull, layout)
+    transfer = KVTransfer(request_id="r", layout=layout, prompt_token_ids=prompt,
+                          output_token_ids=first[0].outputs[0].token_ids,
+                          sampling=SamplingSpec(temperature=0, max_tokens=5), reply_to="", ack_to="tcp://127.0.0.1:1")
+    try:
+        sender.send(transfer, address)
+        completed = []
+        for _ in range(100):
+            done, resumes = receiver.receive()
+            assert not resumes
+            completed += done
+            if completed:
+                break
+            time.sleep(0.02)
+        assert [t.request_id for t in completed] == ["r"]
+        for layer in range(layout.num_layers):
+            assert torch.equal(decode.export_kv("r", layer), prefill.export_kv("r", layer))
+    finally:
+        sender.close()
+        receiver.close()
+        pull.close()
+        ctx.term()
+
+
+def test_a_transfer_that_never_completes_is_recomputed_and_frees_everything(llama_dir):
+    prompts = prompts_with_shared_prefix()[:2]
+    cluster = Cluster(llama_dir, kv_timeout_s=0.5, kv_lease_s=1.0)
+    sender = cluster.prefill._sender
+    send_all = sender.send
+
+    def header_only(transfer, address):  # injected fault: the layers never leave the prefill worker
+        socket = sender._socket(address)
+        socket.send_multipart(sender._codec.encode(transfer))
+        sender._leases[transfer.request_id] = time.monotonic() + sender.lease_s
+
+    sender.send = header_only
+    try:
+        assert cluster.generate(prompts, max_tokens=8) == colocated(llama_dir, prompts, 8)
+        assert cluster.decode.transfer_stats.fallbacks == 2
+        assert cluster.wait_idle(), "blocks leaked after the fallback"
+    finally:
+        sender.send = send_all
+        cluster.close()
+
+
+@pytest.mark.parametrize("mode", ["real stop", "max_tokens 1"])
+def test_requests_that_end_at_their_first_token_never_transfer(llama_dir, mode):
+    cluster = Cluster(llama_dir)
+    try:
+        max_tokens = 1 if mode == "max_tokens 1" else 4
+        if mode == "real stop":  # greedy's first token is a stop token: the request ends on prefill
+            first = colocated(llama_dir, [list(range(60, 70))], 1)[0][0]
+            spec = SamplingSpec(temperature=0, max_tokens=max_tokens, stop_token_ids=[first])
+        else:
+            spec = SamplingSpec(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        codec = MessageCodec(WorkerInbound)
+        cluster.to_prefill.send_multipart(codec.encode(GenerateRequest(
+            request_id="x", prompt_token_ids=list(range(60, 70)), sampling=spec, reply_to=cluster.reply_to,
+            kv_target=KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address))))
+        assert cluster.results.poll(30000)
+        (delta,) = MessageCodec(OutputBatch).decode(cluster.results.recv_multipart()).items
+        assert delta.finished and len(delta.completions[0].token_ids) == 1
+        assert cluster.wait_idle()
+        assert cluster.prefill.transfer_stats.bytes_sent == 0
+    finally:
+        cluster.close()
