@@ -522,7 +522,7 @@ def test_admission_429(tiny_limits):
 
 
 async def _admission_429(app, backend, base_url) -> None:
-    backend.token_delay_s = 0.3  # the first token takes a while: requests stay queued
+    backend.token_delay_s = 2.0  # the first token takes a while: requests stay queued (even on a loaded machine)
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
         first = asyncio.create_task(client.completions.create(model=MODEL, prompt=[1] * 30, max_tokens=2))
         while app.state.admission.num_queued_requests == 0:
@@ -543,7 +543,7 @@ def test_admission_429_on_tokens(tiny_limits):
 
 async def _admission_429_on_tokens(app, backend, base_url) -> None:
     app.state.admission.max_queued_requests = 10
-    backend.token_delay_s = 0.3
+    backend.token_delay_s = 2.0  # the first request stays queued while the second arrives, even on a loaded machine
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
         first = asyncio.create_task(client.completions.create(model=MODEL, prompt=[1] * 30, max_tokens=1))
         while app.state.admission.num_queued_tokens == 0:
