@@ -64,13 +64,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from services import serve
 
-    if args.mode != "colocated":
-        print("tristage serve: --mode disaggregated is not available in this version; use --mode colocated",
-              file=sys.stderr)
-        return 2
     config = serve.ServeConfig(
         engine=engine_config_from_args(args), host=args.host, port=args.port,
-        served_model_name=args.served_model_name, replicas=args.replicas, ray_address=args.ray_address,
+        served_model_name=args.served_model_name, mode=args.mode, replicas=args.replicas,
+        num_prefill=args.prefill, num_decode=args.decode, router_policy=args.router_policy,
+        data_plane_host=args.data_plane_host, stage_resources=args.ray_address is not None,
+        ray_address=args.ray_address,
         api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
         gateway_options={"max_queued_requests": args.max_queued_requests,
                          "max_queued_tokens": args.max_queued_tokens})
@@ -94,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="API model name (default: the directory's name)")
-    srv.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"])
+    srv.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
+                     help="separate prefill and decode pools (default), or one pool doing both")
     srv.add_argument("--replicas", type=int, default=1, help="colocated engine actors")
+    srv.add_argument("--prefill", type=int, default=1, help="prefill actors (disaggregated)")
+    srv.add_argument("--decode", type=int, default=1, help="decode actors (disaggregated)")
+    srv.add_argument("--router-policy", default="preble",
+                     choices=["round_robin", "least_load", "prefix_affinity", "preble"])
+    srv.add_argument("--data-plane-host", default="127.0.0.1",
+                     help="address ZeroMQ sockets bind to; 'auto' = this Ray node's IP (multi-host)")
     srv.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     srv.add_argument("--api-key", action="append", default=None,
                      help="accepted API key (repeatable; default: $TRISTAGE_API_KEYS, else no auth)")

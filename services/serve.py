@@ -36,7 +36,12 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # default: the model directory's name
-    replicas: int = 1
+    mode: str = "disaggregated"  # or "colocated"
+    replicas: int = 1  # colocated engine actors
+    num_prefill: int = 1  # disaggregated pools
+    num_decode: int = 1
+    router_policy: str = "preble"
+    stage_resources: bool = False  # actors ask Ray for a custom resource named after their role
     ray_address: str | None = None  # join this Ray cluster instead of starting one
     data_plane_host: str = "127.0.0.1"  # where workers and gateway bind their ZeroMQ sockets
     api_keys: tuple[str, ...] = ()
@@ -61,7 +66,14 @@ def run(config: ServeConfig) -> int:
     started_ray = _start_ray(config)
     workers = []
     try:
-        workers = start_pool(engine_config, "colocated", config.replicas, bind_host=config.data_plane_host)
+        pools = {"colocated": config.replicas} if config.mode == "colocated" else {
+            "prefill": config.num_prefill, "decode": config.num_decode}
+        engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
+        for stage, count in pools.items():
+            workers += start_pool(engine_config, stage, count, bind_host=config.data_plane_host,
+                                  gpus_per_worker=gpus_per_worker, model_name=name,
+                                  stage_resources=config.stage_resources)
+        _check_layouts(workers)
         asyncio.run(_serve_http(config, workers, model_dir, name))
     finally:
         if workers:
@@ -72,11 +84,31 @@ def run(config: ServeConfig) -> int:
     return 0
 
 
+def _share_gpus(engine_config: EngineConfig, num_workers: int) -> tuple[EngineConfig, float]:
+    """One GPU per worker when there are enough; otherwise equal shares of the GPUs there are, each
+    worker sizing its KV cache from its share of the memory."""
+    if not engine_config.resolved().device.startswith("cuda"):
+        return engine_config, 0.0
+    num_gpus = int(ray.cluster_resources().get("GPU", 0))
+    if num_gpus >= num_workers or num_gpus == 0:
+        return engine_config, 1.0
+    share = num_gpus / num_workers
+    return replace(engine_config, gpu_memory_utilization=engine_config.gpu_memory_utilization * share), share
+
+
+def _check_layouts(workers) -> None:
+    """Prefill and decode must agree on what a KV block is; refuse to start otherwise."""
+    keys = ("model_dir", "block_size", "dtype", "vocab_size")
+    layouts = {tuple(w.info[k] for k in keys) for w in workers}
+    if len(layouts) > 1:
+        raise SystemExit(f"tristage serve: workers disagree on {keys}: {sorted(layouts)}")
+
+
 def _start_ray(config: ServeConfig) -> bool:
     if config.ray_address:
         ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
         return False
-    num_cpus = max(os.cpu_count() or 1, config.replicas + 1)
+    num_cpus = max(os.cpu_count() or 1, config.replicas + config.num_prefill + config.num_decode + 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
              logging_level=logging.WARNING)
     return True
@@ -90,7 +122,8 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.gateway.config import GatewayConfig
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
-    backend = ClusterBackend(workers, model_name=model_name, tokenizer=tokenizer, bind_host=config.data_plane_host)
+    backend = ClusterBackend(workers, model_name=model_name, tokenizer=tokenizer, bind_host=config.data_plane_host,
+                             router_policy=config.router_policy)
     await backend.start()
     gateway_config = GatewayConfig(served_model_name=model_name, api_keys=config.api_keys,
                                    **config.gateway_options)

@@ -85,11 +85,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
                     cache_salt: str | None = None, hold_kv: bool = False,
-                    output_token_ids: Sequence[int] = ()) -> None:
+                    output_token_ids: Sequence[int] = (), prefill_only: bool = False) -> None:
         """Validate and queue a request. Raises InvalidRequestError before anything is allocated.
 
         `output_token_ids` resumes a request whose first tokens were produced (and streamed) elsewhere:
         it recomputes prompt plus those tokens, then continues; they are not emitted again.
+        `prefill_only` (with `hold_kv`) ends the request after its next token unless a real stop ends
+        it first: its KV then goes to a decode worker (its finish_reason is "length", its text not flushed).
         """
         params = params or SamplingParams()
         if output_token_ids and params.n != 1:
@@ -106,7 +108,8 @@ class LLMEngine:
             child_params = self._child_params(params, index)
             request = Request(child_id, list(token_ids), child_params, self._primary_eos, max_output_tokens,
                               cache_salt=cache_salt, prompt_text=prompt_text,
-                              generator=self._generator(child_params.seed), hold_kv=hold_kv)
+                              generator=self._generator(child_params.seed), hold_kv=hold_kv,
+                              prefill_only=prefill_only)
             child = self._track(parent, request, index)
             self._replay_outputs(child, output_token_ids)
             self.scheduler.add(request)
@@ -207,7 +210,9 @@ class LLMEngine:
         stop_string = child.detokenizer.update([token_id])
         status = self._check_stop(request, token_id, stop_string)
         if status is not None:
-            child.detokenizer.finish()
+            handed_off = request.prefill_only and status is RequestStatus.FINISHED_LENGTH
+            if not handed_off:  # held-back text (a partial character) continues on the decode worker
+                child.detokenizer.finish()
             self.scheduler.finish(request, status)
 
     def _check_stop(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
@@ -221,7 +226,7 @@ class LLMEngine:
         if stop_string is not None:
             request.stop_reason = stop_string
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_output_tokens:
+        if request.prefill_only or request.num_output_tokens >= request.max_output_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -60,6 +60,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     # keep KV blocks after finishing, until the engine is told to release them (disaggregation)
     hold_kv: bool = False
+    # disaggregated prefill: stop after the first token unless a real stop came first; the rest of the
+    # request continues elsewhere, so its text is not flushed as if it had ended
+    prefill_only: bool = False
 
     @property
     def all_token_ids(self) -> list[int]:

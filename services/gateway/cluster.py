@@ -9,8 +9,11 @@ that does not answer is marked down: its streams end at once with a 503 error (t
 retry) and placement skips it; when Ray has restarted it, its new address is picked up and it
 serves again.
 
-Placement: the alive worker with the fewest requests in flight from this gateway (ties go round
-robin). Prefix-aware placement comes with the router.
+Placement: the global router (services.router) picks the prefill and decode workers by the chosen
+policy, from the prefix index (fed by every worker's KV events, pulled with the health check) and
+the workers' load. Colocated pools: one worker serves the whole request. Disaggregated pools: the
+prefill worker computes the prompt and the first token and ships the KV to the decode worker, which
+streams the rest to this gateway; requests with n > 1 go to a decode worker whole.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import zmq.asyncio
 
 from services.common.channels import bind, configure, tcp_address
 from services.common.codec import DecodeError, MessageCodec
-from services.common.messages import (AbortRequest, GenerateRequest, OutputBatch, RequestDelta, RequestError,
-                                      SamplingSpec, WorkerInbound)
+from services.common.messages import (AbortRequest, GenerateRequest, KVTarget, OutputBatch, RequestDelta,
+                                      RequestError, SamplingSpec, WorkerInbound)
 from services.gateway.backend import RequestFailed, WorkerSnapshot
+from services.router import Router, RouteRequest
+from services.router.load import WorkerLoad
+from services.router.router import NoWorkerAvailable
 from services.workers.pool import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -49,14 +55,15 @@ class _WorkerLink:
 
 @dataclass(eq=False)
 class _Stream:
-    link: _WorkerLink
+    links: list[_WorkerLink]  # where the request runs: [colocated] or [prefill, decode]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    hit_observed: bool = False
 
 
 class ClusterBackend:
     def __init__(self, workers: list[WorkerHandle], *, model_name: str, tokenizer, bind_host: str = "127.0.0.1",
-                 health_interval_s: float = 1.0) -> None:
+                 health_interval_s: float = 1.0, router_policy: str = "preble") -> None:
         if not workers:
             raise ValueError("a cluster needs at least one worker")
         self.model_name = model_name
@@ -67,6 +74,12 @@ class ClusterBackend:
         self._results = configure(self._context.socket(zmq.PULL))
         self.reply_to = bind(self._results, tcp_address(bind_host))
         self._links = [self._connect(w, w.address) for w in workers]
+        self._by_name = {link.handle.name: link for link in self._links}
+        self.disaggregated = any(w.stage == "prefill" for w in workers)
+        prefill = [w.name for w in workers if w.stage in ("prefill", "colocated")]
+        decode = [w.name for w in workers if w.stage in ("decode", "colocated")]
+        self.router = Router(prefill, decode, router_policy, workers[0].info["block_size"])
+        self._event_seq: dict[str, int | None] = {w.name: None for w in workers}  # next KV event batch to read
         self._streams: dict[str, _Stream] = {}
         self._inbound = MessageCodec(OutputBatch)
         self._outbound = MessageCodec(WorkerInbound)
@@ -102,47 +115,69 @@ class ClusterBackend:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
                        cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
-        link = self._place()
-        stream = _Stream(link)
+        message = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                  reply_to=self.reply_to, cache_salt=cache_salt)
+        links, message = self._place(message)
+        stream = _Stream(links)
         self._streams[request_id] = stream
-        link.in_flight.add(request_id)
+        for link in links:
+            link.in_flight.add(request_id)
         try:
-            message = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                      reply_to=self.reply_to, cache_salt=cache_salt)
-            await link.socket.send_multipart(self._outbound.encode(message))
+            await links[0].socket.send_multipart(self._outbound.encode(message))
+            self.router.acknowledge(request_id)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, RequestError):
                     stream.finished = True
                     raise RequestFailed(item)
+                if not stream.hit_observed:  # the prefill worker's real prefix-cache hit
+                    stream.hit_observed = True
+                    self.router.observe_hit(request_id, links[0].handle.name, item.num_cached_tokens)
                 stream.finished = item.finished
                 yield item
                 if item.finished:
                     return
         finally:
             self._streams.pop(request_id, None)
-            link.in_flight.discard(request_id)
-            if not stream.finished:  # the consumer went away: free the worker's blocks now
-                self._send_abort(link, request_id)
+            for link in links:
+                link.in_flight.discard(request_id)
+            if not stream.finished:  # the consumer went away: free the workers' blocks now
+                for link in links:
+                    self._send_abort(link, request_id)
+
+    def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest]:
+        """The router's choice; disaggregated n == 1 requests get the decode worker as their KV target."""
+        route = RouteRequest(request_id=message.request_id, token_ids=message.prompt_token_ids,
+                             max_tokens=message.sampling.max_tokens, cache_salt=message.cache_salt)
+        try:
+            placement = self.router.place(route)
+        except NoWorkerAvailable as exc:
+            raise RequestFailed(RequestError(request_id=message.request_id, message=f"no worker can take this "
+                                             f"request now ({exc}); retry later", type="service_unavailable",
+                                             status=503)) from exc
+        prefill, decode = self._by_name[placement.prefill_worker], self._by_name[placement.decode_worker]
+        if not (prefill.alive and decode.alive):
+            self.router.release(message.request_id)
+            raise RequestFailed(RequestError(request_id=message.request_id, message="the chosen worker is down; "
+                                             "retry later", type="service_unavailable", status=503))
+        if prefill is decode:
+            return [prefill], message
+        if message.sampling.n != 1:  # several samples of one prompt: a decode worker serves them whole
+            return [decode], message
+        kv_address = decode.handle.info.get("kv_address")
+        message.kv_target = KVTarget(worker=decode.handle.name, kv_address=kv_address)
+        return [prefill, decode], message
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            self._send_abort(stream.link, request_id)
+            for link in stream.links:
+                self._send_abort(link, request_id)
 
     def _send_abort(self, link: _WorkerLink, request_id: str) -> None:
         # NOBLOCK never waits (safe inside a closing generator); a full queue means the worker is gone anyway
         with contextlib.suppress(zmq.ZMQError):
             link.socket.send_multipart(self._outbound.encode(AbortRequest(request_id=request_id)), flags=zmq.NOBLOCK)
-
-    def _place(self) -> _WorkerLink:
-        alive = [link for link in self._links if link.alive]
-        if not alive:
-            raise RequestFailed(RequestError(request_id="", message="no worker is available; retry later",
-                                             type="service_unavailable", status=503))
-        offset = next(self._round_robin)
-        rotated = alive[offset % len(alive):] + alive[: offset % len(alive)]
-        return min(rotated, key=lambda link: len(link.in_flight))
 
     # ------------------------------------------------------------------ background tasks
 
@@ -180,7 +215,33 @@ class ClusterBackend:
             fresh = self._connect(link.handle, info["address"])
             link.socket, link.address = fresh.socket, fresh.address
             link.handle.info = info
+            self._event_seq[link.handle.name] = None  # a new process: its cache starts empty
         link.alive = True
+        await self._refresh_router(link)
+
+    async def _refresh_router(self, link: _WorkerLink) -> None:
+        """Feed the router this worker's load and the KV events it has not applied yet."""
+        name = link.handle.name
+        try:
+            stats, events = await asyncio.gather(
+                asyncio.wait_for(link.handle.actor.stats.remote(), STATS_TIMEOUT_S),
+                asyncio.wait_for(link.handle.actor.kv_events.remote(self._event_seq[name]), STATS_TIMEOUT_S))
+        except Exception:
+            return
+        self.router.load.update(WorkerLoad(
+            worker=name, stage=stats["stage"], num_running=stats["num_running"], num_waiting=stats["num_waiting"],
+            kv_usage=stats["kv_cache_usage"], num_free_blocks=stats["num_free_blocks"],
+            queued_prefill_tokens=0, num_decoding=stats["num_running"] if stats["stage"] != "prefill" else 0))
+        index = self.router.index
+        if "snapshot" in events:
+            index.replace_worker(name, events["seq"], ((h, None) for h in events["snapshot"]))
+            self._event_seq[name] = events["seq"] + 1
+            return
+        for seq, batch in events["batches"]:
+            if not index.apply(name, seq, batch):
+                self._event_seq[name] = None  # a gap: ask for a snapshot next time
+                return
+            self._event_seq[name] = seq + 1
 
     def fail_all(self, message: str) -> None:
         """End every open stream with a 503 error (shutdown after the drain timeout)."""

@@ -18,24 +18,38 @@ from services.workers.engine_worker import EngineWorker
 
 class EngineActor:
     def __init__(self, engine_config: EngineConfig, name: str, stage: str = "colocated",
-                 bind_host: str = "127.0.0.1") -> None:
+                 bind_host: str = "127.0.0.1", model_name: str = "model") -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
         self.name, self.stage = name, stage
+        if bind_host == "auto":  # reachable from other hosts: this node's address as Ray knows it
+            import ray
+
+            bind_host = ray.util.get_node_ip_address()
         self.engine = LLMEngine(engine_config)
-        self.worker = EngineWorker(self.engine, tcp_address(bind_host), name)
+        self.worker = EngineWorker(self.engine, tcp_address(bind_host), name, role=stage, model_name=model_name)
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
 
     def info(self) -> dict:
         engine = self.engine
         return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
+                "kv_address": self.worker.kv_address,
                 "model_dir": engine.model_dir, "max_model_len": engine.max_model_len,
                 "vocab_size": engine.vocab_size, "device": engine.config.device, "dtype": engine.config.dtype,
                 "block_size": engine.config.block_size, "num_kv_blocks": engine.num_usable_blocks()}
 
     def stats(self) -> dict:
+        transfer = self.worker.transfer_stats
         return {"name": self.name, "stage": self.stage, "alive": self._thread.is_alive(),
+                "num_free_blocks": self.engine.num_free_blocks(),
+                "kv_transfer_bytes_sent": transfer.bytes_sent, "kv_transfer_bytes_received": transfer.bytes_received,
+                "kv_transfer_seconds": transfer.seconds_sending, "kv_transfers": transfer.transfers_completed,
+                "kv_transfer_failures": transfer.failures, "kv_transfer_fallbacks": transfer.fallbacks,
                 **self.engine.scheduler_stats()}
+
+    def kv_events(self, next_seq: int | None) -> dict:
+        """KV cache events after batch `next_seq - 1`, or a snapshot (see services.workers.event_log)."""
+        return self.worker.kv_events.read(next_seq)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

@@ -26,7 +26,6 @@ import logging
 import threading
 import traceback
 from collections import defaultdict
-from dataclasses import replace
 
 import zmq
 
@@ -38,6 +37,7 @@ from services.common.messages import (AbortRequest, CompletionDelta, GenerateReq
                                       TokenLogprob, WorkerInbound)
 from services.engine import LLMEngine, SamplingParams
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from services.workers.event_log import KVEventLog
 from services.workers.kv_transfer import MAX_KV_MESSAGE_BYTES, KVReceiver, KVSender, TransferStats, engine_layout
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class EngineWorker:
             self._poller.register(self._receiver.socket, zmq.POLLIN)
         self._handoffs: dict[str, GenerateRequest] = {}  # prefill: requests whose KV goes to a decode worker
         self._pending_forget: list[str] = []  # handed off this step: forget once their first token is sent
+        self.kv_events = KVEventLog(engine.kv_cache.pool.cached_hashes)
         self._outputs: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
         self._reply_to: dict[str, str] = {}  # request id -> reply_to
         self._num_logprobs: dict[str, int] = {}  # request id -> top logprobs asked (when asked)
@@ -91,6 +92,7 @@ class EngineWorker:
             if self.engine.has_unfinished_requests():
                 items += self._hand_off(self._step())
             self._sender.expire_leases()
+            self.kv_events.append(self.engine.kv_cache.pool.take_events())
             self._send(items)
             for request_id in self._pending_forget:
                 self._forget(request_id)
@@ -168,15 +170,13 @@ class EngineWorker:
         self._track_reply(message.request_id, message.reply_to, message.sampling)
         try:
             params = sampling_params(message.sampling)
-            hold_kv = False
-            if message.kv_target is not None and params.n == 1 and params.max_tokens != 1:
-                # prefill only: the first token here, the rest on the decode worker
-                params = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
-                hold_kv = True
+            # prefill only: the first token here, the rest on the decode worker
+            prefill_only = message.kv_target is not None and params.n == 1 and params.max_tokens != 1
+            if prefill_only:
                 self._handoffs[message.request_id] = message
             self.engine.add_request(message.request_id, message.prompt_token_ids, params,
-                                    cache_salt=message.cache_salt, hold_kv=hold_kv,
-                                    output_token_ids=message.output_token_ids)
+                                    cache_salt=message.cache_salt, hold_kv=prefill_only,
+                                    output_token_ids=message.output_token_ids, prefill_only=prefill_only)
         except InvalidRequestError as exc:
             self._handoffs.pop(message.request_id, None)
             return RequestError(request_id=message.request_id, message=exc.message, param=exc.param)

@@ -19,7 +19,7 @@ MODEL = "tristage-tiny"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServeProcess("--replicas", "2", "--max-num-seqs", "64", "--drain-timeout", "10",
+    proc = ServeProcess("--mode", "colocated", "--replicas", "2", "--max-num-seqs", "64", "--drain-timeout", "10",
                         cache_dir=tmp_path_factory.mktemp("cache"))
     yield proc
     assert proc.stop() == 0

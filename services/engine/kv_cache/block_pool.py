@@ -106,6 +106,15 @@ class BlockPool:
         self._events.append(AllBlocksCleared())
         return True
 
+    def cached_hashes(self) -> list[int]:
+        """Every block hash findable in the cache now (a snapshot for routers that fell behind)."""
+        for _ in range(8):  # another thread may be resizing the map: retry the copy
+            try:
+                return list(self._cached)
+            except RuntimeError:
+                continue
+        return []
+
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events
