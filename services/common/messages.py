@@ -127,6 +127,9 @@ class CompletionDelta(msgspec.Struct, kw_only=True):
     index: int
     token_ids: list[int]
     text: str
+    # tokens of this completion before this delta: prefill and decode send from two sockets, so the
+    # gateway restores the order from it
+    start_index: int = 0
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: int | str | None = None
@@ -154,6 +157,7 @@ class RequestError(msgspec.Struct, tag="error", tag_field="kind", kw_only=True):
 
 class OutputBatch(msgspec.Struct, tag="batch", tag_field="kind", kw_only=True):
     items: list[RequestDelta | RequestError]
+    worker: str = ""  # the sender: after a migration the gateway ignores what a replaced worker still sends
     version: int = PROTOCOL_VERSION
 
 

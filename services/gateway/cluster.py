@@ -5,9 +5,10 @@ bound by this gateway, receives every worker's OutputBatch (each request names i
 A receive task routes each delta to the queue of its request's stream.
 
 Control plane (Ray): a health task asks every worker for `info()` each `health_interval_s`. A worker
-that does not answer is marked down: its streams end at once with a 503 error (the client may
-retry) and placement skips it; when Ray has restarted it, its new address is picked up and it
-serves again.
+that does not answer is marked down and placement skips it; each of its requests migrates to a live
+worker with the prompt plus the tokens already streamed, so the client's stream goes on where it
+stopped (n > 1 requests, which cannot resume, end with a 503 the client may retry). When Ray has
+restarted the worker, its new address is picked up and it serves again.
 
 Placement: the global router (services.router) picks the prefill and decode workers by the chosen
 policy, from the prefix index (fed by every worker's KV events, pulled with the health check) and
@@ -55,10 +56,12 @@ class _WorkerLink:
 
 @dataclass(eq=False)
 class _Stream:
+    message: GenerateRequest
     links: list[_WorkerLink]  # where the request runs: [colocated] or [prefill, decode]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
     hit_observed: bool = False
+    streamed_token_ids: list[int] = field(default_factory=list)  # what the client has (n == 1)
 
 
 class ClusterBackend:
@@ -80,6 +83,7 @@ class ClusterBackend:
         decode = [w.name for w in workers if w.stage in ("decode", "colocated")]
         self.router = Router(prefill, decode, router_policy, workers[0].info["block_size"])
         self._event_seq: dict[str, int | None] = {w.name: None for w in workers}  # next KV event batch to read
+        self.num_migrations = 0  # requests moved off a dead worker (tristage:request_migrations_total)
         self._streams: dict[str, _Stream] = {}
         self._inbound = MessageCodec(OutputBatch)
         self._outbound = MessageCodec(WorkerInbound)
@@ -118,32 +122,56 @@ class ClusterBackend:
         message = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
                                   reply_to=self.reply_to, cache_salt=cache_salt)
         links, message = self._place(message)
-        stream = _Stream(links)
+        stream = _Stream(message, links)
         self._streams[request_id] = stream
         for link in links:
             link.in_flight.add(request_id)
         try:
             await links[0].socket.send_multipart(self._outbound.encode(message))
             self.router.acknowledge(request_id)
+            pending: dict[int, RequestDelta] = {}  # n == 1 deltas that arrived ahead of their turn
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, RequestError):
                     stream.finished = True
                     raise RequestFailed(item)
-                if not stream.hit_observed:  # the prefill worker's real prefix-cache hit
-                    stream.hit_observed = True
-                    self.router.observe_hit(request_id, links[0].handle.name, item.num_cached_tokens)
-                stream.finished = item.finished
-                yield item
-                if item.finished:
-                    return
+                for delta in self._in_order(stream, pending, item):
+                    if not stream.hit_observed:  # the prefill worker's real prefix-cache hit
+                        stream.hit_observed = True
+                        self.router.observe_hit(request_id, stream.links[0].handle.name, delta.num_cached_tokens)
+                    if sampling.n == 1:
+                        for completion in delta.completions:
+                            stream.streamed_token_ids += completion.token_ids
+                    if len(stream.links) == 2 and stream.streamed_token_ids:  # prefill's part is done
+                        stream.links.pop(0).in_flight.discard(request_id)
+                    stream.finished = delta.finished
+                    yield delta
+                    if delta.finished:
+                        return
         finally:
             self._streams.pop(request_id, None)
-            for link in links:
+            for link in stream.links:
                 link.in_flight.discard(request_id)
             if not stream.finished:  # the consumer went away: free the workers' blocks now
-                for link in links:
+                for link in stream.links:
                     self._send_abort(link, request_id)
+
+    @staticmethod
+    def _in_order(stream: _Stream, pending: dict[int, RequestDelta], item: RequestDelta) -> list[RequestDelta]:
+        """The deltas now deliverable in token order (a prefill worker's first token may arrive after the
+        decode worker's next ones: they come from two sockets)."""
+        if stream.message.sampling.n != 1 or not item.completions:
+            return [item]
+        pending[item.completions[0].start_index] = item
+        ready, expected = [], len(stream.streamed_token_ids)
+        while expected in pending:
+            delta = pending.pop(expected)
+            ready.append(delta)
+            num_tokens = len(delta.completions[0].token_ids)
+            if num_tokens == 0:
+                break
+            expected += num_tokens
+        return ready
 
     def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest]:
         """The router's choice; disaggregated n == 1 requests get the decode worker as their KV target."""
@@ -191,7 +219,8 @@ class ClusterBackend:
                 continue
             for item in batch.items:
                 stream = self._streams.get(item.request_id)
-                if stream is not None:
+                # only the workers now serving the request speak for it (not one it migrated away from)
+                if stream is not None and any(link.handle.name == batch.worker for link in stream.links):
                     stream.queue.put_nowait(item)
 
     async def _health_loop(self) -> None:
@@ -206,16 +235,20 @@ class ClusterBackend:
             if link.alive:
                 logger.error("worker %s is down: %s", link.handle.name, exc)
                 link.alive = False
-                self._fail_streams(link, f"worker {link.handle.name} stopped while serving this request; retry")
+                self.router.remove_worker(link.handle.name)
+                self._event_seq[link.handle.name] = None
+                await self._migrate_streams(link)
             return
         if info["address"] != link.address:  # restarted by Ray: a new process with a new socket
             logger.info("worker %s is back at %s", link.handle.name, info["address"])
-            self._fail_streams(link, f"worker {link.handle.name} restarted while serving this request; retry")
+            await self._migrate_streams(link)
             link.socket.close(linger=0)
             fresh = self._connect(link.handle, info["address"])
             link.socket, link.address = fresh.socket, fresh.address
             link.handle.info = info
             self._event_seq[link.handle.name] = None  # a new process: its cache starts empty
+        if not link.alive:
+            self.router.add_worker(link.handle.name, link.handle.stage)
         link.alive = True
         await self._refresh_router(link)
 
@@ -242,6 +275,44 @@ class ClusterBackend:
                 self._event_seq[name] = None  # a gap: ask for a snapshot next time
                 return
             self._event_seq[name] = seq + 1
+
+    async def _migrate_streams(self, dead: _WorkerLink) -> None:
+        """Move every request the dead worker was serving to a live one, resuming after what was streamed."""
+        for request_id in list(dead.in_flight):
+            stream = self._streams.get(request_id)
+            dead.in_flight.discard(request_id)
+            if stream is None or stream.finished:
+                continue
+            for link in stream.links:  # the survivor of a prefill/decode pair drops its part
+                if link is not dead:
+                    link.in_flight.discard(request_id)
+                    self._send_abort(link, request_id)
+            target = self._resume_target(stream)
+            if target is None:
+                stream.queue.put_nowait(RequestError(
+                    request_id=request_id, type="service_unavailable", status=503,
+                    message=f"worker {dead.handle.name} stopped while serving this request; retry"))
+                continue
+            old = stream.message
+            stream.message = GenerateRequest(
+                request_id=request_id, prompt_token_ids=old.prompt_token_ids, sampling=old.sampling,
+                reply_to=self.reply_to, cache_salt=old.cache_salt,
+                output_token_ids=list(old.output_token_ids) + stream.streamed_token_ids)
+            stream.links = [target]
+            target.in_flight.add(request_id)
+            self.num_migrations += 1
+            logger.warning("request %s moves from %s to %s after %d streamed tokens", request_id, dead.handle.name,
+                           target.handle.name, len(stream.streamed_token_ids))
+            await target.socket.send_multipart(self._outbound.encode(stream.message))
+
+    def _resume_target(self, stream: _Stream) -> _WorkerLink | None:
+        """A live worker to finish the request alone: a decode or colocated one if any is up, else a
+        prefill worker (every worker runs a whole engine). None if nothing is up or it cannot resume."""
+        if stream.message.sampling.n != 1:
+            return None
+        alive = [link for link in self._links if link.alive]
+        preferred = [link for link in alive if link.handle.stage in ("decode", "colocated")] or alive
+        return min(preferred, key=lambda link: len(link.in_flight), default=None)
 
     def fail_all(self, message: str) -> None:
         """End every open stream with a 503 error (shutdown after the drain timeout)."""

@@ -270,6 +270,14 @@ class Router:
         self._predicted_hit_tokens_observed += predicted
         self._observed_hit_tokens += hit_tokens
 
+    def add_worker(self, worker: str, stage: str) -> None:
+        """A worker (re)joined: it takes placements for its stage ("colocated" serves prefill and decode)."""
+        pools = {"prefill": [self.prefill_workers], "decode": [self.decode_workers], "encode": [self.encode_workers],
+                 "colocated": [self.prefill_workers, self.decode_workers]}[stage]
+        for pool in pools:
+            if worker not in pool:
+                pool.append(worker)
+
     def remove_worker(self, worker: str) -> None:
         """Forget a worker that left or died: its pools, cache entries and load."""
         for pool in (self.prefill_workers, self.decode_workers, self.encode_workers):

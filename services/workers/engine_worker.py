@@ -73,7 +73,6 @@ class EngineWorker:
         if self._receiver is not None:
             self._poller.register(self._receiver.socket, zmq.POLLIN)
         self._handoffs: dict[str, GenerateRequest] = {}  # prefill: requests whose KV goes to a decode worker
-        self._pending_forget: list[str] = []  # handed off this step: forget once their first token is sent
         self.kv_events = KVEventLog(engine.kv_cache.pool.cached_hashes)
         self._outputs: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
         self._reply_to: dict[str, str] = {}  # request id -> reply_to
@@ -89,14 +88,15 @@ class EngineWorker:
         logger.info("%s serving on %s", self.name, self.input_address)
         while not self._stop.is_set():
             items: list[RequestDelta | RequestError] = self._receive(block=not self._busy())
+            shipments: list[tuple[GenerateRequest, list[int]]] = []
             if self.engine.has_unfinished_requests():
-                items += self._hand_off(self._step())
+                items += self._hand_off(self._step(), shipments)
             self._sender.expire_leases()
             self.kv_events.append(self.engine.kv_cache.pool.take_events())
-            self._send(items)
-            for request_id in self._pending_forget:
-                self._forget(request_id)
-            self._pending_forget.clear()
+            self._send(items)  # first tokens leave before their KV, so the gateway usually sees them first
+            for message, first_tokens in shipments:
+                self._ship(message, first_tokens)
+                self._forget(message.request_id)
         self._close()
 
     def _busy(self) -> bool:
@@ -198,8 +198,9 @@ class EngineWorker:
         self.num_steps += 1
         return [to_delta(out, self._num_logprobs.get(out.request_id, 0)) for out in outputs]
 
-    def _hand_off(self, items: list[RequestDelta | RequestError]) -> list[RequestDelta | RequestError]:
-        """Prefill: a request that reached its first token streams it unfinished and ships its KV."""
+    def _hand_off(self, items: list[RequestDelta | RequestError],
+                  shipments: list[tuple[GenerateRequest, list[int]]]) -> list[RequestDelta | RequestError]:
+        """Prefill: a request that reached its first token streams it unfinished; its KV is queued to ship."""
         for item in items:
             message = self._handoffs.get(item.request_id)
             if message is None or isinstance(item, RequestError) or not item.finished:
@@ -210,8 +211,7 @@ class EngineWorker:
                 self.engine.release_kv(item.request_id)
                 continue
             item.finished, completion.finish_reason = False, None
-            self._ship(message, completion.token_ids)
-            self._pending_forget.append(item.request_id)  # decode streams the rest, after this step's send
+            shipments.append((message, completion.token_ids))
         return items
 
     def _ship(self, message: GenerateRequest, first_tokens: list[int]) -> None:
@@ -247,7 +247,7 @@ class EngineWorker:
             if reply_to is not None:
                 by_gateway[reply_to].append(item)
         for reply_to, batch in by_gateway.items():
-            self._output(reply_to).send_multipart(self._outbound.encode(OutputBatch(items=batch)), copy=False)
+            self._output(reply_to).send_multipart(self._outbound.encode(OutputBatch(items=batch, worker=self.name)), copy=False)
 
     def _forget(self, request_id: str) -> None:
         self._reply_to.pop(request_id, None)
@@ -283,7 +283,8 @@ def _completion_delta(c: CompletionOutput, num_top: int) -> CompletionDelta:
     if c.delta_logprobs is not None:
         logprobs = [_position(token_id, entry, num_top)
                     for token_id, entry in zip(c.delta_token_ids, c.delta_logprobs)]
-    return CompletionDelta(index=c.index, token_ids=c.delta_token_ids, text=c.delta_text, logprobs=logprobs,
+    return CompletionDelta(index=c.index, token_ids=c.delta_token_ids, text=c.delta_text,
+                           start_index=len(c.token_ids) - len(c.delta_token_ids), logprobs=logprobs,
                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
 

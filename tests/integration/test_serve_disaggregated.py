@@ -59,3 +59,44 @@ def test_n_greater_than_one_is_served_whole_by_a_decode_worker(cluster):
     out = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=5, n=3, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert len(out.choices) == 3 and len({c.text for c in out.choices}) == 1
+
+
+def _actor_pid(proc, worker):
+    """The worker's process id, from its start-up line (Ray forwards actor logs to the driver, with a delay)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for line in reversed(proc.log):
+            m = re.search(rf"\(EngineActor pid=(\d+)\).*{worker} serving on", line)
+            if m:
+                return int(m.group(1))
+        time.sleep(0.2)
+    raise AssertionError(f"no pid for {worker} in the log: {[l for l in proc.log if 'serving' in l]}")
+
+
+@pytest.mark.parametrize("victim", ["decode-0", "prefill-0"])
+def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, victim):
+    import os
+    import signal
+
+    proc, cache = cluster
+    prompt = list(range(500, 530))
+    client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    parts, finish = [], None
+    for i, chunk in enumerate(stream):
+        if i == 5:
+            os.kill(_actor_pid(proc, victim), signal.SIGKILL)
+        if chunk.choices:
+            parts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+    llm = LLM(str(default_model_path(cache)))
+    expected = llm.generate({"prompt_token_ids": prompt},
+                            SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0].outputs[0].text
+    assert "".join(parts) == expected and finish == "length"
+    deadline = time.monotonic() + 60  # Ray restarts the actor; the cluster is whole again
+    while httpx.get(proc.base_url + "/ready").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    if victim == "decode-0":  # the request moved with its tokens; a prefill worker is done after the first token
+        assert re.search(rf"request \S+ moves from {victim}", "".join(proc.log))
