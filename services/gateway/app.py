@@ -124,7 +124,7 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     @app.get("/metrics")
     async def metrics_text() -> Response:
         snapshot = await _snapshot(backend, config.snapshot_timeout_s)
-        return Response(content=metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)
+        return Response(content=metrics.render(snapshot, backend.cluster_stats()), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -8,7 +8,7 @@ services.gateway.cluster.ClusterBackend (ZeroMQ to Ray worker actors).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.common.messages import RequestDelta, RequestError, SamplingSpec
@@ -34,6 +34,23 @@ class WorkerSnapshot:
     num_preemptions: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
+    # KV transfer (disaggregated workers; zero elsewhere)
+    kv_transfer_bytes: int = 0  # sent by a prefill worker
+    kv_transfer_failures: int = 0
+    kv_transfer_fallbacks: int = 0  # recomputed by a decode worker
+    kv_transfer_seconds_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound s, cumulative count)
+    kv_transfer_seconds_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    """Cluster-wide counters of the gateway's backend (router and migrations)."""
+
+    migrations: int = 0
+    decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (policy, reason) -> placements
+    predicted_hit_tokens: int = 0
+    observed_hit_tokens: int = 0
+    load_imbalance: float = 1.0
 
 
 class Backend(Protocol):
@@ -57,4 +74,8 @@ class Backend(Protocol):
 
     async def snapshot(self) -> list[WorkerSnapshot]:
         """Current per-worker gauges (for /metrics)."""
+        ...
+
+    def cluster_stats(self) -> ClusterStats:
+        """Router and migration counters (for /metrics); cheap, never blocks."""
         ...

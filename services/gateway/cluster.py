@@ -33,7 +33,7 @@ from services.common.channels import bind, configure, tcp_address
 from services.common.codec import DecodeError, MessageCodec
 from services.common.messages import (AbortRequest, GenerateRequest, KVTarget, OutputBatch, RequestDelta,
                                       RequestError, SamplingSpec, WorkerInbound)
-from services.gateway.backend import RequestFailed, WorkerSnapshot
+from services.gateway.backend import ClusterStats, RequestFailed, WorkerSnapshot
 from services.router import Router, RouteRequest
 from services.router.load import WorkerLoad
 from services.router.router import NoWorkerAvailable
@@ -343,7 +343,18 @@ class ClusterBackend:
                                   num_waiting=s["num_waiting"], kv_cache_usage=s["kv_cache_usage"],
                                   num_preemptions=s["num_preemptions"],
                                   prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"],
-                                  prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"])
+                                  prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
+                                  kv_transfer_bytes=s["kv_transfer_bytes_sent"],
+                                  kv_transfer_failures=s["kv_transfer_failures"],
+                                  kv_transfer_fallbacks=s["kv_transfer_fallbacks"],
+                                  kv_transfer_seconds_buckets=tuple(map(tuple, s["kv_transfer_seconds_buckets"])),
+                                  kv_transfer_seconds_sum=s["kv_transfer_seconds"])
 
         results = await asyncio.gather(*(one(link) for link in self._links))
         return [r for r in results if r is not None]
+
+    def cluster_stats(self) -> ClusterStats:
+        stats = self.router.stats()
+        return ClusterStats(migrations=self.num_migrations, decisions=dict(stats.decisions),
+                            predicted_hit_tokens=stats.predicted_hit_tokens,
+                            observed_hit_tokens=stats.observed_hit_tokens, load_imbalance=stats.load_imbalance)

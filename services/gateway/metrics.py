@@ -14,6 +14,12 @@ vLLM's names where the meaning matches, so existing dashboards work:
     vllm:request_success_total          counter    finished completions, by finished_reason
     vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc          per worker (gauges)
     vllm:prefix_cache_queries / _hits (tokens), vllm:num_preemptions        per worker (counters)
+    tristage:kv_transfer_bytes_total / _failures_total / _fallbacks_total     per worker (counters)
+    tristage:kv_transfer_seconds        histogram  per worker: one request's KV, first byte to last
+    tristage:request_migrations_total   counter    requests moved off a dead worker
+    tristage:router_decisions_total     counter    by policy and reason
+    tristage:router_predicted_hit_tokens_total / _observed_hit_tokens_total   counters
+    tristage:router_load_imbalance      gauge      busiest / least busy prefill worker by load cost
     tristage:admission_rejections_total counter    by reason ("requests", "tokens", "not_ready")
     tristage:gateway_requests_in_flight gauge      admitted and not yet ended
     tristage:gateway_queued_requests / _queued_prompt_tokens   gauges: waiting for their first token
@@ -24,11 +30,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.gateway.admission import AdmissionController
-from services.gateway.backend import WorkerSnapshot
+from services.gateway.backend import ClusterStats, WorkerSnapshot
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                   7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0)
@@ -46,6 +52,7 @@ class _WorkerCollector(Collector):
     def __init__(self, model_name: str) -> None:
         self._model_name = model_name
         self.snapshot: Sequence[WorkerSnapshot] = ()
+        self.cluster: ClusterStats | None = None
 
     def collect(self) -> Iterator[Metric]:
         gauges = {
@@ -64,6 +71,17 @@ class _WorkerCollector(Collector):
             "preemptions": CounterMetricFamily("vllm:num_preemptions", "Requests preempted by the worker.",
                                                labels=_WORKER_LABELS),
         }
+        counters.update(
+            transfer_bytes=CounterMetricFamily("tristage:kv_transfer_bytes", "KV bytes sent to decode workers.",
+                                               labels=_WORKER_LABELS),
+            transfer_failures=CounterMetricFamily("tristage:kv_transfer_failures",
+                                                  "KV transfers refused, timed out or unacknowledged.",
+                                                  labels=_WORKER_LABELS),
+            transfer_fallbacks=CounterMetricFamily("tristage:kv_transfer_fallbacks",
+                                                   "Requests a decode worker recomputed instead of importing KV.",
+                                                   labels=_WORKER_LABELS))
+        transfer_seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.",
+                                                 labels=_WORKER_LABELS)
         for worker in self.snapshot:
             labels = [self._model_name, worker.stage, worker.worker]
             gauges["running"].add_metric(labels, worker.num_running)
@@ -72,8 +90,41 @@ class _WorkerCollector(Collector):
             counters["queries"].add_metric(labels, worker.prefix_cache_queried_tokens)
             counters["hits"].add_metric(labels, worker.prefix_cache_hit_tokens)
             counters["preemptions"].add_metric(labels, worker.num_preemptions)
+            counters["transfer_bytes"].add_metric(labels, worker.kv_transfer_bytes)
+            counters["transfer_failures"].add_metric(labels, worker.kv_transfer_failures)
+            counters["transfer_fallbacks"].add_metric(labels, worker.kv_transfer_fallbacks)
+            if worker.kv_transfer_seconds_buckets:
+                buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.kv_transfer_seconds_buckets]
+                transfer_seconds.add_metric(labels, buckets, worker.kv_transfer_seconds_sum)
         yield from gauges.values()
         yield from counters.values()
+        yield transfer_seconds
+        yield from self._cluster_metrics()
+
+    def _cluster_metrics(self) -> Iterator[Metric]:
+        cluster = self.cluster
+        if cluster is None:
+            return
+        model = [self._model_name]
+        migrations = CounterMetricFamily("tristage:request_migrations", "Requests moved off a dead worker.",
+                                         labels=["model_name"])
+        migrations.add_metric(model, cluster.migrations)
+        decisions = CounterMetricFamily("tristage:router_decisions", "Placements by policy and reason.",
+                                        labels=["model_name", "policy", "reason"])
+        for (policy, reason), count in sorted(cluster.decisions.items()):
+            decisions.add_metric([*model, policy, reason], count)
+        predicted = CounterMetricFamily("tristage:router_predicted_hit_tokens",
+                                        "Prompt tokens the router expected the prefix cache to serve.",
+                                        labels=["model_name"])
+        predicted.add_metric(model, cluster.predicted_hit_tokens)
+        observed = CounterMetricFamily("tristage:router_observed_hit_tokens",
+                                       "Prompt tokens the prefix cache did serve (of observed placements).",
+                                       labels=["model_name"])
+        observed.add_metric(model, cluster.observed_hit_tokens)
+        imbalance = GaugeMetricFamily("tristage:router_load_imbalance",
+                                      "Busiest over least busy prefill worker, by load cost.", labels=["model_name"])
+        imbalance.add_metric(model, cluster.load_imbalance)
+        yield from (migrations, decisions, predicted, observed, imbalance)
 
 
 class GatewayMetrics:
@@ -130,10 +181,10 @@ class GatewayMetrics:
     def count_rejection(self, reason: str) -> None:
         self._rejections.labels(self._model_name, reason).inc()
 
-    def render(self, snapshot: Sequence[WorkerSnapshot]) -> bytes:
+    def render(self, snapshot: Sequence[WorkerSnapshot], cluster: ClusterStats | None = None) -> bytes:
         """The exposition text, with `snapshot` as the per-worker values. Never awaits."""
-        self._workers.snapshot = snapshot
+        self._workers.snapshot, self._workers.cluster = snapshot, cluster
         try:
             return generate_latest(self.registry)
         finally:
-            self._workers.snapshot = ()
+            self._workers.snapshot, self._workers.cluster = (), None

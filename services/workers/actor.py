@@ -44,6 +44,7 @@ class EngineActor:
                 "num_free_blocks": self.engine.num_free_blocks(),
                 "kv_transfer_bytes_sent": transfer.bytes_sent, "kv_transfer_bytes_received": transfer.bytes_received,
                 "kv_transfer_seconds": transfer.seconds_sending, "kv_transfers": transfer.transfers_completed,
+                "kv_transfer_seconds_buckets": transfer.cumulative_buckets(),
                 "kv_transfer_failures": transfer.failures, "kv_transfer_fallbacks": transfer.fallbacks,
                 **self.engine.scheduler_stats()}
 

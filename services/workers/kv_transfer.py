@@ -43,6 +43,9 @@ LAYERS_PER_MESSAGE = 4
 MAX_KV_MESSAGE_BYTES = 4 * 2**30
 
 
+TRANSFER_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass
 class TransferStats:
     """Counters a worker exports (tristage:kv_transfer_* metrics)."""
@@ -53,6 +56,21 @@ class TransferStats:
     transfers_completed: int = 0
     failures: int = 0  # refused, timed out, or lease expired
     fallbacks: int = 0  # decode recomputed the prompt instead
+    seconds_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(TRANSFER_SECONDS_BUCKETS) + 1))
+
+    def observe_seconds(self, seconds: float) -> None:
+        self.seconds_sending += seconds
+        index = next((i for i, bound in enumerate(TRANSFER_SECONDS_BUCKETS) if seconds <= bound),
+                     len(TRANSFER_SECONDS_BUCKETS))
+        self.seconds_bucket_counts[index] += 1
+
+    def cumulative_buckets(self) -> list[tuple[float, int]]:
+        """(upper bound, count at or below it), ending with +Inf, as Prometheus histograms are."""
+        total, result = 0, []
+        for bound, count in zip((*TRANSFER_SECONDS_BUCKETS, float("inf")), self.seconds_bucket_counts):
+            total += count
+            result.append((bound, total))
+        return result
 
 
 def engine_layout(engine: LLMEngine, model_name: str) -> KVLayout:
@@ -90,7 +108,7 @@ class KVSender:
                               num_blocks=group.shape[2])
             socket.send_multipart(self._codec.encode(header, memoryview(payload).cast("B")), copy=False)
             self.stats.bytes_sent += payload.nbytes
-        self.stats.seconds_sending += time.perf_counter() - start
+        self.stats.observe_seconds(time.perf_counter() - start)
         self._leases[transfer.request_id] = time.monotonic() + self.lease_s
 
     def on_ack(self, ack: KVAck) -> None:

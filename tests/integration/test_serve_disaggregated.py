@@ -100,3 +100,14 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
         time.sleep(0.5)
     if victim == "decode-0":  # the request moved with its tokens; a prefill worker is done after the first token
         assert re.search(rf"request \S+ moves from {victim}", "".join(proc.log))
+
+
+def test_metrics_show_transfers_and_router_decisions(cluster):
+    proc, _ = cluster
+    client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client.completions.create(model=MODEL, prompt=list(range(20, 60)), max_tokens=4, extra_body={"ignore_eos": True})
+    text = httpx.get(proc.base_url + "/metrics").text
+    assert metric(text, "tristage:kv_transfer_bytes_total") > 0
+    assert metric(text, "tristage:kv_transfer_seconds_count") > 0
+    assert metric(text, "tristage:router_decisions_total") > 0
+    assert "tristage:router_predicted_hit_tokens_total" in text and "tristage:request_migrations_total" in text

@@ -29,7 +29,7 @@ from services.common.messages import (
     TokenLogprob,
 )
 from services.gateway.app import create_app
-from services.gateway.backend import RequestFailed, WorkerSnapshot
+from services.gateway.backend import ClusterStats, RequestFailed, WorkerSnapshot
 from services.gateway.config import GatewayConfig
 
 MODEL = "fake-model"
@@ -102,6 +102,9 @@ class FakeBackend:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def cluster_stats(self) -> ClusterStats:
+        return ClusterStats(migrations=1, decisions={("preble", "explore"): 2})
 
     async def snapshot(self) -> list[WorkerSnapshot]:
         return [WorkerSnapshot(worker="decode-0", stage="decode", num_running=2, num_waiting=1,
@@ -584,4 +587,6 @@ def test_metrics(served, client, http):
     labels = 'model_name="fake-model",stage="decode",worker="decode-0"'
     assert f"vllm:prefix_cache_hits_total{{{labels}}} 40.0" in text
     assert f"vllm:kv_cache_usage_perc{{{labels}}} 0.25" in text
+    assert 'tristage:request_migrations_total{model_name="fake-model"} 1.0' in text
+    assert 'tristage:router_decisions_total{model_name="fake-model",policy="preble",reason="explore"} 2.0' in text
     assert 'tristage:gateway_requests_in_flight{model_name="fake-model"} 0.0' in text
