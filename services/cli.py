@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, mode=args.mode, replicas=args.replicas,
         num_prefill=args.prefill, num_decode=args.decode, router_policy=args.router_policy,
         data_plane_host=args.data_plane_host, stage_resources=args.ray_address is not None,
+        worker_metrics_port=args.worker_metrics_port,
         ray_address=args.ray_address,
         api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
         gateway_options={"max_queued_requests": args.max_queued_requests,
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--decode", type=int, default=1, help="decode actors (disaggregated)")
     srv.add_argument("--router-policy", default="preble",
                      choices=["round_robin", "least_load", "prefix_affinity", "preble"])
+    srv.add_argument("--worker-metrics-port", type=int, default=None,
+                     help="workers serve their own /metrics from this port on (the gateway then exports none of "
+                          "their series); default: the gateway exports them all")
     srv.add_argument("--data-plane-host", default="127.0.0.1",
                      help="address ZeroMQ sockets bind to; 'auto' = this Ray node's IP (multi-host)")
     srv.add_argument("--ray-address", default=None, help="join an existing Ray cluster")

@@ -42,6 +42,7 @@ class ServeConfig:
     num_decode: int = 1
     router_policy: str = "preble"
     stage_resources: bool = False  # actors ask Ray for a custom resource named after their role
+    worker_metrics_port: int | None = None  # workers serve their own /metrics from this port on
     ray_address: str | None = None  # join this Ray cluster instead of starting one
     data_plane_host: str = "127.0.0.1"  # where workers and gateway bind their ZeroMQ sockets
     api_keys: tuple[str, ...] = ()
@@ -72,7 +73,7 @@ def run(config: ServeConfig) -> int:
         for stage, count in pools.items():
             workers += start_pool(engine_config, stage, count, bind_host=config.data_plane_host,
                                   gpus_per_worker=gpus_per_worker, model_name=name,
-                                  stage_resources=config.stage_resources)
+                                  stage_resources=config.stage_resources, metrics_port=config.worker_metrics_port)
         _check_layouts(workers)
         asyncio.run(_serve_http(config, workers, model_dir, name))
     finally:
@@ -126,6 +127,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
                              router_policy=config.router_policy)
     await backend.start()
     gateway_config = GatewayConfig(served_model_name=model_name, api_keys=config.api_keys,
+                                   export_worker_metrics=config.worker_metrics_port is None,
                                    **config.gateway_options)
     app = create_app(gateway_config, backend)
     server = _DrainingServer(

@@ -123,7 +123,7 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
-        snapshot = await _snapshot(backend, config.snapshot_timeout_s)
+        snapshot = await _snapshot(backend, config.snapshot_timeout_s) if config.export_worker_metrics else []
         return Response(content=metrics.render(snapshot, backend.cluster_stats()), media_type=CONTENT_TYPE_LATEST)
 
     return app

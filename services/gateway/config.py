@@ -23,6 +23,8 @@ class GatewayConfig:
     max_prompts_per_request: int = 64  # prompts in one /v1/completions batch
     abort_timeout_s: float = 5.0  # seconds to wait for backend.abort after a client leaves
     snapshot_timeout_s: float = 2.0  # seconds /metrics waits for backend.snapshot()
+    # per-worker series on the gateway's /metrics; off when workers serve their own (no double counting)
+    export_worker_metrics: bool = True
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

@@ -1,0 +1,104 @@
+{{/* Names: <release>-tristage unless the release name already holds the chart's name. */}}
+{{- define "tristage.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* At most 40 characters: KubeRay appends "-head-svc" and group names to the cluster's name. */}}
+{{- define "tristage.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tristage.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tristage.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "tristage.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "tristage.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "tristage.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tristage.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tristage.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.model.device) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* KubeRay names the head's Service "<RayCluster name>-head-svc". */}}
+{{- define "tristage.rayHeadAddress" -}}
+{{- printf "%s-head-svc.%s.svc:6379" (include "tristage.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "tristage.apiKeysSecretName" -}}
+{{- if .Values.apiKeys.existingSecret }}
+{{- .Values.apiKeys.existingSecret }}
+{{- else if .Values.apiKeys.keys }}
+{{- printf "%s-api-keys" (include "tristage.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Engine actors a worker group runs: pods times actors per pod. */}}
+{{- define "tristage.groupWorkers" -}}
+{{- $group := index .Values.ray.workerGroups .role }}
+{{- if $group.enabled }}{{ mul $group.replicas $group.workersPerPod }}{{ else }}0{{ end }}
+{{- end }}
+
+{{/* The pool flags of `tristage serve`, checked against the mode. */}}
+{{- define "tristage.poolArgs" -}}
+{{- $groups := .Values.ray.workerGroups }}
+{{- if eq .Values.mode "colocated" }}
+{{- if not $groups.colocated.enabled }}
+{{- fail "mode colocated needs ray.workerGroups.colocated.enabled" }}
+{{- end }}
+- --mode
+- colocated
+- --replicas
+- {{ include "tristage.groupWorkers" (dict "Values" .Values "role" "colocated") | quote }}
+{{- else }}
+{{- if not (and $groups.prefill.enabled $groups.decode.enabled) }}
+{{- fail "mode disaggregated needs ray.workerGroups.prefill.enabled and ray.workerGroups.decode.enabled" }}
+{{- end }}
+- --mode
+- disaggregated
+{{- range $role := list "encode" "prefill" "decode" }}
+{{- if (index $groups $role).enabled }}
+- --{{ $role }}
+- {{ include "tristage.groupWorkers" (dict "Values" $.Values "role" $role) | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The model volume, when one is configured. */}}
+{{- define "tristage.modelVolume" -}}
+{{- if .Values.model.volume }}
+- name: model
+{{- toYaml .Values.model.volume | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "tristage.modelVolumeMount" -}}
+{{- if .Values.model.volume }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
