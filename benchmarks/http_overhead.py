@@ -99,10 +99,10 @@ def bench_offline(model_dir: str, vocab: int) -> dict:
 
 # ------------------------------------------------------------------ http
 
-def bench_http(model_dir: str, out_dir: str) -> dict:
+def bench_http(model_dir: str, out_dir: str, mode: str = "colocated") -> dict:
     port = 8765
     serve = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", model_dir, "--load-format",
-                              "dummy", "--port", str(port), "--served-model-name", "bench"],
+                              "dummy", "--port", str(port), "--served-model-name", "bench", "--mode", mode],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ready = threading.Event()
     log: list[str] = []
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny config, to check the script")
     parser.add_argument("--report", nargs=2, metavar="JSON")
     parser.add_argument("--concurrency", help="comma-separated stream counts (default 1,32,256)")
+    parser.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"],
+                        help="the cluster's mode for the http part (colocated: the same engine, one actor)")
     args = parser.parse_args()
     if args.concurrency:
         global CONCURRENCIES
@@ -174,7 +176,7 @@ def main() -> None:
     if args.part == "offline":
         result = bench_offline(model_dir, config["vocab_size"])
     else:
-        result = bench_http(model_dir, tempfile.mkdtemp(prefix="http-runs-"))
+        result = bench_http(model_dir, tempfile.mkdtemp(prefix="http-runs-"), args.mode)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
