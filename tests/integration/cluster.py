@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -82,3 +84,19 @@ def _processes_in_session(sid: int) -> list[str]:
         except (OSError, ProcessLookupError):
             continue
     return found
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of every sample of a metric in Prometheus' text format, over its label sets."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def wait_until_idle(base_url: str, timeout_s: float = 20.0) -> None:
+    """Until /metrics shows no running request and no KV block in use on any worker."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(base_url + "/metrics").text
+        if metric(text, "vllm:num_requests_running") == 0 and metric(text, "vllm:kv_cache_usage_perc") == 0:
+            return
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.2)

@@ -10,7 +10,7 @@ import pytest
 
 from services.engine import LLM, SamplingParams
 from services.engine.default_model import default_model_path
-from tests.integration.cluster import ServeProcess
+from tests.integration.cluster import ServeProcess, metric, wait_until_idle
 
 MODEL = "tristage-tiny"
 
@@ -24,9 +24,6 @@ def cluster(tmp_path_factory):
     assert proc.stop() == 0
     assert proc.leftover_processes() == []
 
-
-def metric(text, name):
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def test_disaggregated_greedy_output_equals_colocated(cluster):
@@ -44,13 +41,7 @@ def test_disaggregated_greedy_output_equals_colocated(cluster):
         [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
     assert served == expected
     assert streamed == expected[2]
-    deadline = time.monotonic() + 20
-    while True:  # prefill frees its blocks on the decode worker's ack; decode frees at the end
-        text = httpx.get(proc.base_url + "/metrics").text
-        if metric(text, "vllm:kv_cache_usage_perc") == 0 and metric(text, "vllm:num_requests_running") == 0:
-            break
-        assert time.monotonic() < deadline, text[-1500:]
-        time.sleep(0.2)
+    wait_until_idle(proc.base_url)  # prefill frees its blocks on the decode worker's ack, decode at the end
 
 
 def test_n_greater_than_one_is_served_whole_by_a_decode_worker(cluster):
