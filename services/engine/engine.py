@@ -171,7 +171,8 @@ class LLMEngine:
         Stops are not checked here: whoever produced them already did, and the request was not finished.
         """
         child.request.output_token_ids.extend(token_ids)
-        child.detokenizer.update(list(token_ids))
+        for token_id in token_ids:  # one at a time, as they were streamed: what was held back stays held
+            child.detokenizer.update([token_id])
         child.detokenizer.take_delta()
 
     # ------------------------------------------------------------------ the step

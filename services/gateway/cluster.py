@@ -241,11 +241,11 @@ class ClusterBackend:
             return
         if info["address"] != link.address:  # restarted by Ray: a new process with a new socket
             logger.info("worker %s is back at %s", link.handle.name, info["address"])
-            await self._migrate_streams(link)
-            link.socket.close(linger=0)
+            link.socket.close(linger=0)  # reconnect first: the new process may take its own requests back
             fresh = self._connect(link.handle, info["address"])
             link.socket, link.address = fresh.socket, fresh.address
             link.handle.info = info
+            await self._migrate_streams(link)
             self._event_seq[link.handle.name] = None  # a new process: its cache starts empty
         if not link.alive:
             self.router.add_worker(link.handle.name, link.handle.stage)

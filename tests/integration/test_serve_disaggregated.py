@@ -84,7 +84,8 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
     llm = LLM(str(default_model_path(cache)))
     expected = llm.generate({"prompt_token_ids": prompt},
                             SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0].outputs[0].text
-    assert "".join(parts) == expected and finish == "length"
+    events = [line for line in proc.log if re.search(r"moves from|is down|is back|recomputes", line)]
+    assert "".join(parts) == expected and finish == "length", events
     deadline = time.monotonic() + 60  # Ray restarts the actor; the cluster is whole again
     while httpx.get(proc.base_url + "/ready").status_code != 200:
         assert time.monotonic() < deadline

@@ -203,3 +203,25 @@ def test_import_refused_when_the_cache_is_full_and_mismatched_kv_rejected(llama_
     assert decode.abort_request("ok")
     run_to_end(decode)
     assert_idle(decode)
+
+
+@pytest.mark.parametrize("start", [10, 200, 450, 700])
+def test_a_resumed_request_streams_exactly_the_rest_of_the_text(engine, start):
+    engine.add_request("full", prompt(6, start), SamplingParams(max_tokens=30, **GREEDY))
+    deltas, tokens = [], []  # one step, one token: what a client had after each token
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.outputs[0].delta_text)
+            tokens += out.outputs[0].delta_token_ids
+    full_text = "".join(deltas)
+    for cut in range(1, 30):  # every cut, also inside a character whose bytes span several tokens
+        engine.add_request("resume", prompt(6, start), SamplingParams(max_tokens=30, **GREEDY),
+                           output_token_ids=tokens[:cut])
+        rest_text, rest_tokens = [], []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                rest_text.append(out.outputs[0].delta_text)
+                rest_tokens += out.outputs[0].delta_token_ids
+        assert tokens[:cut] + rest_tokens == tokens
+        assert "".join(deltas[:cut]) + "".join(rest_text) == full_text, cut
+    assert_idle(engine)
