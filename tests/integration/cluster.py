@@ -100,3 +100,11 @@ def wait_until_idle(base_url: str, timeout_s: float = 20.0) -> None:
             return
         assert time.monotonic() < deadline, text[-2000:]
         time.sleep(0.2)
+
+
+def wait_until_ready(base_url: str, timeout_s: float = 90.0) -> None:
+    """Until /ready answers 200 (every worker up, e.g. after Ray restarted one)."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(base_url + "/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the cluster did not become ready again"
+        time.sleep(0.5)

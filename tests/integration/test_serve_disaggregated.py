@@ -10,7 +10,7 @@ import pytest
 
 from services.engine import LLM, SamplingParams
 from services.engine.default_model import default_model_path
-from tests.integration.cluster import ServeProcess, metric, wait_until_idle
+from tests.integration.cluster import ServeProcess, metric, wait_until_idle, wait_until_ready
 
 MODEL = "tristage-tiny"
 
@@ -75,27 +75,27 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     parts, finish = [], None
-    for i, chunk in enumerate(stream):
-        if i == 5:
-            os.kill(_actor_pid(proc, victim), signal.SIGKILL)
-        if chunk.choices:
-            parts.append(chunk.choices[0].text)
-            finish = chunk.choices[0].finish_reason or finish
+    try:
+        for i, chunk in enumerate(stream):
+            if i == 5:
+                os.kill(_actor_pid(proc, victim), signal.SIGKILL)
+            if chunk.choices:
+                parts.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+    finally:
+        wait_until_ready(proc.base_url)  # Ray restarts the actor; the cluster is whole again for what follows
     llm = LLM(str(default_model_path(cache)))
     expected = llm.generate({"prompt_token_ids": prompt},
                             SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0].outputs[0].text
     events = [line for line in proc.log if re.search(r"moves from|is down|is back|recomputes", line)]
     assert "".join(parts) == expected and finish == "length", events
-    deadline = time.monotonic() + 60  # Ray restarts the actor; the cluster is whole again
-    while httpx.get(proc.base_url + "/ready").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
     if victim == "decode-0":  # the request moved with its tokens; a prefill worker is done after the first token
         assert re.search(rf"request \S+ moves from {victim}", "".join(proc.log))
 
 
 def test_metrics_show_transfers_and_router_decisions(cluster):
     proc, _ = cluster
+    wait_until_ready(proc.base_url)
     client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
     client.completions.create(model=MODEL, prompt=list(range(20, 60)), max_tokens=4, extra_body={"ignore_eos": True})
     text = httpx.get(proc.base_url + "/metrics").text
