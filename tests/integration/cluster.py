@@ -28,7 +28,9 @@ class ServeProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *args]
-        full_env = {**os.environ, "TRISTAGE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+        # every actor's log line reaches the driver (Ray otherwise folds similar lines from several actors)
+        full_env = {**os.environ, "TRISTAGE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
+                    "RAY_DEDUP_LOGS": "0", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=full_env, start_new_session=True)
         self.sid = self.proc.pid
