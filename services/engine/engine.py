@@ -27,7 +27,7 @@ from services.common.errors import InvalidRequestError
 from services.engine.config import EngineConfig
 from services.engine.default_model import default_model_path
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.kv_cache.manager import KVCacheManager, cdiv
+from services.engine.kv_cache.manager import KVCacheManager
 from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import read_model_config
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -343,9 +343,6 @@ class LLMEngine:
 
     def num_usable_blocks(self) -> int:
         return self.kv_cache.pool.num_usable_blocks
-
-    def kv_blocks_for(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.config.block_size)
 
 
 def _eos_token_ids(hf_config, tokenizer, model_dir: str) -> list[int]:

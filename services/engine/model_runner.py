@@ -139,7 +139,8 @@ class ModelRunner:
             table[i, : len(blocks)] = blocks
             lo, hi = query_start_loc[i], query_start_loc[i + 1]
             if num_new == 1:
-                ids[lo] = req.all_token_ids[start] if start < req.num_prompt_tokens else req.output_token_ids[start - req.num_prompt_tokens]
+                prompt_len = req.num_prompt_tokens  # one token: index it without concatenating the lists
+                ids[lo] = req.prompt_token_ids[start] if start < prompt_len else req.output_token_ids[start - prompt_len]
                 positions[lo] = start
             else:
                 ids[lo:hi] = req.all_token_ids[start:end]

@@ -31,10 +31,6 @@ class ScheduledBatch:
     preempted: list[Request] = field(default_factory=list)
 
     @property
-    def total_num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    @property
     def empty(self) -> bool:
         return not self.requests
 
