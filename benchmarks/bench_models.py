@@ -8,7 +8,11 @@ output decodes to visible text and N words encode to exactly N tokens (prompts o
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Llama-3.1-8B's published shapes.
@@ -53,3 +57,23 @@ def _word(index: int) -> str:
         index, digit = divmod(index, 26)
         letters.append(chr(ord("a") + digit))
     return "".join(reversed(letters))
+
+
+def start_serve(model_dir: str, port: int, *args: str, timeout_s: float = 900) -> subprocess.Popen:
+    """`tristage serve` on dummy weights of `model_dir`, served as "bench"; returns once it prints its URL."""
+    serve = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", model_dir, "--load-format",
+                              "dummy", "--port", str(port), "--served-model-name", "bench", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready, log = threading.Event(), []
+
+    def read() -> None:
+        for line in serve.stdout:
+            log.append(line)
+            if re.search(r"tristage is serving", line):
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(timeout_s):
+        serve.kill()
+        raise RuntimeError("serve did not start:\n" + "".join(log[-40:]))
+    return serve

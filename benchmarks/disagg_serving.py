@@ -14,37 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
+from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir  # noqa: E402
 
 PORT = 8790
-
-
-def start_serve(model_dir: str, mode_args: list[str], extra: list[str]) -> subprocess.Popen:
-    serve = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", model_dir, "--load-format",
-                              "dummy", "--port", str(PORT), "--served-model-name", "bench", *mode_args, *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready, log = threading.Event(), []
-
-    def read() -> None:
-        for line in serve.stdout:
-            log.append(line)
-            if re.search(r"tristage is serving", line):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(900):
-        serve.kill()
-        raise RuntimeError("serve did not start:\n" + "".join(log[-40:]))
-    return serve
 
 
 def loadgen(model_dir: str, out_dir: str, *args: str) -> dict:
@@ -55,7 +34,7 @@ def loadgen(model_dir: str, out_dir: str, *args: str) -> dict:
 
 
 def run_mode(model_dir: str, name: str, mode_args: list[str], sizes: dict, extra: list[str]) -> dict:
-    serve = start_serve(model_dir, mode_args, extra)
+    serve = start_serve(model_dir, PORT, *mode_args, *extra)
     work = tempfile.mkdtemp(prefix=f"disagg-{name}-")
     try:
         ttft = loadgen(model_dir, f"{work}/ttft", "--workload", "random", "--input-len", str(sizes["long"]),

@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
+from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir  # noqa: E402
 
 INPUT_TOKENS, OUTPUT_TOKENS = 512, 128
 CONCURRENCIES = (1, 32, 256)
@@ -101,22 +99,8 @@ def bench_offline(model_dir: str, vocab: int) -> dict:
 
 def bench_http(model_dir: str, out_dir: str, mode: str = "colocated") -> dict:
     port = 8765
-    serve = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", model_dir, "--load-format",
-                              "dummy", "--port", str(port), "--served-model-name", "bench", "--mode", mode],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready = threading.Event()
-    log: list[str] = []
-
-    def read() -> None:
-        for line in serve.stdout:
-            log.append(line)
-            if re.search(r"tristage is serving", line):
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    serve = start_serve(model_dir, port, "--mode", mode, timeout_s=600)
     try:
-        if not ready.wait(600):
-            raise RuntimeError("serve did not start:\n" + "".join(log[-40:]))
         result = {}
         for c in CONCURRENCIES:
             # one loadgen process per concurrency, a closed loop of c streams: the first wave warms the
