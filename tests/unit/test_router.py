@@ -4,23 +4,21 @@ import pytest
 
 from services.common.block_hash import MultiModalSpan, hash_request_blocks
 from services.common.kv_events import BlockStored
-from services.router import POLICIES, NoWorkerAvailable, Router, RouterConfig, RouteRequest, WorkerLoad
+from services.router import (
+    POLICIES,
+    NoWorkerAvailable,
+    Router,
+    RouterConfig,
+    RouteRequest,
+    WorkerLoad,
+)
 from services.router.events import EmbeddingStored
 from services.router.policies import LeastLoadConfig
+from tests.unit.router_fixtures import Clock, tokens
 
 BLOCK = 4
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def tokens(num_tokens, family=0):
-    return [family * 100_000 + i for i in range(num_tokens)]
 
 
 def make_router(policy="least_load", prefill=("p0", "p1"), decode=("d0", "d1"), clock=None, **config):

@@ -6,24 +6,22 @@ from services.common.block_hash import hash_request_blocks
 from services.common.kv_events import BlockStored
 from services.router.index import PrefixIndex
 from services.router.load import LoadView, WorkerLoad
-from services.router.policies import (LeastLoad, LeastLoadConfig, Preble, PrebleConfig, PrefillRequest, PrefixAffinity,
-                                      PrefixAffinityConfig, RoundRobin)
+from services.router.policies import (
+    LeastLoad,
+    LeastLoadConfig,
+    Preble,
+    PrebleConfig,
+    PrefillRequest,
+    PrefixAffinity,
+    PrefixAffinityConfig,
+    RoundRobin,
+)
+from tests.unit.router_fixtures import Clock, tokens
 
 BLOCK = 4
 WORKERS = ["w0", "w1", "w2"]
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def tokens(num_tokens, family=0):
-    """A prompt; prompts of one family share every leading token."""
-    return [family * 100_000 + i for i in range(num_tokens)]
 
 
 def request(prompt, request_id="r"):
