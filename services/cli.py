@@ -69,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, mode=args.mode, replicas=args.replicas,
         num_prefill=args.prefill, num_decode=args.decode, router_policy=args.router_policy,
         data_plane_host=args.data_plane_host, stage_resources=args.ray_address is not None,
-        worker_metrics_port=args.worker_metrics_port,
+        worker_metrics_port=args.worker_metrics_port, kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
         ray_address=args.ray_address,
         api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
         gateway_options={"max_queued_requests": args.max_queued_requests,
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "their series); default: the gateway exports them all")
     srv.add_argument("--data-plane-host", default="127.0.0.1",
                      help="address ZeroMQ sockets bind to; 'auto' = this Ray node's IP (multi-host)")
+    srv.add_argument("--kv-staging-mib", type=int, default=None,
+                     help="each prefill worker's shared-memory buffer for outgoing KV (same-host transfers read "
+                          "it in place; default 1024 on a GPU, 64 on the CPU); 0 sends KV through plain host copies")
     srv.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     srv.add_argument("--api-key", action="append", default=None,
                      help="accepted API key (repeatable; default: $TRISTAGE_API_KEYS, else no auth)")

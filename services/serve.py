@@ -45,6 +45,8 @@ class ServeConfig:
     worker_metrics_port: int | None = None  # workers serve their own /metrics from this port on
     ray_address: str | None = None  # join this Ray cluster instead of starting one
     data_plane_host: str = "127.0.0.1"  # where workers and gateway bind their ZeroMQ sockets
+    kv_staging_bytes: int | None = None  # per prefill worker: shared-memory staging for outgoing KV (0: off;
+    # None: 1 GiB on a GPU, 64 MiB on the CPU)
     api_keys: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
     gateway_options: dict = field(default_factory=dict)  # extra GatewayConfig fields
@@ -73,7 +75,8 @@ def run(config: ServeConfig) -> int:
         for stage, count in pools.items():
             workers += start_pool(engine_config, stage, count, bind_host=config.data_plane_host,
                                   gpus_per_worker=gpus_per_worker, model_name=name,
-                                  stage_resources=config.stage_resources, metrics_port=config.worker_metrics_port)
+                                  stage_resources=config.stage_resources, metrics_port=config.worker_metrics_port,
+                                  kv_staging_bytes=config.kv_staging_bytes)
         _check_layouts(workers)
         asyncio.run(_serve_http(config, workers, model_dir, name))
     finally:

@@ -7,7 +7,8 @@ request id. Nothing received from a socket is ever unpickled.
 Gateway -> worker:  GenerateRequest, AbortRequest
 Worker -> gateway:  OutputBatch of RequestDelta / RequestError (one batch per engine step)
 Prefill -> decode:  KVTransfer (the request and the KV layout), then KVLayers (header + one raw
-                    frame per layer group) until every layer is sent
+                    frame per layer group, or a shared-memory reference on one host) until every
+                    layer is sent
 Decode -> prefill:  KVAck (the KV is in place, or refused: prefill may free its blocks)
 """
 
@@ -45,6 +46,9 @@ class KVTarget(msgspec.Struct, frozen=True, kw_only=True):
 
     worker: str
     kv_address: str
+    # the decode worker's host (services.workers.kv_staging.host_identity): equal to the prefill
+    # worker's, the KV bytes stay in shared memory and only references cross the socket
+    host_id: str = ""
 
 
 class GenerateRequest(msgspec.Struct, tag="generate", tag_field="kind", kw_only=True):
@@ -90,14 +94,24 @@ class KVTransfer(msgspec.Struct, tag="kv_transfer", tag_field="kind", kw_only=Tr
     version: int = PROTOCOL_VERSION
 
 
+class StagingRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Bytes in a prefill worker's shared-memory staging file on the decode worker's own host."""
+
+    name: str  # a file name in /dev/shm (checked against the staging naming pattern, never a path)
+    offset: int
+    nbytes: int
+
+
 class KVLayers(msgspec.Struct, tag="kv_layers", tag_field="kind", kw_only=True):
-    """Layers [layer_start, layer_end) of one request; the next frame holds
-    [layer_end - layer_start, 2, num_blocks, block_size, num_kv_heads, head_dim] in the layout's dtype."""
+    """Layers [layer_start, layer_end) of one request, laid out as
+    [layer_end - layer_start, 2, num_blocks, block_size, num_kv_heads, head_dim] in the layout's dtype:
+    in the next frame, or, when `staging` is set, in shared memory (and no frame follows)."""
 
     request_id: str
     layer_start: int
     layer_end: int
     num_blocks: int
+    staging: StagingRef | None = None
     version: int = PROTOCOL_VERSION
 
 
@@ -105,6 +119,7 @@ class KVAck(msgspec.Struct, tag="kv_ack", tag_field="kind", kw_only=True):
     request_id: str
     accepted: bool  # False: decode refused (layout mismatch, no room): it recomputes instead
     message: str = ""
+    staging_unreadable: bool = False  # refused because the staging file is not visible: send frames from now on
     version: int = PROTOCOL_VERSION
 
 

@@ -193,7 +193,8 @@ class ClusterBackend:
         if message.sampling.n != 1:  # several samples of one prompt: a decode worker serves them whole
             return [decode], message
         kv_address = decode.handle.info.get("kv_address")
-        message.kv_target = KVTarget(worker=decode.handle.name, kv_address=kv_address)
+        message.kv_target = KVTarget(worker=decode.handle.name, kv_address=kv_address,
+                                     host_id=decode.handle.info.get("host_id", ""))
         return [prefill, decode], message
 
     async def abort(self, request_id: str) -> None:

@@ -18,7 +18,8 @@ from services.workers.engine_worker import EngineWorker
 
 class EngineActor:
     def __init__(self, engine_config: EngineConfig, name: str, stage: str = "colocated",
-                 bind_host: str = "127.0.0.1", model_name: str = "model", metrics_port: int | None = None) -> None:
+                 bind_host: str = "127.0.0.1", model_name: str = "model", metrics_port: int | None = None,
+                 kv_staging_bytes: int | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
         self.name, self.stage = name, stage
         if bind_host == "auto":  # reachable from other hosts: this node's address as Ray knows it
@@ -26,7 +27,8 @@ class EngineActor:
 
             bind_host = ray.util.get_node_ip_address()
         self.engine = LLMEngine(engine_config)
-        self.worker = EngineWorker(self.engine, tcp_address(bind_host), name, role=stage, model_name=model_name)
+        self.worker = EngineWorker(self.engine, tcp_address(bind_host), name, role=stage, model_name=model_name,
+                                   kv_staging_bytes=kv_staging_bytes)
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
         self.metrics_port = None
@@ -38,7 +40,7 @@ class EngineActor:
     def info(self) -> dict:
         engine = self.engine
         return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
-                "kv_address": self.worker.kv_address, "metrics_port": self.metrics_port,
+                "kv_address": self.worker.kv_address, "host_id": self.worker.host_id, "metrics_port": self.metrics_port,
                 "model_dir": engine.model_dir, "max_model_len": engine.max_model_len,
                 "vocab_size": engine.vocab_size, "device": engine.config.device, "dtype": engine.config.dtype,
                 "block_size": engine.config.block_size, "num_kv_blocks": engine.num_usable_blocks()}

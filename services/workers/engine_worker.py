@@ -38,11 +38,15 @@ from services.common.messages import (AbortRequest, CompletionDelta, GenerateReq
 from services.engine import LLMEngine, SamplingParams
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from services.workers.event_log import KVEventLog
-from services.workers.kv_transfer import MAX_KV_MESSAGE_BYTES, KVReceiver, KVSender, TransferStats, engine_layout
+from services.workers.kv_staging import StagingBuffer, host_identity
+from services.workers.kv_transfer import (KV_STREAMS, MAX_KV_MESSAGE_BYTES, KVReceiver, KVSender, TransferStats,
+                                          engine_layout)
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 50  # how long an idle loop waits for a request before checking for shutdown
+# a prefill worker's shared-memory staging buffer for outgoing KV, by device (the CPU engine's KV is small)
+DEFAULT_KV_STAGING_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 
 
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -52,22 +56,29 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
 class EngineWorker:
     def __init__(self, engine: LLMEngine, input_address: str, name: str = "worker-0", *, role: str = "colocated",
                  kv_address: str | None = None, model_name: str = "model", kv_lease_s: float = 30.0,
-                 kv_timeout_s: float = 10.0) -> None:
+                 kv_timeout_s: float = 10.0, kv_staging_bytes: int | None = None) -> None:
         self.engine = engine
         self.name = name
         self.role = role
-        self._context = zmq.Context()
+        self.host_id = host_identity()
+        self._context = zmq.Context(io_threads=KV_STREAMS if role != "colocated" else 1)
         self._input = configure(self._context.socket(zmq.PULL))
         self.input_address = bind(self._input, input_address)
         self.transfer_stats = TransferStats()
         layout = engine_layout(engine, model_name)
-        self._sender = KVSender(engine, self._context, layout, self.input_address, kv_lease_s, self.transfer_stats)
+        cuda = engine.runner.device.type == "cuda"
+        if kv_staging_bytes is None:
+            kv_staging_bytes = DEFAULT_KV_STAGING_BYTES["cuda" if cuda else "cpu"]
+        self._staging = _open_staging(kv_staging_bytes, pin=cuda) if role == "prefill" else None
+        self._sender = KVSender(engine, self._context, layout, self.input_address, kv_lease_s, self.transfer_stats,
+                                staging=self._staging, host_id=self.host_id)
         self._receiver: KVReceiver | None = None
         self.kv_address: str | None = None
         if role == "decode":
             kv_socket = configure(self._context.socket(zmq.PULL), MAX_KV_MESSAGE_BYTES)
             self.kv_address = bind(kv_socket, kv_address or input_address.rsplit(":", 1)[0] + ":0")
-            self._receiver = KVReceiver(engine, self._context, kv_socket, layout, kv_timeout_s, self.transfer_stats)
+            self._receiver = KVReceiver(engine, self._context, kv_socket, layout, kv_timeout_s, self.transfer_stats,
+                                        pin_staging=cuda)
         self._poller = zmq.Poller()
         self._poller.register(self._input, zmq.POLLIN)
         if self._receiver is not None:
@@ -91,6 +102,7 @@ class EngineWorker:
             shipments: list[tuple[GenerateRequest, list[int]]] = []
             if self.engine.has_unfinished_requests():
                 items += self._hand_off(self._step(), shipments)
+            self._sender.poll()
             self._sender.expire_leases()
             self.kv_events.append(self.engine.kv_cache.pool.take_events())
             self._send(items)  # first tokens leave before their KV, so the gateway usually sees them first
@@ -161,9 +173,9 @@ class EngineWorker:
             self._sender.on_ack(message)
             return None
         if isinstance(message, AbortRequest):
-            self.engine.abort_request(message.request_id)
-            if self._receiver is not None:
+            if self._receiver is not None:  # first: it waits for copies still writing the request's blocks
                 self._receiver.abort(message.request_id)
+            self.engine.abort_request(message.request_id)
             self._handoffs.pop(message.request_id, None)
             self._forget(message.request_id)
             return None
@@ -222,11 +234,11 @@ class EngineWorker:
                               sampling=message.sampling, reply_to=message.reply_to, ack_to=self.input_address,
                               cache_salt=message.cache_salt)
         try:
-            self._sender.send(transfer, message.kv_target.kv_address)
+            self._sender.send(transfer, message.kv_target)
         except Exception:  # the decode worker will time out and recompute; free our blocks now
             logger.error("%s could not send the KV of %s: %s", self.name, message.request_id, traceback.format_exc())
             self.transfer_stats.failures += 1
-            self.engine.release_kv(message.request_id)
+            self._sender.cancel(message.request_id)
 
     def _fail_all(self, message: str) -> list[RequestError]:
         errors = []
@@ -263,6 +275,8 @@ class EngineWorker:
 
     def _close(self) -> None:
         self._sender.close()
+        if self._staging is not None:
+            self._staging.close()
         sockets = [self._input, *self._outputs.values()]
         if self._receiver is not None:
             self._receiver.close()
@@ -270,6 +284,17 @@ class EngineWorker:
         for socket in sockets:
             socket.close(linger=0)
         self._context.term()
+
+
+def _open_staging(capacity_bytes: int, pin: bool) -> StagingBuffer | None:
+    """The prefill staging buffer, or None (KV then goes the plain way) when it is off or cannot be had."""
+    if capacity_bytes <= 0:
+        return None
+    try:
+        return StagingBuffer(capacity_bytes, pin=pin)
+    except OSError as exc:  # e.g. a container's small /dev/shm
+        logger.warning("no KV staging buffer of %d bytes (%s); KV goes through plain host copies", capacity_bytes, exc)
+        return None
 
 
 def to_delta(output: RequestOutput, num_top_logprobs: int = 0) -> RequestDelta:

@@ -31,7 +31,8 @@ class WorkerHandle:
 
 def start_pool(engine_config: EngineConfig, stage: str, count: int, *, bind_host: str = "127.0.0.1",
                gpus_per_worker: float = 1.0, name_prefix: str | None = None, model_name: str = "model",
-               stage_resources: bool = False, metrics_port: int | None = None) -> list[WorkerHandle]:
+               stage_resources: bool = False, metrics_port: int | None = None,
+               kv_staging_bytes: int | None = None) -> list[WorkerHandle]:
     """Start `count` actors and block until every one has loaded its model (raises if one fails)."""
     on_gpu = engine_config.resolved().device.startswith("cuda")
     remote = ray.remote(EngineActor).options(
@@ -40,7 +41,7 @@ def start_pool(engine_config: EngineConfig, stage: str, count: int, *, bind_host
         max_concurrency=4, max_restarts=MAX_ACTOR_RESTARTS)
     prefix = name_prefix or stage
     actors = [(f"{prefix}-{i}", remote.remote(engine_config, f"{prefix}-{i}", stage, bind_host, model_name,
-                                                        metrics_port))
+                                                        metrics_port, kv_staging_bytes))
               for i in range(count)]
     infos = ray.get([actor.info.remote() for _, actor in actors])
     return [WorkerHandle(name, stage, actor, info) for (name, actor), info in zip(actors, infos)]

@@ -16,6 +16,7 @@ from services.common.messages import (GenerateRequest, KVTarget, KVTransfer, Out
                                       WorkerInbound)
 from services.engine import LLMEngine, SamplingParams
 from services.workers.engine_worker import EngineWorker
+from services.workers.kv_staging import StagingBuffer
 from services.workers.kv_transfer import KVReceiver, KVSender, engine_layout
 
 ENGINE = dict(block_size=8, num_kv_blocks=96, max_num_batched_tokens=32)
@@ -40,10 +41,10 @@ def colocated(model_dir, prompts, max_tokens):
 class Cluster:
     """One prefill worker, one decode worker, and the gateway's sockets."""
 
-    def __init__(self, model_dir, kv_timeout_s=10.0, kv_lease_s=30.0):
+    def __init__(self, model_dir, kv_timeout_s=10.0, kv_lease_s=30.0, delivery="shared memory"):
         self.prefill_engine, self.decode_engine = make_engine(model_dir), make_engine(model_dir)
         self.prefill = EngineWorker(self.prefill_engine, "tcp://127.0.0.1:0", "prefill-0", role="prefill",
-                                    kv_lease_s=kv_lease_s)
+                                    kv_lease_s=kv_lease_s, kv_staging_bytes=0 if delivery == "plain" else None)
         self.decode = EngineWorker(self.decode_engine, "tcp://127.0.0.1:0", "decode-0", role="decode",
                                    kv_timeout_s=kv_timeout_s)
         self.threads = [threading.Thread(target=w.run, daemon=True) for w in (self.prefill, self.decode)]
@@ -54,10 +55,13 @@ class Cluster:
         self.reply_to = bind(self.results, "tcp://127.0.0.1:0")
         self.to_prefill = configure(self.ctx.socket(zmq.PUSH))
         self.to_prefill.connect(self.prefill.input_address)
+        # frames: the decode worker looks like another host's, so the bytes cross the socket
+        host_id = self.decode.host_id if delivery == "shared memory" else "another-host"
+        self.target = KVTarget(worker="decode-0", kv_address=self.decode.kv_address, host_id=host_id)
 
     def generate(self, prompts, max_tokens):
         codec = MessageCodec(WorkerInbound)
-        target = KVTarget(worker="decode-0", kv_address=self.decode.kv_address)
+        target = self.target
         for i, p in enumerate(prompts):
             spec = SamplingSpec(temperature=0, max_tokens=max_tokens, ignore_eos=True)
             self.to_prefill.send_multipart(codec.encode(GenerateRequest(
@@ -99,36 +103,50 @@ def prompts_with_shared_prefix():
     return [list(range(10, 13)), shared + [5, 6, 7], shared + list(range(300, 341)), list(range(500, 517))]
 
 
-def test_disaggregated_output_equals_colocated(llama_dir):
+DELIVERIES = ["shared memory", "frames", "plain"]  # see services.workers.kv_transfer
+
+
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_disaggregated_output_equals_colocated(llama_dir, delivery):
     prompts = prompts_with_shared_prefix()
-    cluster = Cluster(llama_dir)
+    cluster = Cluster(llama_dir, delivery=delivery)
     try:
         assert cluster.generate(prompts, max_tokens=10) == colocated(llama_dir, prompts, 10)
         assert cluster.wait_idle(), "blocks leaked on a worker"
         stats = cluster.prefill.transfer_stats
         assert stats.transfers_completed == len(prompts) and stats.failures == 0
         assert cluster.decode.transfer_stats.bytes_received == stats.bytes_sent > 0
+        staging = cluster.prefill._staging
+        assert staging is None if delivery == "plain" else staging.allocator.num_regions == 0
     finally:
         cluster.close()
 
 
-def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir):
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir, delivery):
     prefill, decode = make_engine(llama_dir), make_engine(llama_dir)
     prompt = list(range(40, 77))
     prefill.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=1), hold_kv=True)
     while prefill.has_unfinished_requests():
         first = [o for o in prefill.step() if o.finished]
+    layout = engine_layout(prefill, "m")
+    computed = [prefill.export_kv("r", layer).clone() for layer in range(layout.num_layers)]
     ctx = zmq.Context()
     pull = configure(ctx.socket(zmq.PULL), 2**30)
     address = bind(pull, "tcp://127.0.0.1:0")
-    layout = engine_layout(prefill, "m")
-    sender = KVSender(prefill, ctx, layout, ack_to="tcp://127.0.0.1:1")
+    acks = configure(ctx.socket(zmq.PULL))
+    ack_to = bind(acks, "tcp://127.0.0.1:0")
+    staging = None if delivery == "plain" else StagingBuffer(2**20, pin=False)
+    sender = KVSender(prefill, ctx, layout, ack_to=ack_to, staging=staging, host_id="h")
     receiver = KVReceiver(decode, ctx, pull, layout)
     transfer = KVTransfer(request_id="r", layout=layout, prompt_token_ids=prompt,
                           output_token_ids=first[0].outputs[0].token_ids,
-                          sampling=SamplingSpec(temperature=0, max_tokens=5), reply_to="", ack_to="tcp://127.0.0.1:1")
+                          sampling=SamplingSpec(temperature=0, max_tokens=5), reply_to="", ack_to=ack_to)
     try:
-        sender.send(transfer, address)
+        sender.send(transfer, KVTarget(worker="d", kv_address=address,
+                                       host_id="h" if delivery == "shared memory" else "other"))
+        if staging is not None:  # staged: prefill's blocks are free before the ack
+            assert prefill.num_free_blocks() == prefill.num_usable_blocks()
         completed = []
         for _ in range(100):
             done, resumes = receiver.receive()
@@ -139,32 +157,56 @@ def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir):
             time.sleep(0.02)
         assert [t.request_id for t in completed] == ["r"]
         for layer in range(layout.num_layers):
-            assert torch.equal(decode.export_kv("r", layer), prefill.export_kv("r", layer))
+            assert torch.equal(decode.export_kv("r", layer), computed[layer])
+        assert acks.poll(5000)
+        sender.on_ack(MessageCodec(WorkerInbound).decode(acks.recv_multipart()))
+        assert sender.num_leases == 0 and prefill.num_free_blocks() == prefill.num_usable_blocks()
+        assert staging is None or staging.allocator.num_taken_bytes == 0
     finally:
         sender.close()
         receiver.close()
-        pull.close()
+        if staging is not None:
+            staging.close()
+        for socket in (pull, acks):
+            socket.close()
         ctx.term()
+
+
+def test_a_decode_worker_that_cannot_read_the_staging_file_is_sent_frames_from_then_on(llama_dir):
+    cluster = Cluster(llama_dir)
+    cluster.target = KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address,
+                              host_id=cluster.prefill.host_id)
+    cluster.decode._receiver.staging.view = _unreadable  # as if the file lived in another /dev/shm
+    prompts = prompts_with_shared_prefix()
+    try:
+        assert cluster.generate(prompts[:1], max_tokens=6) == colocated(llama_dir, prompts[:1], 6)
+        assert cluster.decode.transfer_stats.fallbacks == 1  # the first request is recomputed
+        assert cluster.generate(prompts[1:], max_tokens=6) == colocated(llama_dir, prompts[1:], 6)
+        assert cluster.decode.transfer_stats.fallbacks == 1  # the rest travel as frames
+        assert cluster.prefill.transfer_stats.transfers_completed == len(prompts) - 1
+        assert cluster.wait_idle(), "blocks leaked after the fallback"
+    finally:
+        cluster.close()
+
+
+def _unreadable(name, offset, nbytes):
+    raise ValueError(f"staging buffer {name} is not on this host")
 
 
 def test_a_transfer_that_never_completes_is_recomputed_and_frees_everything(llama_dir):
     prompts = prompts_with_shared_prefix()[:2]
     cluster = Cluster(llama_dir, kv_timeout_s=0.5, kv_lease_s=1.0)
     sender = cluster.prefill._sender
-    send_all = sender.send
-
-    def header_only(transfer, address):  # injected fault: the layers never leave the prefill worker
-        socket = sender._socket(address)
-        socket.send_multipart(sender._codec.encode(transfer))
-        sender._leases[transfer.request_id] = time.monotonic() + sender.lease_s
-
-    sender.send = header_only
+    sender.poll = lambda: None  # injected fault: the staged layers never leave the prefill worker
     try:
         assert cluster.generate(prompts, max_tokens=8) == colocated(llama_dir, prompts, 8)
         assert cluster.decode.transfer_stats.fallbacks == 2
         assert cluster.wait_idle(), "blocks leaked after the fallback"
+        deadline = time.monotonic() + 5  # the lease ends, and with it the staging regions
+        while sender.num_leases and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sender.num_leases == 0 and cluster.prefill._staging.allocator.num_taken_bytes == 0
     finally:
-        sender.send = send_all
         cluster.close()
 
 
