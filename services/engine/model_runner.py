@@ -191,16 +191,19 @@ class ModelRunner:
 
     def read_kv(self, layer_index: int, block_ids: list[int]) -> torch.Tensor:
         """A copy of the given blocks of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return self.kv_cache[layer_index].index_select(1, index)
+        return self.kv_cache[layer_index].index_select(1, self._block_index(block_ids))
 
     def write_kv(self, layer_index: int, block_ids: list[int], kv: torch.Tensor) -> None:
         expected = (2, len(block_ids), *self.kv_cache.shape[3:])
         if tuple(kv.shape) != expected or kv.dtype != self.dtype:
             raise ValueError(f"KV of shape {tuple(kv.shape)} {kv.dtype} does not fit blocks of shape "
                              f"{expected} {self.dtype}")
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        self.kv_cache[layer_index].index_copy_(1, index, kv.to(self.device, non_blocking=True))
+        self.kv_cache[layer_index].index_copy_(1, self._block_index(block_ids), kv.to(self.device, non_blocking=True))
+
+    def _block_index(self, block_ids: list[int]) -> torch.Tensor:
+        # through pinned memory: a plain host-to-GPU copy would wait for every copy queued before it
+        # on the stream, and KV transfers queue many
+        return _to_device(np.asarray(block_ids, dtype=np.int64), self.device)
 
     # ------------------------------------------------------------------ CUDA graphs
 
