@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.2,
+                        help="per GPU; workers sharing a GPU split it (0.2 of an H200 leaves ~11 GB of KV for 8B)")
     parser.add_argument("--out")
     args = parser.parse_args()
     model_dir = write_model_dir(TINY if args.tiny else LLAMA_31_8B)
@@ -69,8 +71,8 @@ def main() -> None:
         sizes = dict(groups=16, prefix=512, suffix=32, output=8, requests=60, rate=10)
         serve_args = ["--device", "cpu", "--max-model-len", "1024"]
     else:  # each worker's KV holds about a fifth of all prefixes (8B: 128 KiB a token)
-        sizes = dict(groups=200, prefix=4096, suffix="uniform:min=64,max=256", output=32, requests=800, rate=24)
-        serve_args = ["--gpu-memory-utilization", "0.2", "--max-model-len", "8192"]
+        sizes = dict(groups=200, prefix=4096, suffix="uniform:min=64,max=256", output=32, requests=600, rate=24)
+        serve_args = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", "8192"]
     workload = ["--workload", "shared-prefix", "--num-groups", str(sizes["groups"]), "--zipf", "1.1",
                 "--prefix-len", str(sizes["prefix"]), "--suffix-len", str(sizes["suffix"]),
                 "--output-len", str(sizes["output"]), "--num-requests", str(sizes["requests"]),
