@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from services.engine.default_model import build_model_dir, build_tokenizer  # noqa: E402
+from tests.vlm_models import VLM_FAMILIES, build_vlm_dir  # noqa: E402
 
 # Tiny random models of every supported family, each stressing one difference between them.
 TINY_MODEL_VARIANTS = {
@@ -46,3 +47,10 @@ def tiny_model_dirs(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def llama_dir(tiny_model_dirs):
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def vlm_dirs(tmp_path_factory):
+    """family -> directory of a tiny random vision-language model (tests/vlm_models.py)."""
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: str(build_vlm_dir(root / family, family)) for family in VLM_FAMILIES}

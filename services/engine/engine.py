@@ -12,6 +12,11 @@ loop. The step-level API a worker needs:
 
 A request with n > 1 becomes n child requests (ids `<id>#<i>`) that share the prompt's full blocks
 through the prefix cache; their outputs are merged back into one RequestOutput.
+
+Vision-language models: a request's images arrive as `MultiModalInputs` (embeddings computed by a
+VisionEncoder, in this process or an encode worker) whose features sit on the prompt's expanded
+placeholder tokens; the engine checks the placement, keeps them with the request and feeds them to the
+model where the prompt is computed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -30,6 +36,8 @@ from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.kv_cache.manager import KVCacheManager
 from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import read_model_config
+from services.engine.multimodal.inputs import MultiModalInputs, check_multimodal_inputs
+from services.engine.multimodal.spec import VisionLanguageSpec
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from services.engine.request import Request, RequestStatus
 from services.engine.sampler import Sampler, SamplerOutput
@@ -38,7 +46,8 @@ from services.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
+# text, token ids, or {"prompt_token_ids": [...], "prompt": optional text}
+Prompt = str | Sequence[int] | dict[str, Any]
 
 
 @dataclass(eq=False)
@@ -70,6 +79,7 @@ class LLMEngine:
         self.config = config
         self.model_dir = str(config.model or default_model_path())
         self.hf_config = read_model_config(self.model_dir)
+        self.vision_language = VisionLanguageSpec.from_hf_config(self.hf_config)  # None: text only
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -85,13 +95,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
                     cache_salt: str | None = None, hold_kv: bool = False,
-                    output_token_ids: Sequence[int] = (), prefill_only: bool = False) -> None:
+                    output_token_ids: Sequence[int] = (), prefill_only: bool = False,
+                    multi_modal: MultiModalInputs | None = None) -> None:
         """Validate and queue a request. Raises InvalidRequestError before anything is allocated.
 
         `output_token_ids` resumes a request whose first tokens were produced (and streamed) elsewhere:
         it recomputes prompt plus those tokens, then continues; they are not emitted again.
         `prefill_only` (with `hold_kv`) ends the request after its next token unless a real stop ends
         it first: its KV then goes to a decode worker (its finish_reason is "length", its text not flushed).
+        `multi_modal` gives a vision-language model's images for a prompt whose placeholders are
+        already expanded (see services.engine.multimodal); the request keeps them until it ends.
         """
         params = params or SamplingParams()
         if output_token_ids and params.n != 1:
@@ -102,6 +115,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_text, token_ids = self._tokenize(prompt)
         max_output_tokens = self._validate(token_ids, params, cache_salt)
+        multi_modal = self._place_multi_modal(multi_modal, token_ids)
         parent = _Parent(request_id, prompt_text, token_ids)
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -109,7 +123,7 @@ class LLMEngine:
             request = Request(child_id, list(token_ids), child_params, self._primary_eos, max_output_tokens,
                               cache_salt=cache_salt, prompt_text=prompt_text,
                               generator=self._generator(child_params.seed), hold_kv=hold_kv,
-                              prefill_only=prefill_only)
+                              prefill_only=prefill_only, multi_modal=multi_modal)
             child = self._track(parent, request, index)
             self._replay_outputs(child, output_token_ids)
             self.scheduler.add(request)
@@ -141,6 +155,15 @@ class LLMEngine:
         if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string", param="cache_salt")
         return params.max_tokens or room
+
+    def _place_multi_modal(self, multi_modal: MultiModalInputs | None,
+                           token_ids: list[int]) -> MultiModalInputs | None:
+        """Check images against the prompt and this model; their embeddings moved to the model's device."""
+        check_multimodal_inputs(multi_modal, token_ids, self.vision_language, self.runner.model.spec.hidden_size,
+                                self.max_model_len)
+        if multi_modal is None or not multi_modal.features:
+            return None
+        return multi_modal.to(self.runner.device, self.runner.dtype)
 
     def _child_params(self, params: SamplingParams, index: int) -> SamplingParams:
         seed = None if params.seed is None else params.seed + index
@@ -295,17 +318,22 @@ class LLMEngine:
     # ------------------------------------------------------------------ KV import (decode side)
 
     def import_request(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                       params: SamplingParams, *, cache_salt: str | None = None) -> list[int] | None:
+                       params: SamplingParams, *, cache_salt: str | None = None,
+                       multi_modal: MultiModalInputs | None = None) -> list[int] | None:
         """Reserve blocks for a prompt whose KV was computed elsewhere.
 
         `output_token_ids` are tokens already sampled remotely (at least the first). Returns the block
         ids the KV must be imported into, or None when the cache has no room now (try again later).
+        An image prompt passes its `multi_modal` inputs too: they key its blocks' hashes, give the
+        M-RoPE delta of its decode positions, and serve a recompute after preemption.
         """
         if params.n != 1:
             raise InvalidRequestError("an imported request must have n == 1", param="n")
         max_output_tokens = self._validate(prompt_token_ids, params, cache_salt)
+        multi_modal = self._place_multi_modal(multi_modal, list(prompt_token_ids))
         request = Request(request_id, list(prompt_token_ids), self._child_params(params, 0), self._primary_eos,
-                          max_output_tokens, cache_salt=cache_salt, generator=self._generator(params.seed))
+                          max_output_tokens, cache_salt=cache_salt, generator=self._generator(params.seed),
+                          multi_modal=multi_modal)
         block_ids = self.kv_cache.allocate_for_import(request, len(prompt_token_ids))
         if block_ids is None:
             return None

@@ -10,6 +10,13 @@ captured CUDA graphs. Per step:
 CUDA graphs: decode-only batches up to `max_cuda_graph_batch_size` rows run a graph captured for
 the next larger size in `CUDA_GRAPH_BATCH_SIZES`; padding rows point at the padding block (0) with
 sequence length 0, so they write only there and read nothing.
+
+Image requests add two inputs, both for prompt positions only:
+  * embedding overrides: the rows of this step's tokens that are an image's placeholder tokens take
+    that image's embedding rows (a chunk that cuts an image takes the matching slice);
+  * rotary positions: a Qwen2-VL prompt's own M-RoPE positions ([3, ...]) where a chunk covers them,
+    and p + delta for tokens past the prompt. A step whose chunks cover no M-RoPE prompt position
+    keeps one row of positions, so decode steps run as before (CUDA graphs included).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 from services.engine.attention.backends import AttentionMetadata, create_attention
 from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from services.engine.models import load_model
-from services.engine.models.llama import DecoderLM
+from services.engine.models.llama import DecoderLM, EmbeddingOverrides
 from services.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -36,10 +43,16 @@ CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 513, 16))
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens] rotary positions, or [3, num_tokens] with M-RoPE prompt chunks
     metadata: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
     sampled_requests: list  # the requests those rows belong to
+    embedding_overrides: EmbeddingOverrides | None = None  # image rows of this step's tokens
+
+    @property
+    def graph_compatible(self) -> bool:
+        """Plain token embeddings and one row of positions: what a captured decode graph takes."""
+        return self.embedding_overrides is None and self.positions.dim() == 1
 
 
 class ModelRunner:
@@ -163,13 +176,31 @@ class ModelRunner:
             seq_lens_host=seq_lens.tolist(),
             max_seq_len=int(seq_lens.max()),
         )
+        has_images = any(r.multi_modal is not None for r in batch.requests)
+        rotary_positions = _rotary_positions(batch, positions, query_start_loc) if has_images else positions
         return StepInputs(
             input_ids=_to_device(ids, dev),
-            positions=_to_device(positions, dev),
+            positions=_to_device(rotary_positions, dev),
             metadata=meta,
             sample_indices=_to_device(np.asarray(sample_rows, dtype=np.int64), dev),
             sampled_requests=sampled,
+            embedding_overrides=self._embedding_overrides(batch, query_start_loc) if has_images else None,
         )
+
+    def _embedding_overrides(self, batch: ScheduledBatch, query_start_loc: np.ndarray) -> EmbeddingOverrides | None:
+        """The step's tokens that are image placeholders, with their embedding rows."""
+        rows: list[np.ndarray] = []
+        embeddings: list[torch.Tensor] = []
+        for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            if req.multi_modal is None:
+                continue
+            start = req.num_computed_tokens
+            for position, image_rows in req.multi_modal.rows_in(start, start + num_new):
+                rows.append(query_start_loc[i] + position - start + np.arange(image_rows.shape[0]))
+                embeddings.append(image_rows)
+        if not rows:
+            return None
+        return EmbeddingOverrides(_to_device(np.concatenate(rows), self.device), torch.cat(embeddings))
 
     # ------------------------------------------------------------------ execution
 
@@ -178,12 +209,13 @@ class ModelRunner:
         """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order)."""
         inputs = self.prepare_inputs(batch, block_ids)
         num_seqs = len(batch.requests)
-        graph = self._graph_for(num_seqs) if inputs.metadata.num_decode_seqs == num_seqs else None
+        decode_only = inputs.metadata.num_decode_seqs == num_seqs and inputs.graph_compatible
+        graph = self._graph_for(num_seqs) if decode_only else None
         if graph is not None:
             hidden = graph.replay(inputs)
         else:
             self.attention.metadata = inputs.metadata
-            hidden = self.model(inputs.input_ids, inputs.positions, self.attention)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.attention, inputs.embedding_overrides)
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         return logits, inputs.sampled_requests
 
@@ -274,6 +306,32 @@ class _DecodeGraph:
         b.block_tables[:n, :width].copy_(meta.block_tables)
         self.graph.replay()
         return self.hidden[:n]
+
+
+def _rotary_positions(batch: ScheduledBatch, positions: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray:
+    """Token positions [num_tokens] -> rotary positions, for a batch with image requests.
+
+    A request with M-RoPE inputs rotates its prompt tokens at its own [3, ...] positions and the tokens
+    past its prompt at p + delta; everyone else at p. The result has three rows only when some chunk
+    covers M-RoPE prompt positions (the other rows then repeat their one position three times).
+    """
+    rotary = positions.copy()
+    prompt_chunks = []  # (first batch row, first prompt position, count, the request's M-RoPE positions)
+    for i, req in enumerate(batch.requests):
+        mm = req.multi_modal
+        if mm is None or mm.mrope_positions is None:
+            continue
+        lo, hi, start = int(query_start_loc[i]), int(query_start_loc[i + 1]), req.num_computed_tokens
+        num_prompt = max(0, min(hi - lo, req.num_prompt_tokens - start))
+        rotary[lo + num_prompt:hi] += mm.mrope_delta
+        if num_prompt:
+            prompt_chunks.append((lo, start, num_prompt, mm.mrope_positions))
+    if not prompt_chunks:
+        return rotary
+    rotary_3d = np.repeat(rotary[None, :], 3, axis=0)  # [3, num_tokens]
+    for lo, start, count, mrope_positions in prompt_chunks:
+        rotary_3d[:, lo:lo + count] = mrope_positions[:, start:start + count].numpy()
+    return rotary_3d
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.block_hash import MultiModalSpan
+from services.engine.multimodal.inputs import MultiModalInputs
 from services.engine.sampling_params import SamplingParams
 
 
@@ -63,6 +65,17 @@ class Request:
     # disaggregated prefill: stop after the first token unless a real stop came first; the rest of the
     # request continues elsewhere, so its text is not flushed as if it had ended
     prefill_only: bool = False
+    # images of the prompt (embeddings on the model's device) and M-RoPE positions; None: text only
+    multi_modal: MultiModalInputs | None = None
+
+    @property
+    def mm_spans(self) -> tuple[MultiModalSpan, ...]:
+        """The prompt's images as block-hash keys (services.common.block_hash)."""
+        return self.multi_modal.spans if self.multi_modal is not None else ()
+
+    @property
+    def mrope_delta(self) -> int:
+        return self.multi_modal.mrope_delta if self.multi_modal is not None else 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -23,6 +23,7 @@ from tests.unit.test_ops import (  # noqa: E402
     EPS,
     assert_matches,
     check_add_rms_norm,
+    check_mrope_rotary,
     check_rms_norm_heads,
     check_rotary,
     check_silu_and_mul,
@@ -136,3 +137,10 @@ def test_cuda_graph_replay_with_new_inputs(num_tokens):
             assert torch.equal(outputs[name], expected[name]), name
         for name in ("normed", "q_normed", "activated"):
             assert_matches(outputs[name], expected[name])
+
+
+@pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
+def test_mrope_rotary_bf16(num_tokens):
+    """Qwen2-VL-7B shapes: 28 query heads, 4 KV heads, head_dim 128, mrope_section (16, 24, 24)."""
+    check_mrope_rotary(num_tokens, 28, 4, HEAD_DIM, (16, 24, 24), BF16, MAX_POSITIONS, device="cuda",
+                       seed=num_tokens)

@@ -90,11 +90,11 @@ def split_qkv(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: in
 
 
 def rotary_embedding(head_dim: int, max_positions: int, dtype: torch.dtype, device: str,
-                     rope_theta: float = 10000.0,
-                     rope_scaling: dict[str, Any] | None = None) -> RotaryEmbedding:
+                     rope_theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None,
+                     mrope_section: tuple[int, ...] | None = None) -> RotaryEmbedding:
     """The model's own tables (and `apply`), built from the fields of DecoderSpec they read."""
     spec = SimpleNamespace(head_dim=head_dim, max_position_embeddings=max_positions,
-                           rope_theta=rope_theta, rope_scaling=rope_scaling)
+                           rope_theta=rope_theta, rope_scaling=rope_scaling, mrope_section=mrope_section)
     return RotaryEmbedding(spec, torch.device(device), dtype)  # type: ignore[arg-type]
 
 
@@ -156,6 +156,29 @@ def check_rotary(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim:
     assert torch.equal(v, v_before)  # the rest of the projection is untouched
 
 
+def check_mrope_rotary(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                       mrope_section: tuple[int, ...], dtype: torch.dtype, max_positions: int,
+                       device: str = DEVICE, seed: int = 0) -> None:
+    """M-RoPE: per-token cos/sin rows gathered from three position rows, then the same rotary op."""
+    generator = torch.Generator().manual_seed(seed)
+    views = split_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, generator, device)
+    rotary = rotary_embedding(head_dim, max_positions, dtype, device, mrope_section=mrope_section)
+    positions = torch.stack([shuffled_positions(num_tokens, max_positions, generator, device) for _ in range(3)])
+    tables = rotary.tables(positions)  # [T, D] rows, one per token
+    assert tables.cos.shape == (num_tokens, head_dim)
+
+    # equal components are plain rotary at that position: what decode steps run instead
+    equal_rows = rotary.tables(positions[0].expand(3, -1))
+    plain_q, _ = TORCH_OPS.rotary(views["q"], views["k"], rotary.cos, rotary.sin, positions[0])
+    mrope_q, _ = TORCH_OPS.rotary(views["q"], views["k"], equal_rows.cos, equal_rows.sin, equal_rows.positions)
+    assert torch.equal(mrope_q, plain_q)
+
+    expected_q, expected_k = TORCH_OPS.rotary(views["q"], views["k"], tables.cos, tables.sin, tables.positions)
+    actual_q, actual_k = TRITON_OPS.rotary(views["q"], views["k"], tables.cos, tables.sin, tables.positions)
+    assert torch.equal(actual_q, expected_q)
+    assert torch.equal(actual_k, expected_k)
+
+
 def check_silu_and_mul(num_tokens: int, intermediate_size: int, dtype: torch.dtype,
                        device: str = DEVICE, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
@@ -194,6 +217,14 @@ def test_rotary(dtype, head_dim):
     # 12 q heads fill groups of 16 (head_dim 64), 8 (80) or 4 (256) heads, partial groups included
     check_rotary(num_tokens=4, num_q_heads=12, num_kv_heads=2, head_dim=head_dim, dtype=dtype,
                  max_positions=64)
+
+
+@pytest.mark.parametrize("head_dim, mrope_section", [(16, (2, 3, 3)), (128, (16, 24, 24))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mrope_rotary(dtype, head_dim, mrope_section):
+    skip_unless_supported(dtype)
+    check_mrope_rotary(num_tokens=5, num_q_heads=6, num_kv_heads=2, head_dim=head_dim,
+                       mrope_section=mrope_section, dtype=dtype, max_positions=64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

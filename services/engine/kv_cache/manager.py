@@ -14,6 +14,10 @@ reads it, so a request scheduled later in the same step may already share them.
 
 Freeing releases a request's blocks tail first, so under eviction pressure a prefix outlives its
 continuations.
+
+Image requests: every block overlapping an image's placeholder tokens carries the image's content hash
+in its extra keys (and, through the chain, so does every later block), so the same placeholder tokens
+with another image never share KV, while the same image and text do.
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ class KVCacheManager:
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         if len(request.block_hashes) < num_tokens // self.block_size:
             request.block_hashes = hash_request_blocks(
-                request.all_token_ids[:num_tokens], self.block_size, request.cache_salt,
+                request.all_token_ids[:num_tokens], self.block_size, request.cache_salt, request.mm_spans,
                 known_hashes=request.block_hashes)
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
@@ -150,5 +154,5 @@ class KVCacheManager:
         for i in range(start, num_full):
             parent = request.block_hashes[i - 1] if i > 0 else None
             self.pool.cache_block(blocks[i], request.block_hashes[i], parent, tuple(tokens[i * bs:(i + 1) * bs]),
-                                  block_extra_keys(i, bs, request.cache_salt))
+                                  block_extra_keys(i, bs, request.cache_salt, request.mm_spans))
         self._num_cached_blocks[request.request_id] = num_full

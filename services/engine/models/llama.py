@@ -16,6 +16,21 @@ GPU. Layers pass the residual stream separately, so each residual add fuses into
     h = attention(h)
     h, residual = add_rms_norm(h, residual)
     h = mlp(h)
+
+The same decoder is the language model of the vision-language models (LLaVA over Llama / Qwen2 /
+Mistral, Qwen2-VL, Qwen2.5-VL): the config's `text_config` describes it, and two inputs serve images:
+  * `EmbeddingOverrides`: rows of the flat batch whose token embedding is replaced by an image's
+    embedding row (the placeholder tokens of an image), as transformers' `masked_scatter` does;
+  * multimodal rotary (M-RoPE, Qwen2-VL): positions may be `[3, num_tokens]` (temporal, height,
+    width). Rotary frequency column j (of head_dim / 2, mirrored in the second half) takes its angle
+    from position row `section(j) % 3`, the sections being `mrope_section` (e.g. [16, 24, 24]):
+
+        columns:  | 0 .. s0-1 : t | s0 .. s0+s1-1 : h | ... : w | (mirrored for the second half)
+
+    The cos/sin rows are gathered once per forward from the usual per-position tables, so each layer
+    runs the ordinary rotary op over a table of one row per token. When the three rows are equal
+    (text, and every decode step) this is plain rotary at that position, which callers pass as
+    `[num_tokens]` positions so the fast paths (CUDA graphs included) are unchanged.
 """
 
 from __future__ import annotations
@@ -51,28 +66,43 @@ class DecoderSpec:
     qkv_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
+    # M-RoPE: rotary frequencies (head_dim / 2 of them) per position component (t, h, w); None: plain rope
+    mrope_section: tuple[int, ...] | None = None
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "DecoderSpec":
+        """From a causal LM's config, or a vision-language model's (its `text_config` is the decoder)."""
+        text = getattr(config, "text_config", None) or config
         arch = (getattr(config, "architectures", None) or [""])[0]
-        num_heads = config.num_attention_heads
-        rope = _rope_parameters(config)
+        model_type = getattr(text, "model_type", "")
+        num_heads = text.num_attention_heads
+        rope = _rope_parameters(text)
+        mrope = model_type in _MROPE_MODEL_TYPES
         return cls(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
             num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            rms_norm_eps=config.rms_norm_eps,
-            max_position_embeddings=config.max_position_embeddings,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
+            # Qwen2-VL's attention always splits hidden_size evenly, whatever head_dim says
+            head_dim=(None if mrope else getattr(text, "head_dim", None)) or text.hidden_size // num_heads,
+            rms_norm_eps=text.rms_norm_eps,
+            max_position_embeddings=text.max_position_embeddings,
             rope_theta=float(rope.get("rope_theta", 10000.0)),
-            rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            rope_scaling=rope if rope.get("rope_type", "default") not in ("default", "mrope") else None,
+            qkv_bias=(arch == "Qwen2ForCausalLM" or model_type in _QKV_BIAS_MODEL_TYPES
+                      or bool(getattr(text, "attention_bias", False))),
+            qk_norm=arch == "Qwen3ForCausalLM" or model_type == "qwen3",
+            # transformers 5 decides tying on the outer config (it forwards a text_config's True there)
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            mrope_section=tuple(rope.get("mrope_section", _DEFAULT_MROPE_SECTION)) if mrope else None,
         )
+
+
+_QKV_BIAS_MODEL_TYPES = frozenset({"qwen2", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text"})
+_MROPE_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text"})
+_DEFAULT_MROPE_SECTION = (16, 24, 24)  # transformers' default when a Qwen2-VL config names none
 
 
 def _rope_parameters(config: Any) -> dict[str, Any]:
@@ -104,6 +134,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
 
+@dataclass
+class RotaryTables:
+    """What every layer's rotary op reads in one forward: row `positions[t]` of cos/sin rotates token t."""
+
+    cos: torch.Tensor  # [num_rows, head_dim]
+    sin: torch.Tensor  # [num_rows, head_dim]
+    positions: torch.Tensor  # [num_tokens] int64 rows of the tables
+
+
 class RotaryEmbedding:
     """Precomputed cos/sin tables, one row per position, in the model dtype."""
 
@@ -114,6 +153,36 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, head_dim]
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
+        section = getattr(spec, "mrope_section", None)
+        # [head_dim]: the position component (0 t, 1 h, 2 w) whose angle each column takes
+        self.mrope_component = None if section is None else _mrope_components(section, spec.head_dim, device)
+
+    def tables(self, positions: torch.Tensor) -> RotaryTables:
+        """positions: [num_tokens] (plain rope), or [3, num_tokens] (M-RoPE, models with mrope_section)."""
+        if positions.dim() == 1:
+            return RotaryTables(self.cos, self.sin, positions)
+        assert self.mrope_component is not None, "3-D positions need a model with mrope_section"
+        num_tokens = positions.shape[1]
+        columns = self.mrope_component[None, None, :].expand(1, num_tokens, -1)  # [1, T, D]
+        cos = self.cos[positions].gather(0, columns)[0]  # [3, T, D] -> [T, D]
+        sin = self.sin[positions].gather(0, columns)[0]
+        return RotaryTables(cos, sin, torch.arange(num_tokens, device=positions.device))
+
+
+def _mrope_components(section: tuple[int, ...], head_dim: int, device: torch.device) -> torch.Tensor:
+    if sum(section) != head_dim // 2:
+        raise ModelLoadError(f"config.json: mrope_section {list(section)} must add up to head_dim / 2 = "
+                             f"{head_dim // 2}")
+    half = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in enumerate(section)])
+    return torch.cat((half, half)).to(device)
+
+
+@dataclass
+class EmbeddingOverrides:
+    """Rows of the flat batch whose input embedding is given (images' placeholder tokens)."""
+
+    rows: torch.Tensor  # [num_rows] int64, indices into the step's tokens
+    embeddings: torch.Tensor  # [num_rows, hidden_size] in the model dtype
 
 
 
@@ -161,8 +230,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: RotaryTables, backend: AttentionBackend) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -171,7 +239,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.ops.rms_norm_heads(q, self.q_norm.weight, self.q_norm.eps)
             k = self.ops.rms_norm_heads(k, self.k_norm.weight, self.k_norm.eps)
-        q, k = self.ops.rotary(q, k, rotary.cos, rotary.sin, positions)
+        q, k = self.ops.rotary(q, k, rotary.cos, rotary.sin, rotary.positions)
         out = backend.forward(self.layer_index, q, k, v)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -196,12 +264,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, ops)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                rotary: RotaryEmbedding, backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryTables,
+                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """h: this layer's input (the previous layer's output, not yet added); residual: the stream so far."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         h, residual = self.ops.add_rms_norm(h, residual, norm1.weight, norm1.eps)
-        h = self.self_attn(h, positions, rotary, backend)
+        h = self.self_attn(h, rotary, backend)
         h, residual = self.ops.add_rms_norm(h, residual, norm2.weight, norm2.eps)
         return self.mlp(h), residual
 
@@ -223,12 +291,17 @@ class DecoderLM(nn.Module):
         weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(self.spec, weight.device, weight.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
+                overrides: EmbeddingOverrides | None = None) -> torch.Tensor:
+        """input_ids: [num_tokens]; positions: [num_tokens] or, for M-RoPE, [3, num_tokens]
+        -> hidden states [num_tokens, hidden_size]."""
         assert self.rotary is not None, "init_rotary() must run after the weights are materialised"
         h, residual = self.embed_tokens(input_ids), None
+        if overrides is not None:
+            h.index_copy_(0, overrides.rows, overrides.embeddings)
+        rotary = self.rotary.tables(positions)
         for layer in self.layers:
-            h, residual = layer(h, residual, positions, self.rotary, backend)
+            h, residual = layer(h, residual, rotary, backend)
         h, _ = self.ops.add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
         return h
 

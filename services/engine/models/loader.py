@@ -6,13 +6,18 @@ shard at a time and yields its tensors one by one, so the caller can copy each i
 drop it: host memory never holds a second full copy of the model. Pickle checkpoints (`.bin`,
 `.pt`, `.pth`) are refused, never unpickled. Every problem raises `ModelLoadError` naming the file
 or field that is wrong.
+
+Vision-language checkpoints hold a language model and a vision tower side by side; each consumer
+streams only its own tensors: `iter_weights(..., rename=...)` with a rename from `models.checkpoint`
+skips the others unread, and never opens a shard that holds none of its tensors. Their language-model
+fields sit in `text_config` (transformers also accepts them flat, as some Qwen2-VL configs have them).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,10 @@ from safetensors import safe_open
 from services.common.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# A vision tower and projector in front of one of the decoders above (services.engine.multimodal).
+VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                                 "Qwen2_5_VLForConditionalGeneration")
+ALL_ARCHITECTURES = SUPPORTED_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES
 REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                           "intermediate_size")
 
@@ -59,13 +68,13 @@ def _check_architecture(config_path: Path, raw: dict[str, Any]) -> None:
     architectures = raw.get("architectures")
     if not isinstance(architectures, list) or not architectures:
         raise ModelLoadError(f"{config_path}: field 'architectures' is missing or empty; "
-                             f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"expected one of {', '.join(ALL_ARCHITECTURES)}")
     if len(architectures) != 1:
         raise ModelLoadError(f"{config_path}: field 'architectures' must name exactly one architecture, "
                              f"got {architectures}")
-    if architectures[0] not in SUPPORTED_ARCHITECTURES:
+    if architectures[0] not in ALL_ARCHITECTURES:
         raise ModelLoadError(f"{config_path}: architecture {architectures[0]!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"supported: {', '.join(ALL_ARCHITECTURES)}")
 
 
 def read_model_config(model_dir: str | os.PathLike) -> transformers.PretrainedConfig:
@@ -78,7 +87,8 @@ def read_model_config(model_dir: str | os.PathLike) -> transformers.PretrainedCo
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
     _check_architecture(config_path, raw)
-    missing = [name for name in REQUIRED_CONFIG_FIELDS if raw.get(name) is None]
+    text_fields = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
+    missing = [name for name in REQUIRED_CONFIG_FIELDS if text_fields.get(name) is None]
     if missing:
         raise ModelLoadError(f"{config_path}: required field(s) missing: {', '.join(missing)}")
     try:
@@ -160,21 +170,37 @@ def check_dir_for_weights(model_dir: str | os.PathLike) -> None:
             _names_in(shard, handle)
 
 
-def iter_weights(model_dir: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+# checkpoint tensor name -> the name to yield it under, or None to skip it without reading it
+Rename = Callable[[str], str | None]
+
+
+def iter_weights(model_dir: str | os.PathLike, rename: Rename | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, tensor) in stored dtype, one shard open at a time.
 
-    The directory is checked when this is called (a missing or refused checkpoint raises here);
-    a file that turns out corrupt raises while iterating.
+    With `rename`, only the tensors it maps to a name are read, and they are yielded under that name;
+    an indexed shard none of whose tensors is wanted is not opened. The directory is checked when this
+    is called (a missing or refused checkpoint raises here); a file that turns out corrupt raises while
+    iterating.
     """
-    return _stream_tensors(_find_shards(model_dir))
+    shards = _find_shards(model_dir)
+    if rename is not None:
+        shards = [s for s in shards if s.tensor_names is None or any(rename(n) is not None for n in s.tensor_names)]
+    return _stream_tensors(shards, rename or _keep_name)
 
 
-def _stream_tensors(shards: list[_Shard]) -> Iterator[tuple[str, torch.Tensor]]:
+def _keep_name(name: str) -> str:
+    return name
+
+
+def _stream_tensors(shards: list[_Shard], rename: Rename) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in shards:
         with _open(shard) as handle:
             for name in _names_in(shard, handle):
+                new_name = rename(name)
+                if new_name is None:
+                    continue
                 try:
                     tensor = handle.get_tensor(name)
                 except Exception as e:
                     raise ModelLoadError(f"{shard.path}: cannot read tensor {name!r}: {e}") from e
-                yield name, tensor
+                yield new_name, tensor
