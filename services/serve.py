@@ -67,6 +67,9 @@ def run(config: ServeConfig) -> int:
     name = config.served_model_name or (DEFAULT_MODEL_NAME if config.engine.model is None
                                         else os.path.basename(os.path.normpath(model_dir)))
     started_ray = _start_ray(config)
+    # joined to a Ray cluster, the pools belong to it: every gateway replica attaches to the same
+    # named actors, and none stops them on its way out
+    shared = not started_ray
     workers = []
     try:
         pools = {"colocated": config.replicas} if config.mode == "colocated" else {
@@ -76,12 +79,14 @@ def run(config: ServeConfig) -> int:
             workers += start_pool(engine_config, stage, count, bind_host=config.data_plane_host,
                                   gpus_per_worker=gpus_per_worker, model_name=name,
                                   stage_resources=config.stage_resources, metrics_port=config.worker_metrics_port,
-                                  kv_staging_bytes=config.kv_staging_bytes)
-        _check_layouts(workers)
+                                  kv_staging_bytes=config.kv_staging_bytes, shared=shared)
+        _check_layouts(workers, model_dir)
         asyncio.run(_serve_http(config, workers, model_dir, name))
     finally:
-        if workers:
+        if workers and not shared:
             stop_pool(workers)
+        elif workers:
+            logger.info("the worker pools stay with the Ray cluster for the other gateway replicas")
         if started_ray:
             ray.shutdown()
     logger.info("stopped")
@@ -100,8 +105,12 @@ def _share_gpus(engine_config: EngineConfig, num_workers: int) -> tuple[EngineCo
     return replace(engine_config, gpu_memory_utilization=engine_config.gpu_memory_utilization * share), share
 
 
-def _check_layouts(workers) -> None:
-    """Prefill and decode must agree on what a KV block is; refuse to start otherwise."""
+def _check_layouts(workers, model_dir: str) -> None:
+    """Prefill and decode must agree on what a KV block is, and attached pools must serve our model;
+    refuse to start otherwise."""
+    others = sorted({w.info["model_dir"] for w in workers} - {model_dir})
+    if others:
+        raise SystemExit(f"tristage serve: the running pools serve {others}, not {model_dir}; stop them first")
     keys = ("model_dir", "block_size", "dtype", "vocab_size")
     layouts = {tuple(w.info[k] for k in keys) for w in workers}
     if len(layouts) > 1:
@@ -110,12 +119,25 @@ def _check_layouts(workers) -> None:
 
 def _start_ray(config: ServeConfig) -> bool:
     if config.ray_address:
+        _use_ray_auth_token()
         ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
         return False
     num_cpus = max(os.cpu_count() or 1, config.replicas + config.num_prefill + config.num_decode + 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
              logging_level=logging.WARNING)
     return True
+
+
+def _use_ray_auth_token() -> None:
+    """Joining a cluster whose head enabled token authentication (Ray's default for `ray start --head`):
+    Ray's driver sends the token only in token mode, so turn it on when a token is at hand (the
+    RAY_AUTH_TOKEN variable, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token), as `ray.init`
+    does for a cluster it starts itself. An explicit RAY_AUTH_MODE is left as it is."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: str) -> None:

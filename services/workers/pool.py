@@ -3,6 +3,12 @@
 A pool asks Ray for `num_gpus` per actor on CUDA (one GPU each by default) and one CPU otherwise.
 Ray restarts a dead actor (`max_restarts`); its new process binds a new address, which the
 gateway picks up from the next `info()` call.
+
+Shared pools (a Ray cluster that several gateway replicas join): actors are named
+`<stage>-<i>` in the RAY_NAMESPACE namespace and detached, so the first gateway creates them, the
+others attach to the same actors (`get_if_exists`), and a gateway that goes away leaves them to the
+rest. Workers stream to whichever gateway sent a request (its `reply_to`), so they need not know
+how many gateways there are.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from services.engine import EngineConfig
 from services.workers.actor import EngineActor
 
 MAX_ACTOR_RESTARTS = 3
+RAY_NAMESPACE = "tristage"
 
 
 @dataclass
@@ -32,17 +39,22 @@ class WorkerHandle:
 def start_pool(engine_config: EngineConfig, stage: str, count: int, *, bind_host: str = "127.0.0.1",
                gpus_per_worker: float = 1.0, name_prefix: str | None = None, model_name: str = "model",
                stage_resources: bool = False, metrics_port: int | None = None,
-               kv_staging_bytes: int | None = None) -> list[WorkerHandle]:
-    """Start `count` actors and block until every one has loaded its model (raises if one fails)."""
+               kv_staging_bytes: int | None = None, shared: bool = False) -> list[WorkerHandle]:
+    """Start `count` actors (or, `shared`, attach to those already running under the same names) and
+    block until every one has loaded its model (raises if one fails)."""
     on_gpu = engine_config.resolved().device.startswith("cuda")
-    remote = ray.remote(EngineActor).options(
-        num_cpus=0 if on_gpu else 1, num_gpus=gpus_per_worker if on_gpu else 0,
-        resources={stage: 1} if stage_resources else None,  # Ray nodes advertise the roles they host
-        max_concurrency=4, max_restarts=MAX_ACTOR_RESTARTS)
     prefix = name_prefix or stage
-    actors = [(f"{prefix}-{i}", remote.remote(engine_config, f"{prefix}-{i}", stage, bind_host, model_name,
-                                                        metrics_port, kv_staging_bytes))
-              for i in range(count)]
+    actors = []
+    for i in range(count):
+        name = f"{prefix}-{i}"
+        options = dict(num_cpus=0 if on_gpu else 1, num_gpus=gpus_per_worker if on_gpu else 0,
+                       resources={stage: 1} if stage_resources else None,  # nodes advertise the roles they host
+                       max_concurrency=4, max_restarts=MAX_ACTOR_RESTARTS)
+        if shared:
+            options.update(name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True)
+        remote = ray.remote(EngineActor).options(**options)
+        actors.append((name, remote.remote(engine_config, name, stage, bind_host, model_name, metrics_port,
+                                           kv_staging_bytes)))
     infos = ray.get([actor.info.remote() for _, actor in actors])
     return [WorkerHandle(name, stage, actor, info) for (name, actor), info in zip(actors, infos)]
 

@@ -59,8 +59,18 @@ def test_compose_runs_the_whole_cluster(compose):
     gateway = " ".join(services["gateway"]["command"])
     assert re.search(r"exec tristage serve --ray-address ray-head:6379 --host 0\.0\.0\.0 --port 8000\s+"
                      r"--data-plane-host auto", gateway)
-    assert "--include-dashboard=false" in services["ray-head"]["command"]
+    assert "--include-dashboard=false" in " ".join(services["ray-head"]["command"])
     assert '--resources={"colocated": 1}' in services["ray-worker"]["command"]
+
+
+def test_every_ray_process_shares_one_auth_token(compose):
+    """Ray's token authentication stays on: the head makes the token once, the rest read the same file."""
+    services = compose["services"]
+    assert " ".join(services["ray-head"]["command"]).startswith("bash -c ray get-auth-token --generate")
+    for name in ("ray-head", "ray-worker", "gateway"):
+        assert services[name]["environment"]["RAY_AUTH_MODE"] == "token"
+        assert "ray-auth:/home/tristage/.ray" in services[name]["volumes"]
+    assert "ray-auth" in compose["volumes"]
     for name in ("ray-head", "ray-worker", "gateway"):
         assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile.cpu"
         assert services[name]["image"] == "tristage:cpu"

@@ -5,6 +5,8 @@ custom resources against the schemas in tests/data/ (RayCluster, ServiceMonitor,
 
 from __future__ import annotations
 
+import base64
+
 import copy
 import json
 from pathlib import Path
@@ -141,7 +143,27 @@ def test_default_is_one_colocated_gpu_worker_behind_the_gateway():
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["image"] == "tristage:0.1.0-cuda"
     assert not any(e["name"] == "TRISTAGE_API_KEYS" for e in container["env"])
-    assert not [d for d in docs if d["kind"] in ("Secret", "Ingress", "HTTPRoute", "HorizontalPodAutoscaler")]
+    assert not [d for d in docs if d["kind"] in ("Ingress", "HTTPRoute", "HorizontalPodAutoscaler")]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-ray-auth"]
+
+
+def test_every_ray_process_authenticates_with_the_release_token():
+    """Ray's token authentication: head, every worker group and the gateway get one token (a random one
+    made by the chart, or the operator's Secret)."""
+    docs = render(DISAGGREGATED)
+    secret = find(docs, "Secret", f"{FULLNAME}-ray-auth")
+    assert len(base64.b64decode(secret["data"]["token"])) == 48
+    cluster = find(docs, "RayCluster")
+    containers = [cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0], gateway_container(docs)]
+    containers += [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-ray-auth", "key": "token"}
+    docs = render({"ray": {"authToken": {"existingSecret": "ray-token", "existingSecretKey": "t"}}})
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    env = {e["name"]: e for e in gateway_container(docs)["env"]}
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ray-token", "key": "t"}
 
 
 def test_ray_dashboard_is_not_exposed():
@@ -215,13 +237,13 @@ def test_hpa_owns_the_replica_count():
 
 def test_api_keys_from_chart_secret_or_existing_secret():
     docs = render(SCENARIOS["cpu-keys-no-monitoring"])
-    secret = find(docs, "Secret")
+    secret = find(docs, "Secret", f"{FULLNAME}-api-keys")
     assert secret["stringData"] == {"api-keys": "k1,k2"}
     env = {e["name"]: e for e in gateway_container(docs)["env"]}
     key_ref = env["TRISTAGE_API_KEYS"]["valueFrom"]["secretKeyRef"]
     assert key_ref == {"name": secret["metadata"]["name"], "key": "api-keys"}
     docs = render(SCENARIOS["existing-secret"])
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-ray-auth"]
     env = {e["name"]: e for e in gateway_container(docs)["env"]}
     assert env["TRISTAGE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "llm-keys", "key": "keys"}
 

@@ -102,3 +102,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   readOnly: true
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding Ray's auth token. */}}
+{{- define "tristage.rayAuthSecretName" -}}
+{{- .Values.ray.authToken.existingSecret | default (printf "%s-ray-auth" (include "tristage.fullname" .)) -}}
+{{- end }}
+
+{{/* Ray token authentication for a container running any Ray process. */}}
+{{- define "tristage.rayAuthEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tristage.rayAuthSecretName" . }}
+      key: {{ if .Values.ray.authToken.existingSecret }}{{ .Values.ray.authToken.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
