@@ -4,6 +4,8 @@ Every message is a msgspec Struct sent as one msgpack header frame (tensors, whe
 them, follow as raw frames; see services.common.codec). Each carries the protocol version and a
 request id. Nothing received from a socket is ever unpickled.
 
+Gateway -> encoder: EncodeRequest (one image: its encoded bytes as one raw frame)
+Encoder -> prefill: ImageEmbedding (one image's embedding rows as one raw frame)
 Gateway -> worker:  GenerateRequest, AbortRequest
 Worker -> gateway:  OutputBatch of RequestDelta / RequestError (one batch per engine step)
 Prefill -> decode:  KVTransfer (the request and the KV layout), then KVLayers (header + one raw
@@ -51,6 +53,37 @@ class KVTarget(msgspec.Struct, frozen=True, kw_only=True):
     host_id: str = ""
 
 
+class ImageRef(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """An image of a prompt: its content hash and the placeholder run its embedding rows fill."""
+
+    content_hash: str  # BLAKE2b-128 hex of the image's encoded bytes (services.gateway.images)
+    offset: int  # first placeholder token
+    length: int  # placeholder tokens = embedding rows
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL patch grid (M-RoPE positions); None for LLaVA
+
+
+class EncodeRequest(msgspec.Struct, tag="encode", tag_field="kind", kw_only=True):
+    """Encode one image (the next frame: its encoded bytes, already checked by the gateway) and send its
+    embedding to `deliver_to`, a prefill (or colocated) worker's embedding socket."""
+
+    request_id: str
+    image: ImageRef
+    deliver_to: str
+    version: int = PROTOCOL_VERSION
+
+
+class ImageEmbedding(msgspec.Struct, tag="embedding", tag_field="kind", kw_only=True):
+    """One image's embedding rows for a request; the next frame holds [num_rows, hidden_size] in `dtype`."""
+
+    request_id: str
+    content_hash: str
+    num_rows: int
+    hidden_size: int
+    dtype: str
+    error: str | None = None  # the encoder could not encode it (no frame follows): fail the request
+    version: int = PROTOCOL_VERSION
+
+
 class GenerateRequest(msgspec.Struct, tag="generate", tag_field="kind", kw_only=True):
     request_id: str
     prompt_token_ids: list[int]
@@ -61,6 +94,9 @@ class GenerateRequest(msgspec.Struct, tag="generate", tag_field="kind", kw_only=
     kv_target: KVTarget | None = None
     # tokens already produced elsewhere (a fallback or migration resumes after them)
     output_token_ids: list[int] = []
+    # a vision-language prompt's images, in prompt order: their embeddings arrive as ImageEmbedding
+    # messages from the encoders the gateway chose
+    images: list[ImageRef] = []
     version: int = PROTOCOL_VERSION
 
 
@@ -91,6 +127,9 @@ class KVTransfer(msgspec.Struct, tag="kv_transfer", tag_field="kind", kw_only=Tr
     reply_to: str
     ack_to: str  # the prefill worker's input address
     cache_salt: str | None = None
+    # a vision-language prompt's images: their embeddings follow this header as raw frames, one per
+    # image ([length, hidden] in the layout's dtype), for the decode side's block hashes and recompute
+    images: list[ImageRef] = []
     version: int = PROTOCOL_VERSION
 
 
@@ -176,6 +215,8 @@ class OutputBatch(msgspec.Struct, tag="batch", tag_field="kind", kw_only=True):
     version: int = PROTOCOL_VERSION
 
 
-WorkerInbound = GenerateRequest | AbortRequest | KVAck
+WorkerInbound = GenerateRequest | AbortRequest | KVAck | EncodeRequest
+EmbeddingInbound = ImageEmbedding
+EncoderInbound = EncodeRequest | AbortRequest
 KVInbound = KVTransfer | KVLayers
 WorkerOutbound = OutputBatch
