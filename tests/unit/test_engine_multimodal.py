@@ -346,6 +346,20 @@ def test_num_image_tokens_from_the_size_alone(reference, family):
         assert processor.num_image_tokens(width, height) == processed.images[0].length
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_from_sizes_alone_equals_processing_the_pixels(reference, family):
+    """What a gateway computes without pixels (token ids, placeholder runs, Qwen patch grids) is what
+    the encoders' full processing gives."""
+    processor = reference.processor(family)
+    text, images = image_prompts(family)[2]
+    processed = processor.process(text, images)
+    token_ids, layout = processor.layout(processor.tokenizer.encode(text), [im.size for im in images])
+    assert token_ids == processed.prompt_token_ids
+    assert layout == [(i.offset, i.length, i.image_grid_thw) for i in processed.images]
+    with pytest.raises(InvalidRequestError, match="placeholder"):
+        processor.layout(processor.tokenizer.encode(text), [images[0].size])
+
+
 def test_llava_expansion_equals_transformers_processor(vlm_dirs, reference):
     family = "llava-clip-llama"
     text, imgs = image_prompts(family)[2]

@@ -46,6 +46,7 @@ from PIL import Image
 # not `transformers.AutoImageProcessor`: transformers' lazy top-level name demands torchvision, the
 # module's own class falls back to the PIL backends
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from services.common.errors import InvalidRequestError, ModelLoadError
 from services.engine.models.loader import read_model_config
@@ -141,6 +142,34 @@ class MultiModalProcessor:
         # the patch grid the image processor's resize gives (a multiple of the merge size on each side)
         num_patches = self.image_processor.get_number_of_image_patches(height, width, {})
         return num_patches // self.spec.spatial_merge_size**2
+
+    def image_grid(self, width: int, height: int) -> GridTHW | None:
+        """The patch grid (t, h, w) the image processor gives an image of this size (Qwen2-VL), from the
+        size alone; None for LLaVA, whose images all resize to the tower's square."""
+        if not self.spec.uses_mrope:
+            return None
+        processor = self.image_processor
+        patch_size = processor.patch_size
+        resized_height, resized_width = smart_resize(
+            height, width, patch_size * processor.merge_size,
+            min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
+        return (1, resized_height // patch_size, resized_width // patch_size)  # one frame: a still image
+
+    def layout(self, prompt_token_ids: Sequence[int],
+               image_sizes: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int, GridTHW | None]]]:
+        """What `process` gives, from image sizes (width, height) alone, without pixels: the expanded token
+        ids, and each image's (offset, length, grid). A gateway uses it; encoders do the pixels.
+
+        Raises InvalidRequestError when the placeholders and images disagree in number.
+        """
+        token_ids = list(prompt_token_ids)
+        self._check_placeholders(token_ids, len(image_sizes))
+        grids = [self.image_grid(width, height) for width, height in image_sizes]
+        lengths = [num_merged_tokens(grid, self.spec.spatial_merge_size) if grid is not None
+                   else self._llava_tokens_per_image for grid in grids]
+        expanded = _expand(token_ids, self.spec.image_token_id, lengths)
+        runs = find_placeholder_runs(expanded, self.spec.image_token_id, lengths)
+        return expanded, [(offset, length, grid) for (offset, length), grid in zip(runs, grids)]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation; image content parts become the model's placeholder."""
