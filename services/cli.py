@@ -12,6 +12,7 @@ import sys
 import time
 
 from services.engine.config import DTYPES, EngineConfig
+from services.gateway.images import ImagePolicy
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -67,13 +68,14 @@ def _serve(args: argparse.Namespace) -> int:
     config = serve.ServeConfig(
         engine=engine_config_from_args(args), host=args.host, port=args.port,
         served_model_name=args.served_model_name, mode=args.mode, replicas=args.replicas,
-        num_prefill=args.prefill, num_decode=args.decode, router_policy=args.router_policy,
+        num_prefill=args.prefill, num_decode=args.decode, num_encode=args.encode, router_policy=args.router_policy,
         data_plane_host=args.data_plane_host, stage_resources=args.ray_address is not None,
         worker_metrics_port=args.worker_metrics_port, kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
         ray_address=args.ray_address,
         api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
         gateway_options={"max_queued_requests": args.max_queued_requests,
-                         "max_queued_tokens": args.max_queued_tokens})
+                         "max_queued_tokens": args.max_queued_tokens,
+                         "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host))})
     return serve.run(config)
 
 
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--replicas", type=int, default=1, help="colocated engine actors")
     srv.add_argument("--prefill", type=int, default=1, help="prefill actors (disaggregated)")
     srv.add_argument("--decode", type=int, default=1, help="decode actors (disaggregated)")
+    srv.add_argument("--encode", type=int, default=None,
+                     help="encode actors for a vision-language model (default: 1 disaggregated, 0 colocated)")
+    srv.add_argument("--image-url-allow-host", action="append", default=[],
+                     help="a host http(s) image URLs may come from (repeatable; default none: data URLs only)")
     srv.add_argument("--router-policy", default="preble",
                      choices=["round_robin", "least_load", "prefix_affinity", "preble"])
     srv.add_argument("--worker-metrics-port", type=int, default=None,

@@ -40,6 +40,7 @@ class ServeConfig:
     replicas: int = 1  # colocated engine actors
     num_prefill: int = 1  # disaggregated pools
     num_decode: int = 1
+    num_encode: int | None = None  # encode actors (vision-language models; None: 1 when disaggregated)
     router_policy: str = "preble"
     stage_resources: bool = False  # actors ask Ray for a custom resource named after their role
     worker_metrics_port: int | None = None  # workers serve their own /metrics from this port on
@@ -74,6 +75,9 @@ def run(config: ServeConfig) -> int:
     try:
         pools = {"colocated": config.replicas} if config.mode == "colocated" else {
             "prefill": config.num_prefill, "decode": config.num_decode}
+        num_encode = _num_encode(config, model_dir)
+        if num_encode:
+            pools = {"encode": num_encode, **pools}
         engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
         for stage, count in pools.items():
             workers += start_pool(engine_config, stage, count, bind_host=config.data_plane_host,
@@ -91,6 +95,21 @@ def run(config: ServeConfig) -> int:
             ray.shutdown()
     logger.info("stopped")
     return 0
+
+
+def _num_encode(config: ServeConfig, model_dir: str) -> int:
+    """Encode actors: only for a vision-language model; one by default when disaggregated, none colocated
+    (a colocated worker encodes its own requests' images) unless asked for."""
+    from services.engine.models.loader import read_model_config
+    from services.engine.multimodal.spec import VisionLanguageSpec
+
+    if VisionLanguageSpec.from_hf_config(read_model_config(model_dir)) is None:
+        if config.num_encode:
+            raise SystemExit(f"tristage serve: --encode needs a vision-language model; {model_dir} is text-only")
+        return 0
+    if config.num_encode is not None:
+        return config.num_encode
+    return 1 if config.mode == "disaggregated" else 0
 
 
 def _share_gpus(engine_config: EngineConfig, num_workers: int) -> tuple[EngineConfig, float]:
@@ -112,7 +131,7 @@ def _check_layouts(workers, model_dir: str) -> None:
     if others:
         raise SystemExit(f"tristage serve: the running pools serve {others}, not {model_dir}; stop them first")
     keys = ("model_dir", "block_size", "dtype", "vocab_size")
-    layouts = {tuple(w.info[k] for k in keys) for w in workers}
+    layouts = {tuple(w.info[k] for k in keys) for w in workers if w.stage != "encode"}
     if len(layouts) > 1:
         raise SystemExit(f"tristage serve: workers disagree on {keys}: {sorted(layouts)}")
 
@@ -122,7 +141,8 @@ def _start_ray(config: ServeConfig) -> bool:
         _use_ray_auth_token()
         ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
         return False
-    num_cpus = max(os.cpu_count() or 1, config.replicas + config.num_prefill + config.num_decode + 1)
+    num_cpus = max(os.cpu_count() or 1,
+                   config.replicas + config.num_prefill + config.num_decode + (config.num_encode or 1) + 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
              logging_level=logging.WARNING)
     return True
@@ -148,8 +168,9 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.gateway.config import GatewayConfig
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
+    processor = await asyncio.to_thread(_processor, model_dir)
     backend = ClusterBackend(workers, model_name=model_name, tokenizer=tokenizer, bind_host=config.data_plane_host,
-                             router_policy=config.router_policy)
+                             router_policy=config.router_policy, processor=processor)
     await backend.start()
     gateway_config = GatewayConfig(served_model_name=model_name, api_keys=config.api_keys,
                                    export_worker_metrics=config.worker_metrics_port is None,
@@ -165,6 +186,17 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     finally:
         announce.cancel()
         await backend.close()
+
+
+def _processor(model_dir: str):
+    """A vision-language model's MultiModalProcessor (the gateway's image layout), else None."""
+    from services.engine.models.loader import read_model_config
+    from services.engine.multimodal import MultiModalProcessor
+    from services.engine.multimodal.spec import VisionLanguageSpec
+
+    if VisionLanguageSpec.from_hf_config(read_model_config(model_dir)) is None:
+        return None
+    return MultiModalProcessor.from_model_dir(model_dir)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -7,11 +7,11 @@ services.gateway.cluster.ClusterBackend (ZeroMQ to Ray worker actors).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.common.messages import RequestDelta, RequestError, SamplingSpec
+from services.common.messages import ImageRef, RequestDelta, RequestError, SamplingSpec
 
 
 class RequestFailed(Exception):
@@ -20,6 +20,14 @@ class RequestFailed(Exception):
     def __init__(self, error: RequestError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """An image of a vision-language prompt: where its embedding goes, and its encoded bytes for an encoder."""
+
+    ref: ImageRef
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class WorkerSnapshot:
     kv_transfer_fallbacks: int = 0  # recomputed by a decode worker
     kv_transfer_seconds_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound s, cumulative count)
     kv_transfer_seconds_sum: float = 0.0
+    # encode workers (zero elsewhere)
+    encode_seconds_buckets: tuple[tuple[float, int], ...] = ()  # one batch of images through the tower
+    encode_seconds_sum: float = 0.0
+    embedding_cache_queries: int = 0  # images looked up
+    embedding_cache_hits: int = 0
+    embedding_bytes_sent: int = 0  # to prefill (or colocated) workers
 
 
 @dataclass(frozen=True)
@@ -58,14 +72,17 @@ class Backend(Protocol):
     max_model_len: int  # context length in tokens
     vocab_size: int
     tokenizer: object  # a transformers tokenizer: chat template, tokenization
+    # a vision-language model's MultiModalProcessor (chat template, image layout); None: text only
+    processor: object | None
 
     def is_ready(self) -> bool:
         """Every worker pool is up."""
         ...
 
     def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                 cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
-        """Deltas of one request until one with `finished`; raises RequestFailed."""
+                 cache_salt: str | None = None, images: Sequence[PromptImage] = ()) -> AsyncIterator[RequestDelta]:
+        """Deltas of one request until one with `finished`; raises RequestFailed. `images` go with a
+        vision-language prompt whose placeholders `prompt_token_ids` already expand."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import zmq
@@ -31,9 +31,10 @@ import zmq.asyncio
 
 from services.common.channels import bind, configure, tcp_address
 from services.common.codec import DecodeError, MessageCodec
-from services.common.messages import (AbortRequest, GenerateRequest, KVTarget, OutputBatch, RequestDelta,
+from services.common.block_hash import MultiModalSpan
+from services.common.messages import (AbortRequest, EncodeRequest, GenerateRequest, KVTarget, OutputBatch, RequestDelta,
                                       RequestError, SamplingSpec, WorkerInbound)
-from services.gateway.backend import ClusterStats, RequestFailed, WorkerSnapshot
+from services.gateway.backend import ClusterStats, PromptImage, RequestFailed, WorkerSnapshot
 from services.router import Router, RouteRequest
 from services.router.load import WorkerLoad
 from services.router.router import NoWorkerAvailable
@@ -62,26 +63,42 @@ class _Stream:
     finished: bool = False
     hit_observed: bool = False
     streamed_token_ids: list[int] = field(default_factory=list)  # what the client has (n == 1)
+    images: list[PromptImage] = field(default_factory=list)  # a vision-language prompt's, kept to migrate
+
+
+def _encode_fields(stats: dict) -> dict:
+    """An encode worker's counters as WorkerSnapshot fields (nothing for other workers)."""
+    encode = stats.get("encode")
+    if encode is None:
+        return {}
+    return dict(encode_seconds_buckets=tuple(map(tuple, encode["encode_seconds_buckets"])),
+                encode_seconds_sum=encode["encode_seconds"], embedding_cache_queries=encode["embedding_cache_queries"],
+                embedding_cache_hits=encode["embedding_cache_hits"],
+                embedding_bytes_sent=encode["embedding_bytes_sent"])
 
 
 class ClusterBackend:
     def __init__(self, workers: list[WorkerHandle], *, model_name: str, tokenizer, bind_host: str = "127.0.0.1",
-                 health_interval_s: float = 1.0, router_policy: str = "preble") -> None:
+                 health_interval_s: float = 1.0, router_policy: str = "preble", processor=None) -> None:
         if not workers:
             raise ValueError("a cluster needs at least one worker")
         self.model_name = model_name
         self.tokenizer = tokenizer
-        self.max_model_len = min(w.info["max_model_len"] for w in workers)
-        self.vocab_size = min(w.info["vocab_size"] for w in workers)
+        self.processor = processor  # a vision-language model's MultiModalProcessor, else None
+        engines = [w for w in workers if w.stage != "encode"]
+        self.max_model_len = min(w.info["max_model_len"] for w in engines)
+        self.vocab_size = min(w.info["vocab_size"] for w in engines)
         self._context = zmq.asyncio.Context()
         self._results = configure(self._context.socket(zmq.PULL))
         self.reply_to = bind(self._results, tcp_address(bind_host))
         self._links = [self._connect(w, w.address) for w in workers]
+        self._encoders = [link for link in self._links if link.handle.stage == "encode"]
         self._by_name = {link.handle.name: link for link in self._links}
         self.disaggregated = any(w.stage == "prefill" for w in workers)
         prefill = [w.name for w in workers if w.stage in ("prefill", "colocated")]
         decode = [w.name for w in workers if w.stage in ("decode", "colocated")]
-        self.router = Router(prefill, decode, router_policy, workers[0].info["block_size"])
+        encode = [w.name for w in workers if w.stage == "encode"]
+        self.router = Router(prefill, decode, router_policy, engines[0].info["block_size"], encode_workers=encode)
         self._event_seq: dict[str, int | None] = {w.name: None for w in workers}  # next KV event batch to read
         self.num_migrations = 0  # requests moved off a dead worker (tristage:request_migrations_total)
         self._streams: dict[str, _Stream] = {}
@@ -118,15 +135,16 @@ class ClusterBackend:
     # ------------------------------------------------------------------ requests
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestDelta]:
+                       cache_salt: str | None = None, images: Sequence[PromptImage] = ()) -> AsyncIterator[RequestDelta]:
         message = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                  reply_to=self.reply_to, cache_salt=cache_salt)
-        links, message = self._place(message)
-        stream = _Stream(message, links)
+                                  reply_to=self.reply_to, cache_salt=cache_salt, images=[i.ref for i in images])
+        links, message, encoders = self._place(message)
+        stream = _Stream(message, links, images=list(images))
         self._streams[request_id] = stream
         for link in links:
             link.in_flight.add(request_id)
         try:
+            await self._send_images(stream, encoders)
             await links[0].socket.send_multipart(self._outbound.encode(message))
             self.router.acknowledge(request_id)
             pending: dict[int, RequestDelta] = {}  # n == 1 deltas that arrived ahead of their turn
@@ -173,10 +191,23 @@ class ClusterBackend:
             expected += num_tokens
         return ready
 
-    def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest]:
-        """The router's choice; disaggregated n == 1 requests get the decode worker as their KV target."""
+    async def _send_images(self, stream: _Stream, encoders: Sequence[_WorkerLink]) -> None:
+        """Each image to its encoder (or, with no encode pool, to the colocated worker that encodes itself),
+        its embedding to be delivered to the worker computing the prompt."""
+        target = stream.links[0]
+        deliver_to = target.handle.info.get("embedding_address") or ""
+        for image, encoder in zip(stream.images, encoders or [target] * len(stream.images)):
+            request = EncodeRequest(request_id=stream.message.request_id, image=image.ref, deliver_to=deliver_to)
+            await encoder.socket.send_multipart(self._outbound.encode(request, image.data))
+
+    def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest, list[_WorkerLink]]:
+        """The router's choice (and each image's encoder); disaggregated n == 1 requests get the decode
+        worker as their KV target."""
+        spans = [MultiModalSpan(i.content_hash, i.offset, i.length) for i in message.images]
         route = RouteRequest(request_id=message.request_id, token_ids=message.prompt_token_ids,
-                             max_tokens=message.sampling.max_tokens, cache_salt=message.cache_salt)
+                             max_tokens=message.sampling.max_tokens, cache_salt=message.cache_salt,
+                             image_hashes=[i.content_hash for i in message.images] if self._encoders else (),
+                             mm_spans=spans)
         try:
             placement = self.router.place(route)
         except NoWorkerAvailable as exc:
@@ -188,14 +219,16 @@ class ClusterBackend:
             self.router.release(message.request_id)
             raise RequestFailed(RequestError(request_id=message.request_id, message="the chosen worker is down; "
                                              "retry later", type="service_unavailable", status=503))
+        encoders = [self._by_name[name] for name in placement.encode_workers]
         if prefill is decode:
-            return [prefill], message
-        if message.sampling.n != 1:  # several samples of one prompt: a decode worker serves them whole
-            return [decode], message
+            return [prefill], message, encoders
+        if message.sampling.n != 1 or (message.images and not self._encoders):
+            # several samples of one prompt, or images with no encode pool: one worker serves it whole
+            return [decode], message, encoders
         kv_address = decode.handle.info.get("kv_address")
         message.kv_target = KVTarget(worker=decode.handle.name, kv_address=kv_address,
                                      host_id=decode.handle.info.get("host_id", ""))
-        return [prefill, decode], message
+        return [prefill, decode], message, encoders
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -266,6 +299,9 @@ class ClusterBackend:
             worker=name, stage=stats["stage"], num_running=stats["num_running"], num_waiting=stats["num_waiting"],
             kv_usage=stats["kv_cache_usage"], num_free_blocks=stats["num_free_blocks"],
             queued_prefill_tokens=0, num_decoding=stats["num_running"] if stats["stage"] != "prefill" else 0))
+        if stats["stage"] == "encode":  # its embedding cache: what the router sends it images for
+            self.router.content_index.replace_worker(name, events["seq"], events["snapshot"])
+            return
         index = self.router.index
         if "snapshot" in events:
             index.replace_worker(name, events["seq"], ((h, None) for h in events["snapshot"]))
@@ -298,12 +334,15 @@ class ClusterBackend:
             stream.message = GenerateRequest(
                 request_id=request_id, prompt_token_ids=old.prompt_token_ids, sampling=old.sampling,
                 reply_to=self.reply_to, cache_salt=old.cache_salt,
-                output_token_ids=list(old.output_token_ids) + stream.streamed_token_ids)
+                output_token_ids=list(old.output_token_ids) + stream.streamed_token_ids, images=old.images)
             stream.links = [target]
             target.in_flight.add(request_id)
             self.num_migrations += 1
             logger.warning("request %s moves from %s to %s after %d streamed tokens", request_id, dead.handle.name,
                            target.handle.name, len(stream.streamed_token_ids))
+            encoders = [link for link in self._encoders if link.alive]  # the images again, for the new worker
+            await self._send_images(stream, [encoders[i % len(encoders)] for i in range(len(stream.images))]
+                                    if encoders else [])
             await target.socket.send_multipart(self._outbound.encode(stream.message))
 
     def _resume_target(self, stream: _Stream) -> _WorkerLink | None:
@@ -349,7 +388,7 @@ class ClusterBackend:
                                   kv_transfer_failures=s["kv_transfer_failures"],
                                   kv_transfer_fallbacks=s["kv_transfer_fallbacks"],
                                   kv_transfer_seconds_buckets=tuple(map(tuple, s["kv_transfer_seconds_buckets"])),
-                                  kv_transfer_seconds_sum=s["kv_transfer_seconds"])
+                                  kv_transfer_seconds_sum=s["kv_transfer_seconds"], **_encode_fields(s))
 
         results = await asyncio.gather(*(one(link) for link in self._links))
         return [r for r in results if r is not None]

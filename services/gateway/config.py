@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.gateway.images import ImagePolicy
 
 MIB = 1024 * 1024
 
@@ -25,6 +27,8 @@ class GatewayConfig:
     snapshot_timeout_s: float = 2.0  # seconds /metrics waits for backend.snapshot()
     # per-worker series on the gateway's /metrics; off when workers serve their own (no double counting)
     export_worker_metrics: bool = True
+    # image_url parts of vision-language chats: limits, and remote hosts allowed (none by default)
+    image_policy: ImagePolicy = field(default_factory=ImagePolicy)
 
     def __post_init__(self) -> None:
         if not self.served_model_name:

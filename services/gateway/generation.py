@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
 
 from services.common.messages import RequestDelta, SamplingSpec
 from services.gateway.admission import AdmissionTicket
-from services.gateway.backend import Backend
+from services.gateway.backend import Backend, PromptImage
 from services.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Arrival:
 class Generation:
     def __init__(self, backend: Backend, arrival: Arrival, prompts: list[list[int]], sampling: SamplingSpec,
                  cache_salt: str | None, ticket: AdmissionTicket, metrics: GatewayMetrics,
-                 abort_timeout_s: float) -> None:
+                 abort_timeout_s: float, images: Sequence[PromptImage] = ()) -> None:
         self._backend = backend
         self._arrival = arrival
         self._prompts = prompts
@@ -51,6 +52,7 @@ class Generation:
         self._ticket = ticket
         self._metrics = metrics
         self._abort_timeout_s = abort_timeout_s
+        self._images = images  # of the one prompt of a chat request
         if len(prompts) == 1:
             self.engine_request_ids = [arrival.request_id]
         else:
@@ -76,7 +78,7 @@ class Generation:
     async def _pump(self, prompt_index: int, request_id: str) -> None:
         try:
             stream = self._backend.generate(request_id, self._prompts[prompt_index], self._sampling,
-                                            self._cache_salt)
+                                            self._cache_salt, self._images)
             async for delta in stream:
                 self._queue.put_nowait((prompt_index, delta))
                 if delta.finished:

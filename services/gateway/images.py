@@ -103,6 +103,7 @@ class LoadedImage:
     width: int  # pixels
     height: int  # pixels
     num_bytes: int  # encoded bytes
+    data: bytes = field(default=b"", repr=False, compare=False)  # the encoded bytes (what goes to an encoder)
 
 
 class ImageRefused(Exception):
@@ -250,7 +251,7 @@ def _decode(data: bytes, policy: ImagePolicy) -> LoadedImage:
         raise ImageRefused("is truncated or corrupt and could not be decoded") from None
     content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
     return LoadedImage(content_hash=content_hash, image=rgb, width=rgb.width, height=rgb.height,
-                       num_bytes=len(data))
+                       num_bytes=len(data), data=bytes(data))
 
 
 def _check_dimensions(width: int, height: int, policy: ImagePolicy) -> None:

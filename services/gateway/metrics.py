@@ -16,6 +16,9 @@ vLLM's names where the meaning matches, so existing dashboards work:
     vllm:prefix_cache_queries / _hits (tokens), vllm:num_preemptions        per worker (counters)
     tristage:kv_transfer_bytes_total / _failures_total / _fallbacks_total     per worker (counters)
     tristage:kv_transfer_seconds        histogram  per worker: one request's KV, first byte to last
+    tristage:encode_latency_seconds     histogram  per encode worker: one batch of images through the tower
+    tristage:embedding_cache_queries_total / _hits_total, tristage:embedding_transfer_bytes_total
+                                        counters   per encode worker
     tristage:request_migrations_total   counter    requests moved off a dead worker
     tristage:router_decisions_total     counter    by policy and reason
     tristage:router_predicted_hit_tokens_total / _observed_hit_tokens_total   counters
@@ -82,6 +85,16 @@ class _WorkerCollector(Collector):
                                                    labels=_WORKER_LABELS))
         transfer_seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.",
                                                  labels=_WORKER_LABELS)
+        encode = {
+            "latency": HistogramMetricFamily("tristage:encode_latency_seconds",
+                                             "One batch of images through the vision tower.", labels=_WORKER_LABELS),
+            "queries": CounterMetricFamily("tristage:embedding_cache_queries", "Images looked up in the embedding "
+                                           "cache.", labels=_WORKER_LABELS),
+            "hits": CounterMetricFamily("tristage:embedding_cache_hits", "Images found in the embedding cache.",
+                                        labels=_WORKER_LABELS),
+            "bytes": CounterMetricFamily("tristage:embedding_transfer_bytes", "Embedding bytes sent to prefill "
+                                         "workers.", labels=_WORKER_LABELS),
+        }
         for worker in self.snapshot:
             labels = [self._model_name, worker.stage, worker.worker]
             gauges["running"].add_metric(labels, worker.num_running)
@@ -96,9 +109,16 @@ class _WorkerCollector(Collector):
             if worker.kv_transfer_seconds_buckets:
                 buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.kv_transfer_seconds_buckets]
                 transfer_seconds.add_metric(labels, buckets, worker.kv_transfer_seconds_sum)
+            if worker.stage == "encode":
+                buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.encode_seconds_buckets]
+                encode["latency"].add_metric(labels, buckets, worker.encode_seconds_sum)
+                encode["queries"].add_metric(labels, worker.embedding_cache_queries)
+                encode["hits"].add_metric(labels, worker.embedding_cache_hits)
+                encode["bytes"].add_metric(labels, worker.embedding_bytes_sent)
         yield from gauges.values()
         yield from counters.values()
         yield transfer_seconds
+        yield from encode.values()
         yield from self._cluster_metrics()
 
     def _cluster_metrics(self) -> Iterator[Metric]:

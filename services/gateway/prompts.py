@@ -14,13 +14,16 @@ max_tokens must fit. When it is not given the backend generates up to the contex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import jinja2
 
 from services.common.errors import InvalidRequestError
-from services.common.messages import SamplingSpec
+from services.common.messages import ImageRef, SamplingSpec
+from services.gateway.backend import PromptImage
+from services.gateway.images import LoadedImage
 from services.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 _TEMPLATE_ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
@@ -67,7 +70,8 @@ def _or(value, default):
 # Chat
 
 
-def _message_text(index: int, message: ChatMessage) -> str:
+def _message_text(index: int, message: ChatMessage, image_placeholder: str | None = None) -> str:
+    """The message's text; each image part becomes `image_placeholder` where it stands (None: a text model)."""
     if message.content is None:
         if message.role != "assistant":
             raise InvalidRequestError(f"messages[{index}].content is required for role '{message.role}'",
@@ -78,23 +82,43 @@ def _message_text(index: int, message: ChatMessage) -> str:
     texts = []
     for part in message.content:
         if part.type == "image_url":
-            raise InvalidRequestError(
-                f"messages[{index}]: image input is not supported by this model yet", param="messages")
+            if image_placeholder is None:
+                raise InvalidRequestError(f"messages[{index}]: this model is text-only and does not accept "
+                                          "image input", param="messages")
+            texts.append(image_placeholder)
+            continue
         if part.type != "text":
             raise InvalidRequestError(
                 f"messages[{index}]: content parts of type '{part.type}' are not supported by this model; "
-                "only text parts are", param="messages")
+                "only text and image_url parts are", param="messages")
         if part.text is None:
             raise InvalidRequestError(f"messages[{index}]: a text part needs a 'text' string", param="messages")
         texts.append(part.text)
     return "\n".join(texts)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def image_urls(messages: list[ChatMessage]) -> list[str]:
+    """The URLs of every image_url part, in conversation order."""
+    urls = []
+    for index, message in enumerate(messages):
+        for part in message.content if isinstance(message.content, list) else ():
+            if part.type != "image_url":
+                continue
+            image_url = getattr(part, "image_url", None)
+            url = image_url.get("url") if isinstance(image_url, dict) else None
+            if not isinstance(url, str):
+                raise InvalidRequestError(f"messages[{index}]: an image_url part needs "
+                                          "{\"image_url\": {\"url\": ...}}", param="messages")
+            urls.append(url)
+    return urls
+
+
+def template_messages(messages: list[ChatMessage], image_placeholder: str | None = None) -> list[dict[str, str]]:
     """The messages as chat templates expect them: role and one content string (text parts joined)."""
     converted = []
     for index, message in enumerate(messages):
-        entry = {"role": _TEMPLATE_ROLES.get(message.role, message.role), "content": _message_text(index, message)}
+        entry = {"role": _TEMPLATE_ROLES.get(message.role, message.role),
+                 "content": _message_text(index, message, image_placeholder)}
         if message.name is not None:
             entry["name"] = message.name
         if message.tool_call_id is not None:
@@ -114,6 +138,24 @@ def tokenize_chat(tokenizer, request: ChatCompletionRequest, limits: ModelLimits
     token_ids = list(token_ids)
     check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
     return token_ids
+
+
+def tokenize_chat_with_images(processor, request: ChatCompletionRequest, limits: ModelLimits,
+                              images: Sequence[LoadedImage]) -> tuple[list[int], list[PromptImage]]:
+    """A vision-language model's chat: rendered with each image as the model's placeholder, tokenized,
+    and each placeholder expanded to its image's rows (from the image's size: the encoders do pixels)."""
+    messages = template_messages(request.messages, processor.image_placeholder)
+    try:
+        text = processor.apply_chat_template(messages)
+    except jinja2.TemplateError as exc:
+        raise InvalidRequestError(f"The chat template could not render these messages: {exc}",
+                                  param="messages") from exc
+    token_ids, layout = processor.layout(processor.tokenizer.encode(text), [(i.width, i.height) for i in images])
+    check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
+    prompt_images = [PromptImage(ImageRef(content_hash=image.content_hash, offset=offset, length=length,
+                                          grid_thw=grid), image.data)
+                     for image, (offset, length, grid) in zip(images, layout)]
+    return token_ids, prompt_images
 
 
 # ----------------------------------------------------------------------------------------------

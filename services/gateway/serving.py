@@ -35,11 +35,15 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, ClientGone, internal_error, parse_error
 from services.gateway.generation import Arrival, Generation
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.backend import PromptImage
+from services.gateway.images import RemoteFetcher, load_images
 from services.gateway.prompts import (
     ModelLimits,
     check_stop_token_ids,
+    image_urls,
     to_sampling_spec,
     tokenize_chat,
+    tokenize_chat_with_images,
     tokenize_completion,
 )
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -131,6 +135,7 @@ class GenerationService:
         self._metrics = metrics
         self._executor = tokenizer_executor
         self._limits = ModelLimits(max_model_len=backend.max_model_len, vocab_size=backend.vocab_size)
+        self._image_fetcher = RemoteFetcher()  # one TLS context for every remote image
 
     async def chat(self, http_request: Request) -> Response:
         return await self._serve(http_request, ChatCompletionRequest, "chatcmpl")
@@ -148,13 +153,13 @@ class GenerationService:
         generation: Generation | None = None
         handed_over = False
         try:
-            prompts = await self._tokenize(request)
+            prompts, images = await self._tokenize(request)
             try:
                 ticket.add_prompt_tokens(sum(len(p) for p in prompts))
             except AdmissionRejected as exc:
                 raise self._rejected(exc) from exc
             generation = Generation(self._backend, arrival, prompts, to_sampling_spec(request), request.cache_salt,
-                                    ticket, self._metrics, self._config.abort_timeout_s)
+                                    ticket, self._metrics, self._config.abort_timeout_s, images)
             generation.start()
             formatter = self._formatter(request, arrival.request_id)
             if request.stream:
@@ -204,14 +209,23 @@ class GenerationService:
         self._metrics.count_rejection(exc.reason)
         return ApiError(429, str(exc), code="rate_limit_exceeded", headers=self._retry_after())
 
-    async def _tokenize(self, request: GenerationRequest) -> list[list[int]]:
+    async def _tokenize(self, request: GenerationRequest) -> tuple[list[list[int]], list[PromptImage]]:
+        """The prompts' token ids, and the images of a vision-language chat (fetched and checked here)."""
         tokenizer = self._backend.tokenizer
         loop = asyncio.get_running_loop()
         try:
-            if isinstance(request, ChatCompletionRequest):
-                return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request, self._limits)]
-            return await loop.run_in_executor(self._executor, tokenize_completion, tokenizer, request,
-                                              self._limits, self._config.max_prompts_per_request)
+            if not isinstance(request, ChatCompletionRequest):
+                return await loop.run_in_executor(self._executor, tokenize_completion, tokenizer, request,
+                                                  self._limits, self._config.max_prompts_per_request), []
+            processor = self._backend.processor
+            urls = image_urls(request.messages) if processor is not None else []
+            if not urls:  # a text model refuses image parts in tokenize_chat
+                return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request,
+                                                   self._limits)], []
+            loaded = await load_images(urls, self._config.image_policy, fetcher=self._image_fetcher)
+            token_ids, images = await loop.run_in_executor(self._executor, tokenize_chat_with_images, processor,
+                                                           request, self._limits, loaded)
+            return [token_ids], images
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
 

@@ -27,8 +27,11 @@ class EngineActor:
 
             bind_host = ray.util.get_node_ip_address()
         self.engine = LLMEngine(engine_config)
+        # a colocated worker of a vision-language model encodes its requests' images itself
+        image_encoder = (_image_encoder(engine_config, self.engine.model_dir)
+                         if stage == "colocated" and self.engine.vision_language is not None else None)
         self.worker = EngineWorker(self.engine, tcp_address(bind_host), name, role=stage, model_name=model_name,
-                                   kv_staging_bytes=kv_staging_bytes)
+                                   kv_staging_bytes=kv_staging_bytes, image_encoder=image_encoder)
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
         self.metrics_port = None
@@ -40,7 +43,8 @@ class EngineActor:
     def info(self) -> dict:
         engine = self.engine
         return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
-                "kv_address": self.worker.kv_address, "host_id": self.worker.host_id, "metrics_port": self.metrics_port,
+                "kv_address": self.worker.kv_address, "host_id": self.worker.host_id,
+                "embedding_address": self.worker.embedding_address, "metrics_port": self.metrics_port,
                 "model_dir": engine.model_dir, "max_model_len": engine.max_model_len,
                 "vocab_size": engine.vocab_size, "device": engine.config.device, "dtype": engine.config.dtype,
                 "block_size": engine.config.block_size, "num_kv_blocks": engine.num_usable_blocks()}
@@ -58,6 +62,62 @@ class EngineActor:
     def kv_events(self, next_seq: int | None) -> dict:
         """KV cache events after batch `next_seq - 1`, or a snapshot (see services.workers.event_log)."""
         return self.worker.kv_events.read(next_seq)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self.worker.stop()
+        self._thread.join(timeout_s)
+
+
+def _image_encoder(engine_config: EngineConfig, model_dir: str):
+    from services.workers.encoder import ImageEncoder
+
+    config = engine_config.resolved()
+    return ImageEncoder(model_dir, config.device, config.dtype, config.load_format)
+
+
+class EncodeActor:
+    """An encode worker as a Ray actor: the vision tower and its embedding cache, one EncodeWorker loop.
+
+    It answers the same control calls as EngineActor (info, stats, kv_events), so the gateway's health
+    loop treats every pool alike; its "KV events" are its embedding cache's contents, for the router.
+    """
+
+    def __init__(self, engine_config: EngineConfig, name: str, bind_host: str = "127.0.0.1",
+                 metrics_port: int | None = None) -> None:
+        from services.workers.encode_worker import EncodeWorker
+
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+        if bind_host == "auto":
+            import ray
+
+            bind_host = ray.util.get_node_ip_address()
+        self.name, self.stage = name, "encode"
+        self.model_dir = engine_config.model
+        self.encoder = _image_encoder(engine_config, engine_config.model)
+        self.worker = EncodeWorker(self.encoder, tcp_address(bind_host), name)
+        self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
+        self._thread.start()
+        self._cache_seq = 0
+        self.metrics_port = None
+
+    def info(self) -> dict:
+        return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
+                "model_dir": self.model_dir, "metrics_port": self.metrics_port}
+
+    def stats(self) -> dict:
+        return {"name": self.name, "stage": self.stage, "alive": self._thread.is_alive(), "num_running": 0,
+                "num_waiting": 0, "kv_cache_usage": 0.0, "num_free_blocks": 0, "num_preemptions": 0,
+                "prefix_cache_queried_tokens": 0, "prefix_cache_hit_tokens": 0, "kv_transfer_bytes_sent": 0,
+                "kv_transfer_failures": 0, "kv_transfer_fallbacks": 0, "kv_transfer_seconds": 0.0,
+                "kv_transfer_seconds_buckets": [], "encode": self.worker.stats()}
+
+    def kv_events(self, next_seq: int | None) -> dict:
+        """Its embedding cache as a snapshot (the router keeps which encoder holds which image)."""
+        self._cache_seq += 1
+        return {"seq": self._cache_seq, "snapshot": self.encoder.cache.hashes()}
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

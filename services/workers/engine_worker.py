@@ -3,6 +3,10 @@
     loop:  receive (block only when idle) -> engine.step() -> hand off prefilled KV -> send one
            OutputBatch per gateway
 
+Vision-language prompts: their images' embeddings arrive from encode workers on the embedding
+socket (services.workers.multimodal_inbox holds them until the request is there too); a colocated
+worker also takes EncodeRequests itself and encodes in-process (it has an ImageEncoder).
+
 Roles (one engine each; services.workers.kv_transfer moves the KV):
   * colocated: prompt and every token.
   * prefill: a request that names a `kv_target` runs to its first token, which streams to the
@@ -27,18 +31,23 @@ import threading
 import traceback
 from collections import defaultdict
 
+import torch
 import zmq
 
 from services.common.channels import bind, configure
 from services.common.codec import DecodeError, MessageCodec
 from services.common.errors import InvalidRequestError
-from services.common.messages import (AbortRequest, CompletionDelta, GenerateRequest, KVAck, KVTransfer,
-                                      OutputBatch, PositionLogprobs, RequestDelta, RequestError, SamplingSpec,
-                                      TokenLogprob, WorkerInbound)
+from services.common.messages import (AbortRequest, CompletionDelta, EmbeddingInbound, EncodeRequest,
+                                      GenerateRequest, ImageEmbedding, KVAck, KVTransfer, OutputBatch,
+                                      PositionLogprobs, RequestDelta, RequestError, SamplingSpec, TokenLogprob,
+                                      WorkerInbound)
 from services.engine import LLMEngine, SamplingParams
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from services.workers.event_log import KVEventLog
+from services.engine.multimodal import MultiModalInputs
 from services.workers.kv_staging import StagingBuffer, host_identity
+from services.workers.encode_worker import MAX_EMBEDDING_MESSAGE_BYTES, embedding_from_frame
+from services.workers.multimodal_inbox import MultiModalInbox
 from services.workers.kv_transfer import (KV_STREAMS, MAX_KV_MESSAGE_BYTES, KVReceiver, KVSender, TransferStats,
                                           engine_layout)
 
@@ -56,7 +65,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
 class EngineWorker:
     def __init__(self, engine: LLMEngine, input_address: str, name: str = "worker-0", *, role: str = "colocated",
                  kv_address: str | None = None, model_name: str = "model", kv_lease_s: float = 30.0,
-                 kv_timeout_s: float = 10.0, kv_staging_bytes: int | None = None) -> None:
+                 kv_timeout_s: float = 10.0, kv_staging_bytes: int | None = None, image_encoder=None) -> None:
         self.engine = engine
         self.name = name
         self.role = role
@@ -78,11 +87,24 @@ class EngineWorker:
             kv_socket = configure(self._context.socket(zmq.PULL), MAX_KV_MESSAGE_BYTES)
             self.kv_address = bind(kv_socket, kv_address or input_address.rsplit(":", 1)[0] + ":0")
             self._receiver = KVReceiver(engine, self._context, kv_socket, layout, kv_timeout_s, self.transfer_stats,
-                                        pin_staging=cuda)
+                                        pin_staging=cuda, image_inputs=self._transfer_images)
         self._poller = zmq.Poller()
         self._poller.register(self._input, zmq.POLLIN)
         if self._receiver is not None:
             self._poller.register(self._receiver.socket, zmq.POLLIN)
+        # vision-language models: embeddings from encoders (prefill, colocated), or encoded here (colocated)
+        self.image_encoder = image_encoder
+        self._mm_inbox = MultiModalInbox(engine.vision_language)
+        self._to_encode: list[tuple[EncodeRequest, bytes]] = []
+        self._handoff_mm: dict[str, MultiModalInputs] = {}  # prefill: images that go along with the KV
+        self._embeddings: zmq.Socket | None = None
+        self.embedding_address: str | None = None
+        if engine.vision_language is not None and role != "decode":
+            self._embeddings = configure(self._context.socket(zmq.PULL), MAX_EMBEDDING_MESSAGE_BYTES)
+            self.embedding_address = bind(self._embeddings, input_address.rsplit(":", 1)[0] + ":0")
+            self._poller.register(self._embeddings, zmq.POLLIN)
+        self._embedding_codec = MessageCodec(EmbeddingInbound)
+        self._image_failures: dict[str, str] = {}  # request id -> why, for a GenerateRequest still to come
         self._handoffs: dict[str, GenerateRequest] = {}  # prefill: requests whose KV goes to a decode worker
         self.kv_events = KVEventLog(engine.kv_cache.pool.cached_hashes)
         self._outputs: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
@@ -99,6 +121,7 @@ class EngineWorker:
         logger.info("%s serving on %s", self.name, self.input_address)
         while not self._stop.is_set():
             items: list[RequestDelta | RequestError] = self._receive(block=not self._busy())
+            items += self._admit_images()
             shipments: list[tuple[GenerateRequest, list[int]]] = []
             if self.engine.has_unfinished_requests():
                 items += self._hand_off(self._step(), shipments)
@@ -113,7 +136,8 @@ class EngineWorker:
 
     def _busy(self) -> bool:
         pending = self._receiver.num_pending if self._receiver is not None else 0
-        return self.engine.has_unfinished_requests() or pending > 0 or self._sender.num_leases > 0
+        return (self.engine.has_unfinished_requests() or pending > 0 or self._sender.num_leases > 0
+                or bool(self._to_encode))
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,12 +158,85 @@ class EngineWorker:
             except DecodeError as exc:
                 logger.warning("%s dropped a malformed message: %s", self.name, exc)
                 continue
+            if isinstance(message, EncodeRequest):
+                self._to_encode.append((message, frames[1] if len(frames) > 1 else b""))
+                continue
             error = self._handle(message)
             if error is not None:
                 errors.append(error)
         if self._receiver is not None:
             errors += self._receive_kv()
+        if self._embeddings is not None:
+            errors += self._receive_embeddings()
         return errors
+
+    def _receive_embeddings(self) -> list[RequestError]:
+        """Drain the embedding socket while the inbox has room (a full inbox holds the encoders back)."""
+        assert self._embeddings is not None
+        errors = []
+        while self._mm_inbox.has_room:
+            try:
+                frames = self._embeddings.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            try:
+                message = self._embedding_codec.decode(frames)
+                rows = self._embedding_rows(message, frames[1:])
+            except (DecodeError, ValueError) as exc:
+                logger.warning("%s dropped a malformed embedding: %s", self.name, exc)
+                continue
+            if isinstance(rows, str):
+                errors.append(self._fail_images(message.request_id, rows))
+            else:
+                self._mm_inbox.add_embedding(message.request_id, message.content_hash, rows)
+        return errors
+
+    def _transfer_images(self, transfer: KVTransfer, frames: list) -> MultiModalInputs:
+        """Decode side: a transfer's image embeddings (one frame each, after its header) as engine inputs."""
+        if len(frames) != len(transfer.images):
+            raise ValueError(f"{len(transfer.images)} images but {len(frames)} embedding frames")
+        hidden = self.engine.runner.model.spec.hidden_size
+        rows = [torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8).view(self.engine.runner.dtype)
+                .reshape(ref.length, hidden) for ref, frame in zip(transfer.images, frames)]
+        return self._mm_inbox.inputs(transfer.prompt_token_ids, transfer.images, rows)
+
+    def _embedding_rows(self, message: ImageEmbedding, frames: list) -> torch.Tensor | str:
+        """The rows an ImageEmbedding carries (checked against its header), or the encoder's error."""
+        if message.error is not None:
+            return message.error
+        if len(frames) != 1 or message.dtype != self.engine.config.dtype:
+            raise ValueError(f"embedding of {message.request_id} has {len(frames)} frames, dtype {message.dtype}")
+        return embedding_from_frame(message, frames[0])
+
+    def _admit_images(self) -> list[RequestError]:
+        """Encode what this worker was asked to (colocated), then start requests whose images are all in."""
+        errors = []
+        if self._to_encode:
+            work, self._to_encode = self._to_encode, []
+            if self.image_encoder is None:  # a worker of a text model, or a prefill worker: not its job
+                results = ["this worker does not encode images"] * len(work)
+            else:
+                results = self.image_encoder.encode([(request.image, data) for request, data in work])
+            for (request, _), result in zip(work, results):
+                if isinstance(result, str):
+                    errors.append(self._fail_images(request.request_id, result))
+                else:
+                    self._mm_inbox.add_embedding(request.request_id, request.image.content_hash, result)
+        for message, multi_modal in self._mm_inbox.take_ready():
+            error = self._add(message, multi_modal)
+            if error is not None:
+                errors.append(error)
+        for message in self._mm_inbox.expire():
+            errors.append(RequestError(request_id=message.request_id, message="the request's image embeddings "
+                                       "did not arrive in time; retry", type="service_unavailable", status=503))
+        return errors
+
+    def _fail_images(self, request_id: str, reason: str) -> RequestError:
+        """Fail a request whose image could not be encoded (now, or when its GenerateRequest arrives)."""
+        self._mm_inbox.drop(request_id)
+        if request_id not in self._reply_to:
+            self._image_failures[request_id] = reason
+        return RequestError(request_id=request_id, message=f"an image could not be encoded: {reason}")
 
     def _receive_kv(self) -> list[RequestError]:
         assert self._receiver is not None
@@ -157,8 +254,9 @@ class EngineWorker:
             logger.warning("%s recomputes %s: %s", self.name, t.request_id, resume.reason)
             request = GenerateRequest(request_id=t.request_id, prompt_token_ids=t.prompt_token_ids,
                                       sampling=t.sampling, reply_to=t.reply_to, cache_salt=t.cache_salt,
-                                      output_token_ids=t.output_token_ids)
-            error = self._handle(request)
+                                      output_token_ids=t.output_token_ids, images=t.images)
+            self._track_reply(t.request_id, t.reply_to, t.sampling)
+            error = self._add(request, resume.multi_modal)
             if error is not None:
                 errors.append(error)
         return errors
@@ -176,28 +274,48 @@ class EngineWorker:
             if self._receiver is not None:  # first: it waits for copies still writing the request's blocks
                 self._receiver.abort(message.request_id)
             self.engine.abort_request(message.request_id)
-            self._handoffs.pop(message.request_id, None)
+            self._mm_inbox.drop(message.request_id)
+            self._forget_handoff(message.request_id)
             self._forget(message.request_id)
             return None
         self._track_reply(message.request_id, message.reply_to, message.sampling)
+        if message.images:  # it starts once its images' embeddings are in (_admit_images)
+            reason = self._image_failures.pop(message.request_id, None)
+            if reason is not None:
+                return RequestError(request_id=message.request_id, message=f"an image could not be encoded: {reason}")
+            if self.engine.vision_language is None:
+                return RequestError(request_id=message.request_id, message="this model is text-only and does "
+                                    "not accept image input", param="messages")
+            self._mm_inbox.park(message)
+            return None
+        return self._add(message)
+
+    def _add(self, message: GenerateRequest, multi_modal: MultiModalInputs | None = None) -> RequestError | None:
         try:
             params = sampling_params(message.sampling)
             # prefill only: the first token here, the rest on the decode worker
             prefill_only = message.kv_target is not None and params.n == 1 and params.max_tokens != 1
             if prefill_only:
                 self._handoffs[message.request_id] = message
+                if multi_modal is not None:
+                    self._handoff_mm[message.request_id] = multi_modal
             self.engine.add_request(message.request_id, message.prompt_token_ids, params,
                                     cache_salt=message.cache_salt, hold_kv=prefill_only,
-                                    output_token_ids=message.output_token_ids, prefill_only=prefill_only)
+                                    output_token_ids=message.output_token_ids, prefill_only=prefill_only,
+                                    multi_modal=multi_modal)
         except InvalidRequestError as exc:
-            self._handoffs.pop(message.request_id, None)
+            self._forget_handoff(message.request_id)
             return RequestError(request_id=message.request_id, message=exc.message, param=exc.param)
         except Exception as exc:  # a bug must not take the worker down
-            self._handoffs.pop(message.request_id, None)
+            self._forget_handoff(message.request_id)
             logger.error("%s could not add %s: %s", self.name, message.request_id, traceback.format_exc())
             return RequestError(request_id=message.request_id, message=f"internal error: {exc}",
                                 type="internal_error", status=500)
         return None
+
+    def _forget_handoff(self, request_id: str) -> None:
+        self._handoffs.pop(request_id, None)
+        self._handoff_mm.pop(request_id, None)
 
     # ------------------------------------------------------------------ step
 
@@ -221,6 +339,7 @@ class EngineWorker:
             completion = item.completions[0]
             if completion.finish_reason != "length":  # a real stop (EOS, stop token or string): done here
                 self.engine.release_kv(item.request_id)
+                self._handoff_mm.pop(item.request_id, None)
                 continue
             item.finished, completion.finish_reason = False, None
             shipments.append((message, completion.token_ids))
@@ -232,9 +351,12 @@ class EngineWorker:
                               prompt_token_ids=message.prompt_token_ids,
                               output_token_ids=list(message.output_token_ids) + list(first_tokens),
                               sampling=message.sampling, reply_to=message.reply_to, ack_to=self.input_address,
-                              cache_salt=message.cache_salt)
+                              cache_salt=message.cache_salt, images=message.images)
+        multi_modal = self._handoff_mm.pop(message.request_id, None)
+        # the images' embeddings go along: the decode worker keys its blocks by them and recomputes with them
+        embeddings = [_host_bytes(f.embeddings) for f in multi_modal.features] if multi_modal is not None else []
         try:
-            self._sender.send(transfer, message.kv_target)
+            self._sender.send(transfer, message.kv_target, embeddings)
         except Exception:  # the decode worker will time out and recompute; free our blocks now
             logger.error("%s could not send the KV of %s: %s", self.name, message.request_id, traceback.format_exc())
             self.transfer_stats.failures += 1
@@ -278,12 +400,18 @@ class EngineWorker:
         if self._staging is not None:
             self._staging.close()
         sockets = [self._input, *self._outputs.values()]
+        if self._embeddings is not None:
+            sockets.append(self._embeddings)
         if self._receiver is not None:
             self._receiver.close()
             sockets.append(self._receiver.socket)
         for socket in sockets:
             socket.close(linger=0)
         self._context.term()
+
+
+def _host_bytes(rows: torch.Tensor) -> memoryview:
+    return memoryview(rows.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
 
 
 def _open_staging(capacity_bytes: int, pin: bool) -> StagingBuffer | None:

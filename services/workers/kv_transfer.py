@@ -40,6 +40,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +50,9 @@ from services.common.channels import configure
 from services.common.codec import MessageCodec
 from services.common.messages import (KVAck, KVInbound, KVLayers, KVLayout, KVTarget, KVTransfer, StagingRef,
                                       WorkerInbound)
+from services.common.errors import InvalidRequestError
 from services.engine import LLMEngine
+from services.engine.multimodal import MultiModalInputs
 from services.workers.kv_staging import StagingBuffer, StagingReader
 
 logger = logging.getLogger(__name__)
@@ -150,10 +153,11 @@ class KVSender:
         cuda = engine.runner.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(engine.runner.device) if cuda else None
 
-    def send(self, transfer: KVTransfer, target: KVTarget) -> None:
+    def send(self, transfer: KVTransfer, target: KVTarget, embeddings: Sequence[memoryview] = ()) -> None:
+        """Open the transfer (with a vision-language prompt's image `embeddings` as frames) and ship the KV."""
         request_id = transfer.request_id
         sockets = self._socket(target.kv_address)
-        sockets[0].send_multipart(self._codec.encode(transfer))
+        sockets[0].send_multipart(self._codec.encode(transfer, *embeddings))
         num_blocks = len(self.engine.kv_cache.block_ids(request_id))
         layer_bytes = self._layer_bytes(num_blocks)
         region = self.staging.allocator.allocate(layer_bytes * self.layout.num_layers) if self.staging else None
@@ -294,6 +298,7 @@ class _Import:
     transfer: KVTransfer
     deadline: float
     layers_done: set[int] = field(default_factory=set)
+    multi_modal: MultiModalInputs | None = None
 
 
 @dataclass
@@ -302,6 +307,7 @@ class Resume:
 
     transfer: KVTransfer
     reason: str
+    multi_modal: MultiModalInputs | None = None  # a vision-language prompt's images, for the recompute
 
 
 class KVReceiver:
@@ -315,13 +321,15 @@ class KVReceiver:
     """
 
     def __init__(self, engine: LLMEngine, context: zmq.Context, socket: zmq.Socket, layout: KVLayout,
-                 timeout_s: float = 10.0, stats: TransferStats | None = None, *, pin_staging: bool = False) -> None:
+                 timeout_s: float = 10.0, stats: TransferStats | None = None, *, pin_staging: bool = False,
+                 image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None] | None = None) -> None:
         self.engine = engine
         self.layout = layout
         self.timeout_s = timeout_s
         self.stats = stats or TransferStats()
         self.socket = socket
         self.staging = StagingReader(pin=pin_staging)
+        self._image_inputs = image_inputs  # a transfer's image frames -> the engine's inputs
         self._context = context
         self._acks: dict[str, zmq.Socket] = {}
         self._imports: dict[str, _Import] = {}
@@ -344,7 +352,7 @@ class KVReceiver:
                 break
             message = self._codec.decode(frames)
             if isinstance(message, KVTransfer):
-                resume = self._open(message)
+                resume = self._open(message, frames[1:])
                 if resume is not None:
                     resumes.append(resume)
                     continue
@@ -383,23 +391,33 @@ class KVReceiver:
             socket.close(linger=0)
         self.staging.close()
 
-    def _open(self, transfer: KVTransfer) -> Resume | None:
+    def _open(self, transfer: KVTransfer, frames: list) -> Resume | None:
         if transfer.request_id in self._closed:  # the same id again (a migrated request): a new transfer
             self._closed.remove(transfer.request_id)
+        multi_modal = None
+        if transfer.images:
+            try:
+                multi_modal = self._image_inputs(transfer, frames) if self._image_inputs is not None else None
+            except (ValueError, InvalidRequestError) as exc:
+                self._refuse_early(transfer.request_id)
+                self._ack(transfer, accepted=False, message=f"bad image embeddings: {exc}")
+                return Resume(transfer, f"bad image embeddings: {exc}")
         if transfer.layout != self.layout:
             self._refuse_early(transfer.request_id)
             self._ack(transfer, accepted=False, message=f"layout {transfer.layout} != {self.layout}")
-            return Resume(transfer, f"KV layout mismatch: prefill {transfer.layout}, decode {self.layout}")
+            return Resume(transfer, f"KV layout mismatch: prefill {transfer.layout}, decode {self.layout}",
+                          multi_modal)
         from services.workers.engine_worker import sampling_params  # the one mapping of the wire form
 
         block_ids = self.engine.import_request(transfer.request_id, transfer.prompt_token_ids,
                                                transfer.output_token_ids, sampling_params(transfer.sampling),
-                                               cache_salt=transfer.cache_salt)
+                                               cache_salt=transfer.cache_salt, multi_modal=multi_modal)
         if block_ids is None:
             self._refuse_early(transfer.request_id)
             self._ack(transfer, accepted=False, message="no KV room on the decode worker")
-            return Resume(transfer, "no KV room")
-        self._imports[transfer.request_id] = _Import(transfer, time.monotonic() + self.timeout_s)
+            return Resume(transfer, "no KV room", multi_modal)
+        self._imports[transfer.request_id] = _Import(transfer, time.monotonic() + self.timeout_s,
+                                                     multi_modal=multi_modal)
         return None
 
     def _write(self, header: KVLayers, frames: list) -> KVTransfer | Resume | None:
@@ -465,7 +483,7 @@ class KVReceiver:
         self._wait_for_copies()  # earlier groups may still be on their way into the blocks
         self.engine.abort_request(request_id)  # frees the reserved blocks
         self._ack(entry.transfer, accepted=False, message=reason, staging_unreadable=staging_unreadable)
-        return Resume(entry.transfer, reason)
+        return Resume(entry.transfer, reason, entry.multi_modal)
 
     def _keep_early(self, header: KVLayers, frames: list) -> None:
         nbytes = sum(len(f.buffer) for f in frames)

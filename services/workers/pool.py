@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import ray
 
 from services.engine import EngineConfig
-from services.workers.actor import EngineActor
+from services.workers.actor import EncodeActor, EngineActor
 
 MAX_ACTOR_RESTARTS = 3
 RAY_NAMESPACE = "tristage"
@@ -52,6 +52,10 @@ def start_pool(engine_config: EngineConfig, stage: str, count: int, *, bind_host
                        max_concurrency=4, max_restarts=MAX_ACTOR_RESTARTS)
         if shared:
             options.update(name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True)
+        if stage == "encode":
+            remote = ray.remote(EncodeActor).options(**options)
+            actors.append((name, remote.remote(engine_config, name, bind_host)))
+            continue
         remote = ray.remote(EngineActor).options(**options)
         actors.append((name, remote.remote(engine_config, name, stage, bind_host, model_name, metrics_port,
                                            kv_staging_bytes)))

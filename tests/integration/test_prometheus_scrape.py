@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None,
 
 MODEL = "tristage-tiny"
 SCRAPE_INTERVAL_S = 1
-NOT_EXPORTED_YET_REASON = "exported once the encode pool (multimodal serving) lands"
+NOT_EXPORTED_YET_REASON = "only encode workers export it, and a text model has none (see test_serve_multimodal)"
 NOT_EXPORTED_YET = {  # metric (as selected) -> why no series exists today
     "tristage:encode_latency_seconds_bucket": NOT_EXPORTED_YET_REASON,
     "tristage:embedding_cache_hits_total": NOT_EXPORTED_YET_REASON,

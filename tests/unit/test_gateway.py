@@ -55,6 +55,7 @@ class FakeBackend:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
+        self.processor = None  # a text model
         self.reset()
 
     def reset(self) -> None:
@@ -70,7 +71,7 @@ class FakeBackend:
         return self.ready
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       cache_salt: str | None = None):
+                       cache_salt: str | None = None, images=()):
         self.requests.append((request_id, list(prompt_token_ids), sampling, cache_salt))
         if self.fail_with is not None:
             raise RequestFailed(self.fail_with)

@@ -125,7 +125,7 @@ CASES = [
     Case("content_not_string", _message(123), 400, BAD, "messages"),
     Case("user_content_missing", {"messages": [{"role": "user"}]}, 400, BAD, "messages"),
     Case("image_part", _message([{"type": "text", "text": "What is this?"}, IMAGE]), 400, BAD, "messages",
-         message="image input is not supported"),
+         message="text-only and does not accept image input"),
     Case("audio_part", _message([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]),
          400, BAD, "messages"),
     Case("prompt_too_long_chat", lambda t: _chat(t, max_tokens=None, messages=[

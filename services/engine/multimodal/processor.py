@@ -188,7 +188,7 @@ class MultiModalProcessor:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_placeholders(token_ids, len(images))
-        pixels, grids = self._pixel_inputs(images)
+        pixels, grids = self.pixel_inputs(images)
         lengths = [self._num_rows(pixel_values, grid) for pixel_values, grid in zip(pixels, grids)]
         expanded = _expand(token_ids, self.spec.image_token_id, lengths)
         runs = find_placeholder_runs(expanded, self.spec.image_token_id, lengths)
@@ -204,7 +204,7 @@ class MultiModalProcessor:
 
     # ------------------------------------------------------------------ internals
 
-    def _pixel_inputs(self, images: Sequence[Image.Image]) -> tuple[list[torch.Tensor], list[GridTHW | None]]:
+    def pixel_inputs(self, images: Sequence[Image.Image]) -> tuple[list[torch.Tensor], list[GridTHW | None]]:
         """Per image: its pixel tensor, and its patch grid (Qwen2-VL) or None."""
         if not images:
             return [], []

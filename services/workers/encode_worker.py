@@ -1,0 +1,323 @@
+"""An encode worker's heartbeat: receive EncodeRequests over ZeroMQ, encode them as one batch, send each
+image's embedding to the prefill worker the request names.
+
+    loop:  wait (a request, or room at a held-back destination) -> receive (unless the outbox is over
+           budget) -> encode the batch (services.workers.encoder.ImageEncoder) -> queue each result in
+           the outbox -> flush the outbox without blocking
+
+Wire form (services.common.messages): in, EncodeRequest + one frame (the image's encoded bytes), or
+AbortRequest; out, per request, ImageEmbedding + one frame ([num_rows, hidden_size] rows, row-major, in
+`dtype`, e.g. "bfloat16"), or ImageEmbedding with `error` set and no frame.
+
+Back-pressure, so encoders never run ahead of what prefill workers can hold:
+
+    gateway ──▶ [ZeroMQ queues] ──▶ encode ──▶ outbox (per destination, in order) ──▶ PUSH (SNDHWM 8) ──▶ prefill
+                  grows while the            over max_outbox_bytes:               full: zmq.Again, the
+                  loop stops receiving       stop receiving                       message stays in the outbox
+
+A prefill worker drains its embedding socket only while it has room for them; once its socket and
+our PUSH queue are full, sends fail with zmq.Again, results collect in the outbox, and past
+`max_outbox_bytes` this loop takes no new requests, so they wait in ZeroMQ (our input queue holds
+at most `max_batch_images`) and the gateway's own sends back up. Sends never block: other
+destinations keep flowing while one is full.
+
+Failure policy: a malformed message is logged and dropped; an image that cannot be encoded gets an
+error embedding (the prefill worker fails that request); an unexpected exception while encoding
+fails that batch's images and the loop goes on. AbortRequest drops the request's work received but
+not yet encoded, and its embeddings still in the outbox.
+
+Tunables (defaults):
+    max_outbox_bytes = 256 MiB   outbox bytes past which no new request is received
+    max_batch_images = 64        EncodeRequests taken per loop turn (one tower batch)
+    EMBEDDING_SEND_HWM = 8       messages queued in ZeroMQ per destination before a send fails
+    MAX_EMBEDDING_MESSAGE_BYTES = 1 GiB   largest embedding frame (the receiving side's limit)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from services.common.channels import bind, configure
+from services.common.codec import DecodeError, MessageCodec
+from services.common.messages import AbortRequest, EncodeRequest, EncoderInbound, ImageEmbedding
+from services.workers.encoder import ImageEncoder
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 50  # how long an idle loop waits before checking for shutdown
+EMBEDDING_SEND_HWM = 8
+MAX_EMBEDDING_MESSAGE_BYTES = 2**30  # Qwen2-VL 72B's largest image: 16384 rows x 8192 x 2 bytes = 256 MiB
+DEFAULT_MAX_OUTBOX_BYTES = 256 * 2**20
+DEFAULT_MAX_BATCH_IMAGES = 64
+EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding frame (both ends)
+
+
+def embedding_frame(rows: torch.Tensor) -> tuple[str, memoryview]:
+    """(dtype name, the rows' bytes on the CPU, row-major) of [num_rows, hidden_size] rows."""
+    dtype = str(rows.dtype).removeprefix("torch.")
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embeddings of dtype {dtype} cannot be sent")
+    host = rows.detach().to("cpu").contiguous()
+    return dtype, host.view(-1).view(torch.uint8).numpy().data  # the array's buffer: keeps `host` alive
+
+
+def embedding_from_frame(header: ImageEmbedding, frame: bytes | memoryview | zmq.Frame) -> torch.Tensor:
+    """The [num_rows, hidden_size] CPU tensor an ImageEmbedding's frame holds; raises DecodeError."""
+    buffer = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    dtype = EMBEDDING_DTYPES.get(header.dtype)
+    if dtype is None:
+        raise DecodeError(f"embedding dtype {header.dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+    if header.num_rows < 1 or header.hidden_size < 1:
+        raise DecodeError(f"an embedding of {header.num_rows} x {header.hidden_size} rows")
+    num_bytes = header.num_rows * header.hidden_size * dtype.itemsize
+    if buffer.nbytes != num_bytes:
+        raise DecodeError(f"the embedding frame holds {buffer.nbytes} bytes; "
+                          f"{header.num_rows} x {header.hidden_size} {header.dtype} rows take {num_bytes} bytes")
+    flat = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)  # a copy: the tensor owns its memory
+    return flat.view(dtype).view(header.num_rows, header.hidden_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The outbox
+
+
+@dataclass
+class _Outgoing:
+    request_id: str
+    frames: list
+    num_bytes: int
+
+
+class Outbox:
+    """Messages waiting to leave, per destination and in order; nothing here ever blocks.
+
+    Each destination gets one PUSH socket that queues at most `send_hwm` messages in ZeroMQ; past that
+    a send fails with zmq.Again and the message waits here, retried on every `flush`. The owner
+    watches `num_bytes` to stop taking work. One owner thread; others may read the counters.
+    """
+
+    def __init__(self, context: zmq.Context, send_hwm: int = EMBEDDING_SEND_HWM,
+                 max_message_bytes: int = MAX_EMBEDDING_MESSAGE_BYTES) -> None:
+        self._context = context
+        self.send_hwm = send_hwm
+        self.max_message_bytes = max_message_bytes
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._queues: dict[str, deque[_Outgoing]] = {}
+        self.num_bytes = 0  # waiting here
+        self.num_bytes_sent = 0  # handed to ZeroMQ
+
+    @property
+    def num_messages(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def put(self, address: str, request_id: str, frames: list) -> None:
+        """Queue a message for `address` (after the ones already waiting for it)."""
+        try:
+            self._socket(address)
+        except zmq.ZMQError as exc:
+            logger.warning("cannot send to %r (%s); the embedding of %s is dropped", address, exc, request_id)
+            return
+        num_bytes = sum(memoryview(f).nbytes for f in frames)
+        self._queues.setdefault(address, deque()).append(_Outgoing(request_id, frames, num_bytes))
+        self.num_bytes += num_bytes
+
+    def flush(self) -> None:
+        """Send what each destination takes now, in order; stop at a destination's first zmq.Again."""
+        for address, queue in self._queues.items():
+            socket = self._sockets[address]
+            while queue:
+                try:
+                    socket.send_multipart(queue[0].frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                sent = queue.popleft()
+                self.num_bytes -= sent.num_bytes
+                self.num_bytes_sent += sent.num_bytes
+
+    def drop(self, request_id: str) -> int:
+        """Forget the request's waiting messages; returns how many."""
+        num_dropped = 0
+        for address, queue in self._queues.items():
+            kept = deque(m for m in queue if m.request_id != request_id)
+            num_dropped += len(queue) - len(kept)
+            self.num_bytes -= sum(m.num_bytes for m in queue if m.request_id == request_id)
+            self._queues[address] = kept
+        return num_dropped
+
+    def blocked_sockets(self) -> list[zmq.Socket]:
+        """Sockets of destinations with messages waiting (poll them for POLLOUT)."""
+        return [self._sockets[address] for address, queue in self._queues.items() if queue]
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close(linger=0)
+        self._sockets.clear()
+
+    def _socket(self, address: str) -> zmq.Socket:
+        socket = self._sockets.get(address)
+        if socket is None:
+            socket = configure(self._context.socket(zmq.PUSH), self.max_message_bytes)
+            socket.setsockopt(zmq.SNDHWM, self.send_hwm)
+            try:
+                socket.connect(address)
+            except zmq.ZMQError:
+                socket.close(linger=0)
+                raise
+            self._sockets[address] = socket
+        return socket
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker
+
+
+class EncodeWorker:
+    """One process's encode loop: owns the ImageEncoder and the sockets; `stats` may be called from other threads."""
+
+    def __init__(self, encoder: ImageEncoder, input_address: str, name: str = "encoder-0", *,
+                 max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
+                 max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES) -> None:
+        if max_batch_images < 1:
+            raise ValueError("max_batch_images must be at least 1")
+        self.encoder = encoder
+        self.name = name
+        self.max_outbox_bytes = max_outbox_bytes
+        self.max_batch_images = max_batch_images
+        self._context = zmq.Context()
+        self._input = configure(self._context.socket(zmq.PULL))
+        # a short queue in this process, so requests we do not take back up to the gateway
+        self._input.setsockopt(zmq.RCVHWM, max_batch_images)
+        self.input_address = bind(self._input, input_address)
+        self._outbox = Outbox(self._context)
+        self._inbound: MessageCodec[EncodeRequest | AbortRequest] = MessageCodec(EncoderInbound)
+        self._outbound: MessageCodec[ImageEmbedding] = MessageCodec(ImageEmbedding)
+        self._stop = threading.Event()
+        self.num_requests_received = 0  # EncodeRequests taken off the socket
+        self.num_requests_aborted = 0  # EncodeRequests (or their embeddings) dropped by an abort
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        logger.info("%s encoding on %s", self.name, self.input_address)
+        while not self._stop.is_set():
+            self._wait()
+            batch = self._receive()
+            if batch:
+                self._send(batch, self._encode(batch))
+            self._outbox.flush()
+        self._close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def taking_work(self) -> bool:
+        """False while the outbox is over budget: requests then wait in ZeroMQ."""
+        return self._outbox.num_bytes <= self.max_outbox_bytes
+
+    def _wait(self) -> None:
+        """Until a request can be taken or a held-back destination has room (at most IDLE_POLL_MS)."""
+        poller = zmq.Poller()
+        if self.taking_work():
+            poller.register(self._input, zmq.POLLIN)
+        for socket in self._outbox.blocked_sockets():
+            poller.register(socket, zmq.POLLOUT)
+        poller.poll(IDLE_POLL_MS)
+
+    # ------------------------------------------------------------------ receive
+
+    def _receive(self) -> list[tuple[EncodeRequest, bytes]]:
+        """Up to max_batch_images requests with their image bytes; none while the outbox is over budget."""
+        batch: list[tuple[EncodeRequest, bytes]] = []
+        if not self.taking_work():
+            return batch
+        while len(batch) < self.max_batch_images:
+            try:
+                frames = self._input.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            try:
+                message = self._inbound.decode(frames)
+            except DecodeError as exc:
+                logger.warning("%s dropped a malformed message: %s", self.name, exc)
+                continue
+            if isinstance(message, AbortRequest):
+                batch = self._abort(message.request_id, batch)
+            elif len(frames) != 2:
+                self.num_requests_received += 1
+                self._post(message, f"the encode request carries {len(frames) - 1} frames after its header; "
+                                    "it needs exactly one, the image's bytes")
+            else:
+                self.num_requests_received += 1
+                batch.append((message, frames[1]))
+        return batch
+
+    def _abort(self, request_id: str, batch: list[tuple[EncodeRequest, bytes]]) -> list[tuple[EncodeRequest, bytes]]:
+        kept = [(m, data) for m, data in batch if m.request_id != request_id]
+        self.num_requests_aborted += len(batch) - len(kept) + self._outbox.drop(request_id)
+        return kept
+
+    # ------------------------------------------------------------------ encode
+
+    def _encode(self, batch: list[tuple[EncodeRequest, bytes]]) -> list[torch.Tensor | str]:
+        try:
+            return self.encoder.encode([(message.image, data) for message, data in batch])
+        except Exception as exc:  # a bug must not take the worker down: this batch fails, the loop goes on
+            logger.error("%s failed to encode %d image(s): %s", self.name, len(batch), traceback.format_exc())
+            return [f"internal error in the encoder: {exc}"] * len(batch)
+
+    # ------------------------------------------------------------------ send
+
+    def _send(self, batch: list[tuple[EncodeRequest, bytes]], results: list[torch.Tensor | str]) -> None:
+        for (message, _), result in zip(batch, results):
+            self._post(message, result)
+
+    def _post(self, message: EncodeRequest, result: torch.Tensor | str) -> None:
+        """Queue one image's ImageEmbedding for the prefill worker the request names."""
+        self._outbox.put(message.deliver_to, message.request_id, self._frames(message, result))
+
+    def _frames(self, message: EncodeRequest, result: torch.Tensor | str) -> list:
+        """The header and the rows' frame, or the header alone carrying the error."""
+        def header(**fields) -> ImageEmbedding:
+            return ImageEmbedding(request_id=message.request_id, content_hash=message.image.content_hash, **fields)
+
+        if isinstance(result, torch.Tensor):
+            try:
+                dtype, payload = embedding_frame(result)  # [num_rows, hidden_size], copied to the host
+                return self._outbound.encode(header(num_rows=result.shape[0], hidden_size=result.shape[1],
+                                                    dtype=dtype), payload)
+            except Exception as exc:  # e.g. a failing device copy: this image fails, the loop goes on
+                logger.error("%s could not send an embedding: %s", self.name, traceback.format_exc())
+                result = f"internal error in the encoder: {exc}"
+        return self._outbound.encode(header(num_rows=0, hidden_size=0, dtype="", error=result))
+
+    # ------------------------------------------------------------------ control plane
+
+    def stats(self) -> dict:
+        encode, cache = self.encoder.stats, self.encoder.cache
+        return {"name": self.name, "stage": "encode",
+                "num_requests_received": self.num_requests_received,
+                "num_requests_aborted": self.num_requests_aborted,
+                "num_images_encoded": encode.num_images_encoded, "num_tower_calls": encode.num_tower_calls,
+                "num_encode_errors": encode.num_errors,
+                "encode_seconds": encode.seconds_encoding, "encode_seconds_buckets": encode.cumulative_buckets(),
+                "embedding_cache_queries": cache.num_queries, "embedding_cache_hits": cache.num_hits,
+                "embedding_cache_evictions": cache.num_evictions, "embedding_cache_bytes": cache.num_bytes_used,
+                "embedding_cache_capacity_bytes": cache.capacity_bytes,
+                "embedding_bytes_sent": self._outbox.num_bytes_sent, "outbox_bytes": self._outbox.num_bytes,
+                "taking_work": self.taking_work()}
+
+    def _close(self) -> None:
+        self._outbox.close()
+        self._input.close(linger=0)
+        self._context.term()
