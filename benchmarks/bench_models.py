@@ -77,3 +77,48 @@ def start_serve(model_dir: str, port: int, *args: str, timeout_s: float = 900) -
         serve.kill()
         raise RuntimeError("serve did not start:\n" + "".join(log[-40:]))
     return serve
+
+
+# LLaVA-1.5-7B's published shapes: CLIP ViT-L/14 at 336 px (576 image tokens), Llama-2-7B.
+LLAVA_15_7B = {
+    "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
+    "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "torch_dtype": "bfloat16",
+    "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                    "bos_token_id": 32061, "eos_token_id": 32062, "torch_dtype": "bfloat16"},
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
+                      "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768},
+}
+CLIP_336_PREPROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
+    "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
+    "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def write_llava_dir(config: dict = LLAVA_15_7B, path: str | None = None) -> str:
+    """A LLaVA directory of real shapes: config, the word-level tokenizer with <image> at the image token
+    id, CLIP's image processor settings and a USER/ASSISTANT chat template (weights: dummy)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(path or tempfile.mkdtemp(prefix="bench-vlm-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "preprocessor_config.json").write_text(json.dumps(CLIP_336_PREPROCESSOR))
+    size, image_id = config["text_config"]["vocab_size"], config["image_token_index"]
+    vocab = {"\u0120" + _word(i): i for i in range(size - 3) if i != image_id}
+    vocab.update({"<image>": image_id, "<s>": size - 3, "</s>": size - 2, "<pad>": size - 1})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    fast.save_pretrained(out)
+    return str(out)

@@ -113,14 +113,15 @@ def _num_encode(config: ServeConfig, model_dir: str) -> int:
 
 
 def _share_gpus(engine_config: EngineConfig, num_workers: int) -> tuple[EngineConfig, float]:
-    """One GPU per worker when there are enough; otherwise equal shares of the GPUs there are, each
+    """One GPU per worker when there are enough; otherwise 1/k of a GPU each, k = the most workers one
+    GPU must hold (so every share fits on a GPU: 3 workers on 2 GPUs get halves, not two thirds), each
     worker sizing its KV cache from its share of the memory."""
     if not engine_config.resolved().device.startswith("cuda"):
         return engine_config, 0.0
     num_gpus = int(ray.cluster_resources().get("GPU", 0))
     if num_gpus >= num_workers or num_gpus == 0:
         return engine_config, 1.0
-    share = num_gpus / num_workers
+    share = 1.0 / -(-num_workers // num_gpus)
     return replace(engine_config, gpu_memory_utilization=engine_config.gpu_memory_utilization * share), share
 
 

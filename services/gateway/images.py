@@ -43,6 +43,8 @@ import hashlib
 import io
 import ipaddress
 import socket
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -99,11 +101,39 @@ class LoadedImage:
     # so gateway replicas and the encode workers' embedding cache agree on it. The same picture
     # encoded differently gets another hash: a cache miss, never a wrong hit.
     content_hash: str
-    image: Image.Image = field(repr=False, compare=False)  # mode "RGB", detached from the encoded bytes
+    # mode "RGB", detached from the encoded bytes; None when these exact bytes were decoded and checked
+    # before (ValidatedImages): only their size is needed again, the encoders decode the pixels
+    image: Image.Image | None = field(repr=False, compare=False)
     width: int  # pixels
     height: int  # pixels
     num_bytes: int  # encoded bytes
     data: bytes = field(default=b"", repr=False, compare=False)  # the encoded bytes (what goes to an encoder)
+
+
+class ValidatedImages:
+    """Content hash -> (width, height) of images that decoded and passed the checks, most recent first.
+
+    The same bytes again (a popular image, a multi-turn chat resending its images) skip the decode: the
+    gateway needs only their size. Thread-safe (decoding runs in worker threads)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, content_hash: str) -> tuple[int, int] | None:
+        with self._lock:
+            size = self._sizes.get(content_hash)
+            if size is not None:
+                self._sizes.move_to_end(content_hash)
+            return size
+
+    def add(self, content_hash: str, size: tuple[int, int]) -> None:
+        with self._lock:
+            self._sizes[content_hash] = size
+            self._sizes.move_to_end(content_hash)
+            while len(self._sizes) > self.capacity:
+                self._sizes.popitem(last=False)
 
 
 class ImageRefused(Exception):
@@ -129,7 +159,7 @@ class ImageFetcher(Protocol):
 
 
 async def load_images(urls: Sequence[str], policy: ImagePolicy, *, fetcher: ImageFetcher | None = None,
-                      param: str = "messages") -> list[LoadedImage]:
+                      param: str = "messages", validated: ValidatedImages | None = None) -> list[LoadedImage]:
     """Decoded images in the order of `urls`; raises InvalidRequestError(param=param) for the first bad one.
 
     Every check that needs no I/O runs on all URLs before any fetch starts. Remote images are fetched
@@ -148,7 +178,7 @@ async def load_images(urls: Sequence[str], policy: ImagePolicy, *, fetcher: Imag
             raise _invalid(label, exc, param) from None
     if fetcher is None and not all(_is_data_url(url) for url in urls):
         fetcher = RemoteFetcher()
-    loads = [_load_one(label, url, policy, fetcher, param) for label, url in zip(labels, urls)]
+    loads = [_load_one(label, url, policy, fetcher, param, validated) for label, url in zip(labels, urls)]
     return await _gather_or_cancel(loads)
 
 
@@ -162,13 +192,13 @@ def decode_image_bytes(data: bytes, policy: ImagePolicy, *, label: str = "the im
 
 
 async def _load_one(label: str, url: str, policy: ImagePolicy, fetcher: ImageFetcher | None,
-                    param: str) -> LoadedImage:
+                    param: str, validated: ValidatedImages | None = None) -> LoadedImage:
     try:
         if _is_data_url(url):
-            return await asyncio.to_thread(_decode_data_url, url, policy)
+            return await asyncio.to_thread(_decode_data_url, url, policy, validated)
         assert fetcher is not None  # load_images builds one whenever a URL is remote
         data = await fetcher.fetch(url, policy)
-        return await asyncio.to_thread(_decode, data, policy)
+        return await asyncio.to_thread(_decode, data, policy, validated)
     except ImageRefused as exc:
         raise _invalid(label, exc, param) from None
 
@@ -195,8 +225,8 @@ def _is_data_url(url: str) -> bool:
     return url[:5].lower() == "data:"
 
 
-def _decode_data_url(url: str, policy: ImagePolicy) -> LoadedImage:
-    return _decode(_data_url_bytes(url, policy), policy)
+def _decode_data_url(url: str, policy: ImagePolicy, validated: ValidatedImages | None = None) -> LoadedImage:
+    return _decode(_data_url_bytes(url, policy), policy, validated)
 
 
 def _data_url_bytes(url: str, policy: ImagePolicy) -> bytes:
@@ -233,9 +263,14 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexEr
 _WHITE = (255, 255, 255, 255)
 
 
-def _decode(data: bytes, policy: ImagePolicy) -> LoadedImage:
+def _decode(data: bytes, policy: ImagePolicy, validated: ValidatedImages | None = None) -> LoadedImage:
     if len(data) > policy.max_bytes_per_image:
         raise ImageRefused(f"is {len(data)} bytes; the limit is {policy.max_bytes_per_image} bytes")
+    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    known = validated.get(content_hash) if validated is not None else None
+    if known is not None:  # these exact bytes decoded and passed before (same policy: the same server)
+        return LoadedImage(content_hash=content_hash, image=None, width=known[0], height=known[1],
+                           num_bytes=len(data), data=bytes(data))
     try:
         # `formats` limits which parsers ever see the bytes, not just which results are kept.
         with Image.open(io.BytesIO(data), formats=policy.accepted_formats) as image:
@@ -249,7 +284,8 @@ def _decode(data: bytes, policy: ImagePolicy) -> LoadedImage:
         raise ImageRefused(f"is not a {_format_list(policy.accepted_formats)} image") from None
     except _DECODE_ERRORS:
         raise ImageRefused("is truncated or corrupt and could not be decoded") from None
-    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if validated is not None:
+        validated.add(content_hash, (rgb.width, rgb.height))
     return LoadedImage(content_hash=content_hash, image=rgb, width=rgb.width, height=rgb.height,
                        num_bytes=len(data), data=bytes(data))
 

@@ -36,7 +36,7 @@ from services.gateway.errors import ApiError, ClientGone, internal_error, parse_
 from services.gateway.generation import Arrival, Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.backend import PromptImage
-from services.gateway.images import RemoteFetcher, load_images
+from services.gateway.images import RemoteFetcher, ValidatedImages, load_images
 from services.gateway.prompts import (
     ModelLimits,
     check_stop_token_ids,
@@ -136,6 +136,7 @@ class GenerationService:
         self._executor = tokenizer_executor
         self._limits = ModelLimits(max_model_len=backend.max_model_len, vocab_size=backend.vocab_size)
         self._image_fetcher = RemoteFetcher()  # one TLS context for every remote image
+        self._validated_images = ValidatedImages()  # bytes seen and checked before are not decoded again
 
     async def chat(self, http_request: Request) -> Response:
         return await self._serve(http_request, ChatCompletionRequest, "chatcmpl")
@@ -222,7 +223,8 @@ class GenerationService:
             if not urls:  # a text model refuses image parts in tokenize_chat
                 return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request,
                                                    self._limits)], []
-            loaded = await load_images(urls, self._config.image_policy, fetcher=self._image_fetcher)
+            loaded = await load_images(urls, self._config.image_policy, fetcher=self._image_fetcher,
+                                       validated=self._validated_images)
             token_ids, images = await loop.run_in_executor(self._executor, tokenize_chat_with_images, processor,
                                                            request, self._limits, loaded)
             return [token_ids], images

@@ -33,6 +33,7 @@ from services.gateway.images import (
     ImageRefused,
     LoadedImage,
     RemoteFetcher,
+    ValidatedImages,
     decode_image_bytes,
     host_is_allowed,
     is_public_address,
@@ -698,3 +699,19 @@ def test_policy_defaults():
     assert (policy.fetch_timeout_s, policy.max_redirects, policy.allowed_hosts, policy.allow_private_networks) == \
         (10.0, 3, (), False)
     assert policy.accepted_formats == FORMATS
+
+
+def test_bytes_decoded_and_checked_before_skip_the_decode():
+    """A gateway keeps the sizes of images it validated: the same bytes again give the same size and hash
+    without decoding (no pixels), while new bytes are still decoded and checked."""
+    validated = ValidatedImages(capacity=1)
+    first_png = encode(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG")
+    first_url, second_url = data_url(first_png), data_url(encode(Image.new("RGB", (20, 10)), "PNG"))
+    first = asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0]
+    again = asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0]
+    assert first.image is not None and again.image is None
+    assert (again.content_hash, again.width, again.height, again.data) == (first.content_hash, 40, 30, first.data)
+    asyncio.run(load_images([second_url], ImagePolicy(), validated=validated))  # evicts the first (capacity 1)
+    assert asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0].image is not None
+    with pytest.raises(InvalidRequestError, match="truncated"):  # bad bytes are never remembered
+        asyncio.run(load_images([data_url(first_png[:60])], ImagePolicy(), validated=validated))
