@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--rates", default="2,4,8")
     parser.add_argument("--images", type=int, default=2, help="images per request")
+    parser.add_argument("--epd-only", action="store_true", help="skip colocated (a rerun of the EPD side)")
     parser.add_argument("--out")
     args = parser.parse_args()
     config = copy.deepcopy(LLAVA_15_7B)
@@ -130,14 +131,15 @@ def main() -> None:
                  repeats=2 if args.tiny else 8)
     extra = ["--device", "cpu"] if args.tiny else []
     rates = [float(r) for r in args.rates.split(",")]
-    results = {"images_per_request": args.images, "image_sizes": SIZES,
-               "colocated": run_mode(model_dir, "colocated", ["--mode", "colocated", "--replicas", str(args.gpus)],
-                                     extra, rates, sizes)}
+    results = {"images_per_request": args.images, "image_sizes": SIZES}
+    if not args.epd_only:
+        results["colocated"] = run_mode(model_dir, "colocated", ["--mode", "colocated", "--replicas", str(args.gpus)],
+                                        extra, rates, sizes)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     results["epd"] = run_mode(model_dir, "epd", ["--mode", "disaggregated", "--encode", "1", "--prefill", "1",
                                                  "--decode", "1"], extra, rates, sizes)
-    for rate in map(str, rates):
+    for rate in map(str, rates) if "colocated" in results else ():
         c, e = results["colocated"]["sweep"][rate], results["epd"]["sweep"][rate]
         print(f"| {rate} req/s | colocated TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms | EPD {e['ttft_p50_s'] * 1e3:.0f} ms "
               f"| ratio {e['ttft_p50_s'] / c['ttft_p50_s']:.2f} | throughput {c['request_throughput']:.2f} / "

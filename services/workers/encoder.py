@@ -30,6 +30,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ from services.gateway.images import ImagePolicy, decode_image_bytes
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_CAPACITY_BYTES = 2**30
+PREPROCESS_THREADS = min(8, os.cpu_count() or 1)  # images decoded and resized at once
 # the same bounds as the KV transfer histogram (services.workers.kv_transfer), so panels line up
 ENCODE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -180,6 +182,7 @@ class ImageEncoder:
         self.cache = EmbeddingCache(cache_capacity_bytes)
         self.image_policy = image_policy or ImagePolicy()  # should be the gateway's: it accepted these images
         self.stats = EncodeStats()
+        self._preprocessing = ThreadPoolExecutor(max_workers=PREPROCESS_THREADS, thread_name_prefix="preprocess")
 
     @property
     def device(self) -> torch.device:
@@ -228,8 +231,10 @@ class ImageEncoder:
     def _encode_misses(self, misses: list[tuple[ImageRef, bytes]]) -> dict[str, CachedEmbedding | str]:
         found: dict[str, CachedEmbedding | str] = {}
         prepared: list[ImageItem] = []
-        for ref, data in misses:
-            outcome = self._prepare(ref, data)
+        # decoding and resizing (Pillow, which releases the GIL) run side by side: for megapixel images
+        # they, not the tower, bound an encoder's rate
+        outcomes = self._preprocessing.map(lambda miss: self._prepare(*miss), misses)
+        for (ref, _), outcome in zip(misses, outcomes):
             if isinstance(outcome, str):
                 found[ref.content_hash] = outcome
             else:
