@@ -18,7 +18,7 @@ are owned by the cache: callers must not write into them.
 
 Tunables (defaults):
     cache_capacity_bytes = 1 GiB   embedding bytes the cache holds (tensor nbytes; on the device)
-    ENCODE_SECONDS_BUCKETS         1 ms .. 10 s, the histogram of one encode() call that ran the tower
+    encode seconds buckets          1 ms .. 10 s (services.common.histogram), one encode() call that ran the tower
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import InvalidRequestError
+from services.common.histogram import SecondsHistogram
 from services.common.messages import ImageRef
 from services.engine.config import DTYPES
 from services.engine.multimodal import ImageItem, MultiModalProcessor, VisionEncoder
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_CAPACITY_BYTES = 2**30
 PREPROCESS_THREADS = min(8, os.cpu_count() or 1)  # images decoded and resized at once
 # the same bounds as the KV transfer histogram (services.workers.kv_transfer), so panels line up
-ENCODE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def encoded_content_hash(data: bytes) -> str:
@@ -140,22 +140,17 @@ class EncodeStats:
     num_images_encoded: int = 0  # images run through the tower
     num_tower_calls: int = 0
     num_errors: int = 0  # images answered with an error
-    seconds_encoding: float = 0.0
-    seconds_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(ENCODE_SECONDS_BUCKETS) + 1))
+    seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # one call with misses, tower included
+
+    @property
+    def seconds_encoding(self) -> float:
+        return self.seconds.sum_s
 
     def observe_seconds(self, seconds: float) -> None:
-        self.seconds_encoding += seconds
-        index = next((i for i, bound in enumerate(ENCODE_SECONDS_BUCKETS) if seconds <= bound),
-                     len(ENCODE_SECONDS_BUCKETS))
-        self.seconds_bucket_counts[index] += 1
+        self.seconds.observe(seconds)
 
     def cumulative_buckets(self) -> list[tuple[float, int]]:
-        """(upper bound, count at or below it), ending with +Inf, as Prometheus histograms are."""
-        total, result = 0, []
-        for bound, count in zip((*ENCODE_SECONDS_BUCKETS, float("inf")), self.seconds_bucket_counts):
-            total += count
-            result.append((bound, total))
-        return result
+        return self.seconds.cumulative()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from services.common.codec import MessageCodec
 from services.common.messages import (KVAck, KVInbound, KVLayers, KVLayout, KVTarget, KVTransfer, StagingRef,
                                       WorkerInbound)
 from services.common.errors import InvalidRequestError
+from services.common.histogram import SecondsHistogram
 from services.engine import LLMEngine
 from services.engine.multimodal import MultiModalInputs
 from services.workers.kv_staging import StagingBuffer, StagingReader
@@ -63,34 +64,26 @@ MAX_KV_MESSAGE_BYTES = 4 * 2**30
 MAX_EARLY_BYTES = 2 * 2**30
 
 
-TRANSFER_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
 @dataclass
 class TransferStats:
     """Counters a worker exports (tristage:kv_transfer_* metrics)."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
-    seconds_sending: float = 0.0
     transfers_completed: int = 0
     failures: int = 0  # refused, timed out, or lease expired
     fallbacks: int = 0  # decode recomputed the prompt instead
-    seconds_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(TRANSFER_SECONDS_BUCKETS) + 1))
+    seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # one request's KV, first byte to ack
+
+    @property
+    def seconds_sending(self) -> float:
+        return self.seconds.sum_s
 
     def observe_seconds(self, seconds: float) -> None:
-        self.seconds_sending += seconds
-        index = next((i for i, bound in enumerate(TRANSFER_SECONDS_BUCKETS) if seconds <= bound),
-                     len(TRANSFER_SECONDS_BUCKETS))
-        self.seconds_bucket_counts[index] += 1
+        self.seconds.observe(seconds)
 
     def cumulative_buckets(self) -> list[tuple[float, int]]:
-        """(upper bound, count at or below it), ending with +Inf, as Prometheus histograms are."""
-        total, result = 0, []
-        for bound, count in zip((*TRANSFER_SECONDS_BUCKETS, float("inf")), self.seconds_bucket_counts):
-            total += count
-            result.append((bound, total))
-        return result
+        return self.seconds.cumulative()
 
 
 def engine_layout(engine: LLMEngine, model_name: str) -> KVLayout:

@@ -1,0 +1,31 @@
+"""Durations counted into buckets, read out the way Prometheus histograms are (cumulative, then +Inf)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# 1 ms .. 10 s: a KV transfer, a batch of images through a vision tower
+DEFAULT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class SecondsHistogram:
+    bounds_s: tuple[float, ...] = DEFAULT_SECONDS_BUCKETS  # upper bounds, ascending
+    sum_s: float = 0.0
+    counts: list[int] = field(init=False)  # per bucket, the last one past every bound
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds_s) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.sum_s += seconds
+        index = next((i for i, bound in enumerate(self.bounds_s) if seconds <= bound), len(self.bounds_s))
+        self.counts[index] += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, count at or below it), ending with +Inf."""
+        total, result = 0, []
+        for bound, count in zip((*self.bounds_s, float("inf")), self.counts):
+            total += count
+            result.append((bound, total))
+        return result
