@@ -7,9 +7,15 @@ it can be handed to peers through the control plane (Ray).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from typing import Any
+
 import zmq
 
-from services.common.codec import MAX_HEADER_BYTES
+from services.common.codec import MAX_HEADER_BYTES, DecodeError, MessageCodec
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BIND_HOST = "127.0.0.1"
 SEND_HIGH_WATER_MARK = 10_000  # messages queued per peer before send blocks (bounded memory)
@@ -36,3 +42,20 @@ def configure(socket: zmq.Socket, max_message_bytes: int = MAX_HEADER_BYTES) -> 
 
 def tcp_address(host: str = DEFAULT_BIND_HOST, port: int = 0) -> str:
     return f"tcp://{host}:{port}"
+
+
+def drain(socket: zmq.Socket, codec: MessageCodec, owner: str) -> Iterator[tuple[Any, list[bytes]]]:
+    """(message, frames) for each message waiting on `socket`, without blocking; a malformed one is
+    logged (naming `owner`) and skipped, never raised. Lazy: a caller that stops iterating leaves the
+    rest queued (that is how a full consumer holds its senders back)."""
+    while True:
+        try:
+            frames = socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return
+        try:
+            message = codec.decode(frames)
+        except DecodeError as exc:
+            logger.warning("%s dropped a malformed message: %s", owner, exc)
+            continue
+        yield message, frames

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from services.common.channels import bind, configure
+from services.common.channels import bind, configure, drain
 from services.common.codec import DecodeError, MessageCodec
 from services.common.messages import AbortRequest, EncodeRequest, EncoderInbound, ImageEmbedding
 from services.workers.encoder import ImageEncoder
@@ -241,16 +241,7 @@ class EncodeWorker:
         batch: list[tuple[EncodeRequest, bytes]] = []
         if not self.taking_work():
             return batch
-        while len(batch) < self.max_batch_images:
-            try:
-                frames = self._input.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            try:
-                message = self._inbound.decode(frames)
-            except DecodeError as exc:
-                logger.warning("%s dropped a malformed message: %s", self.name, exc)
-                continue
+        for message, frames in drain(self._input, self._inbound, self.name):
             if isinstance(message, AbortRequest):
                 batch = self._abort(message.request_id, batch)
             elif len(frames) != 2:
@@ -260,6 +251,8 @@ class EncodeWorker:
             else:
                 self.num_requests_received += 1
                 batch.append((message, frames[1]))
+            if len(batch) >= self.max_batch_images:
+                break
         return batch
 
     def _abort(self, request_id: str, batch: list[tuple[EncodeRequest, bytes]]) -> list[tuple[EncodeRequest, bytes]]:

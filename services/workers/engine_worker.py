@@ -34,7 +34,7 @@ from collections import defaultdict
 import torch
 import zmq
 
-from services.common.channels import bind, configure
+from services.common.channels import bind, configure, drain
 from services.common.codec import DecodeError, MessageCodec
 from services.common.errors import InvalidRequestError
 from services.common.messages import (AbortRequest, CompletionDelta, EmbeddingInbound, EncodeRequest,
@@ -148,16 +148,7 @@ class EngineWorker:
         errors: list[RequestDelta | RequestError] = []
         if block and not self._poller.poll(IDLE_POLL_MS):
             return errors
-        while True:
-            try:
-                frames = self._input.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            try:
-                message = self._inbound.decode(frames)
-            except DecodeError as exc:
-                logger.warning("%s dropped a malformed message: %s", self.name, exc)
-                continue
+        for message, frames in drain(self._input, self._inbound, self.name):
             if isinstance(message, EncodeRequest):
                 self._to_encode.append((message, frames[1] if len(frames) > 1 else b""))
                 continue
@@ -174,21 +165,20 @@ class EngineWorker:
         """Drain the embedding socket while the inbox has room (a full inbox holds the encoders back)."""
         assert self._embeddings is not None
         errors = []
-        while self._mm_inbox.has_room:
+        if not self._mm_inbox.has_room:
+            return errors
+        for message, frames in drain(self._embeddings, self._embedding_codec, self.name):
             try:
-                frames = self._embeddings.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                break
-            try:
-                message = self._embedding_codec.decode(frames)
                 rows = self._embedding_rows(message, frames[1:])
-            except (DecodeError, ValueError) as exc:
+            except ValueError as exc:  # DecodeError included
                 logger.warning("%s dropped a malformed embedding: %s", self.name, exc)
                 continue
             if isinstance(rows, str):
                 errors.append(self._fail_images(message.request_id, rows))
             else:
                 self._mm_inbox.add_embedding(message.request_id, message.content_hash, rows)
+            if not self._mm_inbox.has_room:
+                break
         return errors
 
     def _transfer_images(self, transfer: KVTransfer, frames: list) -> MultiModalInputs:
