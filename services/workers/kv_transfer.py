@@ -143,8 +143,7 @@ class KVSender:
         self._shipments: dict[str, _Shipment] = {}
         self._no_shared_memory: set[str] = set()  # decode workers that could not read our staging file
         self._codec = MessageCodec(KVInbound)
-        cuda = engine.runner.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(engine.runner.device) if cuda else None
+        self._copy_stream = _side_stream(engine)
 
     def send(self, transfer: KVTransfer, target: KVTarget, embeddings: Sequence[memoryview] = ()) -> None:
         """Open the transfer (with a vision-language prompt's image `embeddings` as frames) and ship the KV."""
@@ -177,12 +176,7 @@ class KVSender:
             sockets = self._sockets[shipment.kv_address]
             while shipment.groups and shipment.groups[0].ready():
                 group = shipment.groups.popleft()
-                socket = sockets[group.header.layer_start // LAYERS_PER_MESSAGE % len(sockets)]
-                if group.header.staging is None:
-                    frame = memoryview(group.payload.numpy()).cast("B")
-                    socket.send_multipart(self._codec.encode(group.header, frame), copy=False)
-                else:
-                    socket.send_multipart(self._codec.encode(group.header))
+                self._send_group(sockets, group.header, None if group.header.staging else group.payload)
                 self.stats.bytes_sent += group.payload.numel()
             if not shipment.groups and shipment.holds_blocks:
                 self.engine.release_kv(shipment.transfer.request_id)  # the bytes are in staging now
@@ -227,31 +221,34 @@ class KVSender:
                 socket.close(linger=0)
 
     def _stage(self, request_id: str, header: KVLayers, payload: torch.Tensor) -> _Group:
-        layers = range(header.layer_start, header.layer_end)
-        if self._copy_stream is None:
-            group = torch.stack([self.engine.export_kv(request_id, layer) for layer in layers])
-            payload.copy_(group.reshape(-1).view(torch.uint8))
-            return _Group(header, payload, copied=None)
-        # the KV was written on the compute stream: copy after it, beside the next steps' compute
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
-        with torch.cuda.stream(self._copy_stream):
-            group = torch.stack([self.engine.export_kv(request_id, layer) for layer in layers])
-            payload.copy_(group.reshape(-1).view(torch.uint8), non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self._copy_stream)
-        return _Group(header, payload, copied, source=group)
+        """Queue a layer group's copy into its staging region, beside the next steps' compute."""
+        with _after_compute(self._copy_stream):
+            group = self._gather(request_id, header.layer_start, header.layer_end)
+            payload.copy_(group.reshape(-1).view(torch.uint8), non_blocking=self._copy_stream is not None)
+            return _Group(header, payload, _copies_done(self._copy_stream), source=group)
 
     def _send_unstaged(self, shipment: _Shipment, sockets: list[zmq.Socket]) -> None:
         request_id = shipment.transfer.request_id
         for layer_start, layer_end in self._groups():
-            group = torch.stack([self.engine.export_kv(request_id, layer)
-                                 for layer in range(layer_start, layer_end)])  # [layers, 2, blocks, bs, heads, dim]
-            payload = group.cpu().contiguous().view(torch.uint8).numpy()
+            group = self._gather(request_id, layer_start, layer_end)
             header = KVLayers(request_id=request_id, layer_start=layer_start, layer_end=layer_end,
                               num_blocks=group.shape[2])
-            socket = sockets[layer_start // LAYERS_PER_MESSAGE % len(sockets)]
-            socket.send_multipart(self._codec.encode(header, memoryview(payload).cast("B")), copy=False)
-            self.stats.bytes_sent += payload.nbytes
+            payload = group.cpu().contiguous().view(torch.uint8)
+            self._send_group(sockets, header, payload)
+            self.stats.bytes_sent += payload.numel()
+
+    def _gather(self, request_id: str, layer_start: int, layer_end: int) -> torch.Tensor:
+        """Layers [layer_start, layer_end) of a held request: [layers, 2, blocks, block_size, heads, head_dim]."""
+        return torch.stack([self.engine.export_kv(request_id, layer) for layer in range(layer_start, layer_end)])
+
+    def _send_group(self, sockets: list[zmq.Socket], header: KVLayers, payload: torch.Tensor | None) -> None:
+        """A group's header (with its bytes as a frame, unless they wait in shared memory) on the
+        connection whose turn it is."""
+        socket = sockets[header.layer_start // LAYERS_PER_MESSAGE % len(sockets)]
+        if payload is None:
+            socket.send_multipart(self._codec.encode(header))
+        else:
+            socket.send_multipart(self._codec.encode(header, memoryview(payload.numpy()).cast("B")), copy=False)
 
     def _finish(self, shipment: _Shipment) -> None:
         """Free what a shipment holds: its GPU blocks if still held, its staging region once no copy reads it."""
@@ -269,8 +266,7 @@ class KVSender:
         return [(start, min(start + LAYERS_PER_MESSAGE, num_layers)) for start in range(0, num_layers, LAYERS_PER_MESSAGE)]
 
     def _layer_bytes(self, num_blocks: int) -> int:
-        layout = self.layout
-        itemsize = torch.empty((), dtype=self.engine.runner.dtype).element_size()
+        layout, itemsize = self.layout, self.engine.runner.dtype.itemsize
         return 2 * num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
 
     def _socket(self, address: str) -> list[zmq.Socket]:
@@ -330,8 +326,7 @@ class KVReceiver:
         self._early_bytes = 0
         self._closed: deque[str] = deque(maxlen=4096)  # requests whose late groups are dropped, not kept
         self._committing: deque[tuple[KVTransfer, "torch.cuda.Event | None"]] = deque()  # written, copies in flight
-        device = engine.runner.device
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copy_stream = _side_stream(engine)
         self._codec = MessageCodec(KVInbound)
         self._ack_codec = MessageCodec(WorkerInbound)
 
@@ -431,7 +426,7 @@ class KVReceiver:
         shape = (header.layer_end - header.layer_start, 2, header.num_blocks, layout.block_size,
                  layout.num_kv_heads, layout.head_dim)
         group = data.view(self.engine.runner.dtype).reshape(shape)
-        with self._on_copy_stream():
+        with _after_compute(self._copy_stream):
             for offset, layer in enumerate(range(header.layer_start, header.layer_end)):
                 self.engine.import_kv(header.request_id, layer, group[offset])
                 entry.layers_done.add(layer)
@@ -440,20 +435,8 @@ class KVReceiver:
             return None
         del self._imports[header.request_id]
         self._closed.append(header.request_id)
-        written = None
-        if self._copy_stream is not None:
-            written = torch.cuda.Event()
-            written.record(self._copy_stream)
-        self._committing.append((entry.transfer, written))
+        self._committing.append((entry.transfer, _copies_done(self._copy_stream)))
         return None
-
-    def _on_copy_stream(self):
-        """Copies go on the side stream, after whatever the compute stream already queued (the blocks
-        they overwrite may have been read by a step still running)."""
-        if self._copy_stream is None:
-            return contextlib.nullcontext()
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
-        return torch.cuda.stream(self._copy_stream)
 
     def _wait_for_copies(self) -> None:
         if self._copy_stream is not None:
@@ -514,3 +497,30 @@ class KVReceiver:
         ack = KVAck(request_id=transfer.request_id, accepted=accepted, message=message,
                     staging_unreadable=staging_unreadable)
         socket.send_multipart(self._ack_codec.encode(ack))
+
+
+# ----------------------------------------------------------------------------------------------
+# The side stream both ends copy on (None on the CPU, where copies are synchronous)
+
+
+def _side_stream(engine: LLMEngine) -> torch.cuda.Stream | None:
+    device = engine.runner.device
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def _after_compute(stream: torch.cuda.Stream | None):
+    """Run on `stream` after whatever the compute stream already queued: the KV a prefill step wrote,
+    or the reads of blocks a decode step may still be running over the blocks a copy overwrites."""
+    if stream is None:
+        return contextlib.nullcontext()
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    return torch.cuda.stream(stream)
+
+
+def _copies_done(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """An event for the copies queued so far on `stream` (None: they are done already)."""
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
