@@ -74,18 +74,25 @@ def embedding_frame(rows: torch.Tensor) -> tuple[str, memoryview]:
 
 def embedding_from_frame(header: ImageEmbedding, frame: bytes | memoryview | zmq.Frame) -> torch.Tensor:
     """The [num_rows, hidden_size] CPU tensor an ImageEmbedding's frame holds; raises DecodeError."""
+    return rows_from_frame(frame, header.num_rows, header.hidden_size, header.dtype)
+
+
+def rows_from_frame(frame: bytes | memoryview | zmq.Frame, num_rows: int, hidden_size: int,
+                    dtype_name: str) -> torch.Tensor:
+    """A [num_rows, hidden_size] CPU tensor of `dtype_name` from a frame of exactly that many bytes
+    (an ImageEmbedding's, or one of a KVTransfer's image frames); raises DecodeError."""
     buffer = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
-    dtype = EMBEDDING_DTYPES.get(header.dtype)
+    dtype = EMBEDDING_DTYPES.get(dtype_name)
     if dtype is None:
-        raise DecodeError(f"embedding dtype {header.dtype!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
-    if header.num_rows < 1 or header.hidden_size < 1:
-        raise DecodeError(f"an embedding of {header.num_rows} x {header.hidden_size} rows")
-    num_bytes = header.num_rows * header.hidden_size * dtype.itemsize
+        raise DecodeError(f"embedding dtype {dtype_name!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
+    if num_rows < 1 or hidden_size < 1:
+        raise DecodeError(f"an embedding of {num_rows} x {hidden_size} rows")
+    num_bytes = num_rows * hidden_size * dtype.itemsize
     if buffer.nbytes != num_bytes:
         raise DecodeError(f"the embedding frame holds {buffer.nbytes} bytes; "
-                          f"{header.num_rows} x {header.hidden_size} {header.dtype} rows take {num_bytes} bytes")
+                          f"{num_rows} x {hidden_size} {dtype_name} rows take {num_bytes} bytes")
     flat = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)  # a copy: the tensor owns its memory
-    return flat.view(dtype).view(header.num_rows, header.hidden_size)
+    return flat.view(dtype).view(num_rows, hidden_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from services.workers.event_log import KVEventLog
 from services.engine.multimodal import MultiModalInputs
 from services.workers.kv_staging import StagingBuffer, host_identity
-from services.workers.encode_worker import MAX_EMBEDDING_MESSAGE_BYTES, embedding_from_frame
+from services.workers.encode_worker import (MAX_EMBEDDING_MESSAGE_BYTES, embedding_frame, embedding_from_frame,
+                                           rows_from_frame)
 from services.workers.multimodal_inbox import MultiModalInbox
 from services.workers.kv_transfer import (KV_STREAMS, MAX_KV_MESSAGE_BYTES, KVReceiver, KVSender, TransferStats,
                                           engine_layout)
@@ -185,16 +186,16 @@ class EngineWorker:
         """Decode side: a transfer's image embeddings (one frame each, after its header) as engine inputs."""
         if len(frames) != len(transfer.images):
             raise ValueError(f"{len(transfer.images)} images but {len(frames)} embedding frames")
-        hidden = self.engine.runner.model.spec.hidden_size
-        rows = [torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8).view(self.engine.runner.dtype)
-                .reshape(ref.length, hidden) for ref, frame in zip(transfer.images, frames)]
+        hidden, dtype_name = self.engine.runner.model.spec.hidden_size, _dtype_name(self.engine.runner.dtype)
+        rows = [rows_from_frame(frame, ref.length, hidden, dtype_name) for ref, frame in zip(transfer.images, frames)]
         return self._mm_inbox.inputs(transfer.prompt_token_ids, transfer.images, rows)
 
     def _embedding_rows(self, message: ImageEmbedding, frames: list) -> torch.Tensor | str:
         """The rows an ImageEmbedding carries (checked against its header), or the encoder's error."""
         if message.error is not None:
             return message.error
-        if len(frames) != 1 or message.dtype != self.engine.config.dtype:
+        # the runner's dtype by its canonical name ("bfloat16"), as encoders send it (config may say "bf16")
+        if len(frames) != 1 or message.dtype != _dtype_name(self.engine.runner.dtype):
             raise ValueError(f"embedding of {message.request_id} has {len(frames)} frames, dtype {message.dtype}")
         return embedding_from_frame(message, frames[0])
 
@@ -344,7 +345,7 @@ class EngineWorker:
                               cache_salt=message.cache_salt, images=message.images)
         multi_modal = self._handoff_mm.pop(message.request_id, None)
         # the images' embeddings go along: the decode worker keys its blocks by them and recomputes with them
-        embeddings = [_host_bytes(f.embeddings) for f in multi_modal.features] if multi_modal is not None else []
+        embeddings = [embedding_frame(f.embeddings)[1] for f in multi_modal.features] if multi_modal is not None else []
         try:
             self._sender.send(transfer, message.kv_target, embeddings)
         except Exception:  # the decode worker will time out and recompute; free our blocks now
@@ -400,8 +401,8 @@ class EngineWorker:
         self._context.term()
 
 
-def _host_bytes(rows: torch.Tensor) -> memoryview:
-    return memoryview(rows.detach().contiguous().cpu().view(torch.uint8).numpy()).cast("B")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _open_staging(capacity_bytes: int, pin: bool) -> StagingBuffer | None:
