@@ -75,7 +75,8 @@ def run(config: ServeConfig) -> int:
     try:
         pools = {"colocated": config.replicas} if config.mode == "colocated" else {
             "prefill": config.num_prefill, "decode": config.num_decode}
-        num_encode = _num_encode(config, model_dir)
+        vision_language = _is_vision_language(model_dir)
+        num_encode = _num_encode(config, model_dir, vision_language)
         if num_encode:
             pools = {"encode": num_encode, **pools}
         engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
@@ -85,7 +86,7 @@ def run(config: ServeConfig) -> int:
                                   stage_resources=config.stage_resources, metrics_port=config.worker_metrics_port,
                                   kv_staging_bytes=config.kv_staging_bytes, shared=shared)
         _check_layouts(workers, model_dir)
-        asyncio.run(_serve_http(config, workers, model_dir, name))
+        asyncio.run(_serve_http(config, workers, model_dir, name, vision_language))
     finally:
         if workers and not shared:
             stop_pool(workers)
@@ -97,13 +98,17 @@ def run(config: ServeConfig) -> int:
     return 0
 
 
-def _num_encode(config: ServeConfig, model_dir: str) -> int:
-    """Encode actors: only for a vision-language model; one by default when disaggregated, none colocated
-    (a colocated worker encodes its own requests' images) unless asked for."""
+def _is_vision_language(model_dir: str) -> bool:
     from services.engine.models.loader import read_model_config
     from services.engine.multimodal.spec import VisionLanguageSpec
 
-    if VisionLanguageSpec.from_hf_config(read_model_config(model_dir)) is None:
+    return VisionLanguageSpec.from_hf_config(read_model_config(model_dir)) is not None
+
+
+def _num_encode(config: ServeConfig, model_dir: str, vision_language: bool) -> int:
+    """Encode actors: only for a vision-language model; one by default when disaggregated, none colocated
+    (a colocated worker encodes its own requests' images) unless asked for."""
+    if not vision_language:
         if config.num_encode:
             raise SystemExit(f"tristage serve: --encode needs a vision-language model; {model_dir} is text-only")
         return 0
@@ -161,7 +166,7 @@ def _use_ray_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: str) -> None:
+async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: str, vision_language: bool) -> None:
     from transformers import AutoTokenizer
 
     from services.gateway.app import create_app
@@ -169,7 +174,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.gateway.config import GatewayConfig
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
-    processor = await asyncio.to_thread(_processor, model_dir)
+    processor = await asyncio.to_thread(_processor, model_dir) if vision_language else None
     backend = ClusterBackend(workers, model_name=model_name, tokenizer=tokenizer, bind_host=config.data_plane_host,
                              router_policy=config.router_policy, processor=processor)
     await backend.start()
@@ -190,13 +195,9 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
 
 
 def _processor(model_dir: str):
-    """A vision-language model's MultiModalProcessor (the gateway's image layout), else None."""
-    from services.engine.models.loader import read_model_config
+    """A vision-language model's MultiModalProcessor (the gateway's chat template and image layout)."""
     from services.engine.multimodal import MultiModalProcessor
-    from services.engine.multimodal.spec import VisionLanguageSpec
 
-    if VisionLanguageSpec.from_hf_config(read_model_config(model_dir)) is None:
-        return None
     return MultiModalProcessor.from_model_dir(model_dir)
 
 
