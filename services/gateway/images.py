@@ -110,6 +110,12 @@ class LoadedImage:
     data: bytes = field(default=b"", repr=False, compare=False)  # the encoded bytes (what goes to an encoder)
 
 
+def encoded_content_hash(data: bytes) -> str:
+    """An image's content hash (LoadedImage.content_hash, the ImageRef contract): BLAKE2b-128 hex of its
+    encoded bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 class ValidatedImages:
     """Content hash -> (width, height) of images that decoded and passed the checks, most recent first.
 
@@ -266,7 +272,7 @@ _WHITE = (255, 255, 255, 255)
 def _decode(data: bytes, policy: ImagePolicy, validated: ValidatedImages | None = None) -> LoadedImage:
     if len(data) > policy.max_bytes_per_image:
         raise ImageRefused(f"is {len(data)} bytes; the limit is {policy.max_bytes_per_image} bytes")
-    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+    content_hash = encoded_content_hash(data)
     known = validated.get(content_hash) if validated is not None else None
     if known is not None:  # these exact bytes decoded and passed before (same policy: the same server)
         return LoadedImage(content_hash=content_hash, image=None, width=known[0], height=known[1],

@@ -23,7 +23,6 @@ Tunables (defaults):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -41,19 +40,12 @@ from services.common.messages import ImageRef
 from services.engine.config import DTYPES
 from services.engine.multimodal import ImageItem, MultiModalProcessor, VisionEncoder
 from services.engine.multimodal.mrope import GridTHW, num_merged_tokens
-from services.gateway.images import ImagePolicy, decode_image_bytes
+from services.gateway.images import ImagePolicy, decode_image_bytes, encoded_content_hash
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_CAPACITY_BYTES = 2**30
 PREPROCESS_THREADS = min(8, os.cpu_count() or 1)  # images decoded and resized at once
-# the same bounds as the KV transfer histogram (services.workers.kv_transfer), so panels line up
-
-
-def encoded_content_hash(data: bytes) -> str:
-    """An image's content hash: BLAKE2b-128 hex of its encoded bytes, as the gateway computes it
-    (services.gateway.images.decode_image_bytes; the ImageRef contract)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from services.common.codec import DecodeError, MessageCodec
 from services.common.messages import (AbortRequest, EmbeddingInbound, EncodeRequest, EncoderInbound,
                                       ImageEmbedding, ImageRef)
 from services.engine.multimodal import MultiModalProcessor, VisionEncoder
-from services.gateway.images import ImagePolicy, decode_image_bytes
+from services.gateway.images import ImagePolicy, decode_image_bytes, encoded_content_hash
 from services.workers.encode_worker import (MAX_EMBEDDING_MESSAGE_BYTES, EncodeWorker, Outbox,
                                             embedding_frame, embedding_from_frame)
-from services.workers.encoder import EmbeddingCache, ImageEncoder, encoded_content_hash
+from services.workers.encoder import EmbeddingCache, ImageEncoder
 from tests.vlm_models import random_image
 
 LLAVA, QWEN = "llava-clip-llama", "qwen2-vl"
