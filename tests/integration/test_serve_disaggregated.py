@@ -64,6 +64,17 @@ def _actor_pid(proc, worker):
     raise AssertionError(f"no pid for {worker} in the log: {[l for l in proc.log if 'serving' in l]}")
 
 
+def _wait_until_reconnected(proc, worker, timeout_s: float = 90.0) -> None:
+    """Until the gateway has found the worker's restarted process. /ready alone is not enough: Ray may
+    restart the actor before a health check sees it down, and the gateway only learns of the new
+    process (and stops sending to the dead socket) at its next check."""
+    deadline = time.monotonic() + timeout_s
+    while not any(f"worker {worker} is back at" in line for line in proc.log):
+        assert time.monotonic() < deadline, "the gateway never reconnected to " + worker
+        time.sleep(0.2)
+    wait_until_ready(proc.base_url)
+
+
 @pytest.mark.parametrize("victim", ["decode-0", "prefill-0"])
 def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, victim):
     import os
@@ -83,7 +94,7 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
                 parts.append(chunk.choices[0].text)
                 finish = chunk.choices[0].finish_reason or finish
     finally:
-        wait_until_ready(proc.base_url)  # Ray restarts the actor; the cluster is whole again for what follows
+        _wait_until_reconnected(proc, victim)  # the cluster is whole again for what follows
     llm = LLM(str(default_model_path(cache)))
     expected = llm.generate({"prompt_token_ids": prompt},
                             SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0].outputs[0].text
