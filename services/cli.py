@@ -75,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
         api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
         gateway_options={"max_queued_requests": args.max_queued_requests,
                          "max_queued_tokens": args.max_queued_tokens,
-                         "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host))})
+                         "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host)),
+                         "image_reference_cache_bytes": args.image_reference_cache_mib * 2**20})
     return serve.run(config)
 
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encode actors for a vision-language model (default: 1 disaggregated, 0 colocated)")
     srv.add_argument("--image-url-allow-host", action="append", default=[],
                      help="a host http(s) image URLs may come from (repeatable; default none: data URLs only)")
+    srv.add_argument("--image-reference-cache-mib", type=int, default=256,
+                     help="the gateway keeps images sent with a uuid, so a later request can name one by its uuid "
+                          "alone and not upload it again (default 256 MiB; 0: off)")
     srv.add_argument("--router-policy", default="preble",
                      choices=["round_robin", "least_load", "prefix_affinity", "preble"])
     srv.add_argument("--worker-metrics-port", type=int, default=None,

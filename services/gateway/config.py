@@ -29,6 +29,9 @@ class GatewayConfig:
     export_worker_metrics: bool = True
     # image_url parts of vision-language chats: limits, and remote hosts allowed (none by default)
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
+    # encoded bytes of images sent with a uuid, kept so a later part naming the uuid alone skips the
+    # upload (ImageReferences); 0 keeps none
+    image_reference_cache_bytes: int = 256 * MIB
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -39,6 +42,8 @@ class GatewayConfig:
                      "max_prompts_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.image_reference_cache_bytes < 0:
+            raise ValueError("image_reference_cache_bytes must be >= 0")
         if self.retry_after_s < 0:
             raise ValueError("retry_after_s must be >= 0")
         if self.abort_timeout_s <= 0 or self.snapshot_timeout_s <= 0:

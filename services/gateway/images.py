@@ -20,6 +20,12 @@ Redirects are followed by hand, at most `max_redirects`, each hop through the sa
 fetch has one deadline for all its hops, a byte cap on the body and needs a 2xx answer. No proxy
 from the environment is ever used: httpcore, which does the HTTP here, reads no environment.
 
+A part may carry a `uuid` (as in vLLM): the client's name for its image. The gateway keeps the bytes
+of images sent with one (`ImageReferences`, LRU within a byte budget, scoped to the API key and
+cache_salt), and a later part with the uuid and no image_url reuses them: the client uploads a large
+image once. A uuid never changes an image's identity, which stays the hash of its bytes; the first
+image of a request sent under a uuid is the one it names.
+
 Decoding (`decode_image_bytes`) opens lazily with Pillow, restricted to the accepted formats, checks
 the declared size against the pixel and side limits *before* decoding any pixel data (decompression
 bombs), then decodes; truncated or corrupt data is an error. Pillow's global settings are read,
@@ -37,7 +43,6 @@ in request order), what was wrong and the limit; it never carries a resolved add
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import io
@@ -46,11 +51,12 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import httpcore
 import httpx
+import pybase64
 from PIL import Image
 
 from services.common.errors import InvalidRequestError
@@ -142,6 +148,77 @@ class ValidatedImages:
                 self._sizes.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where one image_url part's image comes from.
+
+    A URL, optionally named by the client's `uuid` (as vLLM's image parts are), so that a later request
+    may send the uuid alone and skip uploading the bytes again; or a uuid alone, naming such an image.
+    The uuid only names: the image's identity for every cache stays the hash of its bytes, so a client
+    reusing another's uuid can never make the other's request see its image (references are also
+    scoped, see `reference_scope`).
+    """
+
+    url: str | None
+    uuid: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is None and self.uuid is None:
+            raise ValueError("an image source needs a url or a uuid")
+
+
+def reference_scope(credential: str | None, cache_salt: str | None) -> bytes:
+    """Who may name an image by uuid: the bearer credential and cache_salt it was sent with, hashed
+    (the key itself is never kept)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (credential, cache_salt):
+        encoded = (part or "").encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)  # length-prefixed: no ambiguity
+    return digest.digest()
+
+
+class ImageReferences:
+    """(scope, uuid) -> the image last sent under that uuid in that scope: its content hash, size and
+    encoded bytes (no pixels), least recently used first out once their bytes pass `capacity_bytes`.
+
+    A request naming the uuid alone gets these bytes sent on to the encoders as if it had uploaded them,
+    so nothing downstream depends on whether an encoder still holds the embedding. Thread-safe.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError("capacity_bytes must be >= 0")
+        self.capacity_bytes = capacity_bytes
+        self.num_bytes = 0  # encoded bytes held
+        self._images: OrderedDict[tuple[bytes, str], LoadedImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, scope: bytes, uuid: str) -> LoadedImage | None:
+        with self._lock:
+            image = self._images.get((scope, uuid))
+            if image is not None:
+                self._images.move_to_end((scope, uuid))
+            return image
+
+    def put(self, scope: bytes, uuid: str, image: LoadedImage) -> None:
+        key = (scope, uuid)
+        kept = replace(image, image=None)  # the pixels are the encoders' business
+        with self._lock:
+            previous = self._images.pop(key, None)
+            if previous is not None:
+                self.num_bytes -= len(previous.data)
+            if len(kept.data) > self.capacity_bytes:
+                return  # larger than the whole budget: not kept
+            self._images[key] = kept
+            self.num_bytes += len(kept.data)
+            while self.num_bytes > self.capacity_bytes:
+                _, evicted = self._images.popitem(last=False)
+                self.num_bytes -= len(evicted.data)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+
 class ImageRefused(Exception):
     """Why one image cannot be used, worded to follow its label ("image 2" + " is 8000x8000 pixels...").
 
@@ -164,28 +241,52 @@ class ImageFetcher(Protocol):
 # The entry points
 
 
-async def load_images(urls: Sequence[str], policy: ImagePolicy, *, fetcher: ImageFetcher | None = None,
-                      param: str = "messages", validated: ValidatedImages | None = None) -> list[LoadedImage]:
-    """Decoded images in the order of `urls`; raises InvalidRequestError(param=param) for the first bad one.
+async def load_images(sources: Sequence[str | ImageSource], policy: ImagePolicy, *,
+                      fetcher: ImageFetcher | None = None, param: str = "messages",
+                      validated: ValidatedImages | None = None, references: ImageReferences | None = None,
+                      scope: bytes = b"") -> list[LoadedImage]:
+    """Decoded images in the order of `sources` (URLs, or ImageSources that may name an image by uuid);
+    raises InvalidRequestError(param=param) for the first bad one.
 
-    Every check that needs no I/O runs on all URLs before any fetch starts. Remote images are fetched
-    concurrently; decoding runs in worker threads so the event loop never decodes pixels. When one
-    image fails, the others' fetches are cancelled. Pass one long-lived `RemoteFetcher` as `fetcher`
-    in a server: the default builds a new one (and its TLS context) per call.
+    Every check that needs no I/O runs on all sources before any fetch starts, including that each
+    uuid without a URL names an image of this request or of `references` under `scope`. Remote images
+    are fetched concurrently; decoding runs in worker threads so the event loop never decodes pixels.
+    When one image fails, the others' fetches are cancelled. Once all are loaded, every uuid with a
+    URL is recorded in `references`. Pass one long-lived `RemoteFetcher` as `fetcher` in a server: the
+    default builds a new one (and its TLS context) per call.
     """
-    if len(urls) > policy.max_images_per_request:
+    if len(sources) > policy.max_images_per_request:
         raise InvalidRequestError(f"a request may carry at most {policy.max_images_per_request} images, "
-                                  f"not {len(urls)}", param=param)
-    labels = [f"image {index + 1}" for index in range(len(urls))]
-    for label, url in zip(labels, urls):
-        try:
-            _precheck_url(url, policy)
-        except ImageRefused as exc:
-            raise _invalid(label, exc, param) from None
-    if fetcher is None and not all(_is_data_url(url) for url in urls):
+                                  f"not {len(sources)}", param=param)
+    sources = [ImageSource(s) if isinstance(s, str) else s for s in sources]
+    labels = [f"image {index + 1}" for index in range(len(sources))]
+    sent = {s.uuid: i for i, s in reversed(list(enumerate(sources))) if s.url is not None and s.uuid is not None}
+    earlier: dict[int, LoadedImage] = {}  # image index -> the image a uuid named in an earlier request
+    for index, (label, source) in enumerate(zip(labels, sources)):
+        if source.url is not None:
+            try:
+                _precheck_url(source.url, policy)
+            except ImageRefused as exc:
+                raise _invalid(label, exc, param) from None
+        elif source.uuid not in sent:
+            found = references.get(scope, source.uuid) if references is not None else None
+            if found is None:
+                raise InvalidRequestError(
+                    f"{label} names uuid {source.uuid!r} without an image_url, and no image was sent under that "
+                    "uuid recently by this API key and cache_salt (or it has been evicted); send it again with "
+                    "its image_url", param=param)
+            earlier[index] = found
+    urls = {index: s.url for index, s in enumerate(sources) if s.url is not None}
+    if fetcher is None and not all(_is_data_url(url) for url in urls.values()):
         fetcher = RemoteFetcher()
-    loads = [_load_one(label, url, policy, fetcher, param, validated) for label, url in zip(labels, urls)]
-    return await _gather_or_cancel(loads)
+    loaded = dict(zip(urls, await _gather_or_cancel(
+        _load_one(labels[index], url, policy, fetcher, param, validated) for index, url in urls.items())))
+    images = [loaded[i] if i in loaded else earlier[i] if i in earlier else loaded[sent[s.uuid]]
+              for i, s in enumerate(sources)]
+    if references is not None:
+        for uuid, index in sent.items():
+            references.put(scope, uuid, images[index])
+    return images
 
 
 def decode_image_bytes(data: bytes, policy: ImagePolicy, *, label: str = "the image",
@@ -250,7 +351,7 @@ def _data_url_bytes(url: str, policy: ImagePolicy) -> bytes:
     if num_bytes > policy.max_bytes_per_image:
         raise ImageRefused(f"is {num_bytes} bytes; the limit is {policy.max_bytes_per_image} bytes")
     try:
-        return base64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)  # the standard library's rules, vectorised
     except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
         raise ImageRefused("has a data URL whose payload is not valid base64 "
                            "(standard alphabet, padded, no whitespace)") from None
@@ -322,6 +423,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     Dropping alpha instead would show whatever colour the encoder left under transparent pixels,
     often black or noise.
     """
+    if image.mode == "RGB" and not _has_alpha(image):  # an RGB PNG may still name a transparent colour
+        return image  # loaded, so detached from its file; a copy would cost ~13 ms per 4 MP
     if not _has_alpha(image):
         return image.convert("RGB")
     rgba = image.convert("RGBA")

@@ -23,8 +23,10 @@ import jinja2
 from services.common.errors import InvalidRequestError
 from services.common.messages import ImageRef, SamplingSpec
 from services.gateway.backend import PromptImage
-from services.gateway.images import LoadedImage
+from services.gateway.images import ImageSource, LoadedImage
 from services.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+MAX_IMAGE_UUID_CHARS = 256  # a client's name for an image (ImageSource.uuid)
 
 _TEMPLATE_ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 
@@ -97,20 +99,28 @@ def _message_text(index: int, message: ChatMessage, image_placeholder: str | Non
     return "\n".join(texts)
 
 
-def image_urls(messages: list[ChatMessage]) -> list[str]:
-    """The URLs of every image_url part, in conversation order."""
-    urls = []
+def image_sources(messages: list[ChatMessage]) -> list[ImageSource]:
+    """Where the image of every image_url part comes from, in conversation order: its URL, and the
+    client's uuid for it if it gave one (a uuid alone names an image it sent before)."""
+    sources = []
     for index, message in enumerate(messages):
         for part in message.content if isinstance(message.content, list) else ():
             if part.type != "image_url":
                 continue
+            uuid = getattr(part, "uuid", None)
+            if uuid is not None and not (isinstance(uuid, str) and 0 < len(uuid) <= MAX_IMAGE_UUID_CHARS):
+                raise InvalidRequestError(f"messages[{index}]: an image_url part's uuid must be a string of 1 to "
+                                          f"{MAX_IMAGE_UUID_CHARS} characters", param="messages")
             image_url = getattr(part, "image_url", None)
             url = image_url.get("url") if isinstance(image_url, dict) else None
-            if not isinstance(url, str):
-                raise InvalidRequestError(f"messages[{index}]: an image_url part needs "
-                                          "{\"image_url\": {\"url\": ...}}", param="messages")
-            urls.append(url)
-    return urls
+            # no URL at all (image_url null, absent, or without "url") is the uuid-only form
+            no_url = image_url is None or isinstance(image_url, dict) and "url" not in image_url
+            if not isinstance(url, str) and not (uuid is not None and no_url):
+                raise InvalidRequestError(f"messages[{index}]: an image_url part needs {{\"image_url\": "
+                                          "{\"url\": ...}}, or only the \"uuid\" of an image sent before",
+                                          param="messages")
+            sources.append(ImageSource(url if isinstance(url, str) else None, uuid))
+    return sources
 
 
 def template_messages(messages: list[ChatMessage], image_placeholder: str | None = None) -> list[dict[str, str]]:

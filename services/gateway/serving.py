@@ -36,11 +36,17 @@ from services.gateway.errors import ApiError, ClientGone, internal_error, parse_
 from services.gateway.generation import Arrival, Generation
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.backend import PromptImage
-from services.gateway.images import RemoteFetcher, ValidatedImages, load_images
+from services.gateway.images import (
+    ImageReferences,
+    RemoteFetcher,
+    ValidatedImages,
+    load_images,
+    reference_scope,
+)
 from services.gateway.prompts import (
     ModelLimits,
     check_stop_token_ids,
-    image_urls,
+    image_sources,
     to_sampling_spec,
     tokenize_chat,
     tokenize_chat_with_images,
@@ -137,6 +143,7 @@ class GenerationService:
         self._limits = ModelLimits(max_model_len=backend.max_model_len, vocab_size=backend.vocab_size)
         self._image_fetcher = RemoteFetcher()  # one TLS context for every remote image
         self._validated_images = ValidatedImages()  # bytes seen and checked before are not decoded again
+        self._image_references = ImageReferences(config.image_reference_cache_bytes)  # images named by uuid
 
     async def chat(self, http_request: Request) -> Response:
         return await self._serve(http_request, ChatCompletionRequest, "chatcmpl")
@@ -154,7 +161,7 @@ class GenerationService:
         generation: Generation | None = None
         handed_over = False
         try:
-            prompts, images = await self._tokenize(request)
+            prompts, images = await self._tokenize(request, http_request.headers.get("authorization"))
             try:
                 ticket.add_prompt_tokens(sum(len(p) for p in prompts))
             except AdmissionRejected as exc:
@@ -210,8 +217,10 @@ class GenerationService:
         self._metrics.count_rejection(exc.reason)
         return ApiError(429, str(exc), code="rate_limit_exceeded", headers=self._retry_after())
 
-    async def _tokenize(self, request: GenerationRequest) -> tuple[list[list[int]], list[PromptImage]]:
-        """The prompts' token ids, and the images of a vision-language chat (fetched and checked here)."""
+    async def _tokenize(self, request: GenerationRequest,
+                        credential: str | None) -> tuple[list[list[int]], list[PromptImage]]:
+        """The prompts' token ids, and the images of a vision-language chat (fetched and checked here;
+        images named by uuid are the ones this credential sent under it)."""
         tokenizer = self._backend.tokenizer
         loop = asyncio.get_running_loop()
         try:
@@ -219,12 +228,13 @@ class GenerationService:
                 return await loop.run_in_executor(self._executor, tokenize_completion, tokenizer, request,
                                                   self._limits, self._config.max_prompts_per_request), []
             processor = self._backend.processor
-            urls = image_urls(request.messages) if processor is not None else []
-            if not urls:  # a text model refuses image parts in tokenize_chat
+            sources = image_sources(request.messages) if processor is not None else []
+            if not sources:  # a text model refuses image parts in tokenize_chat
                 return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request,
                                                    self._limits)], []
-            loaded = await load_images(urls, self._config.image_policy, fetcher=self._image_fetcher,
-                                       validated=self._validated_images)
+            loaded = await load_images(sources, self._config.image_policy, fetcher=self._image_fetcher,
+                                       validated=self._validated_images, references=self._image_references,
+                                       scope=reference_scope(credential, request.cache_salt))
             token_ids, images = await loop.run_in_executor(self._executor, tokenize_chat_with_images, processor,
                                                            request, self._limits, loaded)
             return [token_ids], images

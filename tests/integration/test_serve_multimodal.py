@@ -26,8 +26,10 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def chat(sizes: list[tuple[int, int]]) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(random_image(w, h, seed=w + h))}} for w, h in sizes]
+def chat(sizes: list[tuple[int, int]], by_uuid: bool = False) -> list[dict]:
+    """Each image sent with the uuid "w x h"; by_uuid: named by that uuid alone (sent before)."""
+    parts = [{"type": "image_url", "uuid": f"{w}x{h}",
+              "image_url": None if by_uuid else {"url": data_url(random_image(w, h, seed=w + h))}} for w, h in sizes]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe the picture."}]}]
 
 
@@ -54,13 +56,17 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
     tokenizer = MultiModalProcessor.from_model_dir(model_dir).tokenizer
     try:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        for sizes in REQUESTS:
+        # the last request names its image by the uuid it was sent with, without uploading it again
+        for sizes, by_uuid in [(sizes, False) for sizes in REQUESTS] + [(REQUESTS[1][:1], True)]:
             # special tokens kept: a random model emits some, and the text must show every token
-            reply = client.chat.completions.create(model="vlm", messages=chat(sizes), max_tokens=MAX_TOKENS,
+            reply = client.chat.completions.create(model="vlm", messages=chat(sizes, by_uuid), max_tokens=MAX_TOKENS,
                                                    temperature=0, extra_body={"ignore_eos": True,
                                                                               "skip_special_tokens": False})
             assert reply.usage.completion_tokens == MAX_TOKENS
             assert reply.choices[0].message.content == tokenizer.decode(offline(model_dir, chat(sizes), sizes))
+        with pytest.raises(openai.BadRequestError, match="image 1 names uuid 'unseen'"):
+            client.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": None, "uuid": "unseen"}]}])
         # a text-only question to the same model still works; a bad image is a 400
         reply = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=2)
@@ -70,9 +76,9 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
         wait_until_idle(server.base_url)
         text = httpx.get(server.base_url + "/metrics").text
-        if mode == "disaggregated":  # the image of the first request came again in the second: a cache hit
-            assert metric(text, "tristage:embedding_cache_queries_total") == 3
-            assert metric(text, "tristage:embedding_cache_hits_total") == 1
+        if mode == "disaggregated":  # the image of the first request came again twice: cache hits
+            assert metric(text, "tristage:embedding_cache_queries_total") == 4
+            assert metric(text, "tristage:embedding_cache_hits_total") == 2
             assert metric(text, "tristage:encode_latency_seconds_count") >= 1
             assert metric(text, "tristage:embedding_transfer_bytes_total") > 0
             assert metric(text, "tristage:kv_transfer_bytes_total") > 0

@@ -30,7 +30,9 @@ from PIL import Image, ImageFile
 from services.common.errors import InvalidRequestError
 from services.gateway.images import (
     ImagePolicy,
+    ImageReferences,
     ImageRefused,
+    ImageSource,
     LoadedImage,
     RemoteFetcher,
     ValidatedImages,
@@ -38,6 +40,7 @@ from services.gateway.images import (
     host_is_allowed,
     is_public_address,
     load_images,
+    reference_scope,
 )
 
 PUBLIC_IP = "93.184.216.34"  # a globally routable address; FakeInternet never really goes there
@@ -144,6 +147,13 @@ def test_transparent_pixels_are_composited_on_white():
     rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
     rgba.putpixel((1, 0), (0, 128, 0, 255))
     [loaded] = load([data_url(encode(rgba, "PNG"))])
+    assert [loaded.image.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 128, 0)]
+
+
+def test_an_rgb_image_with_a_transparent_colour_key_is_composited_too():
+    rgb = Image.new("RGB", (2, 1), (0, 0, 0))
+    rgb.putpixel((1, 0), (0, 128, 0))
+    [loaded] = load([data_url(encode(rgb, "PNG", transparency=(0, 0, 0)))])
     assert [loaded.image.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 128, 0)]
 
 
@@ -715,3 +725,111 @@ def test_bytes_decoded_and_checked_before_skip_the_decode():
     assert asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0].image is not None
     with pytest.raises(InvalidRequestError, match="truncated"):  # bad bytes are never remembered
         asyncio.run(load_images([data_url(first_png[:60])], ImagePolicy(), validated=validated))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images named by uuid
+
+
+class CountingFetcher:
+    """A fetcher that must not be reached (the requests below fail before any I/O) and counts tries."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def fetch(self, url: str, policy: ImagePolicy) -> bytes:
+        self.calls += 1
+        raise AssertionError(f"fetched {url}")
+
+
+def _png(width: int, height: int, colour=(1, 2, 3)) -> bytes:
+    return encode(Image.new("RGB", (width, height), colour), "PNG")
+
+
+def test_a_uuid_alone_names_the_image_sent_under_it_earlier():
+    references, scope = ImageReferences(1 << 20), reference_scope("Bearer k", None)
+    png = _png(40, 30)
+    [sent] = asyncio.run(load_images([ImageSource(data_url(png), "cat")], ImagePolicy(), references=references,
+                                     scope=scope))
+    [named] = asyncio.run(load_images([ImageSource(None, "cat")], ImagePolicy(), references=references, scope=scope))
+    # the same identity, size and bytes (what goes to the encoders), without the pixels or a decode
+    assert (named.content_hash, named.width, named.height, named.data) == (sent.content_hash, 40, 30, png)
+    assert named.image is None and references.num_bytes == len(png)
+
+
+def test_an_unknown_uuid_is_a_400_before_any_fetch():
+    fetcher = CountingFetcher()
+    policy = ImagePolicy(allowed_hosts=("cdn.test",))
+    with pytest.raises(InvalidRequestError) as info:
+        asyncio.run(load_images([ImageSource("http://cdn.test/a.png"), ImageSource(None, "dog")], policy,
+                                fetcher=fetcher, references=ImageReferences(1 << 20)))
+    assert info.value.message.startswith("image 2 names uuid 'dog' without an image_url")
+    assert info.value.param == "messages" and fetcher.calls == 0
+
+
+def test_uuids_are_private_to_the_api_key_and_cache_salt():
+    references = ImageReferences(1 << 20)
+    asyncio.run(load_images([ImageSource(data_url(_png(8, 8)), "x")], ImagePolicy(), references=references,
+                            scope=reference_scope("Bearer alice", "s")))
+    for credential, salt in [("Bearer bob", "s"), ("Bearer alice", None), ("Bearer alice", "t"), (None, None)]:
+        with pytest.raises(InvalidRequestError, match="names uuid 'x'"):
+            asyncio.run(load_images([ImageSource(None, "x")], ImagePolicy(), references=references,
+                                    scope=reference_scope(credential, salt)))
+    assert reference_scope("ab", "c") != reference_scope("a", "bc")  # parts cannot run into each other
+
+
+def test_a_uuid_names_an_image_of_the_same_request_and_is_then_kept():
+    """A uuid alone may name an image sent in another part of the same request; the uuid's first image
+    is the one it names, and sending new bytes under a uuid renames it."""
+    references, first, second = ImageReferences(1 << 20), _png(8, 8), _png(16, 8, (9, 9, 9))
+    images = asyncio.run(load_images(
+        [ImageSource(None, "u"), ImageSource(data_url(first), "u"), ImageSource(data_url(second), "u")],
+        ImagePolicy(), references=references))
+    assert [i.data for i in images] == [first, first, second]
+    [later] = asyncio.run(load_images([ImageSource(None, "u")], ImagePolicy(), references=references))
+    assert later.data == first
+    asyncio.run(load_images([ImageSource(data_url(second), "u")], ImagePolicy(), references=references))
+    assert references.get(b"", "u").data == second and len(references) == 1 and references.num_bytes == len(second)
+
+
+def test_image_references_evict_the_least_recently_used_past_their_byte_budget():
+    a, b, c = (LoadedImage(content_hash=name, image=None, width=1, height=1, num_bytes=100, data=bytes(100))
+               for name in "abc")
+    references = ImageReferences(250)
+    references.put(b"", "a", a)
+    references.put(b"", "b", b)
+    assert references.get(b"", "a") is not None  # a is now the most recently used
+    references.put(b"", "c", c)  # 300 bytes: b goes
+    assert references.get(b"", "b") is None and references.num_bytes == 200
+    assert {references.get(b"", u).content_hash for u in "ac"} == {"a", "c"}
+    big = LoadedImage(content_hash="big", image=None, width=1, height=1, num_bytes=300, data=bytes(300))
+    references.put(b"", "a", big)  # over the whole budget: not kept, and "a" no longer names the old image
+    assert references.get(b"", "a") is None and references.num_bytes == 100
+    off = ImageReferences(0)
+    off.put(b"", "a", a)
+    assert off.get(b"", "a") is None and off.num_bytes == 0
+
+
+def _sources(*parts) -> list[ImageSource]:
+    from services.gateway.prompts import image_sources
+    from services.gateway.protocol import ChatMessage
+
+    return image_sources([ChatMessage.model_validate({"role": "user", "content": list(parts)})])
+
+
+def test_image_parts_give_their_url_and_uuid_or_a_clear_400():
+    url = data_url(TINY_PNG)
+    assert _sources({"type": "image_url", "image_url": {"url": url}},
+                    {"type": "image_url", "image_url": {"url": url}, "uuid": "a"},
+                    {"type": "image_url", "image_url": None, "uuid": "a"},
+                    {"type": "image_url", "uuid": "b"},
+                    {"type": "image_url", "image_url": {"detail": "low"}, "uuid": "c"}) == [
+        ImageSource(url), ImageSource(url, "a"), ImageSource(None, "a"), ImageSource(None, "b"), ImageSource(None, "c")]
+    for bad in [{"type": "image_url"}, {"type": "image_url", "image_url": None},
+                {"type": "image_url", "image_url": {"url": 7}, "uuid": "a"},
+                {"type": "image_url", "image_url": {"url": url}, "uuid": 7},
+                {"type": "image_url", "image_url": {"url": url}, "uuid": ""},
+                {"type": "image_url", "image_url": None, "uuid": "x" * 257}]:
+        with pytest.raises(InvalidRequestError, match=r"^messages\[0\]: an image_url part") as info:
+            _sources(bad)
+        assert info.value.param == "messages"
