@@ -159,7 +159,7 @@ class ImageEncoder:
     def __init__(self, model_dir: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, load_format: str = "auto",
                  cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES,
-                 image_policy: ImagePolicy | None = None) -> None:
+                 image_policy: ImagePolicy | None = None, preprocess_threads: int = PREPROCESS_THREADS) -> None:
         if isinstance(dtype, str):  # a resolved EngineConfig.dtype name ("auto" is resolved by the caller)
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -169,7 +169,7 @@ class ImageEncoder:
         self.cache = EmbeddingCache(cache_capacity_bytes)
         self.image_policy = image_policy or ImagePolicy()  # should be the gateway's: it accepted these images
         self.stats = EncodeStats()
-        self._preprocessing = ThreadPoolExecutor(max_workers=PREPROCESS_THREADS, thread_name_prefix="preprocess")
+        self._preprocessing = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
 
     @property
     def device(self) -> torch.device:
