@@ -40,8 +40,8 @@ def jpegs(count: int, seed: int) -> list[bytes]:
 
 def images_per_s(model_dir: str, device: str, threads: int, batches: list[list[bytes]]) -> float:
     """Images encoded per second over `batches`, each one `encode` call (as the loop takes its queue)."""
+    from services.common.images import encoded_content_hash
     from services.common.messages import ImageRef
-    from services.gateway.images import encoded_content_hash
     from services.workers.encoder import ImageEncoder
 
     encoder = ImageEncoder(model_dir, device, "bfloat16" if device != "cpu" else "float32", load_format="dummy",

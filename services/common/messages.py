@@ -56,7 +56,7 @@ class KVTarget(msgspec.Struct, frozen=True, kw_only=True):
 class ImageRef(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """An image of a prompt: its content hash and the placeholder run its embedding rows fill."""
 
-    content_hash: str  # BLAKE2b-128 hex of the image's encoded bytes (services.gateway.images)
+    content_hash: str  # BLAKE2b-128 hex of the image's encoded bytes (services.common.images)
     offset: int  # first placeholder token
     length: int  # placeholder tokens = embedding rows
     grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL patch grid (M-RoPE positions); None for LLaVA

@@ -26,10 +26,9 @@ cache_salt), and a later part with the uuid and no image_url reuses them: the cl
 image once. A uuid never changes an image's identity, which stays the hash of its bytes; the first
 image of a request sent under a uuid is the one it names.
 
-Decoding (`decode_image_bytes`) opens lazily with Pillow, restricted to the accepted formats, checks
-the declared size against the pixel and side limits *before* decoding any pixel data (decompression
-bombs), then decodes; truncated or corrupt data is an error. Pillow's global settings are read,
-never written. An animated GIF gives its first frame.
+Decoding, with its bomb and truncation checks, is services.common.images (the encode workers decode
+with it too); the gateway decodes every new image once to check it, and remembers the sizes of bytes
+it has checked (`ValidatedImages`).
 
 Tunables (`ImagePolicy`, defaults in brackets): max_images_per_request [8], max_bytes_per_image
 [20 MiB], max_pixels_per_image [4096*4096], max_side_px [8192], fetch_timeout_s [10 s],
@@ -45,23 +44,27 @@ from __future__ import annotations
 import asyncio
 import binascii
 import hashlib
-import io
 import ipaddress
 import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import httpcore
 import httpx
 import pybase64
-from PIL import Image
 
 from services.common.errors import InvalidRequestError
-
-MIB = 1024 * 1024
+from services.common.images import (
+    ImageLimits,
+    ImageRefused,
+    LoadedImage,
+    ValidatedImages,
+    check_and_decode,
+    invalid_image,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # host, port -> the IP addresses (as strings) the host resolves to; raises OSError when it cannot.
@@ -69,11 +72,10 @@ Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
 @dataclass(frozen=True)
-class ImagePolicy:
+class ImagePolicy(ImageLimits):
+    """The decoding limits (ImageLimits) and what the gateway adds: images per request and remote fetches."""
+
     max_images_per_request: int = 8
-    max_bytes_per_image: int = 20 * MIB  # encoded bytes (decoded base64 or HTTP body)
-    max_pixels_per_image: int = 4096 * 4096  # width * height, checked before any pixel is decoded
-    max_side_px: int = 8192  # width and height each
     fetch_timeout_s: float = 10.0  # one deadline per remote image, covering DNS, redirects and body
     max_redirects: int = 3  # redirects followed per remote image; each hop is checked like the first
     # Hosts remote images may come from: exact names, case-insensitive, in ASCII (punycode) form, or
@@ -81,12 +83,11 @@ class ImagePolicy:
     # exactly. Empty: http(s) image URLs are refused.
     allowed_hosts: tuple[str, ...] = ()
     allow_private_networks: bool = False  # True lets allowed hosts resolve to internal addresses
-    accepted_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # Pillow format names
 
     def __post_init__(self) -> None:
-        for name in ("max_images_per_request", "max_bytes_per_image", "max_pixels_per_image", "max_side_px"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        super().__post_init__()
+        if self.max_images_per_request < 1:
+            raise ValueError("max_images_per_request must be at least 1")
         if self.fetch_timeout_s <= 0:
             raise ValueError("fetch_timeout_s must be positive")
         if self.max_redirects < 0:
@@ -94,58 +95,6 @@ class ImagePolicy:
         for pattern in self.allowed_hosts:
             if not _is_valid_host_pattern(pattern):
                 raise ValueError(f"allowed_hosts: {pattern!r} is not a host name, '*.domain' or an IP address")
-        Image.init()  # registers Pillow's plugins (what Image.open does anyway) so names can be checked
-        unknown = [name for name in self.accepted_formats if name not in Image.OPEN]
-        if not self.accepted_formats or unknown:
-            raise ValueError(f"accepted_formats must name formats Pillow can open; unknown: {unknown}")
-
-
-@dataclass(frozen=True)
-class LoadedImage:
-    # Hex BLAKE2b (16-byte digest) of the raw encoded bytes, as received. Raw bytes rather than
-    # pixels: hashing needs no decode, and the hash cannot change with the Pillow or libjpeg version,
-    # so gateway replicas and the encode workers' embedding cache agree on it. The same picture
-    # encoded differently gets another hash: a cache miss, never a wrong hit.
-    content_hash: str
-    # mode "RGB", detached from the encoded bytes; None when these exact bytes were decoded and checked
-    # before (ValidatedImages): only their size is needed again, the encoders decode the pixels
-    image: Image.Image | None = field(repr=False, compare=False)
-    width: int  # pixels
-    height: int  # pixels
-    num_bytes: int  # encoded bytes
-    data: bytes = field(default=b"", repr=False, compare=False)  # the encoded bytes (what goes to an encoder)
-
-
-def encoded_content_hash(data: bytes) -> str:
-    """An image's content hash (LoadedImage.content_hash, the ImageRef contract): BLAKE2b-128 hex of its
-    encoded bytes."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-class ValidatedImages:
-    """Content hash -> (width, height) of images that decoded and passed the checks, most recent first.
-
-    The same bytes again (a popular image, a multi-turn chat resending its images) skip the decode: the
-    gateway needs only their size. Thread-safe (decoding runs in worker threads)."""
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._sizes: OrderedDict[str, tuple[int, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, content_hash: str) -> tuple[int, int] | None:
-        with self._lock:
-            size = self._sizes.get(content_hash)
-            if size is not None:
-                self._sizes.move_to_end(content_hash)
-            return size
-
-    def add(self, content_hash: str, size: tuple[int, int]) -> None:
-        with self._lock:
-            self._sizes[content_hash] = size
-            self._sizes.move_to_end(content_hash)
-            while len(self._sizes) > self.capacity:
-                self._sizes.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -219,18 +168,6 @@ class ImageReferences:
         return len(self._images)
 
 
-class ImageRefused(Exception):
-    """Why one image cannot be used, worded to follow its label ("image 2" + " is 8000x8000 pixels...").
-
-    Fetchers raise it for anything the client's URL got wrong; `load_images` turns it into an
-    InvalidRequestError naming the image. Any other exception from a fetcher is a server fault.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class ImageFetcher(Protocol):
     async def fetch(self, url: str, policy: ImagePolicy) -> bytes:
         """The body behind an http(s) URL, checked against `policy`; raises ImageRefused."""
@@ -267,7 +204,7 @@ async def load_images(sources: Sequence[str | ImageSource], policy: ImagePolicy,
             try:
                 _precheck_url(source.url, policy)
             except ImageRefused as exc:
-                raise _invalid(label, exc, param) from None
+                raise invalid_image(label, exc, param) from None
         elif source.uuid not in sent:
             found = references.get(scope, source.uuid) if references is not None else None
             if found is None:
@@ -289,15 +226,6 @@ async def load_images(sources: Sequence[str | ImageSource], policy: ImagePolicy,
     return images
 
 
-def decode_image_bytes(data: bytes, policy: ImagePolicy, *, label: str = "the image",
-                       param: str = "messages") -> LoadedImage:
-    """Encoded bytes -> LoadedImage (blocking: call it from a worker thread); raises InvalidRequestError."""
-    try:
-        return _decode(data, policy)
-    except ImageRefused as exc:
-        raise _invalid(label, exc, param) from None
-
-
 async def _load_one(label: str, url: str, policy: ImagePolicy, fetcher: ImageFetcher | None,
                     param: str, validated: ValidatedImages | None = None) -> LoadedImage:
     try:
@@ -305,13 +233,9 @@ async def _load_one(label: str, url: str, policy: ImagePolicy, fetcher: ImageFet
             return await asyncio.to_thread(_decode_data_url, url, policy, validated)
         assert fetcher is not None  # load_images builds one whenever a URL is remote
         data = await fetcher.fetch(url, policy)
-        return await asyncio.to_thread(_decode, data, policy, validated)
+        return await asyncio.to_thread(check_and_decode, data, policy, validated)
     except ImageRefused as exc:
-        raise _invalid(label, exc, param) from None
-
-
-def _invalid(label: str, refusal: ImageRefused, param: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{label} {refusal.reason}", param=param)
+        raise invalid_image(label, exc, param) from None
 
 
 async def _gather_or_cancel(coroutines: Iterable[Awaitable[LoadedImage]]) -> list[LoadedImage]:
@@ -333,7 +257,7 @@ def _is_data_url(url: str) -> bool:
 
 
 def _decode_data_url(url: str, policy: ImagePolicy, validated: ValidatedImages | None = None) -> LoadedImage:
-    return _decode(_data_url_bytes(url, policy), policy, validated)
+    return check_and_decode(_data_url_bytes(url, policy), policy, validated)
 
 
 def _data_url_bytes(url: str, policy: ImagePolicy) -> bytes:
@@ -360,83 +284,6 @@ def _data_url_bytes(url: str, policy: ImagePolicy) -> bytes:
 def _base64_num_bytes(payload: str) -> int:
     """Bytes that a well-formed base64 payload decodes to: 3 per 4 characters, less the padding."""
     return len(payload) * 3 // 4 - (len(payload) - len(payload.rstrip("=")))
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding
-
-# What Pillow's plugins raise on malformed input (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError)
-_WHITE = (255, 255, 255, 255)
-
-
-def _decode(data: bytes, policy: ImagePolicy, validated: ValidatedImages | None = None) -> LoadedImage:
-    if len(data) > policy.max_bytes_per_image:
-        raise ImageRefused(f"is {len(data)} bytes; the limit is {policy.max_bytes_per_image} bytes")
-    content_hash = encoded_content_hash(data)
-    known = validated.get(content_hash) if validated is not None else None
-    if known is not None:  # these exact bytes decoded and passed before (same policy: the same server)
-        return LoadedImage(content_hash=content_hash, image=None, width=known[0], height=known[1],
-                           num_bytes=len(data), data=bytes(data))
-    try:
-        # `formats` limits which parsers ever see the bytes, not just which results are kept.
-        with Image.open(io.BytesIO(data), formats=policy.accepted_formats) as image:
-            _check_dimensions(image.width, image.height, policy)  # before load(): nothing decoded yet
-            image.load()  # the first frame; raises on truncated data (LOAD_TRUNCATED_IMAGES is left off)
-            rgb = _to_rgb(image)
-    except Image.DecompressionBombError:
-        raise ImageRefused(f"has too many pixels to decode safely; the limit is {_max_pixels(policy)} "
-                           "pixels") from None
-    except Image.UnidentifiedImageError:
-        raise ImageRefused(f"is not a {_format_list(policy.accepted_formats)} image") from None
-    except _DECODE_ERRORS:
-        raise ImageRefused("is truncated or corrupt and could not be decoded") from None
-    if validated is not None:
-        validated.add(content_hash, (rgb.width, rgb.height))
-    return LoadedImage(content_hash=content_hash, image=rgb, width=rgb.width, height=rgb.height,
-                       num_bytes=len(data), data=bytes(data))
-
-
-def _check_dimensions(width: int, height: int, policy: ImagePolicy) -> None:
-    max_pixels = _max_pixels(policy)
-    if width * height > max_pixels:
-        raise ImageRefused(f"is {width}x{height} pixels; the limit is {max_pixels} pixels")
-    if max(width, height) > policy.max_side_px:
-        raise ImageRefused(f"is {width}x{height} pixels; the limit is {policy.max_side_px} pixels per side")
-
-
-def _max_pixels(policy: ImagePolicy) -> int:
-    """The policy's limit, or Pillow's own when an operator set that lower (read, never written).
-
-    Pillow warns between its limit and twice it, and raises above; refusing everything above its limit
-    treats the warning as a refusal without touching the process-wide warnings filters.
-    """
-    pillow_max_pixels = Image.MAX_IMAGE_PIXELS
-    if pillow_max_pixels is None:
-        return policy.max_pixels_per_image
-    return min(policy.max_pixels_per_image, int(pillow_max_pixels))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels composited onto white (as a page shows them).
-
-    Dropping alpha instead would show whatever colour the encoder left under transparent pixels,
-    often black or noise.
-    """
-    if image.mode == "RGB" and not _has_alpha(image):  # an RGB PNG may still name a transparent colour
-        return image  # loaded, so detached from its file; a copy would cost ~13 ms per 4 MP
-    if not _has_alpha(image):
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
-
-
-def _format_list(formats: Sequence[str]) -> str:
-    return formats[0] if len(formats) == 1 else ", ".join(formats[:-1]) + " or " + formats[-1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from typing import cast
 import jinja2
 
 from services.common.errors import InvalidRequestError
+from services.common.images import LoadedImage
 from services.common.messages import ImageRef, SamplingSpec
 from services.gateway.backend import PromptImage
-from services.gateway.images import ImageSource, LoadedImage
+from services.gateway.images import ImageSource
 from services.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 MAX_IMAGE_UUID_CHARS = 256  # a client's name for an image (ImageSource.uuid)

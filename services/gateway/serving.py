@@ -29,20 +29,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from services.common.errors import InvalidRequestError
+from services.common.images import ValidatedImages
 from services.gateway.admission import AdmissionController, AdmissionRejected
-from services.gateway.backend import Backend, RequestFailed
+from services.gateway.backend import Backend, PromptImage, RequestFailed
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, ClientGone, internal_error, parse_error
 from services.gateway.generation import Arrival, Generation
+from services.gateway.images import ImageReferences, RemoteFetcher, load_images, reference_scope
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.backend import PromptImage
-from services.gateway.images import (
-    ImageReferences,
-    RemoteFetcher,
-    ValidatedImages,
-    load_images,
-    reference_scope,
-)
 from services.gateway.prompts import (
     ModelLimits,
     check_stop_token_ids,

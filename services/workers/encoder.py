@@ -36,11 +36,11 @@ import torch
 
 from services.common.errors import InvalidRequestError
 from services.common.histogram import SecondsHistogram
+from services.common.images import ImageLimits, decode_image_bytes, encoded_content_hash
 from services.common.messages import ImageRef
 from services.engine.config import DTYPES
 from services.engine.multimodal import ImageItem, MultiModalProcessor, VisionEncoder
 from services.engine.multimodal.mrope import GridTHW, num_merged_tokens
-from services.gateway.images import ImagePolicy, decode_image_bytes, encoded_content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ImageEncoder:
     def __init__(self, model_dir: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, load_format: str = "auto",
                  cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES,
-                 image_policy: ImagePolicy | None = None, preprocess_threads: int = PREPROCESS_THREADS) -> None:
+                 image_limits: ImageLimits | None = None, preprocess_threads: int = PREPROCESS_THREADS) -> None:
         if isinstance(dtype, str):  # a resolved EngineConfig.dtype name ("auto" is resolved by the caller)
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -167,7 +167,7 @@ class ImageEncoder:
         self.processor = MultiModalProcessor.from_model_dir(model_dir)
         self.vision = VisionEncoder.from_model_dir(model_dir, device, dtype, load_format)
         self.cache = EmbeddingCache(cache_capacity_bytes)
-        self.image_policy = image_policy or ImagePolicy()  # should be the gateway's: it accepted these images
+        self.image_limits = image_limits or ImageLimits()  # should be the gateway's: it accepted these images
         self.stats = EncodeStats()
         self._preprocessing = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
 
@@ -233,7 +233,7 @@ class ImageEncoder:
     def _prepare(self, ref: ImageRef, data: bytes) -> ImageItem | str:
         """Decode and preprocess one image, or say why it cannot be."""
         try:
-            loaded = decode_image_bytes(data, self.image_policy)
+            loaded = decode_image_bytes(data, self.image_limits)
         except InvalidRequestError as exc:
             return exc.message
         try:

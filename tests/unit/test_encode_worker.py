@@ -19,10 +19,10 @@ import zmq
 
 from services.common.channels import bind, configure
 from services.common.codec import DecodeError, MessageCodec
+from services.common.images import ImageLimits, decode_image_bytes, encoded_content_hash
 from services.common.messages import (AbortRequest, EmbeddingInbound, EncodeRequest, EncoderInbound,
                                       ImageEmbedding, ImageRef)
 from services.engine.multimodal import MultiModalProcessor, VisionEncoder
-from services.gateway.images import ImagePolicy, decode_image_bytes, encoded_content_hash
 from services.workers.encode_worker import (MAX_EMBEDDING_MESSAGE_BYTES, EncodeWorker, Outbox,
                                             embedding_frame, embedding_from_frame)
 from services.workers.encoder import EmbeddingCache, ImageEncoder
@@ -40,7 +40,7 @@ def png(width: int, height: int, seed: int) -> bytes:
 
 def image_ref(processor: MultiModalProcessor, data: bytes, offset: int = 0) -> ImageRef:
     """The ImageRef a gateway would send for these encoded bytes."""
-    loaded = decode_image_bytes(data, ImagePolicy())
+    loaded = decode_image_bytes(data, ImageLimits())
     item = processor.process(processor.image_placeholder, [loaded.image]).images[0]
     return ImageRef(content_hash=loaded.content_hash, offset=offset, length=item.length, grid_thw=item.image_grid_thw)
 
@@ -48,7 +48,7 @@ def image_ref(processor: MultiModalProcessor, data: bytes, offset: int = 0) -> I
 def reference_rows(model_dir: str, datas: list[bytes], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """VisionEncoder.encode of MultiModalProcessor.process's items: the images of one prompt, in one call."""
     processor = MultiModalProcessor.from_model_dir(model_dir)
-    images = [decode_image_bytes(d, ImagePolicy()).image for d in datas]
+    images = [decode_image_bytes(d, ImageLimits()).image for d in datas]
     processed = processor.process(processor.image_placeholder * len(images), images)
     return VisionEncoder.from_model_dir(model_dir, "cpu", dtype).encode(processed.images)
 

@@ -28,15 +28,12 @@ import pytest
 from PIL import Image, ImageFile
 
 from services.common.errors import InvalidRequestError
+from services.common.images import ImageLimits, ImageRefused, LoadedImage, ValidatedImages, decode_image_bytes
 from services.gateway.images import (
     ImagePolicy,
     ImageReferences,
-    ImageRefused,
     ImageSource,
-    LoadedImage,
     RemoteFetcher,
-    ValidatedImages,
-    decode_image_bytes,
     host_is_allowed,
     is_public_address,
     load_images,
@@ -130,7 +127,7 @@ def test_content_hash_is_stable_for_the_same_bytes_and_differs_for_other_bytes()
 
 
 def test_decode_image_bytes_is_the_same_decoder():
-    loaded = decode_image_bytes(TINY_PNG, ImagePolicy())
+    loaded = decode_image_bytes(TINY_PNG, ImageLimits())
     assert loaded == load([data_url(TINY_PNG)])[0]  # equality ignores the PIL object
     assert loaded.image.getpixel((0, 0)) == (200, 10, 10)
 
@@ -163,10 +160,10 @@ def test_bytes_decide_the_format_not_the_declared_mime_type():
 
 
 def test_the_hand_written_png_is_valid_when_complete_and_truncated_when_not():
-    loaded = decode_image_bytes(png_declaring(16, 9, complete=True), ImagePolicy())
+    loaded = decode_image_bytes(png_declaring(16, 9, complete=True), ImageLimits())
     assert (loaded.width, loaded.height) == (16, 9)
     with pytest.raises(InvalidRequestError, match="^the image is truncated or corrupt"):
-        decode_image_bytes(png_declaring(16, 9, complete=False), ImagePolicy())
+        decode_image_bytes(png_declaring(16, 9, complete=False), ImageLimits())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -700,6 +697,10 @@ def test_is_public_address(address, expected):
 def test_policy_refuses_bad_settings(overrides):
     with pytest.raises(ValueError):
         ImagePolicy(**overrides)
+    decoding = {k: v for k, v in overrides.items() if k in ImageLimits.__dataclass_fields__}
+    if decoding:  # the encoders' limits alone refuse them too
+        with pytest.raises(ValueError):
+            ImageLimits(**decoding)
 
 
 def test_policy_defaults():
