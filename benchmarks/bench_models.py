@@ -92,6 +92,15 @@ LLAVA_15_7B = {
                       "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
                       "patch_size": 14, "projection_dim": 768},
 }
+# The same layout with tiny widths and depths (image size, patch size and token counts unchanged), to
+# check the multimodal scripts on a CPU.
+TINY_LLAVA = {
+    **LLAVA_15_7B,
+    "text_config": {**LLAVA_15_7B["text_config"], "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
+    "vision_config": {**LLAVA_15_7B["vision_config"], "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 32},
+}
 CLIP_336_PREPROCESSOR = {
     "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
     "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import copy
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAVA_15_7B, write_llava_dir  # noqa: E402
+from benchmarks.bench_models import LLAVA_15_7B, TINY_LLAVA, write_llava_dir  # noqa: E402
 
 SIZES = [(1024, 1024), (2048, 1024), (2048, 2048)]  # 1, 2 and 4 megapixels
 
@@ -74,12 +73,7 @@ def main() -> None:
                         help="preprocessing thread counts to compare")
     parser.add_argument("--out")
     args = parser.parse_args()
-    config = copy.deepcopy(LLAVA_15_7B)
-    if args.tiny:
-        config["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, projection_dim=32)
-        config["text_config"].update(hidden_size=64)
-    model_dir = write_llava_dir(config)
+    model_dir = write_llava_dir(TINY_LLAVA if args.tiny else LLAVA_15_7B)
     images = jpegs(args.images, seed=1)
     batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
     counts = [int(t) for t in args.threads.split(",")]

@@ -13,7 +13,6 @@ text-only requests of the same prompt length, with the image uploaded again and 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAVA_15_7B, _word, start_serve, write_llava_dir  # noqa: E402
+from benchmarks.bench_models import LLAVA_15_7B, TINY_LLAVA, _word, start_serve, write_llava_dir  # noqa: E402
 
 PORT = 8792
 SIZES = "1024x1024,2048x1024,2048x2048"  # 1, 2 and 4 megapixels
@@ -127,13 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed cached/text-only pairs (default 8; 2 tiny)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    config = copy.deepcopy(LLAVA_15_7B)
-    if args.tiny:
-        config["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=4)
-        config["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, projection_dim=32)
-    model_dir = write_llava_dir(config)
+    model_dir = write_llava_dir(TINY_LLAVA if args.tiny else LLAVA_15_7B)
     sizes = dict(images=args.images, requests=8 if args.tiny else 48, output=8 if args.tiny else 32,
                  repeats=args.repeats or (2 if args.tiny else 8))
     extra = ["--device", "cpu"] if args.tiny else []
