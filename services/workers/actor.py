@@ -54,8 +54,8 @@ class EngineActor:
         return {"name": self.name, "stage": self.stage, "alive": self._thread.is_alive(),
                 "num_free_blocks": self.engine.num_free_blocks(),
                 "kv_transfer_bytes_sent": transfer.bytes_sent, "kv_transfer_bytes_received": transfer.bytes_received,
-                "kv_transfer_seconds": transfer.seconds_sending, "kv_transfers": transfer.transfers_completed,
-                "kv_transfer_seconds_buckets": transfer.cumulative_buckets(),
+                "kv_transfer_seconds": transfer.seconds.sum_s, "kv_transfers": transfer.transfers_completed,
+                "kv_transfer_seconds_buckets": transfer.seconds.cumulative(),
                 "kv_transfer_failures": transfer.failures, "kv_transfer_fallbacks": transfer.fallbacks,
                 **self.engine.scheduler_stats()}
 

@@ -310,7 +310,7 @@ class EncodeWorker:
                 "num_requests_aborted": self.num_requests_aborted,
                 "num_images_encoded": encode.num_images_encoded, "num_tower_calls": encode.num_tower_calls,
                 "num_encode_errors": encode.num_errors,
-                "encode_seconds": encode.seconds_encoding, "encode_seconds_buckets": encode.cumulative_buckets(),
+                "encode_seconds": encode.seconds.sum_s, "encode_seconds_buckets": encode.seconds.cumulative(),
                 "embedding_cache_queries": cache.num_queries, "embedding_cache_hits": cache.num_hits,
                 "embedding_cache_evictions": cache.num_evictions, "embedding_cache_bytes": cache.num_bytes_used,
                 "embedding_cache_capacity_bytes": cache.capacity_bytes,

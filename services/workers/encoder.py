@@ -134,16 +134,6 @@ class EncodeStats:
     num_errors: int = 0  # images answered with an error
     seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # one call with misses, tower included
 
-    @property
-    def seconds_encoding(self) -> float:
-        return self.seconds.sum_s
-
-    def observe_seconds(self, seconds: float) -> None:
-        self.seconds.observe(seconds)
-
-    def cumulative_buckets(self) -> list[tuple[float, int]]:
-        return self.seconds.cumulative()
-
 
 # ----------------------------------------------------------------------------------------------
 # The encoder
@@ -207,7 +197,7 @@ class ImageEncoder:
                 misses[h] = (ref, data)
         found: dict[str, CachedEmbedding | str] = {**hits, **self._encode_misses(list(misses.values()))}
         if misses:
-            self.stats.observe_seconds(time.perf_counter() - start)
+            self.stats.seconds.observe(time.perf_counter() - start)
         results = [mislabeled[i] if i in mislabeled else _matched(ref, found[ref.content_hash])
                    for i, (ref, _) in enumerate(items)]
         self.stats.num_errors += sum(isinstance(r, str) for r in results)

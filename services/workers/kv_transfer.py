@@ -75,16 +75,6 @@ class TransferStats:
     fallbacks: int = 0  # decode recomputed the prompt instead
     seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # one request's KV, first byte to ack
 
-    @property
-    def seconds_sending(self) -> float:
-        return self.seconds.sum_s
-
-    def observe_seconds(self, seconds: float) -> None:
-        self.seconds.observe(seconds)
-
-    def cumulative_buckets(self) -> list[tuple[float, int]]:
-        return self.seconds.cumulative()
-
 
 def engine_layout(engine: LLMEngine, model_name: str) -> KVLayout:
     spec = engine.runner.model.spec
@@ -189,7 +179,7 @@ class KVSender:
         self._finish(shipment)
         if ack.accepted:
             self.stats.transfers_completed += 1
-            self.stats.observe_seconds(time.perf_counter() - shipment.start_s)
+            self.stats.seconds.observe(time.perf_counter() - shipment.start_s)
             return
         self.stats.failures += 1
         if ack.staging_unreadable:
