@@ -47,7 +47,6 @@ import hashlib
 import ipaddress
 import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -65,6 +64,7 @@ from services.common.images import (
     check_and_decode,
     invalid_image,
 )
+from services.common.lru import BytesLRU
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # host, port -> the IP addresses (as strings) the host resolves to; raises OSError when it cannot.
@@ -135,34 +135,22 @@ class ImageReferences:
     """
 
     def __init__(self, capacity_bytes: int) -> None:
-        if capacity_bytes < 0:
-            raise ValueError("capacity_bytes must be >= 0")
-        self.capacity_bytes = capacity_bytes
-        self.num_bytes = 0  # encoded bytes held
-        self._images: OrderedDict[tuple[bytes, str], LoadedImage] = OrderedDict()
+        self._images: BytesLRU[tuple[bytes, str], LoadedImage] = BytesLRU(capacity_bytes, lambda i: len(i.data))
         self._lock = threading.Lock()
+
+    @property
+    def num_bytes(self) -> int:
+        """Encoded bytes held."""
+        return self._images.num_bytes
 
     def get(self, scope: bytes, uuid: str) -> LoadedImage | None:
         with self._lock:
-            image = self._images.get((scope, uuid))
-            if image is not None:
-                self._images.move_to_end((scope, uuid))
-            return image
+            return self._images.get((scope, uuid))
 
     def put(self, scope: bytes, uuid: str, image: LoadedImage) -> None:
-        key = (scope, uuid)
         kept = replace(image, image=None)  # the pixels are the encoders' business
         with self._lock:
-            previous = self._images.pop(key, None)
-            if previous is not None:
-                self.num_bytes -= len(previous.data)
-            if len(kept.data) > self.capacity_bytes:
-                return  # larger than the whole budget: not kept
-            self._images[key] = kept
-            self.num_bytes += len(kept.data)
-            while self.num_bytes > self.capacity_bytes:
-                _, evicted = self._images.popitem(last=False)
-                self.num_bytes -= len(evicted.data)
+            self._images.put((scope, uuid), kept)
 
     def __len__(self) -> int:
         return len(self._images)

@@ -27,7 +27,6 @@ import logging
 import os
 import time
 import traceback
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch
 from services.common.errors import InvalidRequestError
 from services.common.histogram import SecondsHistogram
 from services.common.images import ImageLimits, decode_image_bytes, encoded_content_hash
+from services.common.lru import BytesLRU
 from services.common.messages import ImageRef
 from services.engine.config import DTYPES
 from services.engine.multimodal import ImageItem, MultiModalProcessor, VisionEncoder
@@ -71,14 +71,18 @@ class EmbeddingCache:
     """
 
     def __init__(self, capacity_bytes: int) -> None:
-        if capacity_bytes < 0:
-            raise ValueError("capacity_bytes must be >= 0")
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, CachedEmbedding] = OrderedDict()  # least recently used first
-        self.num_bytes_used = 0
+        self._entries: BytesLRU[str, CachedEmbedding] = BytesLRU(capacity_bytes, lambda e: e.num_bytes)
         self.num_queries = 0
         self.num_hits = 0
         self.num_evictions = 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._entries.capacity_bytes
+
+    @property
+    def num_bytes_used(self) -> int:
+        return self._entries.num_bytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -89,36 +93,20 @@ class EmbeddingCache:
 
     def hashes(self) -> list[str]:
         """Cached content hashes, least recently used first."""
-        return list(self._entries)
+        return self._entries.keys()
 
     def get(self, content_hash: str) -> CachedEmbedding | None:
         self.num_queries += 1
         entry = self._entries.get(content_hash)
         if entry is not None:
             self.num_hits += 1
-            self._entries.move_to_end(content_hash)
         return entry
 
     def put(self, content_hash: str, rows: torch.Tensor, grid_thw: GridTHW | None = None) -> list[str]:
         """Cache `rows` (replacing an entry of the same hash); returns the hashes evicted for room, in order."""
-        entry = CachedEmbedding(rows, grid_thw)
-        if entry.num_bytes > self.capacity_bytes:
-            return []
-        self._remove(content_hash)
-        evicted = []
-        while self.num_bytes_used + entry.num_bytes > self.capacity_bytes:
-            oldest = next(iter(self._entries))
-            self._remove(oldest)
-            evicted.append(oldest)
+        evicted = self._entries.put(content_hash, CachedEmbedding(rows, grid_thw))
         self.num_evictions += len(evicted)
-        self._entries[content_hash] = entry
-        self.num_bytes_used += entry.num_bytes
         return evicted
-
-    def _remove(self, content_hash: str) -> None:
-        entry = self._entries.pop(content_hash, None)
-        if entry is not None:
-            self.num_bytes_used -= entry.num_bytes
 
 
 # ----------------------------------------------------------------------------------------------
