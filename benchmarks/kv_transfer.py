@@ -95,11 +95,12 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
 
     from services.common.channels import bind, configure
     from services.common.codec import MessageCodec
-    from services.common.messages import KVTarget, KVTransfer, SamplingSpec, WorkerInbound
+    from services.common.messages import GenerateRequest, KVTarget, KVTransfer, SamplingSpec, WorkerInbound
     from services.engine import LLMEngine, SamplingParams
-    from services.workers.engine_worker import _open_staging
+    from services.workers.kv_sender import KVSender
     from services.workers.kv_staging import host_identity
-    from services.workers.kv_transfer import KVSender, TransferStats, engine_layout
+    from services.workers.kv_transfer import TransferStats, engine_layout
+    from services.workers.roles import open_staging
 
     engine = LLMEngine(model=model_dir, **ENGINE)
     cuda = engine.runner.device.type == "cuda"
@@ -109,7 +110,7 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
     outputs = configure(context.socket(zmq.PULL))
     reply_to = bind(outputs, "tcp://127.0.0.1:0")
     stats = TransferStats()
-    staging = None if delivery == "plain" else _open_staging(2**30 if cuda else 64 * 2**20, pin=cuda)
+    staging = None if delivery == "plain" else open_staging(2**30 if cuda else 64 * 2**20, pin=cuda)
     host_id = host_identity()
     sender = KVSender(engine, context, engine_layout(engine, "bench"), ack_to, stats=stats, staging=staging,
                       host_id=host_id)
@@ -130,10 +131,10 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
                 import torch
 
                 torch.cuda.synchronize()
-            transfer = KVTransfer(request_id=rid, layout=sender.layout, prompt_token_ids=prompt,
-                                  output_token_ids=first, sampling=SamplingSpec(temperature=0, max_tokens=2,
-                                                                                ignore_eos=True),
-                                  reply_to=reply_to, ack_to=ack_to)
+            request = GenerateRequest(request_id=rid, prompt_token_ids=prompt, output_token_ids=first,
+                                      sampling=SamplingSpec(temperature=0, max_tokens=2, ignore_eos=True),
+                                      reply_to=reply_to)
+            transfer = KVTransfer(request=request, layout=sender.layout, ack_to=ack_to)
             bytes_before = stats.bytes_sent
             start = time.perf_counter()
             sender.send(transfer, kv_target)

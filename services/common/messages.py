@@ -8,13 +8,15 @@ Gateway -> encoder: EncodeRequest (one image: its encoded bytes as one raw frame
 Encoder -> prefill: ImageEmbedding (one image's embedding rows as one raw frame)
 Gateway -> worker:  GenerateRequest, AbortRequest
 Worker -> gateway:  OutputBatch of RequestDelta / RequestError (one batch per engine step)
-Prefill -> decode:  KVTransfer (the request and the KV layout), then KVLayers (header + one raw
+Prefill -> decode:  KVTransfer (the request to go on with and the KV layout), then KVLayers (header + one raw
                     frame per layer group, or a shared-memory reference on one host) until every
                     layer is sent
 Decode -> prefill:  KVAck (the KV is in place, or refused: prefill may free its blocks)
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import msgspec
 
@@ -99,6 +101,13 @@ class GenerateRequest(msgspec.Struct, tag="generate", tag_field="kind", kw_only=
     images: list[ImageRef] = []
     version: int = PROTOCOL_VERSION
 
+    def resume_after(self, output_token_ids: Sequence[int]) -> GenerateRequest:
+        """This request as another worker goes on with it, after `output_token_ids`: every token the
+        client already has, counted from the first. The one way a request is resumed elsewhere: a
+        decode worker taking over from prefill (with or without its KV), or a migration off a dead
+        worker. It computes prompt plus those tokens and hands off nothing."""
+        return msgspec.structs.replace(self, output_token_ids=list(output_token_ids), kv_target=None)
+
 
 class AbortRequest(msgspec.Struct, tag="abort", tag_field="kind", kw_only=True):
     request_id: str
@@ -117,20 +126,22 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class KVTransfer(msgspec.Struct, tag="kv_transfer", tag_field="kind", kw_only=True):
-    """Opens a transfer: the decode worker reserves blocks for `num_prompt_tokens` of KV."""
+    """Opens a transfer: the decode worker reserves blocks for the prompt's KV, then goes on with
+    `request` (GenerateRequest.resume_after: its output tokens are the ones prefill sampled, already
+    streamed), with this KV or, if the transfer fails, by recomputing it.
 
-    request_id: str
+    A vision-language prompt's images: their embeddings follow this header as raw frames, one per
+    image of `request.images` ([length, hidden] in the layout's dtype), for the decode side's block
+    hashes and recompute."""
+
+    request: GenerateRequest
     layout: KVLayout
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # sampled by prefill (the first token), already streamed
-    sampling: SamplingSpec
-    reply_to: str
     ack_to: str  # the prefill worker's input address
-    cache_salt: str | None = None
-    # a vision-language prompt's images: their embeddings follow this header as raw frames, one per
-    # image ([length, hidden] in the layout's dtype), for the decode side's block hashes and recompute
-    images: list[ImageRef] = []
     version: int = PROTOCOL_VERSION
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 class StagingRef(msgspec.Struct, frozen=True, kw_only=True):

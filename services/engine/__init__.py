@@ -10,7 +10,8 @@ A library with no Ray and no ZeroMQ. Offline use::
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.llm import LLM
-from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from services.engine.outputs import CompletionOutput, Handoff, Logprob, RequestOutput, StepOutputs
 from services.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "Handoff",
+           "StepOutputs"]

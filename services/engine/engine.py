@@ -5,8 +5,11 @@
 It is a library with no threads, sockets or Ray: workers wrap it and drive `step()` in their own
 loop. The step-level API a worker needs:
   * add_request / abort_request / step / has_unfinished_requests;
-  * KV export for disaggregated prefill: a request added with `hold_kv=True` keeps its blocks after
-    it finishes, `export_kv(request_id, layer)` copies one layer of them, `release_kv` frees them;
+  * disaggregated prefill: a request added with `prefill_only=True` ends after its first token
+    with its own status, FINISHED_HANDOFF (unless a real stop or its length ends it first): the step
+    streams that token unfinished and lists a `Handoff` in `StepOutputs.handoffs`; the request's
+    blocks stay held until `release_kv`, and `export_kv(request_id, layer)` copies one layer of them
+    (`hold_kv=True` keeps the blocks of a request that simply finished, for export);
   * KV import for disaggregated decode: `import_request` allocates blocks for a prompt computed
     elsewhere, `import_kv` writes one layer into them, `commit_import` starts decoding.
 
@@ -38,7 +41,7 @@ from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import read_model_config
 from services.engine.multimodal.inputs import MultiModalInputs, check_multimodal_inputs
 from services.engine.multimodal.spec import VisionLanguageSpec
-from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from services.engine.outputs import CompletionOutput, Handoff, Logprob, RequestOutput, StepOutputs
 from services.engine.request import Request, RequestStatus
 from services.engine.sampler import Sampler, SamplerOutput
 from services.engine.sampling_params import SamplingParams
@@ -101,14 +104,15 @@ class LLMEngine:
 
         `output_token_ids` resumes a request whose first tokens were produced (and streamed) elsewhere:
         it recomputes prompt plus those tokens, then continues; they are not emitted again.
-        `prefill_only` (with `hold_kv`) ends the request after its next token unless a real stop ends
-        it first: its KV then goes to a decode worker (its finish_reason is "length", its text not flushed).
+        `prefill_only` hands the request off after its next token (FINISHED_HANDOFF, KV held, text not
+        flushed: the decode worker goes on) unless a real stop or max_tokens ends it first.
+        `hold_kv` keeps the blocks of a request that finishes, until `release_kv` (KV export).
         `multi_modal` gives a vision-language model's images for a prompt whose placeholders are
         already expanded (see services.engine.multimodal); the request keeps them until it ends.
         """
         params = params or SamplingParams()
-        if output_token_ids and params.n != 1:
-            raise InvalidRequestError("a resumed request must have n == 1", param="n")
+        if (output_token_ids or prefill_only) and params.n != 1:
+            raise InvalidRequestError("a resumed or prefill-only request must have n == 1", param="n")
         if output_token_ids and params.max_tokens is not None and len(output_token_ids) >= params.max_tokens:
             raise InvalidRequestError("a resumed request has no tokens left to generate", param="max_tokens")
         if request_id in self._parents:
@@ -200,27 +204,30 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> StepOutputs:
         batch = self.scheduler.schedule()
         if batch.empty:
-            return []
+            return StepOutputs()
         logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
         if not sampled:
-            return []
+            return StepOutputs()
         return self._process(sampled, self.sampler(logits, sampled))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    def _process(self, requests: list[Request], result: SamplerOutput) -> list[RequestOutput]:
+    def _process(self, requests: list[Request], result: SamplerOutput) -> StepOutputs:
         touched: dict[str, _Parent] = {}
+        handoffs = []
         for request, token_id, logprobs in zip(requests, result.token_ids, result.logprobs):
             child = self._children[request.request_id]
             self._append_token(child, token_id, logprobs)
             touched[child.parent.request_id] = child.parent
-        return [self._make_output(parent) for parent in touched.values()]
+            if request.handed_off:
+                handoffs.append(Handoff(request.request_id, list(request.output_token_ids)))
+        return StepOutputs([self._make_output(parent) for parent in touched.values()], handoffs)
 
     def _append_token(self, child: _Child, token_id: int, logprobs: dict[int, tuple[float, int]] | None) -> None:
         request = child.request
@@ -234,8 +241,7 @@ class LLMEngine:
         stop_string = child.detokenizer.update([token_id])
         status = self._check_stop(request, token_id, stop_string)
         if status is not None:
-            handed_off = request.prefill_only and status is RequestStatus.FINISHED_LENGTH
-            if not handed_off:  # held-back text (a partial character) continues on the decode worker
+            if status is not RequestStatus.FINISHED_HANDOFF:  # held-back text goes on with the decode worker
                 child.detokenizer.finish()
             self.scheduler.finish(request, status)
 
@@ -250,15 +256,18 @@ class LLMEngine:
         if stop_string is not None:
             request.stop_reason = stop_string
             return RequestStatus.FINISHED_STOPPED
-        if request.prefill_only or request.num_output_tokens >= request.max_output_tokens:
+        if request.num_output_tokens >= request.max_output_tokens:
             return RequestStatus.FINISHED_LENGTH
+        if request.prefill_only:
+            return RequestStatus.FINISHED_HANDOFF
         return None
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
         outputs = [self._completion(child) for child in parent.children]
-        finished = parent.finished
-        if finished:
+        left = parent.finished  # every child has left this engine (a handoff too: it goes on elsewhere)
+        if left:
             self._forget(parent)
+        finished = left and not any(child.request.handed_off for child in parent.children)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
                              num_cached_tokens=parent.children[0].request.num_cached_prompt_tokens)
 
@@ -304,7 +313,7 @@ class LLMEngine:
         return self.runner.read_kv(layer_index, self._held_block_ids(request_id))
 
     def release_kv(self, request_id: str) -> bool:
-        """Free the blocks a finished `hold_kv` request kept. False if it holds none."""
+        """Free the blocks a handed-off or finished `hold_kv` request kept. False if it holds none."""
         if not self.kv_cache.holds(request_id):
             return False
         self.kv_cache.free(request_id)

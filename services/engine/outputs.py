@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -18,7 +19,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]  # all tokens so far; while unfinished the engine keeps appending to this list
     logprobs: list[dict[int, Logprob]] | None  # one entry per token in token_ids, when asked
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" (None: unfinished or handed off)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     # what this step added, for streaming
     delta_text: str = ""
@@ -38,3 +39,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A prefill-only request that reached its first token: it left this engine with its KV held
+    (export it with `export_kv`, free it with `release_kv`) and goes on on a decode worker."""
+
+    request_id: str
+    output_token_ids: list[int]  # every token sampled so far (resumed ones included); streamed already
+
+
+class StepOutputs(list[RequestOutput]):
+    """One step's RequestOutputs (a list, in the order requests produced tokens), plus `handoffs`:
+    the prefill-only requests this step ended, whose outputs are in the list unfinished."""
+
+    def __init__(self, outputs: Iterable[RequestOutput] = (), handoffs: list[Handoff] | None = None) -> None:
+        super().__init__(outputs)
+        self.handoffs: list[Handoff] = handoffs or []

@@ -31,11 +31,15 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, stop token or stop string
     FINISHED_LENGTH = "length"  # max_tokens or the context length
     FINISHED_ABORTED = "abort"
+    # disaggregated prefill: the prompt and first token are done here and the KV is held for the decode
+    # worker, where the request goes on; it has left this engine but is not over for the client
+    FINISHED_HANDOFF = "handoff"
 
     @property
     def finished(self) -> bool:
+        """The request has left this engine's queues."""
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_HANDOFF)
 
 
 @dataclass(eq=False)  # identity semantics: a request is one object
@@ -60,10 +64,10 @@ class Request:
     num_preemptions: int = 0
     # block hashes of this request's full blocks, extended as blocks fill (see kv_cache.manager)
     block_hashes: list[int] = field(default_factory=list)
-    # keep KV blocks after finishing, until the engine is told to release them (disaggregation)
+    # keep KV blocks after finishing, until the engine is told to release them (KV export)
     hold_kv: bool = False
-    # disaggregated prefill: stop after the first token unless a real stop came first; the rest of the
-    # request continues elsewhere, so its text is not flushed as if it had ended
+    # disaggregated prefill: after the first token the request ends with FINISHED_HANDOFF (unless a real
+    # stop came first) and keeps its KV for the decode worker, where it goes on
     prefill_only: bool = False
     # images of the prompt (embeddings on the model's device) and M-RoPE positions; None: text only
     multi_modal: MultiModalInputs | None = None
@@ -98,5 +102,15 @@ class Request:
         return self.status.finished
 
     @property
+    def handed_off(self) -> bool:
+        return self.status is RequestStatus.FINISHED_HANDOFF
+
+    @property
+    def keeps_kv(self) -> bool:
+        """Its blocks outlive it: held for export, or for the decode worker it was handed to."""
+        return self.hold_kv or self.handed_off
+
+    @property
     def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        """The client's finish reason: None while unfinished, and for a handoff (it goes on elsewhere)."""
+        return self.status.value if self.status.finished and not self.handed_off else None

@@ -119,11 +119,11 @@ class Scheduler:
     # ------------------------------------------------------------------ updates
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Take a request out of the queues and free its blocks (unless it holds them for export)."""
+        """Take a request out of the queues and free its blocks (unless it keeps them: export, handoff)."""
         request.status = status
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        if not request.hold_kv:
+        if not request.keeps_kv:
             self.kv_cache.free(request.request_id)

@@ -330,11 +330,9 @@ class ClusterBackend:
                     request_id=request_id, type="service_unavailable", status=503,
                     message=f"worker {dead.handle.name} stopped while serving this request; retry"))
                 continue
-            old = stream.message
-            stream.message = GenerateRequest(
-                request_id=request_id, prompt_token_ids=old.prompt_token_ids, sampling=old.sampling,
-                reply_to=self.reply_to, cache_salt=old.cache_salt,
-                output_token_ids=list(old.output_token_ids) + stream.streamed_token_ids, images=old.images)
+            # streamed_token_ids is every token the client has, from the first: a second migration
+            # resumes after all of them, not after the first migration's tokens twice
+            stream.message = stream.message.resume_after(stream.streamed_token_ids)
             stream.links = [target]
             target.in_flight.add(request_id)
             self.num_migrations += 1

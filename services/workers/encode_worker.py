@@ -45,54 +45,17 @@ import torch
 import zmq
 
 from services.common.channels import bind, configure, drain
-from services.common.codec import DecodeError, MessageCodec
+from services.common.codec import MessageCodec
 from services.common.messages import AbortRequest, EncodeRequest, EncoderInbound, ImageEmbedding
 from services.workers.encoder import ImageEncoder
+from services.workers.wire import MAX_EMBEDDING_MESSAGE_BYTES, embedding_frame
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 50  # how long an idle loop waits before checking for shutdown
 EMBEDDING_SEND_HWM = 8
-MAX_EMBEDDING_MESSAGE_BYTES = 2**30  # Qwen2-VL 72B's largest image: 16384 rows x 8192 x 2 bytes = 256 MiB
 DEFAULT_MAX_OUTBOX_BYTES = 256 * 2**20
 DEFAULT_MAX_BATCH_IMAGES = 64
-EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedding frame (both ends)
-
-
-def embedding_frame(rows: torch.Tensor) -> tuple[str, memoryview]:
-    """(dtype name, the rows' bytes on the CPU, row-major) of [num_rows, hidden_size] rows."""
-    dtype = str(rows.dtype).removeprefix("torch.")
-    if dtype not in EMBEDDING_DTYPES:
-        raise ValueError(f"embeddings of dtype {dtype} cannot be sent")
-    host = rows.detach().to("cpu").contiguous()
-    return dtype, host.view(-1).view(torch.uint8).numpy().data  # the array's buffer: keeps `host` alive
-
-
-def embedding_from_frame(header: ImageEmbedding, frame: bytes | memoryview | zmq.Frame) -> torch.Tensor:
-    """The [num_rows, hidden_size] CPU tensor an ImageEmbedding's frame holds; raises DecodeError."""
-    return rows_from_frame(frame, header.num_rows, header.hidden_size, header.dtype)
-
-
-def rows_from_frame(frame: bytes | memoryview | zmq.Frame, num_rows: int, hidden_size: int,
-                    dtype_name: str) -> torch.Tensor:
-    """A [num_rows, hidden_size] CPU tensor of `dtype_name` from a frame of exactly that many bytes
-    (an ImageEmbedding's, or one of a KVTransfer's image frames); raises DecodeError."""
-    buffer = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
-    dtype = EMBEDDING_DTYPES.get(dtype_name)
-    if dtype is None:
-        raise DecodeError(f"embedding dtype {dtype_name!r} is not one of {', '.join(EMBEDDING_DTYPES)}")
-    if num_rows < 1 or hidden_size < 1:
-        raise DecodeError(f"an embedding of {num_rows} x {hidden_size} rows")
-    num_bytes = num_rows * hidden_size * dtype.itemsize
-    if buffer.nbytes != num_bytes:
-        raise DecodeError(f"the embedding frame holds {buffer.nbytes} bytes; "
-                          f"{num_rows} x {hidden_size} {dtype_name} rows take {num_bytes} bytes")
-    flat = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)  # a copy: the tensor owns its memory
-    return flat.view(dtype).view(num_rows, hidden_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from services.common.messages import (GenerateRequest, KVTarget, KVTransfer, Out
 from services.engine import LLMEngine, SamplingParams
 from services.workers.engine_worker import EngineWorker
 from services.workers.kv_staging import StagingBuffer
-from services.workers.kv_transfer import KVReceiver, KVSender, engine_layout
+from services.workers.kv_receiver import KVReceiver
+from services.workers.kv_sender import KVSender
+from services.workers.kv_transfer import engine_layout
 
 ENGINE = dict(block_size=8, num_kv_blocks=96, max_num_batched_tokens=32)
 
@@ -116,7 +118,7 @@ def test_disaggregated_output_equals_colocated(llama_dir, delivery):
         stats = cluster.prefill.transfer_stats
         assert stats.transfers_completed == len(prompts) and stats.failures == 0
         assert cluster.decode.transfer_stats.bytes_received == stats.bytes_sent > 0
-        staging = cluster.prefill._staging
+        staging = cluster.prefill.prefill_role.staging
         assert staging is None if delivery == "plain" else staging.allocator.num_regions == 0
     finally:
         cluster.close()
@@ -139,9 +141,9 @@ def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir, delivery
     staging = None if delivery == "plain" else StagingBuffer(2**20, pin=False)
     sender = KVSender(prefill, ctx, layout, ack_to=ack_to, staging=staging, host_id="h")
     receiver = KVReceiver(decode, ctx, pull, layout)
-    transfer = KVTransfer(request_id="r", layout=layout, prompt_token_ids=prompt,
-                          output_token_ids=first[0].outputs[0].token_ids,
-                          sampling=SamplingSpec(temperature=0, max_tokens=5), reply_to="", ack_to=ack_to)
+    request = GenerateRequest(request_id="r", prompt_token_ids=prompt, sampling=SamplingSpec(temperature=0, max_tokens=5),
+                              reply_to="", output_token_ids=first[0].outputs[0].token_ids)
+    transfer = KVTransfer(request=request, layout=layout, ack_to=ack_to)
     try:
         sender.send(transfer, KVTarget(worker="d", kv_address=address,
                                        host_id="h" if delivery == "shared memory" else "other"))
@@ -176,7 +178,7 @@ def test_a_decode_worker_that_cannot_read_the_staging_file_is_sent_frames_from_t
     cluster = Cluster(llama_dir)
     cluster.target = KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address,
                               host_id=cluster.prefill.host_id)
-    cluster.decode._receiver.staging.view = _unreadable  # as if the file lived in another /dev/shm
+    cluster.decode.decode_role.receiver.staging.view = _unreadable  # as if the file lived in another /dev/shm
     prompts = prompts_with_shared_prefix()
     try:
         assert cluster.generate(prompts[:1], max_tokens=6) == colocated(llama_dir, prompts[:1], 6)
@@ -196,7 +198,7 @@ def _unreadable(name, offset, nbytes):
 def test_a_transfer_that_never_completes_is_recomputed_and_frees_everything(llama_dir):
     prompts = prompts_with_shared_prefix()[:2]
     cluster = Cluster(llama_dir, kv_timeout_s=0.5, kv_lease_s=1.0)
-    sender = cluster.prefill._sender
+    sender = cluster.prefill.prefill_role.sender
     sender.poll = lambda: None  # injected fault: the staged layers never leave the prefill worker
     try:
         assert cluster.generate(prompts, max_tokens=8) == colocated(llama_dir, prompts, 8)
@@ -205,7 +207,7 @@ def test_a_transfer_that_never_completes_is_recomputed_and_frees_everything(llam
         deadline = time.monotonic() + 5  # the lease ends, and with it the staging regions
         while sender.num_leases and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sender.num_leases == 0 and cluster.prefill._staging.allocator.num_taken_bytes == 0
+        assert sender.num_leases == 0 and cluster.prefill.prefill_role.staging.allocator.num_taken_bytes == 0
     finally:
         cluster.close()
 

@@ -23,9 +23,9 @@ from services.common.images import ImageLimits, decode_image_bytes, encoded_cont
 from services.common.messages import (AbortRequest, EmbeddingInbound, EncodeRequest, EncoderInbound,
                                       ImageEmbedding, ImageRef)
 from services.engine.multimodal import MultiModalProcessor, VisionEncoder
-from services.workers.encode_worker import (MAX_EMBEDDING_MESSAGE_BYTES, EncodeWorker, Outbox,
-                                            embedding_frame, embedding_from_frame)
+from services.workers.encode_worker import EncodeWorker, Outbox
 from services.workers.encoder import EmbeddingCache, ImageEncoder
+from services.workers.wire import MAX_EMBEDDING_MESSAGE_BYTES, embedding_frame, embedding_from_frame
 from tests.vlm_models import random_image
 
 LLAVA, QWEN = "llava-clip-llama", "qwen2-vl"

@@ -192,6 +192,54 @@ def test_kv_export_then_import_continues_exactly_like_colocated(llama_dir):
     assert_idle(decode)
 
 
+def test_a_prefill_only_request_ends_in_a_handoff_with_its_kv_held(llama_dir):
+    ids = prompt(29)
+    engine = LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=64)
+    engine.add_request("h", ids, SamplingParams(max_tokens=10, **GREEDY), prefill_only=True)
+    step = engine.step()
+    while not step.handoffs:
+        assert not step, "the prompt's chunks produce no output"
+        step = engine.step()
+    (handoff,) = step.handoffs
+    (output,) = step
+    assert handoff.request_id == output.request_id == "h" and handoff.output_token_ids == output.outputs[0].token_ids
+    assert len(handoff.output_token_ids) == 1
+    # the client's stream goes on elsewhere: not finished, no finish reason ("length" would end it)
+    assert not output.finished and output.outputs[0].finish_reason is None
+    assert not engine.has_unfinished_requests()
+    assert engine.num_free_blocks() == engine.num_usable_blocks() - 4  # 29 tokens in blocks of 8, held
+    assert len(engine.export_kv("h", 0)[0]) == 4
+    assert engine.release_kv("h")
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("stop", ["stop token", "max_tokens"])
+def test_a_prefill_only_request_that_really_ends_at_its_first_token_hands_nothing_off(llama_dir, stop):
+    ids = prompt(12)
+    engine = LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=64)
+    first = LLM(model=llama_dir).generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, **GREEDY))
+    first_token = first[0].outputs[0].token_ids[0]
+    params = (SamplingParams(max_tokens=5, stop_token_ids=[first_token], **GREEDY) if stop == "stop token"
+              else SamplingParams(max_tokens=1, **GREEDY))
+    engine.add_request("s", ids, params, prefill_only=True)
+    outputs, handoffs = [], []
+    while engine.has_unfinished_requests():
+        step = engine.step()
+        outputs += step
+        handoffs += step.handoffs
+    assert handoffs == []
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == ("stop" if stop == "stop token"
+                                                                              else "length")
+    assert_idle(engine)
+
+
+def test_prefill_only_needs_a_single_completion(engine):
+    with pytest.raises(InvalidRequestError) as exc:
+        engine.add_request("n2", prompt(5), SamplingParams(n=2, max_tokens=4), prefill_only=True)
+    assert exc.value.param == "n"
+    assert_idle(engine)
+
+
 def test_import_refused_when_the_cache_is_full_and_mismatched_kv_rejected(llama_dir):
     decode = LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=8)  # 7 usable blocks
     decode.add_request("warm", prompt(40, 300), SamplingParams(max_tokens=2, **GREEDY))

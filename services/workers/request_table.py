@@ -1,0 +1,90 @@
+"""A worker's requests, one record each, and the sockets their tokens stream back on.
+
+A record lives from the GenerateRequest's arrival (or a KV transfer's completion on a decode
+worker) until the request's last delta or error is sent, its abort, or its handoff to a decode
+worker; every other manager keys its own state by request id and is told when a request leaves.
+Each request names the output socket (`reply_to`) of the gateway that sent it, so one worker
+serves any number of gateway replicas.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zmq
+
+from services.common.channels import configure
+from services.common.codec import MessageCodec
+from services.common.messages import GenerateRequest, OutputBatch, RequestDelta, RequestError
+from services.engine.multimodal import MultiModalInputs
+
+Reply = RequestDelta | RequestError
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    message: GenerateRequest  # as this worker serves it (a prefill worker's names its kv_target)
+    multi_modal: MultiModalInputs | None = None  # a vision-language prompt's images (go along with its KV)
+    hands_off: bool = False  # prefill: computes the prompt and first token, then ships the KV
+
+    @property
+    def num_top_logprobs(self) -> int:
+        return self.message.sampling.logprobs or 0
+
+
+class RequestTable:
+    def __init__(self) -> None:
+        self._records: dict[str, RequestRecord] = {}
+
+    def add(self, record: RequestRecord) -> None:
+        self._records[record.message.request_id] = record
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    def forget(self, request_id: str) -> RequestRecord | None:
+        return self._records.pop(request_id, None)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._records
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._records))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+class ReplySender:
+    """One OutputBatch per gateway per loop turn; a request's record leaves with its last reply."""
+
+    def __init__(self, context: zmq.Context, worker_name: str) -> None:
+        self._context = context
+        self._worker_name = worker_name
+        self._sockets: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
+        self._codec = MessageCodec(OutputBatch)
+
+    def send(self, replies: list[Reply], table: RequestTable) -> None:
+        by_gateway: dict[str, list[Reply]] = defaultdict(list)
+        for reply in replies:
+            last = isinstance(reply, RequestError) or reply.finished
+            record = table.forget(reply.request_id) if last else table.get(reply.request_id)
+            if record is not None:
+                by_gateway[record.message.reply_to].append(reply)
+        for reply_to, batch in by_gateway.items():
+            frames = self._codec.encode(OutputBatch(items=batch, worker=self._worker_name))
+            self._socket(reply_to).send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close(linger=0)
+
+    def _socket(self, address: str) -> zmq.Socket:
+        socket = self._sockets.get(address)
+        if socket is None:
+            socket = configure(self._context.socket(zmq.PUSH))
+            socket.connect(address)
+            self._sockets[address] = socket
+        return socket
