@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: KVTransfer carries the GenerateRequest it resumes
 
 
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
