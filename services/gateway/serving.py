@@ -35,7 +35,8 @@ from services.gateway.backend import Backend, PromptImage, RequestFailed
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, ClientGone, internal_error, parse_error
 from services.gateway.generation import Arrival, Generation
-from services.gateway.images import ImageReferences, RemoteFetcher, load_images, reference_scope
+from services.gateway.image_fetch import RemoteFetcher
+from services.gateway.images import ImageReferences, load_images, reference_scope
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompts import (
     ModelLimits,

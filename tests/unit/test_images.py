@@ -28,14 +28,22 @@ import pytest
 from PIL import Image, ImageFile
 
 from services.common.errors import InvalidRequestError
-from services.common.images import ImageLimits, ImageRefused, LoadedImage, ValidatedImages, decode_image_bytes
+from services.common.images import (
+    ImageLimits,
+    ImageRefused,
+    LoadedImage,
+    ValidatedImages,
+    decode_image_bytes,
+)
+from services.gateway.image_fetch import (
+    RemoteFetcher,
+    host_is_allowed,
+    is_public_address,
+)
 from services.gateway.images import (
     ImagePolicy,
     ImageReferences,
     ImageSource,
-    RemoteFetcher,
-    host_is_allowed,
-    is_public_address,
     load_images,
     reference_scope,
 )
