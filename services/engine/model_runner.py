@@ -135,6 +135,50 @@ class ModelRunner:
     # ------------------------------------------------------------------ inputs
 
     def prepare_inputs(self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]]) -> StepInputs:
+        """Lay the batch's new tokens out in one flat array and compute where each one lives.
+
+        One request i (row i of the batch) contributes the tokens it computes this step:
+
+            all_token_ids  | computed (KV in cache) |  new this step  | later chunks |
+                           0                      start             end       num_tokens
+                           start = num_computed_tokens,  end = start + num_new_tokens[i]
+
+            flat rows      [lo, hi) = [query_start_loc[i], query_start_loc[i + 1])
+            ids[lo:hi] = all_token_ids[start:end]      positions[lo:hi] = start, ..., end - 1
+            seq_lens[i] = end  (the context attention reads, this step's tokens included)
+            sampled iff end == num_tokens (a decode, or a prompt's last chunk), from row hi - 1
+
+        Example, block_size bs = 4, in the scheduler's batch order (decodes first, then prefill chunks:
+        running prefills, then newly admitted requests): A and B decode; C continues its 12-token
+        prompt from position 6 with a 3-token chunk; D is new, its whole 5-token prompt in one chunk.
+
+            block_table (width = the most blocks any request holds; short rows padded with block 0,
+            the padding block)          col 0  1  2
+                                     A  [  3,  7,  0 ]    num_computed_tokens 6, num_tokens 7
+                                     B  [  5,  2,  0 ]    num_computed_tokens 4, num_tokens 5
+                                     C  [  1,  4,  9 ]    num_computed_tokens 6, num_tokens 12
+                                     D  [  6,  8,  0 ]    num_computed_tokens 0, num_tokens 5
+
+            num_new_tokens     1    1    3              5
+            query_start_loc  [ 0,   1,   2,             5,                         10 ]  (last: num_tokens)
+
+            flat row t         0    1    2    3    4    5    6    7    8    9
+            request            A    B    C    C    C    D    D    D    D    D
+                             |dec |dec |<-- C chunk -->|<------- D prompt ------->|
+            positions p        6    4    6    7    8    0    1    2    3    4
+            p // bs            1    1    1    1    2    0    0    0    0    1
+            block              7    2    4    4    9    6    6    6    6    8    = block_table[row, p // bs]
+            slot_mapping      30    8   18   19   36   24   25   26   27   32    = block * bs + p % bs
+            sampled            *    *                                      *    (C's chunk ends at 9 < 12)
+
+            sample_indices = [0, 1, 9], sampled_requests = [A, B, D]: the logits are taken at these rows
+            seq_lens       = [7, 5, 9, 5]
+            num_decode_seqs = 2: the leading run of one-token rows (argmin of num_new_tokens == 1); every
+                              row after the first multi-token row takes the prefill path
+
+        `positions` are KV positions; the rotary positions differ only for M-RoPE image prompts
+        (`_rotary_positions`).
+        """
         bs = self.block_size
         num_seqs = len(batch.requests)
         width = max(len(block_ids(r.request_id)) for r in batch.requests)
