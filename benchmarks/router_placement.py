@@ -9,10 +9,22 @@ Setup (the same for every policy, from one seed):
             is acknowledged right away, so in-flight estimates stay realistic
   requests  --requests timed placements of new requests drawn the same way (block hashes given,
             as the gateway sends them); the time to hash token ids is reported on its own line
+  events    untimed, as the workers would send them: --confirm-lag placements after each
+            placement, a BlockStored of its blocks on its prefill worker, and a BlockRemoved of
+            that worker's least recently stored blocks, so each worker keeps the number of
+            blocks it had and the index stays at --blocks entries (a full cache evicting)
+  pending   each placement claims its blocks on its prefill worker at once, until that
+            BlockStored settles them (RouterConfig's pending_block_ttl_s, --pending-block-ttl-s;
+            0 turns claims off: the router before them, on the same events). --confirm-lag -1
+            sends no events, as this benchmark did before claims existed: the index never
+            changes but by the claims, which pile up for the whole run (shorter than the TTL),
+            the most place() can meet
 
 Only `place()` is timed (time.perf_counter_ns around the call). Target: p99 <= 1 ms.
 
     python benchmarks/router_placement.py
+    python benchmarks/router_placement.py --pending-block-ttl-s 0     # no claims: the router before them
+    python benchmarks/router_placement.py --confirm-lag -1            # no events: claims pile up
     python benchmarks/router_placement.py --requests 5000 --json results/router_placement.json
 """
 
@@ -25,14 +37,14 @@ import random
 import statistics
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.block_hash import hash_request_blocks  # noqa: E402
-from services.common.kv_events import BlockStored  # noqa: E402
+from services.common.kv_events import BlockRemoved, BlockStored, KVEvent  # noqa: E402
 from services.router import POLICIES, Router, RouterConfig, RouteRequest, WorkerLoad  # noqa: E402
 
 VOCAB_SIZE = 32000
@@ -83,6 +95,27 @@ def fill_events(workload: Workload, rng: random.Random, workers: list[str],
     return batches
 
 
+class WorkerCaches:
+    """Each worker's prefix cache as a fixed number of blocks, least recently stored evicted first."""
+
+    def __init__(self, batches: list[tuple[str, list[BlockStored]]], num_blocks: dict[str, int]) -> None:
+        self.num_blocks = num_blocks
+        self.blocks: dict[str, OrderedDict[int, None]] = {w: OrderedDict() for w in num_blocks}
+        for worker, events in batches:
+            for event in events:
+                self.blocks[worker].update(dict.fromkeys(event.block_hashes))
+
+    def store(self, worker: str, block_hashes: list[int], block_size: int) -> list[KVEvent]:
+        """The events of storing these blocks: BlockStored, then BlockRemoved of what they evict."""
+        cache = self.blocks[worker]
+        for block_hash in block_hashes:
+            cache[block_hash] = None
+            cache.move_to_end(block_hash)
+        evicted = [cache.popitem(last=False)[0] for _ in range(len(cache) - self.num_blocks[worker])]
+        stored = BlockStored(block_hashes, None, [0] * (len(block_hashes) * block_size), block_size)
+        return [stored, BlockRemoved(evicted)] if evicted else [stored]
+
+
 def refresh_loads(router: Router, rng: random.Random, prefill: list[str], decode: list[str]) -> None:
     for w in prefill:
         router.load.update(WorkerLoad(w, "prefill", rng.randint(0, 8), rng.randint(0, 16), rng.random(), 10_000,
@@ -94,11 +127,14 @@ def refresh_loads(router: Router, rng: random.Random, prefill: list[str], decode
 
 def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, list[BlockStored]]],
                prompts: list[Prompt], prefill: list[str], decode: list[str]) -> dict[str, object]:
-    router = Router(prefill, decode, policy, args.block_size, RouterConfig())
+    config = RouterConfig(pending_block_ttl_s=args.pending_block_ttl_s)
+    router = Router(prefill, decode, policy, args.block_size, config)
     seq: Counter[str] = Counter()
     for worker, events in batches:
         assert router.index.apply(worker, seq[worker], events)
         seq[worker] += 1
+    indexed_entries, distinct_blocks = sum(router.index.num_keys(w) for w in prefill), len(router.index)
+    caches = WorkerCaches(batches, {w: router.index.num_keys(w) for w in prefill})
     rng = random.Random(args.seed + 1)
     requests = [RouteRequest(f"r{i}", block_hashes=p.block_hashes, num_prompt_tokens=len(p.token_ids),
                              max_tokens=rng.randint(64, 512)) for i, p in enumerate(prompts)]
@@ -106,12 +142,20 @@ def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, l
     gc.collect()
     latencies_us: list[float] = []
     hit_tokens = 0
+    unconfirmed: deque[tuple[str, RouteRequest]] = deque()  # (prefill worker, request), oldest first
     for i, request in enumerate(requests):
         start = time.perf_counter_ns()
         placement = router.place(request)
         latencies_us.append((time.perf_counter_ns() - start) / 1000)
         hit_tokens += placement.predicted_hit_tokens
         router.acknowledge(request.request_id)
+        if args.confirm_lag >= 0:
+            unconfirmed.append((placement.prefill_worker, request))
+            while len(unconfirmed) > args.confirm_lag:
+                worker, done = unconfirmed.popleft()
+                assert router.index.apply(worker, seq[worker], caches.store(worker, list(done.block_hashes or ()),
+                                                                            args.block_size))
+                seq[worker] += 1
         if i % 8 == 7:
             refresh_loads(router, rng, prefill, decode)
     latencies_us.sort()
@@ -122,7 +166,8 @@ def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, l
         "max_us": latencies_us[-1], "mean_us": statistics.fmean(latencies_us),
         "hit_rate": hit_tokens / stats.num_prompt_tokens,
         "reasons": {reason: n for (_, reason), n in sorted(stats.decisions.items())},
-        "indexed_entries": sum(router.index.num_keys(w) for w in prefill), "distinct_blocks": len(router.index),
+        "indexed_entries": indexed_entries, "distinct_blocks": distinct_blocks,
+        "pending_placements_at_end": router.index.num_pending_placements(),
     }
 
 
@@ -139,6 +184,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="timed placements per policy")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pending-block-ttl-s", type=float, default=RouterConfig().pending_block_ttl_s,
+                        help="seconds a placement's block claims live at most; 0: no claims")
+    parser.add_argument("--confirm-lag", type=int, default=32,
+                        help="placements between a placement and its worker's events; -1: no events")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
 
@@ -160,7 +209,8 @@ def main() -> None:
     first = results[0]
     print(f"index: {first['indexed_entries']} (worker, block) entries, {first['distinct_blocks']} distinct blocks, "
           f"{args.prefill} prefill + {args.decode} decode workers, block_size {args.block_size}; "
-          f"{args.requests} placements of 1k-8k-token prompts per policy")
+          f"{args.requests} placements of 1k-8k-token prompts per policy; pending_block_ttl_s "
+          f"{args.pending_block_ttl_s:g}, confirm lag {args.confirm_lag if args.confirm_lag >= 0 else 'never'}")
     print(f"{'policy':<16} {'p50 us':>8} {'p99 us':>8} {'max us':>8} {'mean us':>8} {'hit rate':>9}  reasons")
     for r in results:
         reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items())  # type: ignore[attr-defined]

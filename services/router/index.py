@@ -1,4 +1,5 @@
-"""The router's global cache indexes, fed only by the workers' own events.
+"""The router's global cache indexes, fed by the workers' own events (and, for KV blocks, by the
+router's pending claims until those events settle them).
 
 PrefixIndex: which worker holds which KV block (block hash -> workers), from KV events.
 ContentIndex: which encode worker holds which image embedding (content hash -> workers), from
@@ -34,12 +35,52 @@ False and the caller asks that worker for a replay of its full state, installed 
 `replace_worker(worker, seq, ...)`, after which batch seq + 1 is expected. While a replay is
 pending the caller may drop the worker's batches; the replay supersedes them.
 
+Pending claims (PrefixIndex only). A BlockStored arrives only once the worker has scheduled the
+request, often a second after the router placed it; a burst sharing a new prefix would scatter
+meanwhile. So the router records each placement at once: `add_pending(request_id, worker,
+block_hashes)` claims every block of the request on that worker. Claims keep their own holder
+masks, which `match` ORs into the held ones block by block (one more dict lookup per block
+walked), so a claimed block counts as a held one:
+
+    holders:          h0 -> 0b001 (w0)      h1 -> (absent)        held: keys[w], as above
+    pending_holders:  h0 -> 0b100 (w2)      h1 -> 0b100 (w2)      an open claim
+    pending:          w2 -> {h0: run << 32 | count, h1: run << 32 | count}
+    match sees        h0 -> 0b101           h1 -> 0b100
+
+`count` is the number of live placements claiming the block there; `run` is the serial number of
+the placement that opened the current run of claims (the count went from 0 to 1). Reconciliation
+with the worker's events and the placement's fate:
+
+    BlockStored(h) on w            settles: h is held (keys[w]); the run of claims on (w, h) ends
+    BlockRemoved(h) on w           of a block w held: removes it and settles (the run ends);
+                                   of a block only claimed: nothing (it may yet be stored)
+    AllBlocksCleared on w          drops and settles what w held; claims on the rest stay
+    a placement ends               release_pending(request_id), or pending_block_ttl_s after it was
+                                   made: count - 1 on each of its blocks whose run it joined
+                                   (serial >= run); the claim goes at count 0
+    replace_worker(w), remove_worker(w)
+                                   every claim on w ends (a replay is the worker's whole truth)
+
+so a claim never outlives its placement by more than the TTL; a placement never ends a claim of a
+later run (claim, store, evict, claim again, then the first placement ends: the second claim
+stays); a release after the store leaves the stored blocks alone; and a claim on a block the
+worker already held goes with that block's eviction. Claims live in dicts of their own, sized by
+the placements of the last second or so rather than by the whole index: a placement costs
+O(len(block_hashes)) operations on those small dicts when made and again when it ends, and
+`match` stays one walk over the request's blocks.
+
+Tunables:
+  pending_block_ttl_s  10.0  seconds a placement's claims live at most; 0 records none
+
 The indexes are plain single-threaded objects: one owner (the router) calls them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from services.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -47,6 +88,10 @@ from services.router.events import AllEmbeddingsCleared, EmbeddingEvent, Embeddi
 
 # The number of a worker's first event batch.
 FIRST_EVENT_SEQ = 0
+
+# A pending claim packs (run << _RUN_SHIFT) | count into one int: no object per claimed block.
+_RUN_SHIFT = 32
+_COUNT_MASK = (1 << _RUN_SHIFT) - 1
 
 K = TypeVar("K", bound=Hashable)
 
@@ -75,10 +120,11 @@ class _HolderSets(Generic[K]):
         return len(self._keys.get(worker, ()))
 
     def __len__(self) -> int:
-        """Distinct keys held by at least one worker."""
+        """Distinct keys held by at least one worker (claims not counted)."""
         return len(self._holders)
 
     def holders(self, key: K) -> list[str]:
+        """Workers holding the key (claims not counted)."""
         return self._workers_in(self._holders.get(key, 0))
 
     def remove_worker(self, worker: str) -> None:
@@ -163,8 +209,31 @@ class _HolderSets(Generic[K]):
             del self._holders[key]
 
 
+@dataclass(slots=True)
+class _PendingPlacement:
+    """One placement's claims: every full block of its prompt, on its worker."""
+
+    request_id: str
+    worker: str
+    serial: int  # placements numbered in order: which runs of claims this one joined
+    block_hashes: Sequence[int]  # the request's, all claimed
+    placed_at: float
+    ended: bool = False
+
+
 class PrefixIndex(_HolderSets[int]):
-    """Which worker holds which KV block, from BlockStored / BlockRemoved / AllBlocksCleared."""
+    """Which worker holds which KV block, from BlockStored / BlockRemoved / AllBlocksCleared,
+    plus the blocks the router's own recent placements claim (pending claims, in the module doc)."""
+
+    def __init__(self, pending_block_ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.pending_block_ttl_s = pending_block_ttl_s
+        self._clock = clock
+        self._pending_holders: dict[int, int] = {}  # block hash -> bits of the workers with a claim on it
+        self._pending: dict[str, dict[int, int]] = {}  # worker -> block hash -> run << 32 | count
+        self._placements: dict[str, _PendingPlacement] = {}  # request id -> its claims
+        self._placements_by_age: deque[_PendingPlacement] = deque()
+        self._num_placements = 0
 
     def apply(self, worker: str, seq: int, events: Sequence[KVEvent]) -> bool:
         """Apply one numbered batch; False (nothing applied) when `seq` is not the one expected."""
@@ -173,9 +242,14 @@ class PrefixIndex(_HolderSets[int]):
         for event in events:
             if isinstance(event, BlockStored):
                 self._add(worker, event.block_hashes)
+                self._settle(worker, event.block_hashes)
             elif isinstance(event, BlockRemoved):
+                if worker in self._pending:  # a removal settles a claim only on a block the worker held
+                    held = self._keys[worker]
+                    self._settle(worker, [block_hash for block_hash in event.block_hashes if block_hash in held])
                 self._remove(worker, event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
+                self._settle(worker, self._keys.get(worker, ()))
                 self._clear(worker)
             else:
                 raise TypeError(f"not a KV event: {event!r}")
@@ -189,16 +263,25 @@ class PrefixIndex(_HolderSets[int]):
 
         Parents are accepted to match the BlockStored shape but not needed: the chain is inside
         each hash, and a block whose parent is absent is unreachable by `match`, as after eviction.
+        Every pending claim on the worker ends.
         """
+        self._drop_pending(worker)
         self._replace(worker, seq, (block_hash for block_hash, _ in stored_hashes_with_parents))
 
+    def remove_worker(self, worker: str) -> None:
+        """Forget the worker, everything it held and every claim on it (it left or died)."""
+        self._drop_pending(worker)
+        super().remove_worker(worker)
+
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
-        """worker -> the number of leading blocks of `block_hashes` it holds (workers with none are absent)."""
+        """worker -> the number of leading blocks of `block_hashes` it holds or claims (absent: none)."""
+        self._expire_pending(self._clock())
         matched: dict[str, int] = {}
         holders = self._holders
+        pending = self._pending_holders
         alive = -1  # every worker, until block 0 says otherwise
         for i, block_hash in enumerate(block_hashes):
-            mask = alive & holders.get(block_hash, 0)
+            mask = alive & (holders.get(block_hash, 0) | pending.get(block_hash, 0))
             if mask != alive:
                 if i > 0:
                     self._record(alive & ~mask, i, matched)
@@ -210,8 +293,114 @@ class PrefixIndex(_HolderSets[int]):
         return matched
 
     def blocks(self, worker: str) -> frozenset[int]:
-        """The block hashes the worker holds (a copy; for tests and replay checks)."""
+        """The block hashes the worker holds, confirmed by its events (a copy; for tests and replay checks)."""
         return frozenset(self._keys.get(worker, ()))
+
+    # ------------------------------------------------------------------ pending claims
+
+    def add_pending(self, request_id: str, worker: str, block_hashes: Sequence[int]) -> None:
+        """The router placed `request_id` on `worker`: claim every block of `block_hashes` there.
+
+        `block_hashes` is kept, not copied: the caller does not change it afterwards. A request
+        placed again (a retry) gives up its earlier claims first. Nothing is recorded while
+        pending_block_ttl_s <= 0.
+        """
+        self.release_pending(request_id)
+        if self.pending_block_ttl_s <= 0 or not block_hashes:
+            return
+        now = self._clock()
+        self._expire_pending(now)
+        bit = self._bit(worker)
+        serial = self._num_placements
+        self._num_placements += 1
+        opened = serial << _RUN_SHIFT | 1
+        claims = self._pending.setdefault(worker, {})
+        pending = self._pending_holders
+        for block_hash in block_hashes:  # mostly two dict operations a block: this loop is the cost of a claim
+            claim = claims.setdefault(block_hash, opened)
+            if claim == opened:  # a new run (only this placement's serial makes this value)
+                mask = pending.setdefault(block_hash, bit)
+                if not mask & bit:
+                    pending[block_hash] = mask | bit
+            else:
+                claims[block_hash] = claim + 1
+        placement = _PendingPlacement(request_id, worker, serial, block_hashes, now)
+        self._placements[request_id] = placement
+        self._placements_by_age.append(placement)
+
+    def release_pending(self, request_id: str) -> None:
+        """The placement was abandoned: its claims still open end now (blocks the worker stored stay)."""
+        placement = self._placements.get(request_id)
+        if placement is not None:
+            self._end(placement)
+
+    def pending_blocks(self, worker: str) -> dict[int, int]:
+        """block hash -> live placements claiming it on `worker`, unsettled (a copy; for tests)."""
+        self._expire_pending(self._clock())
+        return {block_hash: claim & _COUNT_MASK for block_hash, claim in self._pending.get(worker, {}).items()}
+
+    def num_pending_placements(self) -> int:
+        """Placements made within the TTL and not released (their claims may all be settled)."""
+        self._expire_pending(self._clock())
+        return len(self._placements)
+
+    def _settle(self, worker: str, block_hashes: Iterable[int]) -> None:
+        """The worker's events now tell these blocks' state: the runs of claims on them end."""
+        claims = self._pending.get(worker)
+        if not claims:
+            return
+        bit = self._bit_of[worker]
+        for block_hash in block_hashes:
+            if claims.pop(block_hash, None) is not None:
+                self._drop_pending_bit(block_hash, bit)
+        if not claims:
+            del self._pending[worker]
+
+    def _expire_pending(self, now: float) -> None:
+        by_age = self._placements_by_age
+        if not by_age:
+            return
+        horizon = now - self.pending_block_ttl_s
+        while by_age and (by_age[0].ended or by_age[0].placed_at < horizon):
+            placement = by_age.popleft()
+            if not placement.ended:
+                self._end(placement)
+
+    def _end(self, placement: _PendingPlacement) -> None:
+        placement.ended = True
+        del self._placements[placement.request_id]
+        claims = self._pending.get(placement.worker)
+        if claims is None:
+            return
+        bit = self._bit_of[placement.worker]
+        for block_hash in placement.block_hashes:
+            claim = claims.get(block_hash)
+            if claim is None or claim >> _RUN_SHIFT > placement.serial:
+                continue  # settled since, or a later run this placement is not part of
+            if claim & _COUNT_MASK > 1:
+                claims[block_hash] = claim - 1
+            else:
+                del claims[block_hash]
+                self._drop_pending_bit(block_hash, bit)
+        if not claims:
+            del self._pending[placement.worker]
+
+    def _drop_pending(self, worker: str) -> None:
+        for placement in [p for p in self._placements.values() if p.worker == worker]:
+            placement.ended = True
+            del self._placements[placement.request_id]
+        claims = self._pending.pop(worker, None)
+        if claims:
+            bit = self._bit_of[worker]
+            for block_hash in claims:
+                self._drop_pending_bit(block_hash, bit)
+
+    def _drop_pending_bit(self, block_hash: int, bit: int) -> None:
+        mask = self._pending_holders[block_hash] & ~bit
+        if mask:
+            self._pending_holders[block_hash] = mask
+        else:
+            del self._pending_holders[block_hash]
 
     def _record(self, mask: int, num_blocks: int, matched: dict[str, int]) -> None:
         worker_at = self._worker_at

@@ -8,7 +8,8 @@
                        first), which is also the decode worker in colocated mode
       5. encode        per image, a worker holding its embedding, else the least loaded one
       6. account       in-flight estimates on every chosen worker, decision counters, the
-                       predicted hit kept for observe_hit
+                       predicted hit kept for observe_hit, and a pending claim on the prefill
+                       worker for every full block of the prompt (PrefixIndex.add_pending)
 
 Decode placement never picks a worker whose free KV blocks cannot hold the request:
 
@@ -26,6 +27,23 @@ token): matched_tokens is the best any prefill worker offers, predicted_hit_toke
 one offers. observe_hit reports what the worker really reused, for the predicted-versus-observed
 hit metric.
 
+Placements recorded at once. A worker's BlockStored events come after it has scheduled the
+request, up to a second after the placement; meanwhile a burst of requests sharing a new prefix
+would find it nowhere and scatter. So each placement claims the request's blocks on its prefill
+worker at once (PrefixIndex.add_pending): the next request sharing the prefix matches them and
+the policies exploit that worker. A pending block counts fully, in the match the policies see and
+in predicted_hit_tokens (and so in the in-flight prefill estimate): the engine caches a block as
+soon as it schedules the request that computes it, so a request placed behind it on the same
+worker reuses it. When the earlier request is lost instead, observe_hit shows the overestimate.
+The worker's own events settle the claims (services.router.index); the rest end on `release`, on
+`remove_worker`, on a replay (`index.replace_worker`) or pending_block_ttl_s after the placement.
+
+Several gateways each run a Router over the same workers. A gateway that learns another one's
+placement (from the worker's event stream) reports it with `record_remote_placement`: the same
+claims and in-flight estimates, no decision counted and no hit predicted. Request ids must be
+unique across gateways: a report of an id this router already knows (its own placement echoed,
+or a report repeated) changes nothing.
+
 The router is a single-threaded object: one owner (the router actor, or one event loop) calls
 place, the index and load updates and the metric reads. Feed it through its parts:
 `router.index.apply(worker, seq, kv_events)`, `router.content_index.apply(...)`,
@@ -37,6 +55,10 @@ Tunables (RouterConfig; the policies' own are in their modules):
   inflight_ttl_s                  2.0    longest life of an in-flight estimate (services.router.load)
   decode_window_s                 5.0    seconds of snapshots averaged for the decode term
   max_pending_hit_predictions     65536  predictions kept for observe_hit (oldest dropped first)
+  pending_block_ttl_s             10.0   longest life of a placement's block claims (services.router.index);
+                                         0 records none (placements then wait for the events)
+  max_remembered_request_ids      65536  request ids kept so record_remote_placement ignores repeats
+                                         and this router's own placements (oldest forgotten first)
 """
 
 from __future__ import annotations
@@ -66,6 +88,8 @@ class RouterConfig:
     inflight_ttl_s: float = 2.0
     decode_window_s: float = 5.0
     max_pending_hit_predictions: int = 65536
+    pending_block_ttl_s: float = 10.0
+    max_remembered_request_ids: int = 65536
 
 
 POLICIES: Mapping[str, Callable[[RouterConfig], Policy]] = {
@@ -101,7 +125,7 @@ class Placement:
     policy: str
     reason: str
     matched_tokens: int  # the longest reusable prefix on any prefill worker
-    predicted_hit_tokens: int  # the reusable prefix on prefill_worker
+    predicted_hit_tokens: int  # the reusable prefix on prefill_worker, pending claims counted as held
     encode_workers: tuple[str, ...] = ()  # one per image_hashes entry
 
 
@@ -134,7 +158,7 @@ class Router:
         self.block_size = block_size
         self.config = config
         self.policy = POLICIES[policy_name](config)
-        self.index = PrefixIndex()
+        self.index = PrefixIndex(config.pending_block_ttl_s, clock)
         self.content_index = ContentIndex()
         self.load = LoadView(config.inflight_ttl_s, config.decode_window_s, clock)
         self.decisions: Counter[tuple[str, str]] = Counter()
@@ -145,6 +169,7 @@ class Router:
         self._predicted_hit_tokens_observed = 0
         self._observed_hit_tokens = 0
         self._pending_hits: OrderedDict[str, tuple[str, int]] = OrderedDict()  # request id -> (worker, hit tokens)
+        self._request_ids: OrderedDict[str, None] = OrderedDict()  # placed here or recorded, newest last
 
     # ------------------------------------------------------------------ placement
 
@@ -168,6 +193,8 @@ class Router:
         matched = query.hit_tokens(max((index_match.get(w, 0) for w in self.prefill_workers), default=0))
         self._account(request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks,
                       predicted)
+        self.index.add_pending(request.request_id, decision.worker, query.block_hashes)
+        self._remember(request.request_id)
         self.decisions[self.policy.name, decision.reason] += 1
         return Placement(decision.worker, decode_worker, self.policy.name, decision.reason, matched, predicted,
                          encode_workers)
@@ -185,10 +212,13 @@ class Router:
             if request.token_ids is None:
                 raise ValueError(f"request {request.request_id!r} gives block_hashes without num_prompt_tokens")
             num_prompt_tokens = len(request.token_ids)
-        if num_prompt_tokens < 1 or len(block_hashes) > num_prompt_tokens // self.block_size:
-            raise ValueError(f"request {request.request_id!r}: {len(block_hashes)} blocks do not fit "
-                             f"{num_prompt_tokens} prompt tokens")
-        return PrefillRequest(request.request_id, block_hashes, num_prompt_tokens, self.block_size)
+        return self._checked(PrefillRequest(request.request_id, block_hashes, num_prompt_tokens, self.block_size))
+
+    def _checked(self, query: PrefillRequest) -> PrefillRequest:
+        if query.num_prompt_tokens < 1 or len(query.block_hashes) > query.num_prompt_tokens // self.block_size:
+            raise ValueError(f"request {query.request_id!r}: {len(query.block_hashes)} blocks do not fit "
+                             f"{query.num_prompt_tokens} prompt tokens")
+        return query
 
     def _kv_blocks_needed(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
         expected_output = self.config.default_expected_output_tokens if max_tokens is None else max_tokens
@@ -232,19 +262,65 @@ class Router:
 
     def _account(self, request_id: str, num_prompt_tokens: int, prefill_worker: str, decode_worker: str,
                  need_blocks: int, predicted_hit_tokens: int) -> None:
-        prefill_tokens = num_prompt_tokens - predicted_hit_tokens
-        if self.colocated:
-            self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1,
-                                   kv_blocks=need_blocks, decoding=1)
-        else:
-            self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1)
-            self.load.add_inflight(request_id, decode_worker, kv_blocks=need_blocks, decoding=1)
+        self._add_inflight(request_id, num_prompt_tokens - predicted_hit_tokens, prefill_worker, decode_worker,
+                           need_blocks)
         self._num_placements += 1
         self._num_prompt_tokens += num_prompt_tokens
         self._predicted_hit_tokens += predicted_hit_tokens
         self._pending_hits[request_id] = (prefill_worker, predicted_hit_tokens)
         if len(self._pending_hits) > self.config.max_pending_hit_predictions:
             self._pending_hits.popitem(last=False)
+
+    def _add_inflight(self, request_id: str, prefill_tokens: int, prefill_worker: str, decode_worker: str | None,
+                      need_blocks: int) -> None:
+        if self.colocated:
+            self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1,
+                                   kv_blocks=need_blocks, decoding=1)
+            return
+        self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1)
+        if decode_worker is not None:
+            self.load.add_inflight(request_id, decode_worker, kv_blocks=need_blocks, decoding=1)
+
+    def _remember(self, request_id: str) -> None:
+        self._request_ids[request_id] = None
+        if len(self._request_ids) > self.config.max_remembered_request_ids:
+            self._request_ids.popitem(last=False)
+
+    # ------------------------------------------------------------------ other gateways' placements
+
+    def record_remote_placement(self, request_id: str, prefill_worker: str, block_hashes: Sequence[int],
+                                num_prompt_tokens: int, *, decode_worker: str | None = None,
+                                max_tokens: int | None = None, acknowledged: bool = True) -> bool:
+        """Another gateway's router placed `request_id` on `prefill_worker`: count it as if placed here.
+
+        `block_hashes` are the request's full-block hashes (salt and images included, as the
+        gateway hashes them), `num_prompt_tokens` its prompt length; `decode_worker` and
+        `max_tokens` (disaggregated mode) size the decode estimate as place() does. Records the
+        pending block claims on `prefill_worker` and the in-flight estimates (prefill tokens net
+        of what `prefill_worker` already holds or claims; decode room and one decoding sequence on
+        `decode_worker`, or on `prefill_worker` in colocated mode). No decision is counted, no hit
+        predicted, no policy state touched. The estimates and claims are reconciled like local
+        ones: `acknowledge`, `release`, snapshots, events and the TTLs. With `acknowledged` (the
+        default: the report comes from the worker, which has accepted the request) the prefill
+        estimate leaves at that worker's next snapshot, as after acknowledge(request_id,
+        prefill_worker).
+
+        Returns False, changing nothing, for a request id this router already knows (one it placed,
+        or a repeated report) and for a worker outside its prefill pool; True when recorded.
+        Raises ValueError when the blocks do not fit the prompt.
+        """
+        if request_id in self._request_ids or prefill_worker not in self.prefill_workers:
+            return False
+        query = self._checked(PrefillRequest(request_id, block_hashes, num_prompt_tokens, self.block_size))
+        hit_tokens = query.hit_tokens(self.index.match(block_hashes).get(prefill_worker, 0))
+        known_decode_worker = decode_worker if decode_worker in self.decode_workers else None
+        self._add_inflight(request_id, num_prompt_tokens - hit_tokens, prefill_worker, known_decode_worker,
+                           self._kv_blocks_needed(num_prompt_tokens, max_tokens))
+        if acknowledged:
+            self.load.acknowledge(request_id, prefill_worker)
+        self.index.add_pending(request_id, prefill_worker, block_hashes)
+        self._remember(request_id)
+        return True
 
     # ------------------------------------------------------------------ feedback
 
@@ -253,8 +329,10 @@ class Router:
         self.load.acknowledge(request_id, worker)
 
     def release(self, request_id: str) -> None:
-        """The placement was abandoned before any worker took it."""
+        """The placement (this router's or a recorded remote one) was abandoned before any worker took
+        it: its in-flight estimates and its open block claims go."""
         self.load.release(request_id)
+        self.index.release_pending(request_id)
         self._pending_hits.pop(request_id, None)
 
     def observe_hit(self, request_id: str, worker: str, hit_tokens: int) -> None:
@@ -279,7 +357,7 @@ class Router:
                 pool.append(worker)
 
     def remove_worker(self, worker: str) -> None:
-        """Forget a worker that left or died: its pools, cache entries and load."""
+        """Forget a worker that left or died: its pools, cache entries, pending claims and load."""
         for pool in (self.prefill_workers, self.decode_workers, self.encode_workers):
             if worker in pool:
                 pool.remove(worker)

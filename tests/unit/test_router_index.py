@@ -200,3 +200,138 @@ def test_content_index_follows_events_gaps_and_replays():
     assert index.contents("e0") == frozenset()
     index.remove_worker("e1")
     assert index.holders("img-b") == [] and len(index) == 0
+
+
+# ---------------------------------------------------------------------------------------------- pending claims
+
+
+class SettableClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_claim_counts_in_match_only_and_a_retry_replaces_it():
+    index = PrefixIndex(pending_block_ttl_s=10.0, clock=SettableClock())
+    a = chain(range(24))
+    index.apply("w0", 0, stored(a[:2]))
+    index.add_pending("r1", "w0", a)
+    assert index.blocks("w0") == frozenset(a[:2]) and index.pending_blocks("w0") == dict.fromkeys(a, 1)
+    assert index.match(a) == {"w0": 6}
+    assert index.holders(a[3]) == [] and len(index) == 2  # holders and len count held blocks only
+    index.add_pending("r1", "w1", a[:3])  # placed again (a retry): the earlier claims go
+    assert index.pending_blocks("w0") == {} and index.pending_blocks("w1") == dict.fromkeys(a[:3], 1)
+    assert index.match(a) == {"w0": 2, "w1": 3} and index.num_pending_placements() == 1
+    assert index.workers() == ["w0"]  # a claim alone does not make an event stream
+    index.apply("w0", 1, [BlockRemoved([a[0]])])  # w1's claim is not w0's block
+    assert index.match(a) == {"w1": 3}
+
+
+def test_the_eviction_of_a_held_block_ends_the_claims_on_it():
+    index = PrefixIndex(pending_block_ttl_s=10.0, clock=SettableClock())
+    a = chain(range(16))
+    index.apply("w0", 0, stored(a))
+    index.add_pending("r1", "w0", a)  # r1 hits all four blocks: nothing of it will be stored
+    index.apply("w0", 1, [BlockRemoved([a[1]])])
+    assert index.pending_blocks("w0") == {a[0]: 1, a[2]: 1, a[3]: 1} and index.match(a) == {"w0": 1}
+    index.apply("w0", 2, [AllBlocksCleared()])
+    assert index.pending_blocks("w0") == {} and index.match(a) == {}
+    assert index.num_pending_placements() == 1  # until its TTL or release, with nothing left to end
+
+
+def test_a_placement_ends_only_the_claims_of_its_own_run():
+    index = PrefixIndex(pending_block_ttl_s=10.0, clock=SettableClock())
+    a = chain(range(8))
+    index.add_pending("r1", "w0", a)
+    index.apply("w0", 0, stored(a))  # confirmed: the run of claims r1 opened ends
+    index.apply("w0", 1, [BlockRemoved(a)])  # evicted
+    assert index.match(a) == {}
+    index.add_pending("r2", "w0", a)  # a new run
+    index.release_pending("r1")  # must not end r2's claims
+    assert index.pending_blocks("w0") == dict.fromkeys(a, 1) and index.match(a) == {"w0": 2}
+    index.release_pending("r2")
+    assert index.match(a) == {} and len(index) == 0
+
+
+def test_a_zero_ttl_records_no_claims():
+    index = PrefixIndex(pending_block_ttl_s=0.0)
+    index.add_pending("r1", "w0", chain(range(8)))
+    assert index.match(chain(range(8))) == {} and index.num_pending_placements() == 0
+
+
+def test_claims_and_events_agree_with_a_plain_reference():
+    """match and pending_blocks against a reference that keeps every claim and replays the rules.
+
+    A claim of placement p on (w, h) is open iff p is live (released? expired?) and nothing settled
+    (w, h) since p was made: a store of h on w, a removal or clear of h while w held it, a replay
+    or removal of w."""
+    rng = random.Random(1)
+    clock = SettableClock()
+    ttl_s = 10.0
+    index = PrefixIndex(pending_block_ttl_s=ttl_s, clock=clock)
+    prefixes = [chain([p] * 8 + list(range(32))) for p in range(4)]  # 4 chains of 10 blocks
+    workers = ["w0", "w1", "w2"]
+    held = {w: set() for w in workers}
+    reset_at = {}  # (worker, hash) -> step of the last confirmation, replay or removal
+    worker_reset_at = dict.fromkeys(workers, -1)
+    claims = {}  # request id -> (worker, claimed hashes, step, placed_at)
+    seq = dict.fromkeys(workers, 0)
+    for step in range(600):
+        worker = rng.choice(workers)
+        op = rng.random()
+        if op < 0.35:
+            request_id = f"r{rng.randrange(40)}"
+            hashes = rng.choice(prefixes)[: rng.randint(1, 10)]
+            index.add_pending(request_id, worker, hashes)
+            claims[request_id] = (worker, list(hashes), step, clock.now)
+        elif op < 0.45:
+            request_id = f"r{rng.randrange(40)}"
+            index.release_pending(request_id)
+            claims.pop(request_id, None)
+        elif op < 0.65:
+            hashes = rng.choice(prefixes)[: rng.randint(1, 10)]
+            assert index.apply(worker, seq[worker], stored(hashes))
+            seq[worker] += 1
+            held[worker] |= set(hashes)
+            reset_at.update({(worker, h): step for h in hashes})
+        elif op < 0.85:
+            gone = rng.sample(sorted(held[worker] | {prefixes[0][3], prefixes[1][5]}), 2)  # maybe only claimed
+            assert index.apply(worker, seq[worker], [BlockRemoved(gone)])
+            seq[worker] += 1
+            reset_at.update({(worker, h): step for h in gone if h in held[worker]})
+            held[worker] -= set(gone)
+        elif op < 0.9:
+            assert index.apply(worker, seq[worker], [AllBlocksCleared()])
+            seq[worker] += 1
+            reset_at.update({(worker, h): step for h in held[worker]})
+            held[worker] = set()
+        elif op < 0.95:
+            keep = set(rng.sample(sorted(held[worker]), len(held[worker]) // 2))
+            seq[worker] += 3
+            index.replace_worker(worker, seq[worker] - 1, [(h, None) for h in keep])
+            held[worker] = keep
+            worker_reset_at[worker] = step
+        else:
+            clock.now += rng.choice([0.5, 3.0])
+        claims = {r: c for r, c in claims.items() if c[3] >= clock.now - ttl_s}
+        pending = {w: {} for w in workers}
+        for claim_worker, claimed, claim_step, _ in claims.values():
+            for h in claimed:
+                if claim_step > max(reset_at.get((claim_worker, h), -1), worker_reset_at[claim_worker]):
+                    pending[claim_worker][h] = pending[claim_worker].get(h, 0) + 1
+        for w in workers:
+            assert index.pending_blocks(w) == pending[w], (step, w)
+            assert index.blocks(w) == frozenset(held[w])
+        request = rng.choice(prefixes)
+        expected = {}
+        for w in workers:
+            n = 0
+            while n < len(request) and (request[n] in held[w] or request[n] in pending[w]):
+                n += 1
+            if n:
+                expected[w] = n
+        assert index.match(request) == expected, step
+    clock.now += ttl_s + 1
+    assert all(index.pending_blocks(w) == {} for w in workers) and index.num_pending_placements() == 0

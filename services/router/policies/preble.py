@@ -46,8 +46,15 @@ Post-assignment adjustments (both only ever move an exploit):
              replicate_share of them, the request goes to the lowest-cost other candidate
              ("replicate"), which then caches the prefix too; later requests for it choose between
              the holders by cost. A prefix is replicated at most once per replicate_cooldown_s
-             (its second holder shows in the index within milliseconds, which ends the
-             single-holder condition anyway).
+             (its second holder shows in the index at once, by the replica's pending claims,
+             which ends the single-holder condition anyway).
+
+Bursts. The router's pending claims (services.router.index) make a request sharing the prefix of
+one placed a microsecond earlier see it as cached there. So a back-to-back burst sharing a new
+prefix longer than each suffix explores once and then exploits that worker; the first split is the
+replication above, by default at the 10th request of the burst (the 2nd..9th are 8 exploits, more
+than half of the holder's 9 placements), Preble's intended spreading of a hot prefix. Rebalancing
+needs warmup_requests placements first.
 
 Ties go to the earliest candidate.
 

@@ -17,9 +17,18 @@ Both thresholds must be exceeded for the load to count as imbalanced: the absolu
 small cluster from flapping (3 vs 1 requests is "3x" but nothing), the relative one keeps a busy
 cluster from chasing small differences. Ties go to the earliest candidate.
 
-Differences from sgl-router: the match is exact (KV events from the workers, not a tree of the
-router's own guesses), and a miss goes to the least loaded worker rather than to the one with the
-smallest tree, since free KV room is already in each worker's snapshot.
+Differences from sgl-router: the match comes from the workers' KV events, not from a tree of the
+router's own guesses; the router's recent placements enter it only as pending claims that those
+events settle or that expire (services.router.index), which is what keeps a burst sharing a new
+prefix together before the first event arrives. A miss goes to the least loaded worker rather than
+to the one with the smallest tree, since free KV room is already in each worker's snapshot.
+
+Bursts. Back-to-back requests sharing a prefix that is most of each prompt all take "cache_hit" on
+the worker of the first, each adding one waiting request to its load, until that worker leads the
+least loaded one by more than balance_abs_threshold requests (and by balance_rel_threshold): with
+idle peers the (balance_abs_threshold + 2)-th request of the burst, by default the 34th, goes
+elsewhere ("balance"), which then claims the prefix too, so later requests choose the less loaded
+of the two holders. That split is this policy's intended load balancing, not a premature one.
 
 Tunables (PrefixAffinityConfig):
   cache_threshold        0.5   match ratio a cache hit must exceed
