@@ -101,6 +101,7 @@ def kv_bytes_read(batch: dict) -> int:
 
 def time_kernel_us(batch: dict, tuning: DecodeTuning) -> tuple[float, float]:
     """(eager median, graph-replay median) in microseconds."""
+
     def call() -> None:
         paged_decode_attention(**batch, tuning=tuning)
 
@@ -111,34 +112,47 @@ def time_kernel_us(batch: dict, tuning: DecodeTuning) -> tuple[float, float]:
 
 def sweep_tunings() -> list[DecodeTuning]:
     shapes = itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3))
-    return [DecodeTuning(partition_size=partition, tile_tokens=tile, num_warps=warps,
-                         num_stages=stages)
-            for partition, tile, warps, stages in shapes if tile <= partition]
+    return [
+        DecodeTuning(partition_size=partition, tile_tokens=tile, num_warps=warps, num_stages=stages)
+        for partition, tile, warps, stages in shapes
+        if tile <= partition
+    ]
 
 
-def print_row(batch_size: int, tuning: DecodeTuning, bytes_read: int, rel_err: float,
-              times_us: tuple[float, float], copy_gb_s: float) -> None:
+def print_row(
+    batch_size: int,
+    tuning: DecodeTuning,
+    bytes_read: int,
+    rel_err: float,
+    times_us: tuple[float, float],
+    copy_gb_s: float,
+) -> None:
     eager_us, graph_us = times_us
     eager_gb_s, graph_gb_s = bytes_read / eager_us / 1e3, bytes_read / graph_us / 1e3
-    print(f"{batch_size:>5} {tuning.partition_size:>5} {tuning.tile_tokens:>4} "
-          f"{tuning.num_warps:>5} {tuning.num_stages:>6} {bytes_read / 1e6:>8.1f} {rel_err:>7.1e} "
-          f"{eager_us:>9.1f} {eager_gb_s:>6.0f} {100 * eager_gb_s / copy_gb_s:>5.1f} "
-          f"{graph_us:>9.1f} {graph_gb_s:>6.0f} {100 * graph_gb_s / copy_gb_s:>5.1f}")
+    print(
+        f"{batch_size:>5} {tuning.partition_size:>5} {tuning.tile_tokens:>4} "
+        f"{tuning.num_warps:>5} {tuning.num_stages:>6} {bytes_read / 1e6:>8.1f} {rel_err:>7.1e} "
+        f"{eager_us:>9.1f} {eager_gb_s:>6.0f} {100 * eager_gb_s / copy_gb_s:>5.1f} "
+        f"{graph_us:>9.1f} {graph_gb_s:>6.0f} {100 * graph_gb_s / copy_gb_s:>5.1f}"
+    )
 
 
 def main() -> None:
     args = parse_args()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     copy_gb_s = copy_bandwidth_gb_s()
-    print(f"device: {torch.cuda.get_device_name()}  triton {triton.__version__}  "
-          f"torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
     print(f"copy bandwidth (read + write): {copy_gb_s:.0f} GB/s")
-    print(f"shapes: q heads {args.num_q_heads}, kv heads {args.num_kv_heads}, head_dim "
-          f"{args.head_dim}, block {args.block_size}, {args.dtype}, context "
-          f"{args.context_tokens} tokens")
-    print(f"{'batch':>5} {'part':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'KV MB':>8} "
-          f"{'rel err':>7} {'eager us':>9} {'GB/s':>6} {'%copy':>5} {'graph us':>9} {'GB/s':>6} "
-          f"{'%copy':>5}")
+    print(
+        f"shapes: q heads {args.num_q_heads}, kv heads {args.num_kv_heads}, head_dim "
+        f"{args.head_dim}, block {args.block_size}, {args.dtype}, context "
+        f"{args.context_tokens} tokens"
+    )
+    print(
+        f"{'batch':>5} {'part':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'KV MB':>8} "
+        f"{'rel err':>7} {'eager us':>9} {'GB/s':>6} {'%copy':>5} {'graph us':>9} {'GB/s':>6} "
+        f"{'%copy':>5}"
+    )
     tunings = [DecodeTuning()] + (sweep_tunings() if args.sweep else [])
     num_disagreeing = 0
     for batch_size in batch_sizes:

@@ -17,17 +17,43 @@ from pathlib import Path
 
 # Llama-3.1-8B's published shapes.
 LLAMA_31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    "bos_token_id": 128253, "eos_token_id": 128254, "torch_dtype": "bfloat16",
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128253,
+    "eos_token_id": 128254,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
     "rope_theta": 500000.0,
 }
-TINY = {**LLAMA_31_8B, "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 8192,
-        "bos_token_id": 1021, "eos_token_id": 1022}
+TINY = {
+    **LLAMA_31_8B,
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 8192,
+    "bos_token_id": 1021,
+    "eos_token_id": 1022,
+}
 
 
 def write_model_dir(config: dict, path: str | None = None) -> str:
@@ -45,8 +71,10 @@ def write_model_dir(config: dict, path: str | None = None) -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tokenizer.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}assistant {% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
+    )
     fast.save_pretrained(out)
     return str(out)
 
@@ -61,9 +89,26 @@ def _word(index: int) -> str:
 
 def start_serve(model_dir: str, port: int, *args: str, timeout_s: float = 900) -> subprocess.Popen:
     """`tristage serve` on dummy weights of `model_dir`, served as "bench"; returns once it prints its URL."""
-    serve = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--model", model_dir, "--load-format",
-                              "dummy", "--port", str(port), "--served-model-name", "bench", *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "serve",
+            "--model",
+            model_dir,
+            "--load-format",
+            "dummy",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ready, log = threading.Event(), []
 
     def read() -> None:
@@ -81,31 +126,73 @@ def start_serve(model_dir: str, port: int, *args: str, timeout_s: float = 900) -
 
 # LLaVA-1.5-7B's published shapes: CLIP ViT-L/14 at 336 px (576 image tokens), Llama-2-7B.
 LLAVA_15_7B = {
-    "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
-    "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
     "torch_dtype": "bfloat16",
-    "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
-                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                    "bos_token_id": 32061, "eos_token_id": 32062, "torch_dtype": "bfloat16"},
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
-                      "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                      "patch_size": 14, "projection_dim": 768},
+    "text_config": {
+        "model_type": "llama",
+        "vocab_size": 32064,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 32061,
+        "eos_token_id": 32062,
+        "torch_dtype": "bfloat16",
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "image_size": 336,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+        "projection_dim": 768,
+    },
 }
 # The same layout with tiny widths and depths (image size, patch size and token counts unchanged), to
 # check the multimodal scripts on a CPU.
 TINY_LLAVA = {
     **LLAVA_15_7B,
-    "text_config": {**LLAVA_15_7B["text_config"], "hidden_size": 64, "intermediate_size": 128,
-                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4},
-    "vision_config": {**LLAVA_15_7B["vision_config"], "hidden_size": 32, "intermediate_size": 64,
-                      "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 32},
+    "text_config": {
+        **LLAVA_15_7B["text_config"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "vision_config": {
+        **LLAVA_15_7B["vision_config"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "projection_dim": 32,
+    },
 }
 CLIP_336_PREPROCESSOR = {
-    "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
-    "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
-    "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "CLIPImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": 336},
+    "do_center_crop": True,
+    "crop_size": {"height": 336, "width": 336},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "resample": 3,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
 }
 
 
@@ -127,7 +214,9 @@ def write_llava_dir(config: dict = LLAVA_15_7B, path: str | None = None) -> str:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
     fast.save_pretrained(out)
     return str(out)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAVA_15_7B, TINY_LLAVA, write_llava_dir  # noqa: E402
+from benchmarks.bench_models import LLAVA_15_7B, TINY_LLAVA, write_llava_dir
 
 SIZES = [(1024, 1024), (2048, 1024), (2048, 2048)]  # 1, 2 and 4 megapixels
 
@@ -43,13 +43,13 @@ def images_per_s(model_dir: str, device: str, threads: int, batches: list[list[b
     from services.common.messages import ImageRef
     from services.workers.encoder import ImageEncoder
 
-    encoder = ImageEncoder(model_dir, device, "bfloat16" if device != "cpu" else "float32", load_format="dummy",
-                           preprocess_threads=threads)
+    encoder = ImageEncoder(
+        model_dir, device, "bfloat16" if device != "cpu" else "float32", load_format="dummy", preprocess_threads=threads
+    )
     num_rows = encoder.processor.num_image_tokens(336, 336)
 
     def items(batch: list[bytes]) -> list[tuple[ImageRef, bytes]]:
-        return [(ImageRef(content_hash=encoded_content_hash(data), offset=0, length=num_rows), data)
-                for data in batch]
+        return [(ImageRef(content_hash=encoded_content_hash(data), offset=0, length=num_rows), data) for data in batch]
 
     encoder.encode(items(jpegs(2, seed=99)))  # warm-up: allocator, kernels, thread start
     start = time.perf_counter()
@@ -69,21 +69,23 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny tower (the image processor is unchanged)")
     parser.add_argument("--images", type=int, default=48, help="images timed per thread count")
     parser.add_argument("--batch", type=int, default=8, help="images per encode call")
-    parser.add_argument("--threads", default=f"1,{min(8, os.cpu_count() or 1)}",
-                        help="preprocessing thread counts to compare")
+    parser.add_argument(
+        "--threads", default=f"1,{min(8, os.cpu_count() or 1)}", help="preprocessing thread counts to compare"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     model_dir = write_llava_dir(TINY_LLAVA if args.tiny else LLAVA_15_7B)
     images = jpegs(args.images, seed=1)
-    batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
+    batches = [images[i : i + args.batch] for i in range(0, len(images), args.batch)]
     counts = [int(t) for t in args.threads.split(",")]
     rates = {threads: images_per_s(model_dir, args.device, threads, batches) for threads in counts}
     base = rates[counts[0]]
     for threads, rate in rates.items():
         print(f"| {threads} threads | {rate:.1f} images/s | {rate / base:.2f} x |", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": args.device, "tiny": args.tiny, "batch": args.batch,
-                                              "images_per_s": rates}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"device": args.device, "tiny": args.tiny, "batch": args.batch, "images_per_s": rates}, indent=1)
+        )
 
 
 if __name__ == "__main__":

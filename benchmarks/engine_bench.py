@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
+from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir
 
 CONTEXT_TOKENS = 1024
 PREFILL_TOKENS = 4096
@@ -52,9 +52,10 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 # ------------------------------------------------------------------ floors
 
+
 def measure_floors(tiny: bool) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    n_bytes = (2**30 if not tiny else 2**24)
+    n_bytes = 2**30 if not tiny else 2**24
     src = torch.randn(n_bytes // 4, device=dev)
     dst = torch.empty_like(src)
     copy_s = _time(lambda: dst.copy_(src), repeats=20)
@@ -63,8 +64,11 @@ def measure_floors(tiny: bool) -> dict:
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     mm_s = _time(lambda: a @ b, repeats=20)
-    result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              "copy_bandwidth_bytes_per_s": copy_bw, "bf16_matmul_flops_per_s": 2 * n**3 / mm_s}
+    result = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "copy_bandwidth_bytes_per_s": copy_bw,
+        "bf16_matmul_flops_per_s": 2 * n**3 / mm_s,
+    }
     print(f"floors: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {result['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
     return result
 
@@ -84,22 +88,36 @@ def _time(fn, repeats: int) -> float:
 
 # ------------------------------------------------------------------ our engine
 
+
 def bench_ours(model_dir: str, tiny: bool) -> dict:
     from services.engine import LLMEngine, SamplingParams
 
-    engine = LLMEngine(model=model_dir, load_format="dummy", max_num_seqs=256, max_num_batched_tokens=PREFILL_TOKENS,
-                       max_model_len=8192, enable_prefix_caching=False)
+    engine = LLMEngine(
+        model=model_dir,
+        load_format="dummy",
+        max_num_seqs=256,
+        max_num_batched_tokens=PREFILL_TOKENS,
+        max_model_len=8192,
+        enable_prefix_caching=False,
+    )
     model = engine.runner.model
     spec = model.spec
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     kv_bytes_per_token = engine.runner.kv_bytes_per_token
-    result = {"weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": kv_bytes_per_token,
-              "num_kv_blocks": engine.runner.num_blocks, "attention_backend": engine.config.attention_backend,
-              "decode": {}}
+    result = {
+        "weight_bytes_read_per_step": weight_bytes,
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "num_kv_blocks": engine.runner.num_blocks,
+        "attention_backend": engine.config.attention_backend,
+        "decode": {},
+    }
     for batch in (1, 64, 256):
         step_s, forward_s = _decode_step_time(engine, batch, SamplingParams, spec.vocab_size, tiny)
-        result["decode"][str(batch)] = {"step_s": step_s, "graph_forward_s": forward_s,
-                                        "context_tokens": CONTEXT_TOKENS}
+        result["decode"][str(batch)] = {
+            "step_s": step_s,
+            "graph_forward_s": forward_s,
+            "context_tokens": CONTEXT_TOKENS,
+        }
         forward = f", forward alone {forward_s * 1e3:.2f} ms" if forward_s else ""
         print(f"ours: decode batch {batch}: {step_s * 1e3:.2f} ms/step{forward}, {batch / step_s:.0f} tok/s")
     result["prefill"] = _prefill(engine, SamplingParams, spec)
@@ -112,7 +130,9 @@ def _decode_step_time(engine, batch: int, SamplingParams, vocab: int, tiny: bool
     params = SamplingParams(temperature=0, max_tokens=num_steps + 20, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", prompt_ids(CONTEXT_TOKENS, vocab, seed=i), params)
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
+    while (
+        any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting
+    ):
         engine.step()
     for _ in range(5):  # warm
         engine.step()
@@ -150,8 +170,11 @@ def _prefill(engine, SamplingParams, spec) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[1:])
-    linear_params = sum(p.numel() for n, p in engine.runner.model.named_parameters()
-                        if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n)
+    linear_params = sum(
+        p.numel()
+        for n, p in engine.runner.model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n
+    )
     s, L, H, D = PREFILL_TOKENS, spec.num_layers, spec.num_heads, spec.head_dim
     flops = 2 * linear_params * s + 2 * spec.hidden_size * spec.vocab_size + L * 2 * s * s * H * D  # causal QK + PV
     print(f"ours: prefill {s} tokens: {step_s * 1e3:.1f} ms, {flops / step_s / 1e12:.0f} TFLOP/s")
@@ -178,6 +201,7 @@ def _e2e_ours(engine, SamplingParams, vocab: int) -> dict:
 
 # ------------------------------------------------------------------ transformers
 
+
 def bench_hf(model_dir: str, tiny: bool) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -192,47 +216,62 @@ def bench_hf(model_dir: str, tiny: bool) -> dict:
     gen = GenerationConfig(max_new_tokens=E2E_OUTPUT_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
     prompts = [prompt_ids(CONTEXT_TOKENS, config.vocab_size, seed=1000 + i) for i in range(E2E_BATCH)]
     result = {}
-    for rep in range(2):
+    for _rep in range(2):
         sync()
         start = time.perf_counter()
         outputs = model.generate_batch(inputs=prompts, generation_config=gen)
         sync()
         elapsed = time.perf_counter() - start
         num_tokens = sum(len(o.generated_tokens) for o in outputs.values())
-        result = {"output_tokens": num_tokens, "seconds": elapsed,
-                  "attn_implementation": model.config._attn_implementation}
+        result = {
+            "output_tokens": num_tokens,
+            "seconds": elapsed,
+            "attn_implementation": model.config._attn_implementation,
+        }
     print(f"hf: e2e {num_tokens / elapsed:.0f} tok/s with {result['attn_implementation']}")
     return result
 
 
 # ------------------------------------------------------------------ report
 
+
 def report(floors: dict, ours: dict, hf: dict | None) -> str:
     bw, mm = floors["copy_bandwidth_bytes_per_s"], floors["bf16_matmul_flops_per_s"]
     w, kvt = ours["weight_bytes_read_per_step"], ours["kv_bytes_per_token"]
-    lines = [f"device: {floors['device']}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s",
-             "| measure | figure | floor / ceiling | ratio | target |", "|---|---|---|---|---|"]
+    lines = [
+        f"device: {floors['device']}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s",
+        "| measure | figure | floor / ceiling | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
     d1 = ours["decode"]["1"]["step_s"]
     floor1 = w / bw
-    lines.append(f"| decode step, batch 1, 1k context | {d1 * 1e3:.2f} ms{_forward(ours, '1')} | {floor1 * 1e3:.2f} ms "
-                 f"(weight bytes / copy bw) | {d1 / floor1:.2f} x floor | <= 1.15 x |")
+    lines.append(
+        f"| decode step, batch 1, 1k context | {d1 * 1e3:.2f} ms{_forward(ours, '1')} | {floor1 * 1e3:.2f} ms "
+        f"(weight bytes / copy bw) | {d1 / floor1:.2f} x floor | <= 1.15 x |"
+    )
     for b in ("64", "256"):
         step = ours["decode"][b]["step_s"]
         ceiling = int(b) / ((w + kvt * CONTEXT_TOKENS * int(b)) / bw)
-        lines.append(f"| decode throughput, batch {b}, 1k context | {int(b) / step:.0f} tok/s "
-                     f"({step * 1e3:.2f} ms/step{_forward(ours, b)}) | {ceiling:.0f} tok/s "
-                     f"| {int(b) / step / ceiling:.0%} of ceiling | >= 70 % |")
+        lines.append(
+            f"| decode throughput, batch {b}, 1k context | {int(b) / step:.0f} tok/s "
+            f"({step * 1e3:.2f} ms/step{_forward(ours, b)}) | {ceiling:.0f} tok/s "
+            f"| {int(b) / step / ceiling:.0%} of ceiling | >= 70 % |"
+        )
     p = ours["prefill"]
     rate = p["flops"] / p["seconds"]
-    lines.append(f"| prefill, one {p['tokens']}-token prompt | {p['seconds'] * 1e3:.1f} ms, {rate / 1e12:.0f} TFLOP/s "
-                 f"| {mm / 1e12:.0f} TFLOP/s | {rate / mm:.0%} of matmul rate | >= 60 % |")
+    lines.append(
+        f"| prefill, one {p['tokens']}-token prompt | {p['seconds'] * 1e3:.1f} ms, {rate / 1e12:.0f} TFLOP/s "
+        f"| {mm / 1e12:.0f} TFLOP/s | {rate / mm:.0%} of matmul rate | >= 60 % |"
+    )
     e = ours["e2e"]
     ours_tps = e["output_tokens"] / e["seconds"]
     if hf and hf.get("seconds"):
         hf_tps = hf["output_tokens"] / hf["seconds"]
-        lines.append(f"| e2e {E2E_BATCH} x (1k in, {E2E_OUTPUT_TOKENS} out) vs transformers generate_batch "
-                     f"({hf['attn_implementation']}) | {ours_tps:.0f} tok/s | {hf_tps:.0f} tok/s | "
-                     f"{ours_tps / hf_tps:.1f} x | >= 3 x |")
+        lines.append(
+            f"| e2e {E2E_BATCH} x (1k in, {E2E_OUTPUT_TOKENS} out) vs transformers generate_batch "
+            f"({hf['attn_implementation']}) | {ours_tps:.0f} tok/s | {hf_tps:.0f} tok/s | "
+            f"{ours_tps / hf_tps:.1f} x | >= 3 x |"
+        )
     return "\n".join(lines)
 
 

@@ -25,18 +25,49 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAVA_15_7B, TINY_LLAVA, _word, start_serve, write_llava_dir  # noqa: E402
+from benchmarks.bench_models import LLAVA_15_7B, TINY_LLAVA, _word, start_serve, write_llava_dir
 
 PORT = 8792
 SIZES = "1024x1024,2048x1024,2048x2048"  # 1, 2 and 4 megapixels
 
 
 def loadgen(out_dir: str, rate: float, num_requests: int, images: int, output_len: int) -> dict:
-    subprocess.run([sys.executable, "-m", "loadgen", "run", "--base-url", f"http://127.0.0.1:{PORT}", "--model",
-                    "bench", "--endpoint", "chat", "--workload", "multimodal", "--input-len", "32",
-                    "--images-per-request", str(images), "--image-size", SIZES, "--output-len", str(output_len),
-                    "--num-requests", str(num_requests), "--rate", str(rate), "--seed", "3", "--no-progress",
-                    "--no-plots", "--out", out_dir], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadgen",
+            "run",
+            "--base-url",
+            f"http://127.0.0.1:{PORT}",
+            "--model",
+            "bench",
+            "--endpoint",
+            "chat",
+            "--workload",
+            "multimodal",
+            "--input-len",
+            "32",
+            "--images-per-request",
+            str(images),
+            "--image-size",
+            SIZES,
+            "--output-len",
+            str(output_len),
+            "--num-requests",
+            str(num_requests),
+            "--rate",
+            str(rate),
+            "--seed",
+            "3",
+            "--no-progress",
+            "--no-plots",
+            "--out",
+            out_dir,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return json.loads(Path(out_dir, "summary.json").read_text())
 
 
@@ -45,9 +76,17 @@ def ttft_s(client: httpx.Client, content) -> tuple[float, int]:
     start = time.perf_counter()
     first = None
     usage = 0
-    with client.stream("POST", "/v1/chat/completions", json={
-            "model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": 2, "stream": True,
-            "stream_options": {"include_usage": True}}) as response:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "bench",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: {"):
@@ -62,14 +101,16 @@ def ttft_s(client: httpx.Client, content) -> tuple[float, int]:
 
 def cached_vs_text(repeats: int) -> dict:
     """TTFT of a request whose image embedding is cached against a text-only one of the same length."""
-    from loadgen.images import generate_image
     import numpy as np
+
+    from loadgen.images import generate_image
 
     image = generate_image(2048, 2048, "jpeg", np.random.default_rng(5))
     counter = iter(range(10**9))
 
     def words(n: int) -> str:  # words never sent before: no prefix-cache hit (one token each)
         return " ".join(_word(1000 + next(counter)) for _ in range(n))
+
     uploaded = {"type": "image_url", "image_url": {"url": image}, "uuid": "bench-image"}
     named = {"type": "image_url", "image_url": None, "uuid": "bench-image"}  # the client uploads it only once
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120) as client:
@@ -84,14 +125,18 @@ def cached_vs_text(repeats: int) -> dict:
             t, m = ttft_s(client, words(image_tokens - one_word + 1))
             text.append(t)
             assert n == u == m == image_tokens, (n, u, m, image_tokens)
-    return {"prompt_tokens": image_tokens, "data_url_chars": len(image),
-            "cached_image_ttft_p50_s": statistics.median(cached),
-            "cached_image_by_uuid_ttft_p50_s": statistics.median(by_uuid),
-            "text_only_ttft_p50_s": statistics.median(text)}
+    return {
+        "prompt_tokens": image_tokens,
+        "data_url_chars": len(image),
+        "cached_image_ttft_p50_s": statistics.median(cached),
+        "cached_image_by_uuid_ttft_p50_s": statistics.median(by_uuid),
+        "text_only_ttft_p50_s": statistics.median(text),
+    }
 
 
-def run_mode(model_dir: str, name: str, mode_args: list[str], extra: list[str], rates: list[float],
-             sizes: dict) -> dict:
+def run_mode(
+    model_dir: str, name: str, mode_args: list[str], extra: list[str], rates: list[float], sizes: dict
+) -> dict:
     serve = start_serve(model_dir, PORT, *mode_args, *extra)
     work = tempfile.mkdtemp(prefix=f"epd-{name}-")
     try:
@@ -99,10 +144,14 @@ def run_mode(model_dir: str, name: str, mode_args: list[str], extra: list[str], 
         sweep = {}
         for rate in rates:
             s = loadgen(f"{work}/r{rate}", rate, sizes["requests"], sizes["images"], sizes["output"])
-            sweep[str(rate)] = {"ttft_p50_s": s["ttft"]["p50"], "ttft_p99_s": s["ttft"]["p99"],
-                                "request_throughput": s["request_throughput"],
-                                "output_token_throughput": s["output_token_throughput"],
-                                "completed": s["completed"], "errors": s["errors"]}
+            sweep[str(rate)] = {
+                "ttft_p50_s": s["ttft"]["p50"],
+                "ttft_p99_s": s["ttft"]["p99"],
+                "request_throughput": s["request_throughput"],
+                "output_token_throughput": s["output_token_throughput"],
+                "completed": s["completed"],
+                "errors": s["errors"],
+            }
             print(f"{name} rate {rate}: {sweep[str(rate)]}", flush=True)
         result = {"sweep": sweep}
         if name == "epd":
@@ -120,34 +169,53 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--rates", default="2,4,8")
     parser.add_argument("--images", type=int, default=2, help="images per request")
-    parser.add_argument("--encode", type=int, default=2, help="encode workers of the EPD cluster (they share "
-                        "the GPUs with the prefill and the decode worker)")
+    parser.add_argument(
+        "--encode",
+        type=int,
+        default=2,
+        help="encode workers of the EPD cluster (they share the GPUs with the prefill and the decode worker)",
+    )
     parser.add_argument("--epd-only", action="store_true", help="skip colocated (a rerun of the EPD side)")
     parser.add_argument("--repeats", type=int, default=None, help="timed cached/text-only pairs (default 8; 2 tiny)")
     parser.add_argument("--out")
     args = parser.parse_args()
     model_dir = write_llava_dir(TINY_LLAVA if args.tiny else LLAVA_15_7B)
-    sizes = dict(images=args.images, requests=8 if args.tiny else 48, output=8 if args.tiny else 32,
-                 repeats=args.repeats or (2 if args.tiny else 8))
+    sizes = dict(
+        images=args.images,
+        requests=8 if args.tiny else 48,
+        output=8 if args.tiny else 32,
+        repeats=args.repeats or (2 if args.tiny else 8),
+    )
     extra = ["--device", "cpu"] if args.tiny else []
     rates = [float(r) for r in args.rates.split(",")]
     results = {"images_per_request": args.images, "image_sizes": SIZES, "encode_workers": args.encode}
     if not args.epd_only:
-        results["colocated"] = run_mode(model_dir, "colocated", ["--mode", "colocated", "--replicas", str(args.gpus)],
-                                        extra, rates, sizes)
+        results["colocated"] = run_mode(
+            model_dir, "colocated", ["--mode", "colocated", "--replicas", str(args.gpus)], extra, rates, sizes
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    results["epd"] = run_mode(model_dir, "epd", ["--mode", "disaggregated", "--encode", str(args.encode),
-                                                 "--prefill", "1", "--decode", "1"], extra, rates, sizes)
+    results["epd"] = run_mode(
+        model_dir,
+        "epd",
+        ["--mode", "disaggregated", "--encode", str(args.encode), "--prefill", "1", "--decode", "1"],
+        extra,
+        rates,
+        sizes,
+    )
     for rate in map(str, rates) if "colocated" in results else ():
         c, e = results["colocated"]["sweep"][rate], results["epd"]["sweep"][rate]
-        print(f"| {rate} req/s | colocated TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms | EPD {e['ttft_p50_s'] * 1e3:.0f} ms "
-              f"| ratio {e['ttft_p50_s'] / c['ttft_p50_s']:.2f} | throughput {c['request_throughput']:.2f} / "
-              f"{e['request_throughput']:.2f} req/s |")
+        print(
+            f"| {rate} req/s | colocated TTFT p50 {c['ttft_p50_s'] * 1e3:.0f} ms | EPD {e['ttft_p50_s'] * 1e3:.0f} ms "
+            f"| ratio {e['ttft_p50_s'] / c['ttft_p50_s']:.2f} | throughput {c['request_throughput']:.2f} / "
+            f"{e['request_throughput']:.2f} req/s |"
+        )
     cached = results["epd"]["cached"]
-    print(f"cached image TTFT / text-only TTFT at {cached['prompt_tokens']} tokens: uploaded again "
-          f"{cached['cached_image_ttft_p50_s'] / cached['text_only_ttft_p50_s']:.2f}, named by uuid "
-          f"{cached['cached_image_by_uuid_ttft_p50_s'] / cached['text_only_ttft_p50_s']:.2f}")
+    print(
+        f"cached image TTFT / text-only TTFT at {cached['prompt_tokens']} tokens: uploaded again "
+        f"{cached['cached_image_ttft_p50_s'] / cached['text_only_ttft_p50_s']:.2f}, named by uuid "
+        f"{cached['cached_image_by_uuid_ttft_p50_s'] / cached['text_only_ttft_p50_s']:.2f}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

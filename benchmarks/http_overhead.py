@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir  # noqa: E402
+from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir
 
 INPUT_TOKENS, OUTPUT_TOKENS = 512, 128
 CONCURRENCIES = (1, 32, 256)
@@ -48,6 +48,7 @@ def prompt(vocab: int, seed: int) -> list[int]:
 
 # ------------------------------------------------------------------ offline
 
+
 def bench_offline(model_dir: str, vocab: int) -> dict:
     import torch
 
@@ -64,7 +65,7 @@ def bench_offline(model_dir: str, vocab: int) -> dict:
         ttfts, itls = [], []
         next_index = 0
 
-        def add_one() -> None:
+        def add_one(c: int = c, t_add: dict[str, float] = t_add) -> None:  # this round's c and t_add
             nonlocal next_index
             rid = f"{c}-{next_index}"
             engine.add_request(rid, prompt(vocab, next_index), params)
@@ -90,12 +91,16 @@ def bench_offline(model_dir: str, vocab: int) -> dict:
                 if out.finished and next_index < num_requests:
                     add_one()
         result[str(c)] = {"ttft_mean_s": statistics.mean(ttfts), "itl_mean_s": statistics.mean(itls)}
-        print(f"offline c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
-              f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms", flush=True)
+        print(
+            f"offline c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
+            f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms",
+            flush=True,
+        )
     return result
 
 
 # ------------------------------------------------------------------ http
+
 
 def bench_http(model_dir: str, out_dir: str, mode: str = "colocated") -> dict:
     port = 8765
@@ -107,20 +112,50 @@ def bench_http(model_dir: str, out_dir: str, mode: str = "colocated") -> dict:
             # client and the server up and is dropped, as the offline part drops its first round
             run_dir = os.path.join(out_dir, f"http_c{c}")
             num_requests = c * (rounds_for(c) + 1)
-            subprocess.run([sys.executable, "-m", "loadgen", "run", "--base-url", f"http://127.0.0.1:{port}",
-                            "--model", "bench", "--endpoint", "completions", "--workload", "random",
-                            "--input-len", str(INPUT_TOKENS), "--output-len", str(OUTPUT_TOKENS),
-                            "--num-requests", str(num_requests), "--concurrency", str(c), "--tokenizer", model_dir,
-                            "--prompt-token-ids", "--no-progress", "--no-plots", "--out", run_dir],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "loadgen",
+                    "run",
+                    "--base-url",
+                    f"http://127.0.0.1:{port}",
+                    "--model",
+                    "bench",
+                    "--endpoint",
+                    "completions",
+                    "--workload",
+                    "random",
+                    "--input-len",
+                    str(INPUT_TOKENS),
+                    "--output-len",
+                    str(OUTPUT_TOKENS),
+                    "--num-requests",
+                    str(num_requests),
+                    "--concurrency",
+                    str(c),
+                    "--tokenizer",
+                    model_dir,
+                    "--prompt-token-ids",
+                    "--no-progress",
+                    "--no-plots",
+                    "--out",
+                    run_dir,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             records = [json.loads(line) for line in Path(run_dir, "results.jsonl").read_text().splitlines()]
             measured = [r for r in records if r["index"] >= c]
             assert len(measured) == num_requests - c and all(r["ttft_s"] is not None for r in measured)
             ttfts = [r["ttft_s"] for r in measured]
             itls = [gap for r in measured for gap in r["itl_s"]]
             result[str(c)] = {"ttft_mean_s": statistics.mean(ttfts), "itl_mean_s": statistics.mean(itls)}
-            print(f"http c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
-                  f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms", flush=True)
+            print(
+                f"http c={c}: TTFT {result[str(c)]['ttft_mean_s'] * 1e3:.1f} ms, "
+                f"ITL {result[str(c)]['itl_mean_s'] * 1e3:.2f} ms",
+                flush=True,
+            )
         return result
     finally:
         serve.terminate()
@@ -129,13 +164,19 @@ def bench_http(model_dir: str, out_dir: str, mode: str = "colocated") -> dict:
 
 # ------------------------------------------------------------------ report
 
+
 def report(offline: dict, http: dict) -> str:
-    lines = ["| streams | TTFT offline | TTFT http | added | ITL offline | ITL http | ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| streams | TTFT offline | TTFT http | added | ITL offline | ITL http | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in (c for c in offline if c in http):
         o, h = offline[c], http[c]
-        lines.append(f"| {c} | {o['ttft_mean_s'] * 1e3:.1f} ms | {h['ttft_mean_s'] * 1e3:.1f} ms | "
-                     f"{(h['ttft_mean_s'] - o['ttft_mean_s']) * 1e3:+.1f} ms | {o['itl_mean_s'] * 1e3:.2f} ms | "
-                     f"{h['itl_mean_s'] * 1e3:.2f} ms | {h['itl_mean_s'] / o['itl_mean_s']:.3f} |")
+        lines.append(
+            f"| {c} | {o['ttft_mean_s'] * 1e3:.1f} ms | {h['ttft_mean_s'] * 1e3:.1f} ms | "
+            f"{(h['ttft_mean_s'] - o['ttft_mean_s']) * 1e3:+.1f} ms | {o['itl_mean_s'] * 1e3:.2f} ms | "
+            f"{h['itl_mean_s'] * 1e3:.2f} ms | {h['itl_mean_s'] / o['itl_mean_s']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +187,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny config, to check the script")
     parser.add_argument("--report", nargs=2, metavar="JSON")
     parser.add_argument("--concurrency", help="comma-separated stream counts (default 1,32,256)")
-    parser.add_argument("--mode", default="colocated", choices=["colocated", "disaggregated"],
-                        help="the cluster's mode for the http part (colocated: the same engine, one actor)")
+    parser.add_argument(
+        "--mode",
+        default="colocated",
+        choices=["colocated", "disaggregated"],
+        help="the cluster's mode for the http part (colocated: the same engine, one actor)",
+    )
     args = parser.parse_args()
     if args.concurrency:
         global CONCURRENCIES

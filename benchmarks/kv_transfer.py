@@ -28,10 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
+from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir
 
-ENGINE = dict(load_format="dummy", gpu_memory_utilization=0.4, max_num_batched_tokens=8192, max_model_len=8192,
-              enable_cuda_graphs=False)
+ENGINE = dict(
+    load_format="dummy",
+    gpu_memory_utilization=0.4,
+    max_num_batched_tokens=8192,
+    max_model_len=8192,
+    enable_cuda_graphs=False,
+)
 DELIVERIES = ("shared memory", "frames", "plain")
 
 
@@ -41,8 +46,9 @@ def decode_worker(model_dir: str, ready, stop) -> None:
     from services.engine import LLMEngine
     from services.workers.engine_worker import EngineWorker
 
-    worker = EngineWorker(LLMEngine(model=model_dir, **ENGINE), "tcp://127.0.0.1:0", "decode-0", role="decode",
-                          model_name="bench")
+    worker = EngineWorker(
+        LLMEngine(model=model_dir, **ENGINE), "tcp://127.0.0.1:0", "decode-0", role="decode", model_name="bench"
+    )
     ready.put((worker.input_address, worker.kv_address, worker.host_id))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
@@ -75,8 +81,10 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     try:
         target = ready.get(timeout=600)
-        results = {delivery: run_sender(model_dir, target, delivery, args.prompt_tokens, args.repeats)
-                   for delivery in DELIVERIES}
+        results = {
+            delivery: run_sender(model_dir, target, delivery, args.prompt_tokens, args.repeats)
+            for delivery in DELIVERIES
+        }
     finally:
         stop.set()
         child.join(60)
@@ -84,8 +92,10 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     for delivery in DELIVERIES:
         r = results[delivery]
-        print(f"| {delivery} | {r['bytes']:,} | {r['seconds_median'] * 1e3:.1f} ms | {r['gb_per_s']:.2f} GB/s | "
-              f"{r['gb_per_s'] / results['plain']['gb_per_s']:.1f} x plain |")
+        print(
+            f"| {delivery} | {r['bytes']:,} | {r['seconds_median'] * 1e3:.1f} ms | {r['gb_per_s']:.2f} GB/s | "
+            f"{r['gb_per_s'] / results['plain']['gb_per_s']:.1f} x plain |"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
@@ -112,10 +122,12 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
     stats = TransferStats()
     staging = None if delivery == "plain" else open_staging(2**30 if cuda else 64 * 2**20, pin=cuda)
     host_id = host_identity()
-    sender = KVSender(engine, context, engine_layout(engine, "bench"), ack_to, stats=stats, staging=staging,
-                      host_id=host_id)
-    kv_target = KVTarget(worker="decode-0", kv_address=target[1],
-                         host_id=target[2] if delivery == "shared memory" else "another-host")
+    sender = KVSender(
+        engine, context, engine_layout(engine, "bench"), ack_to, stats=stats, staging=staging, host_id=host_id
+    )
+    kv_target = KVTarget(
+        worker="decode-0", kv_address=target[1], host_id=target[2] if delivery == "shared memory" else "another-host"
+    )
     codec = MessageCodec(WorkerInbound)
     seconds = []
     try:
@@ -131,9 +143,13 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
                 import torch
 
                 torch.cuda.synchronize()
-            request = GenerateRequest(request_id=rid, prompt_token_ids=prompt, output_token_ids=first,
-                                      sampling=SamplingSpec(temperature=0, max_tokens=2, ignore_eos=True),
-                                      reply_to=reply_to)
+            request = GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=prompt,
+                output_token_ids=first,
+                sampling=SamplingSpec(temperature=0, max_tokens=2, ignore_eos=True),
+                reply_to=reply_to,
+            )
             transfer = KVTransfer(request=request, layout=sender.layout, ack_to=ack_to)
             bytes_before = stats.bytes_sent
             start = time.perf_counter()
@@ -157,8 +173,13 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
             socket.close()
         context.term()
     median = statistics.median(seconds)
-    return {"prompt_tokens": num_tokens, "bytes": num_bytes, "seconds_median": median,
-            "gb_per_s": num_bytes / median / 1e9, "repeats": repeats}
+    return {
+        "prompt_tokens": num_tokens,
+        "bytes": num_bytes,
+        "seconds_median": median,
+        "gb_per_s": num_bytes / median / 1e9,
+        "repeats": repeats,
+    }
 
 
 if __name__ == "__main__":

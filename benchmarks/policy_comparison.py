@@ -24,35 +24,65 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir  # noqa: E402
+from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir
 
 PORT = 8791
 POLICIES = ("round_robin", "least_load", "prefix_affinity", "preble")
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def run_policy(model_dir: str, policy: str, workers: int, workload: list[str], serve_args: list[str]) -> dict:
-    serve = start_serve(model_dir, PORT, "--mode", "colocated", "--replicas", str(workers), "--router-policy",
-                        policy, *serve_args)
+    serve = start_serve(
+        model_dir, PORT, "--mode", "colocated", "--replicas", str(workers), "--router-policy", policy, *serve_args
+    )
     out = tempfile.mkdtemp(prefix=f"policy-{policy}-")
     try:
-        subprocess.run([sys.executable, "-m", "loadgen", "run", "--base-url", f"http://127.0.0.1:{PORT}", "--model",
-                        "bench", "--endpoint", "completions", "--tokenizer", model_dir, "--prompt-token-ids",
-                        "--no-progress", "--no-plots", "--out", out, *workload], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadgen",
+                "run",
+                "--base-url",
+                f"http://127.0.0.1:{PORT}",
+                "--model",
+                "bench",
+                "--endpoint",
+                "completions",
+                "--tokenizer",
+                model_dir,
+                "--prompt-token-ids",
+                "--no-progress",
+                "--no-plots",
+                "--out",
+                out,
+                *workload,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         text = httpx.get(f"http://127.0.0.1:{PORT}/metrics", timeout=30).text
     finally:
         serve.terminate()
         serve.wait(120)
     summary = json.loads(Path(out, "summary.json").read_text())
     queried, hits = metric(text, "vllm:prefix_cache_queries_total"), metric(text, "vllm:prefix_cache_hits_total")
-    result = {"completed": summary["completed"], "num_requests": summary["num_requests"],
-              "prefix_hit_rate": hits / queried if queried else 0.0,
-              "e2e_mean_s": summary["e2e"]["mean"], "e2e_p99_s": summary["e2e"]["p99"],
-              "ttft_mean_s": summary["ttft"]["mean"], "ttft_p99_s": summary["ttft"]["p99"]}
+    result = {
+        "completed": summary["completed"],
+        "num_requests": summary["num_requests"],
+        "prefix_hit_rate": hits / queried if queried else 0.0,
+        "e2e_mean_s": summary["e2e"]["mean"],
+        "e2e_p99_s": summary["e2e"]["p99"],
+        "ttft_mean_s": summary["ttft"]["mean"],
+        "ttft_p99_s": summary["ttft"]["p99"],
+    }
     print(f"{policy}: {result}", flush=True)
     return result
 
@@ -62,8 +92,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--policies", default=",".join(POLICIES))
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.2,
-                        help="per GPU; workers sharing a GPU split it (0.2 of an H200 leaves ~11 GB of KV for 8B)")
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.2,
+        help="per GPU; workers sharing a GPU split it (0.2 of an H200 leaves ~11 GB of KV for 8B)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     model_dir = write_model_dir(TINY if args.tiny else LLAMA_31_8B)
@@ -73,10 +107,26 @@ def main() -> None:
     else:  # each worker's KV holds about a fifth of all prefixes (8B: 128 KiB a token)
         sizes = dict(groups=200, prefix=4096, suffix="uniform:min=64,max=256", output=32, requests=600, rate=24)
         serve_args = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-model-len", "8192"]
-    workload = ["--workload", "shared-prefix", "--num-groups", str(sizes["groups"]), "--zipf", "1.1",
-                "--prefix-len", str(sizes["prefix"]), "--suffix-len", str(sizes["suffix"]),
-                "--output-len", str(sizes["output"]), "--num-requests", str(sizes["requests"]),
-                "--rate", str(sizes["rate"]), "--seed", "7"]
+    workload = [
+        "--workload",
+        "shared-prefix",
+        "--num-groups",
+        str(sizes["groups"]),
+        "--zipf",
+        "1.1",
+        "--prefix-len",
+        str(sizes["prefix"]),
+        "--suffix-len",
+        str(sizes["suffix"]),
+        "--output-len",
+        str(sizes["output"]),
+        "--num-requests",
+        str(sizes["requests"]),
+        "--rate",
+        str(sizes["rate"]),
+        "--seed",
+        "7",
+    ]
     results: dict[str, dict] = {}
     for policy in args.policies.split(","):
         results[policy] = run_policy(model_dir, policy, args.workers, workload, serve_args)
@@ -85,8 +135,10 @@ def main() -> None:
     base = results.get("round_robin")
     for policy, r in results.items():
         speedup = f"{base['e2e_mean_s'] / r['e2e_mean_s']:.2f} x" if base else "-"
-        print(f"| {policy} | {r['prefix_hit_rate']:.1%} | {r['e2e_mean_s'] * 1e3:.0f} ms | "
-              f"{r['e2e_p99_s'] * 1e3:.0f} ms | {r['ttft_mean_s'] * 1e3:.0f} ms | {speedup} |")
+        print(
+            f"| {policy} | {r['prefix_hit_rate']:.1%} | {r['e2e_mean_s'] * 1e3:.0f} ms | "
+            f"{r['e2e_p99_s'] * 1e3:.0f} ms | {r['ttft_mean_s'] * 1e3:.0f} ms | {speedup} |"
+        )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.block_hash import hash_request_blocks  # noqa: E402
-from services.common.kv_events import BlockRemoved, BlockStored, KVEvent  # noqa: E402
-from services.router import POLICIES, Router, RouterConfig, RouteRequest, WorkerLoad  # noqa: E402
+from services.common.block_hash import hash_request_blocks
+from services.common.kv_events import BlockRemoved, BlockStored, KVEvent
+from services.router import POLICIES, Router, RouterConfig, RouteRequest, WorkerLoad
 
 VOCAB_SIZE = 32000
 
@@ -77,8 +77,9 @@ class Workload:
         return Prompt(token_ids, hash_request_blocks(token_ids, self.block_size, known_hashes=prefix_hashes), family)
 
 
-def fill_events(workload: Workload, rng: random.Random, workers: list[str],
-                num_blocks: int) -> list[tuple[str, list[BlockStored]]]:
+def fill_events(
+    workload: Workload, rng: random.Random, workers: list[str], num_blocks: int
+) -> list[tuple[str, list[BlockStored]]]:
     """(worker, batch) pairs that leave num_blocks (worker, block) entries in the index."""
     held: dict[str, set[int]] = {w: set() for w in workers}
     batches: list[tuple[str, list[BlockStored]]] = []
@@ -118,15 +119,25 @@ class WorkerCaches:
 
 def refresh_loads(router: Router, rng: random.Random, prefill: list[str], decode: list[str]) -> None:
     for w in prefill:
-        router.load.update(WorkerLoad(w, "prefill", rng.randint(0, 8), rng.randint(0, 16), rng.random(), 10_000,
-                                      rng.randint(0, 40_000), 0))
+        router.load.update(
+            WorkerLoad(
+                w, "prefill", rng.randint(0, 8), rng.randint(0, 16), rng.random(), 10_000, rng.randint(0, 40_000), 0
+            )
+        )
     for w in decode:
-        router.load.update(WorkerLoad(w, "decode", rng.randint(0, 128), 0, rng.random() * 0.8, 50_000, 0,
-                                      rng.randint(0, 128)))
+        router.load.update(
+            WorkerLoad(w, "decode", rng.randint(0, 128), 0, rng.random() * 0.8, 50_000, 0, rng.randint(0, 128))
+        )
 
 
-def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, list[BlockStored]]],
-               prompts: list[Prompt], prefill: list[str], decode: list[str]) -> dict[str, object]:
+def run_policy(
+    policy: str,
+    args: argparse.Namespace,
+    batches: list[tuple[str, list[BlockStored]]],
+    prompts: list[Prompt],
+    prefill: list[str],
+    decode: list[str],
+) -> dict[str, object]:
     config = RouterConfig(pending_block_ttl_s=args.pending_block_ttl_s)
     router = Router(prefill, decode, policy, args.block_size, config)
     seq: Counter[str] = Counter()
@@ -136,8 +147,12 @@ def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, l
     indexed_entries, distinct_blocks = sum(router.index.num_keys(w) for w in prefill), len(router.index)
     caches = WorkerCaches(batches, {w: router.index.num_keys(w) for w in prefill})
     rng = random.Random(args.seed + 1)
-    requests = [RouteRequest(f"r{i}", block_hashes=p.block_hashes, num_prompt_tokens=len(p.token_ids),
-                             max_tokens=rng.randint(64, 512)) for i, p in enumerate(prompts)]
+    requests = [
+        RouteRequest(
+            f"r{i}", block_hashes=p.block_hashes, num_prompt_tokens=len(p.token_ids), max_tokens=rng.randint(64, 512)
+        )
+        for i, p in enumerate(prompts)
+    ]
     refresh_loads(router, rng, prefill, decode)
     gc.collect()
     latencies_us: list[float] = []
@@ -153,8 +168,9 @@ def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, l
             unconfirmed.append((placement.prefill_worker, request))
             while len(unconfirmed) > args.confirm_lag:
                 worker, done = unconfirmed.popleft()
-                assert router.index.apply(worker, seq[worker], caches.store(worker, list(done.block_hashes or ()),
-                                                                            args.block_size))
+                assert router.index.apply(
+                    worker, seq[worker], caches.store(worker, list(done.block_hashes or ()), args.block_size)
+                )
                 seq[worker] += 1
         if i % 8 == 7:
             refresh_loads(router, rng, prefill, decode)
@@ -162,11 +178,14 @@ def run_policy(policy: str, args: argparse.Namespace, batches: list[tuple[str, l
     stats = router.stats()
     return {
         "policy": policy,
-        "p50_us": percentile(latencies_us, 50), "p99_us": percentile(latencies_us, 99),
-        "max_us": latencies_us[-1], "mean_us": statistics.fmean(latencies_us),
+        "p50_us": percentile(latencies_us, 50),
+        "p99_us": percentile(latencies_us, 99),
+        "max_us": latencies_us[-1],
+        "mean_us": statistics.fmean(latencies_us),
         "hit_rate": hit_tokens / stats.num_prompt_tokens,
         "reasons": {reason: n for (_, reason), n in sorted(stats.decisions.items())},
-        "indexed_entries": indexed_entries, "distinct_blocks": distinct_blocks,
+        "indexed_entries": indexed_entries,
+        "distinct_blocks": distinct_blocks,
         "pending_placements_at_end": router.index.num_pending_placements(),
     }
 
@@ -184,10 +203,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="timed placements per policy")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pending-block-ttl-s", type=float, default=RouterConfig().pending_block_ttl_s,
-                        help="seconds a placement's block claims live at most; 0: no claims")
-    parser.add_argument("--confirm-lag", type=int, default=32,
-                        help="placements between a placement and its worker's events; -1: no events")
+    parser.add_argument(
+        "--pending-block-ttl-s",
+        type=float,
+        default=RouterConfig().pending_block_ttl_s,
+        help="seconds a placement's block claims live at most; 0: no claims",
+    )
+    parser.add_argument(
+        "--confirm-lag",
+        type=int,
+        default=32,
+        help="placements between a placement and its worker's events; -1: no events",
+    )
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
 
@@ -207,21 +234,31 @@ def main() -> None:
 
     results = [run_policy(policy, args, batches, prompts, prefill, decode) for policy in POLICIES]
     first = results[0]
-    print(f"index: {first['indexed_entries']} (worker, block) entries, {first['distinct_blocks']} distinct blocks, "
-          f"{args.prefill} prefill + {args.decode} decode workers, block_size {args.block_size}; "
-          f"{args.requests} placements of 1k-8k-token prompts per policy; pending_block_ttl_s "
-          f"{args.pending_block_ttl_s:g}, confirm lag {args.confirm_lag if args.confirm_lag >= 0 else 'never'}")
+    print(
+        f"index: {first['indexed_entries']} (worker, block) entries, {first['distinct_blocks']} distinct blocks, "
+        f"{args.prefill} prefill + {args.decode} decode workers, block_size {args.block_size}; "
+        f"{args.requests} placements of 1k-8k-token prompts per policy; pending_block_ttl_s "
+        f"{args.pending_block_ttl_s:g}, confirm lag {args.confirm_lag if args.confirm_lag >= 0 else 'never'}"
+    )
     print(f"{'policy':<16} {'p50 us':>8} {'p99 us':>8} {'max us':>8} {'mean us':>8} {'hit rate':>9}  reasons")
     for r in results:
         reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items())  # type: ignore[attr-defined]
-        print(f"{r['policy']:<16} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['max_us']:>8.1f} {r['mean_us']:>8.1f} "
-              f"{r['hit_rate']:>9.3f}  {reasons}")
-    print(f"hashing token ids (not in place() above): p50 {percentile(hash_us, 50):.0f} us, "
-          f"p99 {percentile(hash_us, 99):.0f} us per prompt")
+        print(
+            f"{r['policy']:<16} {r['p50_us']:>8.1f} {r['p99_us']:>8.1f} {r['max_us']:>8.1f} {r['mean_us']:>8.1f} "
+            f"{r['hit_rate']:>9.3f}  {reasons}"
+        )
+    print(
+        f"hashing token ids (not in place() above): p50 {percentile(hash_us, 50):.0f} us, "
+        f"p99 {percentile(hash_us, 99):.0f} us per prompt"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"results": results, "hash_p50_us": percentile(hash_us, 50), "hash_p99_us": percentile(hash_us, 99),
-                  "args": vars(args) | {"json": str(args.json)}}
+        report = {
+            "results": results,
+            "hash_p50_us": percentile(hash_us, 50),
+            "hash_p99_us": percentile(hash_us, 99),
+            "args": vars(args) | {"json": str(args.json)},
+        }
         args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -58,16 +58,16 @@ class ArrivalConfig:
         return f"all at once{cap}"
 
 
-def inter_arrival_times(rate: float, burstiness: float, num_requests: int,
-                        rng: np.random.Generator) -> np.ndarray:
+def inter_arrival_times(rate: float, burstiness: float, num_requests: int, rng: np.random.Generator) -> np.ndarray:
     """Gamma(shape=burstiness, scale=1/(rate*burstiness)) draws; Exp(rate) when burstiness is 1."""
     if burstiness == 1.0:
         return rng.exponential(1.0 / rate, size=num_requests)
     return rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=num_requests)
 
 
-def arrival_offsets(config: ArrivalConfig, num_requests: int,
-                    trace_offsets_s: list[float] | None = None) -> list[float]:
+def arrival_offsets(
+    config: ArrivalConfig, num_requests: int, trace_offsets_s: list[float] | None = None
+) -> list[float]:
     """Send time of each request in seconds after the run starts."""
     if config.is_paced:
         assert config.rate is not None

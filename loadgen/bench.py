@@ -1,8 +1,8 @@
 """One benchmark run, end to end: requests -> arrivals -> run loop -> summary -> files.
 
-    build_requests(...)              the workload's requests, once per command (compare and
-                                     sweep send the same requests to every target and rate)
-    run_benchmark(target, plan, ...) send them, summarize, write results.jsonl and summary.json
+build_requests(...)              the workload's requests, once per command (compare and
+                                 sweep send the same requests to every target and rate)
+run_benchmark(target, plan, ...) send them, summarize, write results.jsonl and summary.json
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class RunPlan:
     show_progress: bool = True
 
 
-def build_requests(workload: Workload, num_requests: int | None, tokenizer_path: str | None,
-                   seed: int) -> list[RequestSpec]:
+def build_requests(
+    workload: Workload, num_requests: int | None, tokenizer_path: str | None, seed: int
+) -> list[RequestSpec]:
     synthesizer = PromptSynthesizer(load_tokenizer(tokenizer_path))
     return workload.build(num_requests, synthesizer, np.random.default_rng([seed, 0]))
 
@@ -60,26 +61,33 @@ def _offsets(plan: RunPlan, specs: list[RequestSpec]) -> list[float]:
     return arrival_offsets(plan.arrivals, len(specs), trace_offsets)
 
 
-def run_benchmark(target: Target, plan: RunPlan, workload: Workload, specs: list[RequestSpec],
-                  out_dir: Path) -> tuple[dict[str, Any], list[RequestResult]]:
+def run_benchmark(
+    target: Target, plan: RunPlan, workload: Workload, specs: list[RequestSpec], out_dir: Path
+) -> tuple[dict[str, Any], list[RequestResult]]:
     """Send `specs` to `target`; write the run's files under `out_dir`; return summary and results."""
     offsets_s = _offsets(plan, specs)
 
     async def send_all() -> Any:
         async with StreamingClient(target, plan.options, plan.request_timeout_s) as client:
             with ProgressBar(f"{target.name}", len(specs), plan.show_progress) as bar:
-                return await run_requests(client, specs, offsets_s, plan.arrivals.max_concurrency,
-                                          plan.time_limit_s, bar.advance)
+                return await run_requests(
+                    client, specs, offsets_s, plan.arrivals.max_concurrency, plan.time_limit_s, bar.advance
+                )
 
     outcome = asyncio.run(send_all())
     from_trace = bool(specs) and specs[0].offset_s is not None
     summary = {
-        "target": target.name, "base_url": target.base_url, "model": target.model, "endpoint": target.endpoint,
+        "target": target.name,
+        "base_url": target.base_url,
+        "model": target.model,
+        "endpoint": target.endpoint,
         "workload": describe(workload),
         "arrivals": plan.arrivals.describe(from_trace),
-        "rate": plan.arrivals.rate if plan.arrivals.is_paced else None, "burstiness": plan.arrivals.burstiness,
+        "rate": plan.arrivals.rate if plan.arrivals.is_paced else None,
+        "burstiness": plan.arrivals.burstiness,
         "max_concurrency": plan.arrivals.max_concurrency,
-        "time_limit_s": plan.time_limit_s, "hit_time_limit": outcome.hit_time_limit,
+        "time_limit_s": plan.time_limit_s,
+        "hit_time_limit": outcome.hit_time_limit,
         **summarize(outcome.results, outcome.duration_s, plan.slo, outcome.num_not_sent),
     }
     write_run(out_dir, outcome.results, summary, plan.slo)

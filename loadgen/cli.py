@@ -31,9 +31,18 @@ from loadgen.metrics import parse_slo
 from loadgen.plots import plot_compare, plot_latency_cdfs, plot_sweep
 from loadgen.records import RequestResult
 from loadgen.report import load_run, print_compare, print_summary, print_sweep, write_json
-from loadgen.workloads import (DEFAULT_LONG_FRACTION, DEFAULT_TRACE_BLOCK_SIZE, DEFAULT_ZIPF_EXPONENT,
-                               LongContextWorkload, MultimodalWorkload, MultiTurnWorkload, RandomWorkload,
-                               SharedPrefixWorkload, TraceWorkload, Workload)
+from loadgen.workloads import (
+    DEFAULT_LONG_FRACTION,
+    DEFAULT_TRACE_BLOCK_SIZE,
+    DEFAULT_ZIPF_EXPONENT,
+    LongContextWorkload,
+    MultimodalWorkload,
+    MultiTurnWorkload,
+    RandomWorkload,
+    SharedPrefixWorkload,
+    TraceWorkload,
+    Workload,
+)
 
 WORKLOADS = ("random", "shared-prefix", "multi-turn", "long-context", "multimodal", "trace")
 DEFAULT_NUM_REQUESTS = 100
@@ -44,8 +53,13 @@ LATENCY_CDF_PNG, COMPARE_PNG, SWEEP_PNG = "latency_cdf.png", "compare.png", "swe
 def _add_target_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("target")
     group.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
-    group.add_argument("--target", action="append", default=[], metavar="NAME=URL",
-                       help="a named base URL (repeat for compare and sweep)")
+    group.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="a named base URL (repeat for compare and sweep)",
+    )
     group.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
     group.add_argument("--api-key", help="sent as a Bearer token")
     group.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
@@ -53,7 +67,8 @@ def _add_target_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "workload (lengths: N, uniform:min=A,max=B or lognormal:median=M,sigma=S[,max=X])")
+        "workload (lengths: N, uniform:min=A,max=B or lognormal:median=M,sigma=S[,max=X])"
+    )
     group.add_argument("--workload", choices=WORKLOADS, default="random")
     group.add_argument("--input-len", default="256", help="prompt tokens (multi-turn: per turn; long-context: short)")
     group.add_argument("--output-len", default="64", help="output tokens, sent as max_tokens = min_tokens")
@@ -63,8 +78,9 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--suffix-len", default="64", help="shared-prefix: tokens after the prefix")
     group.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
     group.add_argument("--long-input-len", default="8192", help="long-context: tokens of a long prompt")
-    group.add_argument("--long-fraction", type=float, default=DEFAULT_LONG_FRACTION,
-                       help="long-context: share of long prompts")
+    group.add_argument(
+        "--long-fraction", type=float, default=DEFAULT_LONG_FRACTION, help="long-context: share of long prompts"
+    )
     group.add_argument("--images-per-request", type=int, default=1, help="multimodal")
     group.add_argument("--image-size", default="512x512", help="multimodal: WxH[,WxH...], picked uniformly")
     group.add_argument("--image-repeat", type=float, default=0.0, help="multimodal: share of repeated images")
@@ -73,27 +89,35 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trace", help="trace: CSV or JSONL file")
     group.add_argument("--trace-time-unit", choices=("s", "ms"), default="s")
     group.add_argument("--trace-speedup", type=float, default=1.0, help="trace: divide the timestamps by this")
-    group.add_argument("--trace-block-size", type=int, default=DEFAULT_TRACE_BLOCK_SIZE,
-                       help="trace: tokens per hash id")
+    group.add_argument(
+        "--trace-block-size", type=int, default=DEFAULT_TRACE_BLOCK_SIZE, help="trace: tokens per hash id"
+    )
     group.add_argument("--tokenizer", help="local HF tokenizer directory (default: one word = one token)")
-    group.add_argument("--prompt-token-ids", action="store_true",
-                       help="completions: send prompts as token ids (needs --tokenizer)")
+    group.add_argument(
+        "--prompt-token-ids", action="store_true", help="completions: send prompts as token ids (needs --tokenizer)"
+    )
     group.add_argument("--seed", type=int, default=0)
 
 
 def _add_run_args(parser: argparse.ArgumentParser, with_rate: bool = True) -> None:
     group = parser.add_argument_group("arrivals and limits")
     if with_rate:
-        group.add_argument("--rate", type=float, help="req/s, Poisson (gamma with --burstiness); "
-                                                      "inf: all at once (default, or the trace's times)")
+        group.add_argument(
+            "--rate",
+            type=float,
+            help="req/s, Poisson (gamma with --burstiness); inf: all at once (default, or the trace's times)",
+        )
     group.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: < 1 burstier, 1 Poisson")
     group.add_argument("--concurrency", type=int, help="requests in flight: a closed loop, or a cap with --rate")
     group.add_argument("--num-requests", type=int, help=f"default {DEFAULT_NUM_REQUESTS} (trace: every row)")
     group.add_argument("--time-limit", type=float, default=600.0, help="seconds; the run stops then")
     group.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     group.add_argument("--slo", help="e.g. ttft=2s,tpot=50ms,e2e=20s: goodput counts requests within all")
-    group.add_argument("--no-fixed-output", action="store_true",
-                       help="do not send ignore_eos and min_tokens (for servers without vLLM's extras)")
+    group.add_argument(
+        "--no-fixed-output",
+        action="store_true",
+        help="do not send ignore_eos and min_tokens (for servers without vLLM's extras)",
+    )
     group.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request")
     group.add_argument("--out", type=Path, help="output folder (default: results/<command>-<time>)")
     group.add_argument("--no-progress", action="store_true")
@@ -101,12 +125,15 @@ def _add_run_args(parser: argparse.ArgumentParser, with_rate: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tristage-loadgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tristage-loadgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "one workload against one endpoint"),
-                            ("compare", "the same workload against several endpoints, side by side"),
-                            ("sweep", "the same workload at several request rates")):
+    for name, help_text in (
+        ("run", "one workload against one endpoint"),
+        ("compare", "the same workload against several endpoints, side by side"),
+        ("sweep", "the same workload at several request rates"),
+    ):
         command = sub.add_parser(name, help=help_text)
         _add_target_args(command)
         _add_workload_args(command)
@@ -129,15 +156,17 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     if args.workload == "random":
         return RandomWorkload(inputs, outputs)
     if args.workload == "shared-prefix":
-        return SharedPrefixWorkload(args.num_groups, parse_length(args.prefix_len), parse_length(args.suffix_len),
-                                    outputs, args.zipf)
+        return SharedPrefixWorkload(
+            args.num_groups, parse_length(args.prefix_len), parse_length(args.suffix_len), outputs, args.zipf
+        )
     if args.workload == "multi-turn":
         return MultiTurnWorkload(args.turns, inputs, outputs)
     if args.workload == "long-context":
         return LongContextWorkload(inputs, parse_length(args.long_input_len), outputs, args.long_fraction)
     if args.workload == "multimodal":
-        images = ImageConfig(args.images_per_request, parse_sizes(args.image_size), args.image_repeat,
-                             args.image_format, args.image_dir)
+        images = ImageConfig(
+            args.images_per_request, parse_sizes(args.image_size), args.image_repeat, args.image_format, args.image_dir
+        )
         return MultimodalWorkload(inputs, outputs, images)
     if not args.trace:
         raise SystemExit("--workload trace needs --trace FILE")
@@ -155,17 +184,25 @@ def targets_from_args(args: argparse.Namespace) -> list[Target]:
         raise SystemExit("give --base-url or --target NAME=URL")
     if len({name for name, _ in named}) < len(named):
         raise SystemExit("target names must differ")
-    return [Target(name, url, args.model or discover_model(url, args.api_key), args.endpoint, args.api_key)
-            for name, url in named]
+    return [
+        Target(name, url, args.model or discover_model(url, args.api_key), args.endpoint, args.api_key)
+        for name, url in named
+    ]
 
 
 def plan_from_args(args: argparse.Namespace, rate: float | None) -> RunPlan:
     return RunPlan(
         arrivals=ArrivalConfig(rate, args.burstiness, args.concurrency, args.seed),
-        time_limit_s=args.time_limit, request_timeout_s=args.request_timeout, slo=parse_slo(args.slo),
-        options=RequestOptions(fixed_output_len=not args.no_fixed_output, prompt_token_ids=args.prompt_token_ids,
-                               extra_body=args.extra_body),
-        show_progress=not args.no_progress)
+        time_limit_s=args.time_limit,
+        request_timeout_s=args.request_timeout,
+        slo=parse_slo(args.slo),
+        options=RequestOptions(
+            fixed_output_len=not args.no_fixed_output,
+            prompt_token_ids=args.prompt_token_ids,
+            extra_body=args.extra_body,
+        ),
+        show_progress=not args.no_progress,
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -197,8 +234,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if len(targets) != 1:
         raise SystemExit("run takes one target; use compare for several")
     workload, out = workload_from_args(args), _out_dir(args)
-    summary, results = run_benchmark(targets[0], plan_from_args(args, args.rate), workload,
-                                     _requests(args, workload), out)
+    summary, results = run_benchmark(
+        targets[0], plan_from_args(args, args.rate), workload, _requests(args, workload), out
+    )
     print_summary(summary, console)
     if not args.no_plots:
         plot_latency_cdfs({targets[0].name: results}, out / LATENCY_CDF_PNG)
@@ -206,8 +244,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _compare_outputs(runs: dict[str, tuple[dict[str, Any], list[RequestResult]]], out: Path,
-                     console: Console, no_plots: bool) -> None:
+def _compare_outputs(
+    runs: dict[str, tuple[dict[str, Any], list[RequestResult]]], out: Path, console: Console, no_plots: bool
+) -> None:
     summaries = {name: summary for name, (summary, _) in runs.items()}
     write_json(out / "compare.json", summaries)
     print_compare(summaries, console)

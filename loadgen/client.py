@@ -64,10 +64,13 @@ class RequestOptions:
 Turn = tuple[str, str]  # (user message, assistant reply) of an earlier turn
 
 
-def build_payload(target: Target, options: RequestOptions, spec: RequestSpec,
-                  history: list[Turn]) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": target.model, "max_tokens": spec.num_output_tokens, "stream": True,
-                               "stream_options": {"include_usage": True}}
+def build_payload(target: Target, options: RequestOptions, spec: RequestSpec, history: list[Turn]) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": target.model,
+        "max_tokens": spec.num_output_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if options.fixed_output_len:
         payload.update(ignore_eos=True, min_tokens=spec.num_output_tokens)
     if target.endpoint == "chat":
@@ -135,9 +138,12 @@ class StreamingClient:
         self._timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
         self._http = httpx.AsyncClient(
-            headers=headers, trust_env=False, follow_redirects=False,
+            headers=headers,
+            trust_env=False,
+            follow_redirects=False,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
 
     async def __aenter__(self) -> StreamingClient:
         return self
@@ -177,9 +183,9 @@ class StreamingClient:
             async for line in response.aiter_lines():
                 now = time.perf_counter()
                 if line.startswith("event:"):
-                    event = line[len("event:"):].strip()
+                    event = line[len("event:") :].strip()
                 elif line.startswith("data:"):
-                    if self._on_data(line[len("data:"):].strip(), event, now, stream):
+                    if self._on_data(line[len("data:") :].strip(), event, now, stream):
                         return
                 elif not line:
                     event = ""
@@ -226,5 +232,9 @@ def _result(spec: RequestSpec, stream: _Stream, failure: _Failure | None, run_st
         error_type=failure.error_type if failure else None,
         error=str(failure) if failure else None,
         http_status=failure.http_status if failure else None,
-        tag=spec.tag, conversation=spec.conversation, turn=spec.turn, prefix_group=spec.prefix_group,
-        output_text="".join(stream.text_parts))
+        tag=spec.tag,
+        conversation=spec.conversation,
+        turn=spec.turn,
+        prefix_group=spec.prefix_group,
+        output_text="".join(stream.text_parts),
+    )

@@ -90,8 +90,12 @@ class _Streamer:
         self._arrived_at = time.perf_counter()
 
     def _chunk(self, text: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
-        chunk: dict[str, Any] = {"id": "fake", "created": int(time.time()), "model": self._config.model,
-                                 "object": "chat.completion.chunk" if self._chat else "text_completion"}
+        chunk: dict[str, Any] = {
+            "id": "fake",
+            "created": int(time.time()),
+            "model": self._config.model,
+            "object": "chat.completion.chunk" if self._chat else "text_completion",
+        }
         if text is None:
             chunk["choices"] = []
         elif self._chat:
@@ -107,8 +111,14 @@ class _Streamer:
 
     async def events(self) -> AsyncIterator[bytes]:
         if self._chat:
-            yield _sse({"id": "fake", "object": "chat.completion.chunk", "model": self._config.model,
-                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            yield _sse(
+                {
+                    "id": "fake",
+                    "object": "chat.completion.chunk",
+                    "model": self._config.model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                }
+            )
         per_chunk = self._config.tokens_per_chunk
         for i in range(math.ceil(self._num_tokens / per_chunk)):
             await self._sleep_until(self._config.first_token_delay_s + i * self._config.inter_token_delay_s)
@@ -121,8 +131,11 @@ class _Streamer:
                 await asyncio.sleep(STALL_S)
             yield _sse(self._chunk(" tok" * min(per_chunk, self._num_tokens - i * per_chunk)))
         if self._include_usage:
-            usage = {"prompt_tokens": self._num_prompt_tokens, "completion_tokens": self._num_tokens,
-                     "total_tokens": self._num_prompt_tokens + self._num_tokens}
+            usage = {
+                "prompt_tokens": self._num_prompt_tokens,
+                "completion_tokens": self._num_tokens,
+                "total_tokens": self._num_prompt_tokens + self._num_tokens,
+            }
             yield _sse(self._chunk(None, usage))
         yield _sse("[DONE]")
 
@@ -164,8 +177,11 @@ def serve_in_thread(config: FakeServerConfig) -> Iterator[FakeServer]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     fake = FakeServer(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
-    server = uvicorn.Server(uvicorn.Config(create_app(config, fake.received), log_level="critical",
-                                           lifespan="off", timeout_graceful_shutdown=1))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, fake.received), log_level="critical", lifespan="off", timeout_graceful_shutdown=1
+        )
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -96,8 +96,7 @@ def latency_distributions(results: Sequence[RequestResult]) -> dict[str, dict[st
     }
 
 
-def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO,
-              num_not_sent: int = 0) -> dict[str, Any]:
+def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO, num_not_sent: int = 0) -> dict[str, Any]:
     """The run's summary.json body (the caller adds what describes the run)."""
     done = [r for r in results if r.ok]
     cancelled = sum(r.error_type == records.CANCELLED for r in results)
@@ -129,7 +128,11 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO,
     }
     tags = sorted({r.tag for r in results if r.tag})
     if len(tags) > 1:
-        summary["by_tag"] = {tag: {"completed": sum(r.tag == tag for r in done),
-                                   **latency_distributions([r for r in results if r.tag == tag])}
-                             for tag in tags}
+        summary["by_tag"] = {
+            tag: {
+                "completed": sum(r.tag == tag for r in done),
+                **latency_distributions([r for r in results if r.tag == tag]),
+            }
+            for tag in tags
+        }
     return summary

@@ -1,9 +1,9 @@
 """PNG plots with matplotlib's Agg canvas (object API only: no pyplot, no global state).
 
-    latency_cdf.png   empirical CDFs of TTFT, ITL and E2E (ms), one line per run
-    compare.png       runs side by side: throughput and goodput, then p50 / p99 of TTFT, TPOT, E2E
-    sweep.png         against the offered rate: achieved throughput and goodput (with the line
-                      y = rate), p50 / p99 TTFT and TPOT; one line per target
+latency_cdf.png   empirical CDFs of TTFT, ITL and E2E (ms), one line per run
+compare.png       runs side by side: throughput and goodput, then p50 / p99 of TTFT, TPOT, E2E
+sweep.png         against the offered rate: achieved throughput and goodput (with the line
+                  y = rate), p50 / p99 TTFT and TPOT; one line per target
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def plot_latency_cdfs(runs: Mapping[str, Sequence[RequestResult]], path: Path) -
         axes = figure.add_subplot(1, 3, i + 1)
         for name, results in runs.items():
             _cdf(axes, _latencies_s(results, panel), name)
-        axes.set(title=title, xlabel="ms", ylabel="fraction of requests" if i != 1 else "fraction of gaps",
-                 ylim=(0, 1.02))
+        axes.set(
+            title=title, xlabel="ms", ylabel="fraction of requests" if i != 1 else "fraction of gaps", ylim=(0, 1.02)
+        )
         axes.grid(alpha=0.3)
         if axes.lines:
             axes.legend(fontsize="small")
@@ -78,13 +79,24 @@ def _ms_or_zero(summary: Mapping[str, Any], key: str, stat: str) -> float:
 def plot_compare(summaries: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     names = list(summaries)
     figure = Figure(figsize=(max(10, 2.5 * len(names) + 6), 7))
-    _bars(figure.add_subplot(2, 2, 1), names,
-          {"throughput": [s["request_throughput"] for s in summaries.values()],
-           "goodput": [s["goodput"] for s in summaries.values()]}, "requests per second", "req/s")
+    _bars(
+        figure.add_subplot(2, 2, 1),
+        names,
+        {
+            "throughput": [s["request_throughput"] for s in summaries.values()],
+            "goodput": [s["goodput"] for s in summaries.values()],
+        },
+        "requests per second",
+        "req/s",
+    )
     for i, (key, title) in enumerate((("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E latency"))):
-        _bars(figure.add_subplot(2, 2, i + 2), names,
-              {stat: [_ms_or_zero(s, key, stat) for s in summaries.values()] for stat in ("p50", "p99")},
-              title, "ms")
+        _bars(
+            figure.add_subplot(2, 2, i + 2),
+            names,
+            {stat: [_ms_or_zero(s, key, stat) for s in summaries.values()] for stat in ("p50", "p99")},
+            title,
+            "ms",
+        )
     return _save(figure, path)
 
 
@@ -102,12 +114,15 @@ def plot_sweep(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
         goodput.plot(x, [p["goodput"] for p in mine], marker="o", label=target)
         for axes, key in ((ttft, "ttft"), (tpot, "tpot")):
             axes.plot(x, [_ms_or_zero(p, key, "p50") for p in mine], marker="o", label=f"{target} p50")
-            axes.plot(x, [_ms_or_zero(p, key, "p99") for p in mine], marker="x", linestyle="--",
-                      label=f"{target} p99")
+            axes.plot(x, [_ms_or_zero(p, key, "p99") for p in mine], marker="x", linestyle="--", label=f"{target} p99")
     for axes in (throughput, goodput):
         axes.plot(rates, rates, color="grey", linestyle=":", label="offered rate")
-    for axes, title, unit in ((throughput, "throughput", "req/s"), (goodput, "goodput (meets all SLOs)", "req/s"),
-                              (ttft, "TTFT", "ms"), (tpot, "TPOT", "ms")):
+    for axes, title, unit in (
+        (throughput, "throughput", "req/s"),
+        (goodput, "goodput (meets all SLOs)", "req/s"),
+        (ttft, "TTFT", "ms"),
+        (tpot, "TPOT", "ms"),
+    ):
         axes.set(title=title, xlabel="offered rate (req/s)", ylabel=unit)
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")

@@ -75,8 +75,10 @@ def _goodput(summary: Mapping[str, Any]) -> str:
 
 
 def print_summary(summary: Mapping[str, Any], console: Console) -> None:
-    console.print(f"[bold]{summary.get('target', '')}[/bold]: {summary.get('workload', {}).get('name', '')}, "
-                  f"{summary.get('arrivals', '')}")
+    console.print(
+        f"[bold]{summary.get('target', '')}[/bold]: {summary.get('workload', {}).get('name', '')}, "
+        f"{summary.get('arrivals', '')}"
+    )
     table = Table()
     table.add_column("ms")
     for column in ("mean", "p50", "p90", "p95", "p99"):
@@ -84,20 +86,31 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
     for key, label in LATENCIES:
         table.add_row(label, *(_ms(summary[key][c]) for c in ("mean", "p50", "p90", "p95", "p99")))
     console.print(table)
-    console.print(f"completed {summary['completed']}/{summary['num_requests']} in {summary['duration_s']:.1f} s; "
-                  f"errors: {_errors(summary)}")
-    console.print(f"{summary['request_throughput']:.2f} req/s, "
-                  f"{summary['output_token_throughput']:.1f} output tok/s, "
-                  f"{summary['total_token_throughput']:.1f} total tok/s; {_goodput(summary)}")
+    console.print(
+        f"completed {summary['completed']}/{summary['num_requests']} in {summary['duration_s']:.1f} s; "
+        f"errors: {_errors(summary)}"
+    )
+    console.print(
+        f"{summary['request_throughput']:.2f} req/s, "
+        f"{summary['output_token_throughput']:.1f} output tok/s, "
+        f"{summary['total_token_throughput']:.1f} total tok/s; {_goodput(summary)}"
+    )
     if summary.get("usage_mismatches"):
-        console.print(f"[yellow]{summary['usage_mismatches']} requests streamed a number of content chunks "
-                      f"other than their usage.completion_tokens[/yellow]")
+        console.print(
+            f"[yellow]{summary['usage_mismatches']} requests streamed a number of content chunks "
+            f"other than their usage.completion_tokens[/yellow]"
+        )
 
 
 def _compare_rows(s: Mapping[str, Any]) -> list[tuple[str, str]]:
-    rows = [("completed", f"{s['completed']}/{s['num_requests']}"), ("errors", _errors(s)),
-            ("req/s", _num(s["request_throughput"])), ("output tok/s", _num(s["output_token_throughput"], 1)),
-            ("goodput req/s", _num(s["goodput"])), ("SLO attainment", f"{s['slo_attainment']:.0%}")]
+    rows = [
+        ("completed", f"{s['completed']}/{s['num_requests']}"),
+        ("errors", _errors(s)),
+        ("req/s", _num(s["request_throughput"])),
+        ("output tok/s", _num(s["output_token_throughput"], 1)),
+        ("goodput req/s", _num(s["goodput"])),
+        ("SLO attainment", f"{s['slo_attainment']:.0%}"),
+    ]
     for key, label in LATENCIES:
         rows += [(f"{label} p50 ms", _ms(s[key]["p50"])), (f"{label} p99 ms", _ms(s[key]["p99"]))]
     return rows
@@ -118,14 +131,34 @@ def print_compare(summaries: Mapping[str, Mapping[str, Any]], console: Console) 
 def print_sweep(points: Iterable[Mapping[str, Any]], console: Console) -> None:
     """One row per (target, rate) summary; each summary carries `target` and `rate`."""
     table = Table(title="sweep", title_justify="left")
-    for column in ("target", "rate", "req/s", "out tok/s", "goodput", "TTFT p50", "TTFT p99",
-                   "TPOT p50", "TPOT p99", "E2E p99", "errors"):
+    for column in (
+        "target",
+        "rate",
+        "req/s",
+        "out tok/s",
+        "goodput",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "E2E p99",
+        "errors",
+    ):
         table.add_column(column, justify="left" if column in ("target", "errors") else "right")
     for s in points:
-        table.add_row(s["target"], f"{s['rate']:g}", _num(s["request_throughput"]),
-                      _num(s["output_token_throughput"], 1), _num(s["goodput"]), _ms(s["ttft"]["p50"]),
-                      _ms(s["ttft"]["p99"]), _ms(s["tpot"]["p50"]), _ms(s["tpot"]["p99"]), _ms(s["e2e"]["p99"]),
-                      _errors(s))
+        table.add_row(
+            s["target"],
+            f"{s['rate']:g}",
+            _num(s["request_throughput"]),
+            _num(s["output_token_throughput"], 1),
+            _num(s["goodput"]),
+            _ms(s["ttft"]["p50"]),
+            _ms(s["ttft"]["p99"]),
+            _ms(s["tpot"]["p50"]),
+            _ms(s["tpot"]["p99"]),
+            _ms(s["e2e"]["p99"]),
+            _errors(s),
+        )
     console.print(table)
 
 
@@ -133,9 +166,16 @@ class ProgressBar:
     """Requests finished out of the total, with the error count; silent when disabled."""
 
     def __init__(self, description: str, total: int, enabled: bool) -> None:
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("errors {task.fields[errors]}"), TimeElapsedColumn(),
-                                  console=Console(stderr=True), disable=not enabled, transient=False)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("errors {task.fields[errors]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+            transient=False,
+        )
         self._task = self._progress.add_task(description, total=total, errors=0)
         self._errors = 0
 

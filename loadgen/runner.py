@@ -54,8 +54,9 @@ class _Conversations:
 
 
 class _Run:
-    def __init__(self, client: StreamingClient, max_concurrency: int | None,
-                 on_result: Callable[[RequestResult], None]) -> None:
+    def __init__(
+        self, client: StreamingClient, max_concurrency: int | None, on_result: Callable[[RequestResult], None]
+    ) -> None:
         self._client = client
         self._slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_result = on_result
@@ -96,18 +97,38 @@ class _Run:
 
     def cancel_in_flight(self) -> None:
         for spec, sent_at in self.in_flight.values():
-            self._finish(RequestResult(
-                index=spec.index, start_s=sent_at - self.start, ttft_s=None, itl_s=[], e2e_s=None,
-                num_input_tokens=spec.prompt.num_tokens, num_output_tokens=0, num_content_chunks=0,
-                expected_output_tokens=spec.num_output_tokens, usage_reported=False, usage_mismatch=False,
-                error_type=records.CANCELLED, error="in flight at the time limit", tag=spec.tag,
-                conversation=spec.conversation, turn=spec.turn, prefix_group=spec.prefix_group))
+            self._finish(
+                RequestResult(
+                    index=spec.index,
+                    start_s=sent_at - self.start,
+                    ttft_s=None,
+                    itl_s=[],
+                    e2e_s=None,
+                    num_input_tokens=spec.prompt.num_tokens,
+                    num_output_tokens=0,
+                    num_content_chunks=0,
+                    expected_output_tokens=spec.num_output_tokens,
+                    usage_reported=False,
+                    usage_mismatch=False,
+                    error_type=records.CANCELLED,
+                    error="in flight at the time limit",
+                    tag=spec.tag,
+                    conversation=spec.conversation,
+                    turn=spec.turn,
+                    prefix_group=spec.prefix_group,
+                )
+            )
         self.in_flight.clear()
 
 
-async def run_requests(client: StreamingClient, specs: list[RequestSpec], offsets_s: list[float],
-                       max_concurrency: int | None, time_limit_s: float,
-                       on_result: Callable[[RequestResult], None] = lambda result: None) -> RunOutcome:
+async def run_requests(
+    client: StreamingClient,
+    specs: list[RequestSpec],
+    offsets_s: list[float],
+    max_concurrency: int | None,
+    time_limit_s: float,
+    on_result: Callable[[RequestResult], None] = lambda result: None,
+) -> RunOutcome:
     """Send `specs` at `offsets_s` (seconds after the start) until done or `time_limit_s` passes."""
     run = _Run(client, max_concurrency, on_result)
 
@@ -126,5 +147,9 @@ async def run_requests(client: StreamingClient, specs: list[RequestSpec], offset
         run.cancel_in_flight()
     end = time.perf_counter() if hit_time_limit else run.last_result_at
     results = [run.results[i] for i in sorted(run.results)]
-    return RunOutcome(results, duration_s=max(end - run.start, 1e-9),
-                      num_not_sent=len(specs) - len(results), hit_time_limit=hit_time_limit)
+    return RunOutcome(
+        results,
+        duration_s=max(end - run.start, 1e-9),
+        num_not_sent=len(specs) - len(results),
+        hit_time_limit=hit_time_limit,
+    )

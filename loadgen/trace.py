@@ -75,13 +75,14 @@ def read_trace(path: str | Path, time_unit: str = "s", speedup: float = 1.0) -> 
     unit_s = TIME_UNITS_S[time_unit]
     parsed = []
     for line, record in enumerate(_records(Path(path)), start=1):
-        parsed.append((
-            _seconds(_field(record, TIME_KEYS, line), unit_s),
-            int(float(_field(record, INPUT_KEYS, line))),
-            int(float(_field(record, OUTPUT_KEYS, line))),
-            _hash_ids(record.get("hash_ids")),
-        ))
+        parsed.append(
+            (
+                _seconds(_field(record, TIME_KEYS, line), unit_s),
+                int(float(_field(record, INPUT_KEYS, line))),
+                int(float(_field(record, OUTPUT_KEYS, line))),
+                _hash_ids(record.get("hash_ids")),
+            )
+        )
     parsed.sort(key=lambda row: row[0])
     first_s = parsed[0][0] if parsed else 0.0
-    return [TraceRow((t - first_s) / speedup, max(1, n_in), max(1, n_out), ids)
-            for t, n_in, n_out, ids in parsed]
+    return [TraceRow((t - first_s) / speedup, max(1, n_in), max(1, n_out), ids) for t, n_in, n_out, ids in parsed]

@@ -44,8 +44,9 @@ DEFAULT_TRACE_BLOCK_SIZE = 512  # Mooncake's block of tokens per hash id
 class Workload(Protocol):
     name: str
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         """The run's requests in send order; num_requests None means all a trace has."""
         ...
 
@@ -71,8 +72,9 @@ class RandomWorkload:
     output_len: LengthDistribution
     name = "random"
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         n = _count(num_requests)
         inputs, outputs = self.input_len.sample(rng, n), self.output_len.sample(rng, n)
         return [RequestSpec(i, synthesizer.random(inputs[i], rng), outputs[i]) for i in range(n)]
@@ -93,8 +95,9 @@ class SharedPrefixWorkload:
     zipf_exponent: float = DEFAULT_ZIPF_EXPONENT
     name = "shared-prefix"
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         n = _count(num_requests)
         prefixes = [synthesizer.random_ids(length, rng) for length in self.prefix_len.sample(rng, self.num_groups)]
         groups = rng.choice(self.num_groups, size=n, p=zipf_popularity(self.num_groups, self.zipf_exponent))
@@ -113,16 +116,18 @@ class MultiTurnWorkload:
     output_len: LengthDistribution
     name = "multi-turn"
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         n = _count(num_requests)
         num_conversations = math.ceil(n / self.num_turns)
         inputs, outputs = self.input_len.sample(rng, n), self.output_len.sample(rng, n)
         specs = []
         for i in range(n):  # turn-major: request i is turn i // C of conversation i % C
             turn, conversation = divmod(i, num_conversations)
-            specs.append(RequestSpec(i, synthesizer.random(inputs[i], rng), outputs[i],
-                                     conversation=conversation, turn=turn))
+            specs.append(
+                RequestSpec(i, synthesizer.random(inputs[i], rng), outputs[i], conversation=conversation, turn=turn)
+            )
         return specs
 
 
@@ -134,15 +139,23 @@ class LongContextWorkload:
     long_fraction: float = DEFAULT_LONG_FRACTION
     name = "long-context"
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         n = _count(num_requests)
         is_long = np.zeros(n, dtype=bool)
         is_long[rng.permutation(n)[: round(n * self.long_fraction)]] = True
         shorts, longs = self.input_len.sample(rng, n), self.long_input_len.sample(rng, n)
         outputs = self.output_len.sample(rng, n)
-        return [RequestSpec(i, synthesizer.random(longs[i] if is_long[i] else shorts[i], rng), outputs[i],
-                            tag="long" if is_long[i] else "short") for i in range(n)]
+        return [
+            RequestSpec(
+                i,
+                synthesizer.random(longs[i] if is_long[i] else shorts[i], rng),
+                outputs[i],
+                tag="long" if is_long[i] else "short",
+            )
+            for i in range(n)
+        ]
 
 
 @dataclass(frozen=True)
@@ -152,13 +165,13 @@ class MultimodalWorkload:
     images: ImageConfig
     name = "multimodal"
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         n = _count(num_requests)
         inputs, outputs = self.input_len.sample(rng, n), self.output_len.sample(rng, n)
         pool = ImagePool(self.images, rng)
-        return [RequestSpec(i, synthesizer.random(inputs[i], rng), outputs[i], images=pool.draw())
-                for i in range(n)]
+        return [RequestSpec(i, synthesizer.random(inputs[i], rng), outputs[i], images=pool.draw()) for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,9 @@ class TraceWorkload:
     block_size: int = DEFAULT_TRACE_BLOCK_SIZE
     name = "trace"
 
-    def build(self, num_requests: int | None, synthesizer: PromptSynthesizer,
-              rng: np.random.Generator) -> list[RequestSpec]:
+    def build(
+        self, num_requests: int | None, synthesizer: PromptSynthesizer, rng: np.random.Generator
+    ) -> list[RequestSpec]:
         rows = read_trace(self.path, self.time_unit, self.speedup)[:num_requests]
         blocks: dict[int, list[int]] = {}  # hash id -> its block's token ids
         specs = []

@@ -1,7 +1,7 @@
 """The `tristage` command.
 
-    tristage serve                   a whole cluster on this machine behind an OpenAI-compatible API
-    tristage generate [PROMPT ...]   run the offline engine on prompts (default: the embedded model)
+tristage serve                   a whole cluster on this machine behind an OpenAI-compatible API
+tristage generate [PROMPT ...]   run the offline engine on prompts (default: the embedded model)
 """
 
 from __future__ import annotations
@@ -30,10 +30,17 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-        block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, gpu_memory_utilization=args.gpu_memory_utilization)
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -42,8 +49,11 @@ def _generate(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     start = time.perf_counter()
     llm = LLM(**{k: v for k, v in vars(config).items()})
-    print(f"model {llm.engine.model_dir} loaded on {llm.engine.config.device} "
-          f"({llm.engine.config.dtype}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(
+        f"model {llm.engine.model_dir} loaded on {llm.engine.config.device} "
+        f"({llm.engine.config.dtype}) in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts = args.prompts or ["Hello! Tell me about the three stages of serving."]
     start = time.perf_counter()
@@ -56,8 +66,10 @@ def _generate(args: argparse.Namespace) -> int:
     for prompt, output in zip(prompts, outputs):
         completion = output.outputs[0]
         num_tokens += len(completion.token_ids)
-        print(f"--- prompt: {prompt!r}\n{completion.text}\n[{len(completion.token_ids)} tokens, "
-              f"finish_reason={completion.finish_reason}]")
+        print(
+            f"--- prompt: {prompt!r}\n{completion.text}\n[{len(completion.token_ids)} tokens, "
+            f"finish_reason={completion.finish_reason}]"
+        )
     print(f"{len(outputs)} requests, {num_tokens} tokens in {elapsed:.2f} s", file=sys.stderr)
     return 0
 
@@ -66,23 +78,37 @@ def _serve(args: argparse.Namespace) -> int:
     from services import serve
 
     config = serve.ServeConfig(
-        engine=engine_config_from_args(args), host=args.host, port=args.port,
-        served_model_name=args.served_model_name, mode=args.mode, replicas=args.replicas,
-        num_prefill=args.prefill, num_decode=args.decode, num_encode=args.encode, router_policy=args.router_policy,
-        data_plane_host=args.data_plane_host, stage_resources=args.ray_address is not None,
-        worker_metrics_port=args.worker_metrics_port, kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
+        engine=engine_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        mode=args.mode,
+        replicas=args.replicas,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        num_encode=args.encode,
+        router_policy=args.router_policy,
+        data_plane_host=args.data_plane_host,
+        stage_resources=args.ray_address is not None,
+        worker_metrics_port=args.worker_metrics_port,
+        kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
         ray_address=args.ray_address,
-        api_keys=serve.api_keys_from(args.api_key), drain_timeout_s=args.drain_timeout,
-        gateway_options={"max_queued_requests": args.max_queued_requests,
-                         "max_queued_tokens": args.max_queued_tokens,
-                         "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host)),
-                         "image_reference_cache_bytes": args.image_reference_cache_mib * 2**20})
+        api_keys=serve.api_keys_from(args.api_key),
+        drain_timeout_s=args.drain_timeout,
+        gateway_options={
+            "max_queued_requests": args.max_queued_requests,
+            "max_queued_tokens": args.max_queued_tokens,
+            "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host)),
+            "image_reference_cache_bytes": args.image_reference_cache_mib * 2**20,
+        },
+    )
     return serve.run(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tristage", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tristage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="run the offline engine on prompts")
     gen.add_argument("prompts", nargs="*", help="prompts (default: one example prompt)")
@@ -97,31 +123,63 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="API model name (default: the directory's name)")
-    srv.add_argument("--mode", default="disaggregated", choices=["disaggregated", "colocated"],
-                     help="separate prefill and decode pools (default), or one pool doing both")
+    srv.add_argument(
+        "--mode",
+        default="disaggregated",
+        choices=["disaggregated", "colocated"],
+        help="separate prefill and decode pools (default), or one pool doing both",
+    )
     srv.add_argument("--replicas", type=int, default=1, help="colocated engine actors")
     srv.add_argument("--prefill", type=int, default=1, help="prefill actors (disaggregated)")
     srv.add_argument("--decode", type=int, default=1, help="decode actors (disaggregated)")
-    srv.add_argument("--encode", type=int, default=None,
-                     help="encode actors for a vision-language model (default: 1 disaggregated, 0 colocated)")
-    srv.add_argument("--image-url-allow-host", action="append", default=[],
-                     help="a host http(s) image URLs may come from (repeatable; default none: data URLs only)")
-    srv.add_argument("--image-reference-cache-mib", type=int, default=256,
-                     help="the gateway keeps images sent with a uuid, so a later request can name one by its uuid "
-                          "alone and not upload it again (default 256 MiB; 0: off)")
-    srv.add_argument("--router-policy", default="preble",
-                     choices=["round_robin", "least_load", "prefix_affinity", "preble"])
-    srv.add_argument("--worker-metrics-port", type=int, default=None,
-                     help="workers serve their own /metrics from this port on (the gateway then exports none of "
-                          "their series); default: the gateway exports them all")
-    srv.add_argument("--data-plane-host", default="127.0.0.1",
-                     help="address ZeroMQ sockets bind to; 'auto' = this Ray node's IP (multi-host)")
-    srv.add_argument("--kv-staging-mib", type=int, default=None,
-                     help="each prefill worker's shared-memory buffer for outgoing KV (same-host transfers read "
-                          "it in place; default 1024 on a GPU, 64 on the CPU); 0 sends KV through plain host copies")
+    srv.add_argument(
+        "--encode",
+        type=int,
+        default=None,
+        help="encode actors for a vision-language model (default: 1 disaggregated, 0 colocated)",
+    )
+    srv.add_argument(
+        "--image-url-allow-host",
+        action="append",
+        default=[],
+        help="a host http(s) image URLs may come from (repeatable; default none: data URLs only)",
+    )
+    srv.add_argument(
+        "--image-reference-cache-mib",
+        type=int,
+        default=256,
+        help="the gateway keeps images sent with a uuid, so a later request can name one by its uuid "
+        "alone and not upload it again (default 256 MiB; 0: off)",
+    )
+    srv.add_argument(
+        "--router-policy", default="preble", choices=["round_robin", "least_load", "prefix_affinity", "preble"]
+    )
+    srv.add_argument(
+        "--worker-metrics-port",
+        type=int,
+        default=None,
+        help="workers serve their own /metrics from this port on (the gateway then exports none of "
+        "their series); default: the gateway exports them all",
+    )
+    srv.add_argument(
+        "--data-plane-host",
+        default="127.0.0.1",
+        help="address ZeroMQ sockets bind to; 'auto' = this Ray node's IP (multi-host)",
+    )
+    srv.add_argument(
+        "--kv-staging-mib",
+        type=int,
+        default=None,
+        help="each prefill worker's shared-memory buffer for outgoing KV (same-host transfers read "
+        "it in place; default 1024 on a GPU, 64 on the CPU); 0 sends KV through plain host copies",
+    )
     srv.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
-    srv.add_argument("--api-key", action="append", default=None,
-                     help="accepted API key (repeatable; default: $TRISTAGE_API_KEYS, else no auth)")
+    srv.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="accepted API key (repeatable; default: $TRISTAGE_API_KEYS, else no auth)",
+    )
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     srv.add_argument("--max-queued-requests", type=int, default=256)
     srv.add_argument("--max-queued-tokens", type=int, default=262144)

@@ -12,16 +12,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-import pytest  # noqa: E402
+import pytest
 
-from services.engine.default_model import build_model_dir, build_tokenizer  # noqa: E402
-from tests.vlm_models import VLM_FAMILIES, build_vlm_dir  # noqa: E402
+from services.engine.default_model import build_model_dir, build_tokenizer
+from tests.vlm_models import VLM_FAMILIES, build_vlm_dir
 
 # Tiny random models of every supported family, each stressing one difference between them.
 TINY_MODEL_VARIANTS = {
-    "llama": ("LlamaForCausalLM", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama": (
+        "LlamaForCausalLM",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     "llama-mha-tied": ("LlamaForCausalLM", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "qwen2-mqa": ("Qwen2ForCausalLM", {"num_key_value_heads": 1}),
     "qwen3": ("Qwen3ForCausalLM", {}),
@@ -40,8 +50,10 @@ def tokenizer_dir(tmp_path_factory):
 def tiny_model_dirs(tmp_path_factory, tokenizer_dir):
     """name -> directory of a tiny random model (built once per test session)."""
     root = tmp_path_factory.mktemp("models")
-    return {name: str(build_model_dir(root / name, arch, tokenizer_dir=tokenizer_dir, **overrides))
-            for name, (arch, overrides) in TINY_MODEL_VARIANTS.items()}
+    return {
+        name: str(build_model_dir(root / name, arch, tokenizer_dir=tokenizer_dir, **overrides))
+        for name, (arch, overrides) in TINY_MODEL_VARIANTS.items()
+    }
 
 
 @pytest.fixture(scope="session")

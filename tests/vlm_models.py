@@ -67,8 +67,7 @@ VLM_FAMILIES: dict[str, tuple[str, str, str]] = {
     "llava-clip-llama": ("LlavaForConditionalGeneration", "llama", LLAVA_IMAGE_TOKEN),
     "llava-siglip-qwen2": ("LlavaForConditionalGeneration", "qwen2", LLAVA_IMAGE_TOKEN),
     "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2_vl", "<|vision_start|><|image_pad|><|vision_end|>"),
-    "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl",
-                   "<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl", "<|vision_start|><|image_pad|><|vision_end|>"),
 }
 
 
@@ -96,13 +95,15 @@ def _tokenizer(out_dir: Path, family: str) -> transformers.PreTrainedTokenizerBa
 
 def _image_processor(family: str, image_size: int) -> Any:
     if family == "llava-clip-llama":
-        return transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
-                                               crop_size={"height": image_size, "width": image_size})
+        return transformers.CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
     if family == "llava-siglip-qwen2":
         return transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size})
     # Qwen: images between 2x2 and 8x8 patches (a patch grid is a multiple of the 2x2 merge)
-    return transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112, patch_size=PATCH_SIZE,
-                                              merge_size=2, temporal_patch_size=2)
+    return transformers.Qwen2VLImageProcessor(
+        min_pixels=28 * 28, max_pixels=112 * 112, patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,46 +123,90 @@ def _text_config(model_type: str, tokenizer: transformers.PreTrainedTokenizerBas
         config.update(sliding_window=None, use_sliding_window=False)
     if model_type.startswith("qwen2") and model_type != "qwen2":  # Qwen2-VL LMs: head_dim = hidden / heads
         config.pop("head_dim")
-        config.update(model_type=f"{model_type}_text", sliding_window=None, use_sliding_window=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        config.update(
+            model_type=f"{model_type}_text",
+            sliding_window=None,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        )
     return config
 
 
 def _vision_config(family: str, image_size: int) -> dict[str, Any]:
     if family == "llava-clip-llama":
-        return {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 48,
-                "num_hidden_layers": 3, "num_attention_heads": 2, "image_size": image_size,
-                "patch_size": PATCH_SIZE, "projection_dim": 32}
+        return {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": PATCH_SIZE,
+            "projection_dim": 32,
+        }
     if family == "llava-siglip-qwen2":
-        return {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 48,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": image_size,
-                "patch_size": PATCH_SIZE}
+        return {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": PATCH_SIZE,
+        }
     if family == "qwen2-vl":
-        return {"depth": 2, "embed_dim": 32, "hidden_size": _TEXT_CONFIG["hidden_size"], "num_heads": 2,
-                "mlp_ratio": 2, "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2}
+        return {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": _TEXT_CONFIG["hidden_size"],
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
     # Qwen2.5-VL: windows of 2x2 merged tokens (56 px); block 1 attends over the whole image
-    return {"depth": 2, "hidden_size": 32, "out_hidden_size": _TEXT_CONFIG["hidden_size"], "intermediate_size": 48,
-            "num_heads": 2, "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "window_size": 56, "fullatt_block_indexes": [1]}
+    return {
+        "depth": 2,
+        "hidden_size": 32,
+        "out_hidden_size": _TEXT_CONFIG["hidden_size"],
+        "intermediate_size": 48,
+        "num_heads": 2,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
 
 
-def _model_config(family: str, tokenizer: transformers.PreTrainedTokenizerBase, image_size: int,
-                  overrides: dict[str, Any]) -> transformers.PretrainedConfig:
+def _model_config(
+    family: str, tokenizer: transformers.PreTrainedTokenizerBase, image_size: int, overrides: dict[str, Any]
+) -> transformers.PretrainedConfig:
     architecture, lm_type, _ = VLM_FAMILIES[family]
     text = _text_config(lm_type, tokenizer)
     vision = _vision_config(family, image_size)
     if family.startswith("llava"):
         siglip = family == "llava-siglip-qwen2"
-        kwargs = {"text_config": text, "vision_config": vision,
-                  "image_token_index": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
-                  "vision_feature_select_strategy": "full" if siglip else "default",
-                  "vision_feature_layer": [-2, -1] if siglip else -2,
-                  "projector_hidden_act": "gelu"}
+        kwargs = {
+            "text_config": text,
+            "vision_config": vision,
+            "image_token_index": tokenizer.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+            "vision_feature_select_strategy": "full" if siglip else "default",
+            "vision_feature_layer": [-2, -1] if siglip else -2,
+            "projector_hidden_act": "gelu",
+        }
         model_type = "llava"
     else:
         ids = tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
-        kwargs = {"text_config": text, "vision_config": vision, "vision_start_token_id": ids[0],
-                  "image_token_id": ids[1], "vision_end_token_id": ids[2], "video_token_id": ids[3]}
+        kwargs = {
+            "text_config": text,
+            "vision_config": vision,
+            "vision_start_token_id": ids[0],
+            "image_token_id": ids[1],
+            "vision_end_token_id": ids[2],
+            "video_token_id": ids[3],
+        }
         model_type = lm_type
     kwargs.update(copy.deepcopy(overrides))
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
@@ -173,8 +218,9 @@ def _model_config(family: str, tokenizer: transformers.PreTrainedTokenizerBase, 
 # Directory
 
 
-def build_vlm_dir(out_dir: str | os.PathLike, family: str, *, seed: int = 0, image_size: int | None = None,
-                  **config_overrides: Any) -> Path:
+def build_vlm_dir(
+    out_dir: str | os.PathLike, family: str, *, seed: int = 0, image_size: int | None = None, **config_overrides: Any
+) -> Path:
     """Write a tiny random VLM of `family` into `out_dir` and return its path.
 
     `image_size` is the LLaVA tower's square input (default 56 for CLIP, 42 for SigLIP); Qwen models take
@@ -191,10 +237,13 @@ def build_vlm_dir(out_dir: str | os.PathLike, family: str, *, seed: int = 0, ima
     if family.startswith("llava"):
         config = _model_config(family, tokenizer, image_size, config_overrides)
         processor = transformers.LlavaProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=PATCH_SIZE,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             num_additional_image_tokens=1 if family == "llava-clip-llama" else 0,
-            chat_template=tokenizer.chat_template)
+            chat_template=tokenizer.chat_template,
+        )
         processor.save_pretrained(out_path)
     else:
         config = _model_config(family, tokenizer, image_size, config_overrides)

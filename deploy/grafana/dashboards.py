@@ -137,8 +137,16 @@ def target(expr: str, legend: str) -> Target:
 
 
 def panel(title: str, description: str, unit: str, *targets: Target, **options) -> TimeSeries:
-    return TimeSeries(title=title, description=description, unit=unit, targets=list(targets),
-                      dataSource=DATASOURCE, tooltipMode="multi", legendDisplayMode="list", **options)
+    return TimeSeries(
+        title=title,
+        description=description,
+        unit=unit,
+        targets=list(targets),
+        dataSource=DATASOURCE,
+        tooltipMode="multi",
+        legendDisplayMode="list",
+        **options,
+    )
 
 
 def p50_p99(histogram: str, matchers: str = MODEL) -> list[Target]:
@@ -147,46 +155,95 @@ def p50_p99(histogram: str, matchers: str = MODEL) -> list[Target]:
 
 def overview() -> list[TimeSeries]:
     return [
-        panel("Requests / s", "Finished completions per second, by finish reason.", "reqps",
-              target(f"sum by (finished_reason) ({rate('vllm:request_success_total')})", "{{finished_reason}}")),
-        panel("Errors / s", "Requests refused by admission (HTTP 429 / 503), by the limit that was reached.",
-              "reqps",
-              target(f"sum by (reason) ({rate('tristage:admission_rejections_total')})", "{{reason}}")),
-        panel("Gateway queue", "Requests admitted and not yet ended, and those still waiting for their first "
-              "token.", "short",
-              target(f"sum(tristage:gateway_requests_in_flight{{{MODEL}}})", "in flight"),
-              target(f"sum(tristage:gateway_queued_requests{{{MODEL}}})", "waiting for first token")),
-        panel("Time to first token", "Arrival to first token, p50 and p99.", "s",
-              *p50_p99("vllm:time_to_first_token_seconds")),
-        panel("Inter-token latency", "Between two steps of one request that brought tokens, p50 and p99.", "s",
-              *p50_p99("vllm:inter_token_latency_seconds")),
-        panel("End-to-end latency", "Arrival to last token of finished requests, p50 and p99.", "s",
-              *p50_p99("vllm:e2e_request_latency_seconds")),
-        panel("Goodput", "Requests per second whose first token came within $ttft_slo s (the TTFT SLO).",
-              "reqps",
-              target(f"sum(rate(vllm:time_to_first_token_seconds_bucket{{{MODEL}, {le_at('ttft_slo')}}}"
-                     f"[{WINDOW}]))", "TTFT <= $ttft_slo s")),
-        panel("SLO attainment", "Share of requests with TTFT within $ttft_slo s, and of token steps within "
-              "$itl_slo s.", "percentunit",
-              target(f"sum(rate(vllm:time_to_first_token_seconds_bucket{{{MODEL}, {le_at('ttft_slo')}}}"
-                     f"[{WINDOW}])) / sum({rate('vllm:time_to_first_token_seconds_count')})", "TTFT"),
-              target(f"sum(rate(vllm:inter_token_latency_seconds_bucket{{{MODEL}, {le_at('itl_slo')}}}"
-                     f"[{WINDOW}])) / sum({rate('vllm:inter_token_latency_seconds_count')})", "ITL"),
-              valueMin=0, valueMax=1),
-        panel("Tokens / s", "Prompt tokens of requests that started and tokens generated, per second.", "short",
-              target(f"sum({rate('vllm:prompt_tokens_total')})", "prompt"),
-              target(f"sum({rate('vllm:generation_tokens_total')})", "generation")),
+        panel(
+            "Requests / s",
+            "Finished completions per second, by finish reason.",
+            "reqps",
+            target(f"sum by (finished_reason) ({rate('vllm:request_success_total')})", "{{finished_reason}}"),
+        ),
+        panel(
+            "Errors / s",
+            "Requests refused by admission (HTTP 429 / 503), by the limit that was reached.",
+            "reqps",
+            target(f"sum by (reason) ({rate('tristage:admission_rejections_total')})", "{{reason}}"),
+        ),
+        panel(
+            "Gateway queue",
+            "Requests admitted and not yet ended, and those still waiting for their first token.",
+            "short",
+            target(f"sum(tristage:gateway_requests_in_flight{{{MODEL}}})", "in flight"),
+            target(f"sum(tristage:gateway_queued_requests{{{MODEL}}})", "waiting for first token"),
+        ),
+        panel(
+            "Time to first token",
+            "Arrival to first token, p50 and p99.",
+            "s",
+            *p50_p99("vllm:time_to_first_token_seconds"),
+        ),
+        panel(
+            "Inter-token latency",
+            "Between two steps of one request that brought tokens, p50 and p99.",
+            "s",
+            *p50_p99("vllm:inter_token_latency_seconds"),
+        ),
+        panel(
+            "End-to-end latency",
+            "Arrival to last token of finished requests, p50 and p99.",
+            "s",
+            *p50_p99("vllm:e2e_request_latency_seconds"),
+        ),
+        panel(
+            "Goodput",
+            "Requests per second whose first token came within $ttft_slo s (the TTFT SLO).",
+            "reqps",
+            target(
+                f"sum(rate(vllm:time_to_first_token_seconds_bucket{{{MODEL}, {le_at('ttft_slo')}}}[{WINDOW}]))",
+                "TTFT <= $ttft_slo s",
+            ),
+        ),
+        panel(
+            "SLO attainment",
+            "Share of requests with TTFT within $ttft_slo s, and of token steps within $itl_slo s.",
+            "percentunit",
+            target(
+                f"sum(rate(vllm:time_to_first_token_seconds_bucket{{{MODEL}, {le_at('ttft_slo')}}}"
+                f"[{WINDOW}])) / sum({rate('vllm:time_to_first_token_seconds_count')})",
+                "TTFT",
+            ),
+            target(
+                f"sum(rate(vllm:inter_token_latency_seconds_bucket{{{MODEL}, {le_at('itl_slo')}}}"
+                f"[{WINDOW}])) / sum({rate('vllm:inter_token_latency_seconds_count')})",
+                "ITL",
+            ),
+            valueMin=0,
+            valueMax=1,
+        ),
+        panel(
+            "Tokens / s",
+            "Prompt tokens of requests that started and tokens generated, per second.",
+            "short",
+            target(f"sum({rate('vllm:prompt_tokens_total')})", "prompt"),
+            target(f"sum({rate('vllm:generation_tokens_total')})", "generation"),
+        ),
     ]
 
 
 def encode() -> list[TimeSeries]:
     return [
-        panel("Encode latency", "Vision encoder time per request, p50 and p99.", "s",
-              *p50_p99("tristage:encode_latency_seconds")),
-        panel("Embedding-cache hit rate", "Image embeddings found in the encoders' caches.", "percentunit",
-              target(ratio("tristage:embedding_cache_hits_total", "tristage:embedding_cache_queries_total"),
-                     "hit rate"),
-              valueMin=0, valueMax=1),
+        panel(
+            "Encode latency",
+            "Vision encoder time per request, p50 and p99.",
+            "s",
+            *p50_p99("tristage:encode_latency_seconds"),
+        ),
+        panel(
+            "Embedding-cache hit rate",
+            "Image embeddings found in the encoders' caches.",
+            "percentunit",
+            target(ratio("tristage:embedding_cache_hits_total", "tristage:embedding_cache_queries_total"), "hit rate"),
+            valueMin=0,
+            valueMax=1,
+        ),
     ]
 
 
@@ -197,64 +254,127 @@ def stage_matchers(stage: str) -> str:
 def prefill() -> list[TimeSeries]:
     workers = stage_matchers("prefill")
     return [
-        panel("Prefill queue", "Requests waiting on each prefill (or colocated) worker.", "short",
-              target(f"sum by (worker) (vllm:num_requests_waiting{{{workers}}})", "{{worker}}")),
-        panel("Prompt tokens / s", "Prompt tokens of requests that started, per second.", "short",
-              target(f"sum({rate('vllm:prompt_tokens_total')})", "prompt tokens")),
-        panel("Prefix-cache hit rate", "Prompt tokens found in each worker's prefix cache.", "percentunit",
-              target(f"sum by (worker) ({rate('vllm:prefix_cache_hits_total', workers)}) / "
-                     f"sum by (worker) ({rate('vllm:prefix_cache_queries_total', workers)})", "{{worker}}"),
-              valueMin=0, valueMax=1),
+        panel(
+            "Prefill queue",
+            "Requests waiting on each prefill (or colocated) worker.",
+            "short",
+            target(f"sum by (worker) (vllm:num_requests_waiting{{{workers}}})", "{{worker}}"),
+        ),
+        panel(
+            "Prompt tokens / s",
+            "Prompt tokens of requests that started, per second.",
+            "short",
+            target(f"sum({rate('vllm:prompt_tokens_total')})", "prompt tokens"),
+        ),
+        panel(
+            "Prefix-cache hit rate",
+            "Prompt tokens found in each worker's prefix cache.",
+            "percentunit",
+            target(
+                f"sum by (worker) ({rate('vllm:prefix_cache_hits_total', workers)}) / "
+                f"sum by (worker) ({rate('vllm:prefix_cache_queries_total', workers)})",
+                "{{worker}}",
+            ),
+            valueMin=0,
+            valueMax=1,
+        ),
     ]
 
 
 def decode() -> list[TimeSeries]:
     workers = stage_matchers("decode")
     return [
-        panel("Decode running", "Requests running on each decode (or colocated) worker.", "short",
-              target(f"sum by (worker) (vllm:num_requests_running{{{workers}}})", "{{worker}}")),
-        panel("KV-cache usage", "Fraction of each worker's KV-cache blocks in use.", "percentunit",
-              target(f"max by (worker) (vllm:kv_cache_usage_perc{{{workers}}})", "{{worker}}"),
-              valueMin=0, valueMax=1),
-        panel("Decode inter-token latency", "Between two steps of one request, p50, p90 and p99.", "s",
-              *p50_p99("vllm:inter_token_latency_seconds"),
-              target(quantile(0.9, "vllm:inter_token_latency_seconds"), "p90")),
-        panel("Preemptions / s", "Requests preempted (their KV freed, to be recomputed) per worker.", "short",
-              target(f"sum by (worker) ({rate('vllm:num_preemptions_total', workers)})", "{{worker}}")),
-        panel("Generation tokens / s", "Tokens generated per second.", "short",
-              target(f"sum({rate('vllm:generation_tokens_total')})", "tokens")),
+        panel(
+            "Decode running",
+            "Requests running on each decode (or colocated) worker.",
+            "short",
+            target(f"sum by (worker) (vllm:num_requests_running{{{workers}}})", "{{worker}}"),
+        ),
+        panel(
+            "KV-cache usage",
+            "Fraction of each worker's KV-cache blocks in use.",
+            "percentunit",
+            target(f"max by (worker) (vllm:kv_cache_usage_perc{{{workers}}})", "{{worker}}"),
+            valueMin=0,
+            valueMax=1,
+        ),
+        panel(
+            "Decode inter-token latency",
+            "Between two steps of one request, p50, p90 and p99.",
+            "s",
+            *p50_p99("vllm:inter_token_latency_seconds"),
+            target(quantile(0.9, "vllm:inter_token_latency_seconds"), "p90"),
+        ),
+        panel(
+            "Preemptions / s",
+            "Requests preempted (their KV freed, to be recomputed) per worker.",
+            "short",
+            target(f"sum by (worker) ({rate('vllm:num_preemptions_total', workers)})", "{{worker}}"),
+        ),
+        panel(
+            "Generation tokens / s",
+            "Tokens generated per second.",
+            "short",
+            target(f"sum({rate('vllm:generation_tokens_total')})", "tokens"),
+        ),
     ]
 
 
 def transfers() -> list[TimeSeries]:
     return [
-        panel("Transfer bytes / s", "KV blocks (prefill to decode) and image embeddings (encode to prefill).",
-              "Bps",
-              target(f"sum({rate('tristage:kv_transfer_bytes_total')})", "KV"),
-              target(f"sum({rate('tristage:embedding_transfer_bytes_total')})", "embeddings")),
-        panel("KV transfer latency", "One request's KV from first layer sent to acknowledged, p50 and p99.", "s",
-              *p50_p99("tristage:kv_transfer_seconds")),
-        panel("Transfer failures / s", "Failed or timed-out KV transfers, and the requests whose decode worker "
-              "recomputed the prefill instead.", "short",
-              target(f"sum({rate('tristage:kv_transfer_failures_total')})", "failures"),
-              target(f"sum({rate('tristage:kv_transfer_fallbacks_total')})", "fallbacks")),
-        panel("Migrations / s", "Requests moved from one worker to another while running.", "short",
-              target(f"sum({rate('tristage:request_migrations_total')})", "migrations")),
+        panel(
+            "Transfer bytes / s",
+            "KV blocks (prefill to decode) and image embeddings (encode to prefill).",
+            "Bps",
+            target(f"sum({rate('tristage:kv_transfer_bytes_total')})", "KV"),
+            target(f"sum({rate('tristage:embedding_transfer_bytes_total')})", "embeddings"),
+        ),
+        panel(
+            "KV transfer latency",
+            "One request's KV from first layer sent to acknowledged, p50 and p99.",
+            "s",
+            *p50_p99("tristage:kv_transfer_seconds"),
+        ),
+        panel(
+            "Transfer failures / s",
+            "Failed or timed-out KV transfers, and the requests whose decode worker recomputed the prefill instead.",
+            "short",
+            target(f"sum({rate('tristage:kv_transfer_failures_total')})", "failures"),
+            target(f"sum({rate('tristage:kv_transfer_fallbacks_total')})", "fallbacks"),
+        ),
+        panel(
+            "Migrations / s",
+            "Requests moved from one worker to another while running.",
+            "short",
+            target(f"sum({rate('tristage:request_migrations_total')})", "migrations"),
+        ),
     ]
 
 
 def router() -> list[TimeSeries]:
     return [
-        panel("Router decisions / s", "Placements by policy and by the reason the policy gave.", "short",
-              target(f"sum by (policy, reason) ({rate('tristage:router_decisions_total')})",
-                     "{{policy}} / {{reason}}")),
-        panel("Prefix hit rate: predicted vs observed", "Prompt tokens the router expected to find cached, and "
-              "those the workers found, as a share of all prompt tokens.", "percentunit",
-              target(ratio("tristage:router_predicted_hit_tokens_total", "vllm:prompt_tokens_total"), "predicted"),
-              target(ratio("tristage:router_observed_hit_tokens_total", "vllm:prompt_tokens_total"), "observed"),
-              valueMin=0, valueMax=1),
-        panel("Load imbalance", "The router's view of load imbalance between workers of a pool.", "short",
-              target(f"max(tristage:router_load_imbalance{{{MODEL}}})", "imbalance")),
+        panel(
+            "Router decisions / s",
+            "Placements by policy and by the reason the policy gave.",
+            "short",
+            target(f"sum by (policy, reason) ({rate('tristage:router_decisions_total')})", "{{policy}} / {{reason}}"),
+        ),
+        panel(
+            "Prefix hit rate: predicted vs observed",
+            "Prompt tokens the router expected to find cached, and "
+            "those the workers found, as a share of all prompt tokens.",
+            "percentunit",
+            target(ratio("tristage:router_predicted_hit_tokens_total", "vllm:prompt_tokens_total"), "predicted"),
+            target(ratio("tristage:router_observed_hit_tokens_total", "vllm:prompt_tokens_total"), "observed"),
+            valueMin=0,
+            valueMax=1,
+        ),
+        panel(
+            "Load imbalance",
+            "The router's view of load imbalance between workers of a pool.",
+            "short",
+            target(f"max(tristage:router_load_imbalance{{{MODEL}}})", "imbalance"),
+        ),
     ]
 
 
@@ -288,22 +408,38 @@ def custom_variable(name: str, label: str, choices: tuple[str, ...], default: st
 
 
 def templating() -> Templating:
-    return Templating(list=[
-        Template(name="datasource", label="Data source", type="datasource", query="prometheus", default=""),
-        Template(name="model_name", label="Model", dataSource=DATASOURCE,
-                 query="label_values(vllm:e2e_request_latency_seconds_count, model_name)",
-                 includeAll=True, multi=True, allValue=".*", default="$__all", refresh=2),
-        custom_variable("ttft_slo", "TTFT SLO (s)", TTFT_SLO_CHOICES_S, "1"),
-        custom_variable("itl_slo", "ITL SLO (s)", ITL_SLO_CHOICES_S, "0.05"),
-    ])
+    return Templating(
+        list=[
+            Template(name="datasource", label="Data source", type="datasource", query="prometheus", default=""),
+            Template(
+                name="model_name",
+                label="Model",
+                dataSource=DATASOURCE,
+                query="label_values(vllm:e2e_request_latency_seconds_count, model_name)",
+                includeAll=True,
+                multi=True,
+                allValue=".*",
+                default="$__all",
+                refresh=2,
+            ),
+            custom_variable("ttft_slo", "TTFT SLO (s)", TTFT_SLO_CHOICES_S, "1"),
+            custom_variable("itl_slo", "ITL SLO (s)", ITL_SLO_CHOICES_S, "0.05"),
+        ]
+    )
 
 
 def dashboard() -> Dashboard:
     return Dashboard(
-        title="tristage", uid=DASHBOARD_UID, tags=["tristage", "llm-serving"],
+        title="tristage",
+        uid=DASHBOARD_UID,
+        tags=["tristage", "llm-serving"],
         description="tristage: an OpenAI-compatible cluster with encode, prefill and decode pools.",
-        panels=laid_out(), templating=templating(), time=Time("now-1h", "now"), refresh="10s",
-        timezone="browser", graphTooltip=1,
+        panels=laid_out(),
+        templating=templating(),
+        time=Time("now-1h", "now"),
+        refresh="10s",
+        timezone="browser",
+        graphTooltip=1,
     ).auto_panel_ids()
 
 
@@ -322,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path in OUTPUTS if not path.exists() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(REPO_ROOT)} is out of date: run python deploy/grafana/dashboards.py",
-                  file=sys.stderr)
+            print(
+                f"{path.relative_to(REPO_ROOT)} is out of date: run python deploy/grafana/dashboards.py",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)

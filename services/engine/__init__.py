@@ -13,5 +13,14 @@ from services.engine.llm import LLM
 from services.engine.outputs import CompletionOutput, Handoff, Logprob, RequestOutput, StepOutputs
 from services.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "Handoff",
-           "StepOutputs"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "Handoff",
+    "LLMEngine",
+    "Logprob",
+    "RequestOutput",
+    "SamplingParams",
+    "StepOutputs",
+]

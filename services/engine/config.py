@@ -6,9 +6,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
-          "float": torch.float32}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float": torch.float32,
+}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 CPU_KV_CACHE_BYTES = 512 * 2**20  # default KV budget on CPU
@@ -34,7 +41,7 @@ class EngineConfig:
     max_cuda_graph_batch_size: int = 256
     seed: int = 0  # dummy weights and unseeded sampling
 
-    def resolved(self) -> "EngineConfig":
+    def resolved(self) -> EngineConfig:
         """Fill the `auto` fields for this machine and check the rest."""
         device = self.device
         if device == "auto":

@@ -103,48 +103,163 @@ _TOKENIZER_FILES = (
 # Corpus
 
 _SUBJECTS = (
-    "the engineer", "a small robot", "my neighbour", "the old library", "every student", "the river",
-    "our team", "the quiet cat", "a travelling musician", "the city council", "this program",
-    "the weather", "an honest merchant", "the first train", "her grandmother", "the server",
-    "a curious child", "the scheduler", "the garden", "each worker", "the museum", "the captain",
+    "the engineer",
+    "a small robot",
+    "my neighbour",
+    "the old library",
+    "every student",
+    "the river",
+    "our team",
+    "the quiet cat",
+    "a travelling musician",
+    "the city council",
+    "this program",
+    "the weather",
+    "an honest merchant",
+    "the first train",
+    "her grandmother",
+    "the server",
+    "a curious child",
+    "the scheduler",
+    "the garden",
+    "each worker",
+    "the museum",
+    "the captain",
 )
 _VERBS = (
-    "reads", "builds", "carries", "remembers", "counts", "paints", "answers", "follows", "repairs",
-    "watches", "sends", "opens", "measures", "writes", "explains", "collects", "visits", "borrows",
-    "prepares", "forgets", "teaches", "describes", "compares", "finds",
+    "reads",
+    "builds",
+    "carries",
+    "remembers",
+    "counts",
+    "paints",
+    "answers",
+    "follows",
+    "repairs",
+    "watches",
+    "sends",
+    "opens",
+    "measures",
+    "writes",
+    "explains",
+    "collects",
+    "visits",
+    "borrows",
+    "prepares",
+    "forgets",
+    "teaches",
+    "describes",
+    "compares",
+    "finds",
 )
 _OBJECTS = (
-    "a long letter", "the blue door", "three green apples", "the morning news", "a broken clock",
-    "the map of the valley", "several tokens", "a cup of tea", "the final report", "two old books",
-    "the secret recipe", "a bright lantern", "the shopping list", "every request", "a paper boat",
-    "the summer schedule", "a warm blanket", "the answer", "forty small stones", "the last song",
+    "a long letter",
+    "the blue door",
+    "three green apples",
+    "the morning news",
+    "a broken clock",
+    "the map of the valley",
+    "several tokens",
+    "a cup of tea",
+    "the final report",
+    "two old books",
+    "the secret recipe",
+    "a bright lantern",
+    "the shopping list",
+    "every request",
+    "a paper boat",
+    "the summer schedule",
+    "a warm blanket",
+    "the answer",
+    "forty small stones",
+    "the last song",
 )
 _ADJECTIVES = (
-    "quick", "gentle", "bright", "heavy", "simple", "careful", "ancient", "modern", "noisy", "calm",
-    "strange", "useful", "tiny", "enormous", "patient", "golden", "silver", "hidden", "famous",
+    "quick",
+    "gentle",
+    "bright",
+    "heavy",
+    "simple",
+    "careful",
+    "ancient",
+    "modern",
+    "noisy",
+    "calm",
+    "strange",
+    "useful",
+    "tiny",
+    "enormous",
+    "patient",
+    "golden",
+    "silver",
+    "hidden",
+    "famous",
 )
 _PLACES = (
-    "in the kitchen", "near the station", "by the sea", "on the hill", "at the market",
-    "under the bridge", "in the north tower", "behind the school", "across the square",
-    "inside the cache", "on the third floor", "beside the lake", "in a café in Zürich",
-    "at a piñata party", "on the road to Kraków", "in São Paulo", "near the façade",
+    "in the kitchen",
+    "near the station",
+    "by the sea",
+    "on the hill",
+    "at the market",
+    "under the bridge",
+    "in the north tower",
+    "behind the school",
+    "across the square",
+    "inside the cache",
+    "on the third floor",
+    "beside the lake",
+    "in a café in Zürich",
+    "at a piñata party",
+    "on the road to Kraków",
+    "in São Paulo",
+    "near the façade",
 )
 _TIMES = (
-    "every morning", "before dinner", "at noon", "on Sunday", "late at night", "in the spring",
-    "after the rain", "twice a week", "during the winter", "at 7:30", "since 1998", "by Friday",
+    "every morning",
+    "before dinner",
+    "at noon",
+    "on Sunday",
+    "late at night",
+    "in the spring",
+    "after the rain",
+    "twice a week",
+    "during the winter",
+    "at 7:30",
+    "since 1998",
+    "by Friday",
 )
 _CONNECTIVES = ("and then", "because", "although", "while", "so", "but", "until", "after")
 _NON_ASCII_WORDS = (
-    "café", "naïve", "résumé", "über", "Zürich", "crème brûlée", "jalapeño", "fiancée", "déjà vu",
-    "Straße", "smörgåsbord", "Ελλάδα", "привет", "спасибо", "東京", "こんにちは", "你好", "안녕하세요",
-    "→", "€", "°C", "½", "😊",
+    "café",
+    "naïve",
+    "résumé",
+    "über",
+    "Zürich",
+    "crème brûlée",
+    "jalapeño",
+    "fiancée",
+    "déjà vu",
+    "Straße",
+    "smörgåsbord",
+    "Ελλάδα",
+    "привет",
+    "спасибо",
+    "東京",
+    "こんにちは",
+    "你好",
+    "안녕하세요",
+    "→",
+    "€",
+    "°C",
+    "½",
+    "😊",
 )
 _SYMBOL_LINES = (
     "x = {a} + {b} * 2; y = x - {c};",
     "if (count > {a}) {{ return {b}; }}",
     "total: ${a}.{c:02d} (tax {b}%)",
     "https://example.com/items/{a}?page={b}&sort=asc",
-    "user_{a}@example.org wrote: \"see section {b}.{c}\"",
+    'user_{a}@example.org wrote: "see section {b}.{c}"',
     "[{a}, {b}, {c}] -> sum = {d}",
     "Q{c}: what is {a} / {b}? A: about {e:.2f}.",
     "#{a} -- ({b}/{c}) :: ok!",
@@ -168,7 +283,7 @@ def _numbers_line(rng: random.Random) -> str:
 
 def _unicode_line(rng: random.Random) -> str:
     word, other = rng.choice(_NON_ASCII_WORDS), rng.choice(_NON_ASCII_WORDS)
-    return f"The {rng.choice(_ADJECTIVES)} word \"{word}\" sits next to {other}, {rng.choice(_TIMES)}."
+    return f'The {rng.choice(_ADJECTIVES)} word "{word}" sits next to {other}, {rng.choice(_TIMES)}.'
 
 
 def corpus_lines(num_lines: int = 600, seed: int = 0) -> list[str]:
@@ -247,8 +362,9 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _model_config(architecture: str, tokenizer: transformers.PreTrainedTokenizerBase,
-                  overrides: dict[str, Any]) -> transformers.PretrainedConfig:
+def _model_config(
+    architecture: str, tokenizer: transformers.PreTrainedTokenizerBase, overrides: dict[str, Any]
+) -> transformers.PretrainedConfig:
     model_type, attention_settings = _ARCHITECTURES[architecture]
     kwargs: dict[str, Any] = {
         **TINY_CONFIG,
@@ -329,8 +445,13 @@ def build_model_dir(
 # Cached default model
 
 # A published directory holds all of these; anything less was not built by us and is rebuilt.
-_COMPLETE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
-                         "tokenizer.json", "tokenizer_config.json")
+_COMPLETE_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:

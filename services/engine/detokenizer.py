@@ -46,8 +46,9 @@ _REPLACEMENT_CHAR = "\ufffd"
 class _WindowDecoder:
     """Token ids in, newly completed text out (the prefix-offset / read-offset method)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int],
-                 skip_special_tokens: bool) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int], skip_special_tokens: bool
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
@@ -73,18 +74,19 @@ class _WindowDecoder:
         return new_text
 
     def _pending_text(self) -> str:
-        prefix_text = self._decode(self._token_ids[self._prefix_offset:self._read_offset])
-        full_text = self._decode(self._token_ids[self._prefix_offset:])
-        return full_text[len(prefix_text):]
+        prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._token_ids[self._prefix_offset :])
+        return full_text[len(prefix_text) :]
 
     def _advance(self) -> None:
-        del self._token_ids[:self._read_offset]  # keep [read_offset:] as the next context
+        del self._token_ids[: self._read_offset]  # keep [read_offset:] as the next context
         self._prefix_offset = 0
         self._read_offset = len(self._token_ids)
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens,
-                                      clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(
+            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
 
 class _StopStringMatcher:
@@ -130,8 +132,7 @@ class IncrementalDetokenizer:
     or `finish()` ran, further `update()` calls are ignored and return None.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._decoder = _WindowDecoder(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._matcher = _StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self._released: list[str] = []  # pieces of output_text, joined lazily

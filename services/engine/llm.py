@@ -50,8 +50,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in the prompts' order."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -74,16 +77,16 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Apply the model's chat template to one conversation and generate the assistant's reply."""
-        token_ids = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                              return_dict=False)
+        token_ids = self.engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return self.generate({"prompt_token_ids": list(token_ids)}, sampling_params)[0]
 
     def _encode_images(self, prompt: Prompt) -> tuple[Prompt, MultiModalInputs | None]:
         if not (isinstance(prompt, dict) and "multi_modal_data" in prompt):
             return prompt, None
         if self.vision is None:
-            raise InvalidRequestError("this model takes no images (it is a text-only model)",
-                                      param="multi_modal_data")
+            raise InvalidRequestError("this model takes no images (it is a text-only model)", param="multi_modal_data")
         return self.vision.prepare(prompt)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -108,8 +111,9 @@ class OfflineVision:
         model_dir = str(config.model or default_model_path())
         if VisionLanguageSpec.from_hf_config(read_model_config(model_dir)) is None:
             return None
-        encoder = VisionEncoder.from_model_dir(model_dir, config.device, config.torch_dtype, config.load_format,
-                                               config.seed)
+        encoder = VisionEncoder.from_model_dir(
+            model_dir, config.device, config.torch_dtype, config.load_format, config.seed
+        )
         return cls(MultiModalProcessor.from_model_dir(model_dir), encoder)
 
     def prepare(self, prompt: dict[str, Any]) -> tuple[dict[str, Any], MultiModalInputs]:
@@ -117,8 +121,9 @@ class OfflineVision:
         data = dict(prompt["multi_modal_data"])
         images = data.pop("image", [])
         if data:
-            raise InvalidRequestError(f"unsupported modalities {sorted(data)}; only 'image' is",
-                                      param="multi_modal_data")
+            raise InvalidRequestError(
+                f"unsupported modalities {sorted(data)}; only 'image' is", param="multi_modal_data"
+            )
         images = images if isinstance(images, (list, tuple)) else [images]
         hashes = (prompt.get("multi_modal_uuids") or {}).get("image")
         text_or_ids = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]

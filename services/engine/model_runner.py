@@ -64,15 +64,23 @@ class ModelRunner:
         start = time.perf_counter()
         # the fused Triton ops go with the Triton attention backend (the GPU fast path); torch otherwise
         ops = "triton" if config.attention_backend == "triton" else "torch"
-        self.model: DecoderLM = load_model(model_dir, hf_config, self.device, self.dtype, config.load_format,
-                                           config.seed, ops=ops)
+        self.model: DecoderLM = load_model(
+            model_dir, hf_config, self.device, self.dtype, config.load_format, config.seed, ops=ops
+        )
         logger.info("loaded %s in %.1f s", model_dir, time.perf_counter() - start)
         spec = self.model.spec
         self.kv_bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * self.dtype.itemsize
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache = torch.zeros(  # [layers, k|v, blocks, block_size, kv_heads, head_dim]
-            spec.num_layers, 2, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim,
-            device=self.device, dtype=self.dtype)
+            spec.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+        )
         self.attention = create_attention(config.attention_backend, self.kv_cache, spec.head_dim**-0.5)
         self.max_model_len = self._max_model_len()
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -118,16 +126,23 @@ class ModelRunner:
         torch.cuda.empty_cache()
         headroom = int(0.25 * (peak - torch.cuda.memory_allocated())) + 256 * 2**20  # graphs, sampler, fragmentation
         budget = int(total * self.config.gpu_memory_utilization) - peak - headroom
-        logger.info("GPU memory: total %.1f GiB, peak after load %.1f GiB, KV budget %.1f GiB (%d layers, %d kv heads)",
-                    total / 2**30, peak / 2**30, budget / 2**30, spec.num_layers, spec.num_kv_heads)
+        logger.info(
+            "GPU memory: total %.1f GiB, peak after load %.1f GiB, KV budget %.1f GiB (%d layers, %d kv heads)",
+            total / 2**30,
+            peak / 2**30,
+            budget / 2**30,
+            spec.num_layers,
+            spec.num_kv_heads,
+        )
         return max(budget, 0)
 
     def _max_model_len(self) -> int:
         model_len = self.model.spec.max_position_embeddings
         if self.config.max_model_len is not None:
             if self.config.max_model_len > model_len:
-                raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's "
-                                 f"max_position_embeddings {model_len}")
+                raise ValueError(
+                    f"max_model_len {self.config.max_model_len} exceeds the model's max_position_embeddings {model_len}"
+                )
             model_len = self.config.max_model_len
         pool_tokens = (self.num_blocks - 1) * self.block_size
         return min(model_len, pool_tokens)
@@ -197,7 +212,9 @@ class ModelRunner:
             lo, hi = query_start_loc[i], query_start_loc[i + 1]
             if num_new == 1:
                 prompt_len = req.num_prompt_tokens  # one token: index it without concatenating the lists
-                ids[lo] = req.prompt_token_ids[start] if start < prompt_len else req.output_token_ids[start - prompt_len]
+                ids[lo] = (
+                    req.prompt_token_ids[start] if start < prompt_len else req.output_token_ids[start - prompt_len]
+                )
                 positions[lo] = start
             else:
                 ids[lo:hi] = req.all_token_ids[start:end]
@@ -272,8 +289,9 @@ class ModelRunner:
     def write_kv(self, layer_index: int, block_ids: list[int], kv: torch.Tensor) -> None:
         expected = (2, len(block_ids), *self.kv_cache.shape[3:])
         if tuple(kv.shape) != expected or kv.dtype != self.dtype:
-            raise ValueError(f"KV of shape {tuple(kv.shape)} {kv.dtype} does not fit blocks of shape "
-                             f"{expected} {self.dtype}")
+            raise ValueError(
+                f"KV of shape {tuple(kv.shape)} {kv.dtype} does not fit blocks of shape {expected} {self.dtype}"
+            )
         self.kv_cache[layer_index].index_copy_(1, self._block_index(block_ids), kv.to(self.device, non_blocking=True))
 
     def _block_index(self, block_ids: list[int]) -> torch.Tensor:
@@ -283,7 +301,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ CUDA graphs
 
-    def _graph_for(self, num_seqs: int) -> "_DecodeGraph | None":
+    def _graph_for(self, num_seqs: int) -> _DecodeGraph | None:
         for size in CUDA_GRAPH_BATCH_SIZES:
             if size >= num_seqs and size in self._graphs:
                 return self._graphs[size]
@@ -314,14 +332,20 @@ class _GraphBuffers:
 
 
 class _DecodeGraph:
-    def __init__(self, model: DecoderLM, attention, buffers: _GraphBuffers, batch_size: int, max_model_len: int,
-                 pool) -> None:
+    def __init__(
+        self, model: DecoderLM, attention, buffers: _GraphBuffers, batch_size: int, max_model_len: int, pool
+    ) -> None:
         self.buffers, self.batch_size = buffers, batch_size
         b = buffers
         self.metadata = AttentionMetadata(
-            slot_mapping=b.slot_mapping[:batch_size], block_tables=b.block_tables[:batch_size],
-            seq_lens=b.seq_lens[:batch_size], num_decode_seqs=batch_size,
-            query_start_loc=list(range(batch_size + 1)), seq_lens_host=[1] * batch_size, max_seq_len=max_model_len)
+            slot_mapping=b.slot_mapping[:batch_size],
+            block_tables=b.block_tables[:batch_size],
+            seq_lens=b.seq_lens[:batch_size],
+            num_decode_seqs=batch_size,
+            query_start_loc=list(range(batch_size + 1)),
+            seq_lens_host=[1] * batch_size,
+            max_seq_len=max_model_len,
+        )
         self.attention, self.model = attention, model
         b.seq_lens[:batch_size].fill_(1)
         for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
@@ -343,9 +367,9 @@ class _DecodeGraph:
         b.input_ids[:n].copy_(inputs.input_ids)
         b.positions[:n].copy_(inputs.positions)
         b.slot_mapping[:n].copy_(meta.slot_mapping)
-        b.slot_mapping[n:self.batch_size].zero_()  # padding rows write into the padding block
+        b.slot_mapping[n : self.batch_size].zero_()  # padding rows write into the padding block
         b.seq_lens[:n].copy_(meta.seq_lens)
-        b.seq_lens[n:self.batch_size].zero_()
+        b.seq_lens[n : self.batch_size].zero_()
         width = meta.block_tables.shape[1]
         b.block_tables[:n, :width].copy_(meta.block_tables)
         self.graph.replay()
@@ -367,14 +391,14 @@ def _rotary_positions(batch: ScheduledBatch, positions: np.ndarray, query_start_
             continue
         lo, hi, start = int(query_start_loc[i]), int(query_start_loc[i + 1]), req.num_computed_tokens
         num_prompt = max(0, min(hi - lo, req.num_prompt_tokens - start))
-        rotary[lo + num_prompt:hi] += mm.mrope_delta
+        rotary[lo + num_prompt : hi] += mm.mrope_delta
         if num_prompt:
             prompt_chunks.append((lo, start, num_prompt, mm.mrope_positions))
     if not prompt_chunks:
         return rotary
     rotary_3d = np.repeat(rotary[None, :], 3, axis=0)  # [3, num_tokens]
     for lo, start, count, mrope_positions in prompt_chunks:
-        rotary_3d[:, lo:lo + count] = mrope_positions[:, start:start + count].numpy()
+        rotary_3d[:, lo : lo + count] = mrope_positions[:, start : start + count].numpy()
     return rotary_3d
 
 

@@ -74,8 +74,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Ops(Protocol):
     """Elementwise ops of the decoder. Inputs are never mutated, except q and k by `rotary`."""
 
-    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor,
-                     eps: float) -> tuple[Tensor, Tensor]:
+    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         """x, residual: [num_tokens, hidden] -> (normed, new_residual), both [num_tokens, hidden].
 
         new_residual = x + residual in x's dtype (x itself when residual is None); normed is
@@ -88,8 +87,7 @@ class Ops(Protocol):
         """x: [num_tokens, heads, head_dim], weight: [head_dim] -> RMSNorm over head_dim, like x."""
         ...
 
-    def rotary(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
-               positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D]; cos, sin: [max_pos, D] in the dtype; positions: [T] int64.
 
         Returns x * cos[p] + rotate_half(x) * sin[p] for q and k, each product and the sum
@@ -122,16 +120,14 @@ def _torch_rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class TorchOps:
     """The plain-torch compositions of `models.llama`, op for op; any device, any dtype."""
 
-    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor,
-                     eps: float) -> tuple[Tensor, Tensor]:
+    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         new_residual = x if residual is None else x + residual
         return _torch_rms_norm(new_residual, weight, eps), new_residual
 
     def rms_norm_heads(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return _torch_rms_norm(x, weight, eps)
 
-    def rotary(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
-               positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         cos_rows = cos[positions].unsqueeze(1)  # [T, 1, D]
         sin_rows = sin[positions].unsqueeze(1)
         return _torch_rotate(q, cos_rows, sin_rows), _torch_rotate(k, cos_rows, sin_rows)
@@ -167,10 +163,19 @@ def _rms_norm_rows(rows, weight, eps, num_cols, like_ptr):
 
 @_jit
 def _add_rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, normed_ptr, new_residual_ptr,
-    stride_x, stride_residual, stride_normed, stride_new_residual,
-    hidden_size, eps,
-    BLOCK_COLS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    normed_ptr,
+    new_residual_ptr,
+    stride_x,
+    stride_residual,
+    stride_normed,
+    stride_new_residual,
+    hidden_size,
+    eps,
+    BLOCK_COLS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     """One program per token: its whole row [1, BLOCK_COLS] is held in registers.
 
@@ -184,20 +189,28 @@ def _add_rms_norm_kernel(
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + token * stride_residual + cols, mask=mask, other=0.0)
         row = _round_like(row + residual.to(tl.float32), x_ptr)
-        tl.store(new_residual_ptr + token * stride_new_residual + cols,
-                 row.to(new_residual_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            new_residual_ptr + token * stride_new_residual + cols, row.to(new_residual_ptr.dtype.element_ty), mask=mask
+        )
     weight = tl.load(weight_ptr + weight_cols, mask=weight_mask, other=0.0)
     normed = _rms_norm_rows(row, weight.to(tl.float32), eps, hidden_size, x_ptr)
-    tl.store(normed_ptr + token * stride_normed + cols, normed.to(normed_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(normed_ptr + token * stride_normed + cols, normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
 def _rms_norm_heads_kernel(
-    x_ptr, weight_ptr, out_ptr,
-    stride_x_token, stride_x_head, stride_out_token, stride_out_head,
-    num_heads, head_dim, eps,
-    HEAD_DIM_PADDED: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    x_ptr,
+    weight_ptr,
+    out_ptr,
+    stride_x_token,
+    stride_x_head,
+    stride_out_token,
+    stride_out_head,
+    num_heads,
+    head_dim,
+    eps,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
 ):
     """One program per (token, group of BLOCK_HEADS heads): a [BLOCK_HEADS, HEAD_DIM_PADDED] tile."""
     token = tl.program_id(0).to(tl.int64)
@@ -215,8 +228,17 @@ def _rms_norm_heads_kernel(
 
 @_jit
 def _rotate_heads(
-    token_ptr, stride_head, first_head, num_heads, cos_lo, cos_hi, sin_lo, sin_hi,
-    HALF_DIM: tl.constexpr, HALF_DIM_PADDED: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    token_ptr,
+    stride_head,
+    first_head,
+    num_heads,
+    cos_lo,
+    cos_hi,
+    sin_lo,
+    sin_hi,
+    HALF_DIM: tl.constexpr,
+    HALF_DIM_PADDED: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
 ):
     """Rotate heads [first_head, first_head + BLOCK_HEADS) of one token in place.
 
@@ -241,14 +263,27 @@ def _rotate_heads(
 
 @_jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, positions_ptr,
-    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cos, stride_sin,
-    num_q_heads, num_k_heads, num_q_blocks,
-    HALF_DIM: tl.constexpr, HALF_DIM_PADDED: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_k_token,
+    stride_k_head,
+    stride_cos,
+    stride_sin,
+    num_q_heads,
+    num_k_heads,
+    num_q_blocks,
+    HALF_DIM: tl.constexpr,
+    HALF_DIM_PADDED: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
 ):
     """One program per (token, group of BLOCK_HEADS heads); the head groups of q come first:
 
-        program_id(1):  | q heads 0..BH-1 | ... | q group num_q_blocks-1 | k heads 0..BH-1 | ... |
+    program_id(1):  | q heads 0..BH-1 | ... | q group num_q_blocks-1 | k heads 0..BH-1 | ... |
     """
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
@@ -262,23 +297,47 @@ def _rotary_kernel(
     sin_lo = tl.load(sin_row, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
     sin_hi = tl.load(sin_row + HALF_DIM, mask=dim_mask, other=0.0).to(tl.float32)[None, :]
     if head_block < num_q_blocks:
-        _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, head_block * BLOCK_HEADS,
-                      num_q_heads, cos_lo, cos_hi, sin_lo, sin_hi,
-                      HALF_DIM, HALF_DIM_PADDED, BLOCK_HEADS)
+        _rotate_heads(
+            q_ptr + token * stride_q_token,
+            stride_q_head,
+            head_block * BLOCK_HEADS,
+            num_q_heads,
+            cos_lo,
+            cos_hi,
+            sin_lo,
+            sin_hi,
+            HALF_DIM,
+            HALF_DIM_PADDED,
+            BLOCK_HEADS,
+        )
     else:
-        _rotate_heads(k_ptr + token * stride_k_token, stride_k_head,
-                      (head_block - num_q_blocks) * BLOCK_HEADS, num_k_heads,
-                      cos_lo, cos_hi, sin_lo, sin_hi, HALF_DIM, HALF_DIM_PADDED, BLOCK_HEADS)
+        _rotate_heads(
+            k_ptr + token * stride_k_token,
+            stride_k_head,
+            (head_block - num_q_blocks) * BLOCK_HEADS,
+            num_k_heads,
+            cos_lo,
+            cos_hi,
+            sin_lo,
+            sin_hi,
+            HALF_DIM,
+            HALF_DIM_PADDED,
+            BLOCK_HEADS,
+        )
 
 
 @_jit
 def _silu_and_mul_kernel(
-    gate_up_ptr, out_ptr, stride_gate_up, stride_out, intermediate_size,
+    gate_up_ptr,
+    out_ptr,
+    stride_gate_up,
+    stride_out,
+    intermediate_size,
     BLOCK_COLS: tl.constexpr,
 ):
     """One program per (token, block of BLOCK_COLS output columns):
 
-        gate_up row: | gate [0, I) | up [I, 2I) |   ->   out row: [0, I)
+    gate_up row: | gate [0, I) | up [I, 2I) |   ->   out row: [0, I)
     """
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -287,8 +346,7 @@ def _silu_and_mul_kernel(
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + intermediate_size, mask=mask, other=0.0).to(tl.float32)
     silu = _round_like(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), gate_up_ptr)
-    tl.store(out_ptr + token * stride_out + cols, (silu * up).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(out_ptr + token * stride_out + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------- fast path
@@ -297,8 +355,7 @@ def _silu_and_mul_kernel(
 class TritonOps:
     """The kernels above, one launch per call; checks read metadata only, never device values."""
 
-    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor,
-                     eps: float) -> tuple[Tensor, Tensor]:
+    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         x, weight = _unit_last_stride(x), _unit_last_stride(weight)
         num_tokens, hidden_size = x.shape
         _check_dtypes("add_rms_norm", x, weight, residual)
@@ -317,10 +374,19 @@ class TritonOps:
         block_cols = triton.next_power_of_2(hidden_size)
         residual_arg = x if residual is None else residual  # unread when HAS_RESIDUAL is False
         _add_rms_norm_kernel[(num_tokens,)](
-            x, residual_arg, weight, normed, new_residual,
-            x.stride(0), residual_arg.stride(0), normed.stride(0), new_residual.stride(0),
-            hidden_size, eps,
-            BLOCK_COLS=block_cols, HAS_RESIDUAL=residual is not None,
+            x,
+            residual_arg,
+            weight,
+            normed,
+            new_residual,
+            x.stride(0),
+            residual_arg.stride(0),
+            normed.stride(0),
+            new_residual.stride(0),
+            hidden_size,
+            eps,
+            BLOCK_COLS=block_cols,
+            HAS_RESIDUAL=residual is not None,
             num_warps=min(16, max(NUM_WARPS, block_cols // 512)),
         )
         return normed, new_residual
@@ -337,15 +403,23 @@ class TritonOps:
         head_dim_padded = triton.next_power_of_2(head_dim)
         block_heads = _heads_per_program(num_heads, head_dim_padded)
         _rms_norm_heads_kernel[(num_tokens, triton.cdiv(num_heads, block_heads))](
-            x, weight, out,
-            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            num_heads, head_dim, eps,
-            HEAD_DIM_PADDED=head_dim_padded, BLOCK_HEADS=block_heads, num_warps=NUM_WARPS,
+            x,
+            weight,
+            out,
+            x.stride(0),
+            x.stride(1),
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            head_dim,
+            eps,
+            HEAD_DIM_PADDED=head_dim_padded,
+            BLOCK_HEADS=block_heads,
+            num_warps=NUM_WARPS,
         )
         return out
 
-    def rotary(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
-               positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         q, k = _unit_last_stride(q), _unit_last_stride(k)
         cos, sin = _unit_last_stride(cos), _unit_last_stride(sin)
         positions = _unit_last_stride(positions)
@@ -355,16 +429,28 @@ class TritonOps:
         if num_tokens == 0:
             return q, k
         half_dim = head_dim // 2
-        block_heads = _heads_per_program(max(num_q_heads, num_k_heads),
-                                         2 * triton.next_power_of_2(half_dim))
+        block_heads = _heads_per_program(max(num_q_heads, num_k_heads), 2 * triton.next_power_of_2(half_dim))
         num_q_blocks = triton.cdiv(num_q_heads, block_heads)
         num_blocks = num_q_blocks + triton.cdiv(num_k_heads, block_heads)
         _rotary_kernel[(num_tokens, num_blocks)](
-            q, k, cos, sin, positions,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-            num_q_heads, num_k_heads, num_q_blocks,
-            HALF_DIM=half_dim, HALF_DIM_PADDED=triton.next_power_of_2(half_dim),
-            BLOCK_HEADS=block_heads, num_warps=NUM_WARPS,
+            q,
+            k,
+            cos,
+            sin,
+            positions,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            sin.stride(0),
+            num_q_heads,
+            num_k_heads,
+            num_q_blocks,
+            HALF_DIM=half_dim,
+            HALF_DIM_PADDED=triton.next_power_of_2(half_dim),
+            BLOCK_HEADS=block_heads,
+            num_warps=NUM_WARPS,
             enable_fp_fusion=False,  # float32: round x*cos and x*sin before the sum, as torch does
         )
         return q, k
@@ -381,8 +467,13 @@ class TritonOps:
             return out
         grid = (num_tokens, triton.cdiv(intermediate_size, SILU_BLOCK_COLS))
         _silu_and_mul_kernel[grid](
-            gate_up, out, gate_up.stride(0), out.stride(0), intermediate_size,
-            BLOCK_COLS=SILU_BLOCK_COLS, num_warps=NUM_WARPS,
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            intermediate_size,
+            BLOCK_COLS=SILU_BLOCK_COLS,
+            num_warps=NUM_WARPS,
         )
         return out
 
@@ -409,11 +500,13 @@ def _check_rotary_inputs(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
     num_tokens, _, head_dim = q.shape
     _check_dtypes("rotary", q, k, cos, sin)
     if k.shape[0] != num_tokens or k.shape[2] != head_dim or head_dim % 2:
-        raise ValueError(f"rotary: q {tuple(q.shape)} and k {tuple(k.shape)} need one even head_dim "
-                         f"and one token count")
+        raise ValueError(
+            f"rotary: q {tuple(q.shape)} and k {tuple(k.shape)} need one even head_dim and one token count"
+        )
     if cos.shape != sin.shape or cos.shape[1] != head_dim:
-        raise ValueError(f"rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} are not "
-                         f"[max_pos, {head_dim}] tables")
+        raise ValueError(
+            f"rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} are not [max_pos, {head_dim}] tables"
+        )
     if positions.shape != (num_tokens,) or positions.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"rotary: positions must be [{num_tokens}] int64 (or int32)")
 

@@ -38,8 +38,12 @@ class RequestStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         """The request has left this engine's queues."""
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_HANDOFF)
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_HANDOFF,
+        )
 
 
 @dataclass(eq=False)  # identity semantics: a request is one object

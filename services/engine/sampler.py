@@ -90,8 +90,9 @@ def _raw_logprobs(logits: torch.Tensor, requests: Sequence[Request]) -> _RawLogp
     return _RawLogprobs(rows, torch.log_softmax(logits[row_index], dim=-1))
 
 
-def _collect_logprobs(raw: _RawLogprobs | None, token_ids: torch.Tensor,
-                      requests: Sequence[Request]) -> list[TokenLogprobs | None]:
+def _collect_logprobs(
+    raw: _RawLogprobs | None, token_ids: torch.Tensor, requests: Sequence[Request]
+) -> list[TokenLogprobs | None]:
     """Top-k tokens and the sampled token per asking row; one device→host copy per tensor."""
     result: list[TokenLogprobs | None] = [None] * len(requests)
     if raw is None:
@@ -106,8 +107,14 @@ def _collect_logprobs(raw: _RawLogprobs | None, token_ids: torch.Tensor,
     # the top-k list gives the rank over the whole vocabulary.
     top_ranks = 1 + (top_logprobs.unsqueeze(1) > top_logprobs.unsqueeze(2)).sum(dim=-1)  # [n, max_top]
 
-    columns = zip(sampled_ids.squeeze(1).tolist(), sampled_logprobs.squeeze(1).tolist(),
-                  sampled_ranks.tolist(), top_ids.tolist(), top_logprobs.tolist(), top_ranks.tolist())
+    columns = zip(
+        sampled_ids.squeeze(1).tolist(),
+        sampled_logprobs.squeeze(1).tolist(),
+        sampled_ranks.tolist(),
+        top_ids.tolist(),
+        top_logprobs.tolist(),
+        top_ranks.tolist(),
+    )
     for row, (sampled_id, sampled_lp, sampled_rank, ids, lps, ranks) in zip(raw.rows, columns):
         num_top = requests[row].sampling_params.logprobs or 0
         entry = {tid: (lp, rank) for tid, lp, rank in zip(ids[:num_top], lps[:num_top], ranks[:num_top])}
@@ -137,8 +144,7 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: Sequence[Reque
 
 
 def _needs_penalties(params: SamplingParams) -> bool:
-    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-            or params.presence_penalty != 0.0)
+    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
 def _apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -240,12 +246,11 @@ def _apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:
 
 def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """[n] ids of argmax(probs / q), q ~ Exponential(1): seeded rows draw from their generator."""
-    num_rows, vocab_size = probs.shape
+    _num_rows, vocab_size = probs.shape
     q = torch.empty_like(probs)  # [n, vocab_size]
     unseeded = [row for row, g in enumerate(generators) if g is None]
     if unseeded:
-        q[_index(unseeded, probs.device)] = torch.empty(
-            len(unseeded), vocab_size, device=probs.device).exponential_()
+        q[_index(unseeded, probs.device)] = torch.empty(len(unseeded), vocab_size, device=probs.device).exponential_()
     for row, generator in enumerate(generators):
         if generator is not None:
             q[row] = torch.empty(vocab_size, device=probs.device).exponential_(generator=generator)
@@ -262,8 +267,9 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def _param_column(requests: Sequence[Request], get: Callable[[SamplingParams], float],
-                  device: torch.device) -> torch.Tensor:
+def _param_column(
+    requests: Sequence[Request], get: Callable[[SamplingParams], float], device: torch.device
+) -> torch.Tensor:
     """[len(requests), 1] float32 column of one sampling parameter."""
     values = [float(get(r.sampling_params)) for r in requests]
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)

@@ -48,24 +48,42 @@ class SamplingParams:
         _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", "n must be an integer in [1, 128]")
         _check(0.0 <= self.temperature <= 100.0, "temperature", "temperature must be in [0, 100]")
         _check(0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0), "top_k",
-               "top_k must be -1, 0 (disabled) or a positive integer")
+        _check(
+            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
+            "top_k",
+            "top_k must be -1, 0 (disabled) or a positive integer",
+        )
         _check(0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]")
         _check(0.0 < self.repetition_penalty <= 2.0, "repetition_penalty", "repetition_penalty must be in (0, 2]")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               "max_tokens", "max_tokens must be at least 1")
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "max_tokens",
+            "max_tokens must be at least 1",
+        )
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               "min_tokens must not exceed max_tokens")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
-               "logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            "min_tokens must not exceed max_tokens",
+        )
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            f"logprobs must be in [0, {MAX_LOGPROBS}]",
+        )
         _check(self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer")
-        _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop",
-               "stop must be at most 16 non-empty strings")
-        _check(all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
-               f"stop_token_ids must be token ids in [0, {vocab_size})")
+        _check(
+            all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+            "stop",
+            "stop must be at most 16 non-empty strings",
+        )
+        _check(
+            all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
+            "stop_token_ids",
+            f"stop_token_ids must be token ids in [0, {vocab_size})",
+        )
 
 
 def _check(ok: bool, param: str, message: str) -> None:

@@ -34,8 +34,10 @@ class AdmissionController:
         """Take a queue slot and an in-flight slot; raises AdmissionRejected when the queue is full."""
         if self.num_queued_requests >= self.max_queued_requests:
             raise AdmissionRejected(
-                "requests", f"The server is overloaded ({self.num_queued_requests} requests waiting "
-                "for their first token). Please retry later.")
+                "requests",
+                f"The server is overloaded ({self.num_queued_requests} requests waiting "
+                "for their first token). Please retry later.",
+            )
         self.num_queued_requests += 1
         self.num_in_flight += 1
         return AdmissionTicket(self)
@@ -55,8 +57,10 @@ class AdmissionTicket:
         queued_by_others = controller.num_queued_tokens - self._num_tokens
         if queued_by_others > 0 and queued_by_others + self._num_tokens + num_tokens > controller.max_queued_tokens:
             raise AdmissionRejected(
-                "tokens", f"The server is overloaded ({queued_by_others} prompt tokens waiting "
-                "for their first token). Please retry later.")
+                "tokens",
+                f"The server is overloaded ({queued_by_others} prompt tokens waiting "
+                "for their first token). Please retry later.",
+            )
         self._num_tokens += num_tokens
         controller.num_queued_tokens += num_tokens
 

@@ -60,8 +60,10 @@ class ApiKeyMiddleware:
     def _check(self, scope: Scope) -> ApiError | None:
         header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
         if header is None:
-            return _auth_error("You didn't provide an API key. Provide it in an Authorization header "
-                               "using Bearer auth (Authorization: Bearer YOUR_KEY).")
+            return _auth_error(
+                "You didn't provide an API key. Provide it in an Authorization header "
+                "using Bearer auth (Authorization: Bearer YOUR_KEY)."
+            )
         scheme, _, token = header.partition(b" ")
         token = token.strip()
         # Compare with every key (no early exit), so the timing does not tell which key nearly matched.
@@ -107,8 +109,9 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=config.served_model_name, created=created,
-                                         max_model_len=backend.max_model_len)])
+        return ModelList(
+            data=[ModelCard(id=config.served_model_name, created=created, max_model_len=backend.max_model_len)]
+        )
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -117,8 +120,12 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if not backend.is_ready():
-            raise ApiError(503, "The model is not ready yet.", code="service_unavailable",
-                           headers={"Retry-After": str(config.retry_after_s)})
+            raise ApiError(
+                503,
+                "The model is not ready yet.",
+                code="service_unavailable",
+                headers={"Retry-After": str(config.retry_after_s)},
+            )
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")

@@ -79,8 +79,14 @@ class Backend(Protocol):
         """Every worker pool is up."""
         ...
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                 cache_salt: str | None = None, images: Sequence[PromptImage] = ()) -> AsyncIterator[RequestDelta]:
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        cache_salt: str | None = None,
+        images: Sequence[PromptImage] = (),
+    ) -> AsyncIterator[RequestDelta]:
         """Deltas of one request until one with `finished`; raises RequestFailed. `images` go with a
         vision-language prompt whose placeholders `prompt_token_ids` already expand."""
         ...

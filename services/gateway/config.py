@@ -38,8 +38,7 @@ class GatewayConfig:
             raise ValueError("served_model_name must not be empty")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
-        for name in ("max_queued_requests", "max_queued_tokens", "max_body_bytes", "max_n",
-                     "max_prompts_per_request"):
+        for name in ("max_queued_requests", "max_queued_tokens", "max_body_bytes", "max_n", "max_prompts_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.image_reference_cache_bytes < 0:

@@ -59,8 +59,9 @@ def data_url_bytes(url: str, limits: ImageLimits) -> bytes:
     try:
         return pybase64.b64decode(payload, validate=True)  # the standard library's rules, vectorised
     except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
-        raise ImageRefused("has a data URL whose payload is not valid base64 "
-                           "(standard alphabet, padded, no whitespace)") from None
+        raise ImageRefused(
+            "has a data URL whose payload is not valid base64 (standard alphabet, padded, no whitespace)"
+        ) from None
 
 
 def _base64_num_bytes(payload: str) -> int:

@@ -42,8 +42,16 @@ def error_type(status: int) -> str:
 class ApiError(Exception):
     """An answer other than success, with everything its OpenAI-shaped body and headers need."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type or error_type(status), param=param, code=code)
@@ -142,8 +150,7 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
         message = f"Method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    error = ApiError(exc.status_code, message, code=_HTTP_CODES.get(exc.status_code),
-                     headers=dict(exc.headers or {}))
+    error = ApiError(exc.status_code, message, code=_HTTP_CODES.get(exc.status_code), headers=dict(exc.headers or {}))
     return error.response()
 
 

@@ -41,9 +41,18 @@ class Arrival:
 
 
 class Generation:
-    def __init__(self, backend: Backend, arrival: Arrival, prompts: list[list[int]], sampling: SamplingSpec,
-                 cache_salt: str | None, ticket: AdmissionTicket, metrics: GatewayMetrics,
-                 abort_timeout_s: float, images: Sequence[PromptImage] = ()) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        arrival: Arrival,
+        prompts: list[list[int]],
+        sampling: SamplingSpec,
+        cache_salt: str | None,
+        ticket: AdmissionTicket,
+        metrics: GatewayMetrics,
+        abort_timeout_s: float,
+        images: Sequence[PromptImage] = (),
+    ) -> None:
         self._backend = backend
         self._arrival = arrival
         self._prompts = prompts
@@ -77,8 +86,9 @@ class Generation:
 
     async def _pump(self, prompt_index: int, request_id: str) -> None:
         try:
-            stream = self._backend.generate(request_id, self._prompts[prompt_index], self._sampling,
-                                            self._cache_salt, self._images)
+            stream = self._backend.generate(
+                request_id, self._prompts[prompt_index], self._sampling, self._cache_salt, self._images
+            )
             async for delta in stream:
                 self._queue.put_nowait((prompt_index, delta))
                 if delta.finished:

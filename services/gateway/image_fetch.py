@@ -84,8 +84,10 @@ def parse_remote_url(url: str, policy: FetchPolicy, *, subject: str) -> httpx.UR
         shown = f"with scheme '{parsed.scheme}'" if parsed.scheme else "without a scheme"
         raise ImageRefused(f"{subject} {shown}; only data: URLs and http(s) URLs of allowed hosts are accepted")
     if not policy.allowed_hosts:
-        raise ImageRefused(f"{subject} on a remote host, but this server does not fetch remote images; "
-                           "send the image inline as a data:image/...;base64 URL")
+        raise ImageRefused(
+            f"{subject} on a remote host, but this server does not fetch remote images; "
+            "send the image inline as a data:image/...;base64 URL"
+        )
     host = parsed.raw_host.decode("ascii")
     if not host or parsed.userinfo or (parsed.port is not None and not 0 < parsed.port < 65536):
         raise ImageRefused(f"{subject} with a missing host, credentials or an invalid port")
@@ -117,8 +119,9 @@ def is_valid_host_pattern(pattern: str) -> bool:
     name = _normalize_host(pattern).removeprefix("*.")
     if _ip_literal(name) is not None:
         return not pattern.startswith("*.")
-    return bool(name) and all(label and label.replace("-", "").isalnum() and label.isascii()
-                              for label in name.split("."))
+    return bool(name) and all(
+        label and label.replace("-", "").isalnum() and label.isascii() for label in name.split(".")
+    )
 
 
 def _ip_literal(host: str) -> IPAddress | None:
@@ -143,8 +146,13 @@ def is_public_address(address: IPAddress) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         address = _embedded_ipv4(address) or address
     return address.is_global and not (
-        address.is_loopback or address.is_private or address.is_link_local or address.is_multicast
-        or address.is_reserved or address.is_unspecified)
+        address.is_loopback
+        or address.is_private
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -168,8 +176,7 @@ async def resolve_host(host: str, port: int) -> list[str]:
 
 _REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 # What httpcore raises when the connection or the peer fails (TLS failures arrive as ConnectError).
-_FETCH_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException,
-                 httpcore.UnsupportedProtocol)
+_FETCH_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException, httpcore.UnsupportedProtocol)
 _REQUEST_HEADERS = [("Accept", "image/*"), ("Accept-Encoding", "identity"), ("User-Agent", "tristage-gateway")]
 
 
@@ -185,8 +192,9 @@ class RemoteFetcher:
     record (or reroute) every TCP connection. Safe to share between concurrent fetches.
     """
 
-    def __init__(self, *, resolver: Resolver | None = None,
-                 network_backend: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(
+        self, *, resolver: Resolver | None = None, network_backend: httpcore.AsyncNetworkBackend | None = None
+    ) -> None:
         self._resolver = resolver or resolve_host
         self._network_backend = network_backend or httpcore.AnyIOBackend()
         self._ssl_context = httpx.create_ssl_context(trust_env=False)  # certifi's CAs, no SSL_CERT_* env
@@ -212,9 +220,12 @@ class RemoteFetcher:
         addresses = await self._public_addresses(host, url.port or _default_port(url), policy)
         backend = _PinnedBackend(host, addresses, self._network_backend)
         try:
-            async with (httpcore.AsyncConnectionPool(ssl_context=self._ssl_context, network_backend=backend,
-                                                     max_connections=1, retries=0) as pool,
-                        pool.stream("GET", _core_url(url), headers=_request_headers(url)) as response):
+            async with (
+                httpcore.AsyncConnectionPool(
+                    ssl_context=self._ssl_context, network_backend=backend, max_connections=1, retries=0
+                ) as pool,
+                pool.stream("GET", _core_url(url), headers=_request_headers(url)) as response,
+            ):
                 return await _read_answer(response, policy)
         except _FETCH_ERRORS:
             raise ImageRefused(f"could not be fetched: the connection to '{host}' failed") from None
@@ -224,8 +235,10 @@ class RemoteFetcher:
         literal = _ip_literal(host)
         addresses = [literal] if literal is not None else await self._resolve(host, port)
         if not policy.allow_private_networks and not all(map(is_public_address, addresses)):
-            raise ImageRefused(f"could not be fetched: the host '{host}' is on a loopback, private, link-local "
-                               "or otherwise non-public network, which this server does not fetch from")
+            raise ImageRefused(
+                f"could not be fetched: the host '{host}' is on a loopback, private, link-local "
+                "or otherwise non-public network, which this server does not fetch from"
+            )
         return [str(address) for address in addresses]
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
@@ -262,8 +275,9 @@ async def _read_answer(response: httpcore.Response, policy: FetchPolicy) -> byte
         raise ImageRefused(f"could not be fetched: the server answered HTTP {response.status}")
     declared_bytes = _content_length(response)
     if declared_bytes is not None and declared_bytes > policy.max_bytes_per_image:
-        raise ImageRefused(f"is {declared_bytes} bytes (its Content-Length); the limit is "
-                           f"{policy.max_bytes_per_image} bytes")
+        raise ImageRefused(
+            f"is {declared_bytes} bytes (its Content-Length); the limit is {policy.max_bytes_per_image} bytes"
+        )
     return await _read_body_capped(response, policy.max_bytes_per_image)
 
 
@@ -309,24 +323,32 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         self._addresses = list(addresses)
         self._inner = inner
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-                          ) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         if host != self._host:  # invariant: one pool per request, so this never happens
             raise httpcore.ConnectError(f"no pinned address for {host!r}")
         last_error: Exception = httpcore.ConnectError("no address")
         for address in self._addresses:
             try:
-                return await self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
-                                                     socket_options=socket_options)
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last_error = exc
         raise last_error
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-                                  ) -> httpcore.AsyncNetworkStream:
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("image fetches never use unix sockets")
 
     async def sleep(self, seconds: float) -> None:

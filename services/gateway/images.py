@@ -157,10 +157,16 @@ class ImageFetcher(Protocol):
 # The entry points
 
 
-async def load_images(sources: Sequence[str | ImageSource], policy: ImagePolicy, *,
-                      fetcher: ImageFetcher | None = None, param: str = "messages",
-                      validated: ValidatedImages | None = None, references: ImageReferences | None = None,
-                      scope: bytes = b"") -> list[LoadedImage]:
+async def load_images(
+    sources: Sequence[str | ImageSource],
+    policy: ImagePolicy,
+    *,
+    fetcher: ImageFetcher | None = None,
+    param: str = "messages",
+    validated: ValidatedImages | None = None,
+    references: ImageReferences | None = None,
+    scope: bytes = b"",
+) -> list[LoadedImage]:
     """Decoded images in the order of `sources` (URLs, or ImageSources that may name an image by uuid);
     raises InvalidRequestError(param=param) for the first bad one.
 
@@ -172,8 +178,9 @@ async def load_images(sources: Sequence[str | ImageSource], policy: ImagePolicy,
     default builds a new one (and its TLS context) per call.
     """
     if len(sources) > policy.max_images_per_request:
-        raise InvalidRequestError(f"a request may carry at most {policy.max_images_per_request} images, "
-                                  f"not {len(sources)}", param=param)
+        raise InvalidRequestError(
+            f"a request may carry at most {policy.max_images_per_request} images, not {len(sources)}", param=param
+        )
     sources = [ImageSource(s) if isinstance(s, str) else s for s in sources]
     labels = [f"image {index + 1}" for index in range(len(sources))]
     sent = {s.uuid: i for i, s in reversed(list(enumerate(sources))) if s.url is not None and s.uuid is not None}
@@ -190,23 +197,39 @@ async def load_images(sources: Sequence[str | ImageSource], policy: ImagePolicy,
                 raise InvalidRequestError(
                     f"{label} names uuid {source.uuid!r} without an image_url, and no image was sent under that "
                     "uuid recently by this API key and cache_salt (or it has been evicted); send it again with "
-                    "its image_url", param=param)
+                    "its image_url",
+                    param=param,
+                )
             earlier[index] = found
     urls = {index: s.url for index, s in enumerate(sources) if s.url is not None}
     if fetcher is None and not all(is_data_url(url) for url in urls.values()):
         fetcher = RemoteFetcher()
-    loaded = dict(zip(urls, await _gather_or_cancel(
-        _load_one(labels[index], url, policy, fetcher, param, validated) for index, url in urls.items())))
-    images = [loaded[i] if i in loaded else earlier[i] if i in earlier else loaded[sent[s.uuid]]
-              for i, s in enumerate(sources)]
+    loaded = dict(
+        zip(
+            urls,
+            await _gather_or_cancel(
+                _load_one(labels[index], url, policy, fetcher, param, validated) for index, url in urls.items()
+            ),
+        )
+    )
+    images = [
+        loaded[i] if i in loaded else earlier[i] if i in earlier else loaded[sent[s.uuid]]
+        for i, s in enumerate(sources)
+    ]
     if references is not None:
         for uuid, index in sent.items():
             references.put(scope, uuid, images[index])
     return images
 
 
-async def _load_one(label: str, url: str, policy: ImagePolicy, fetcher: ImageFetcher | None,
-                    param: str, validated: ValidatedImages | None = None) -> LoadedImage:
+async def _load_one(
+    label: str,
+    url: str,
+    policy: ImagePolicy,
+    fetcher: ImageFetcher | None,
+    param: str,
+    validated: ValidatedImages | None = None,
+) -> LoadedImage:
     try:
         if is_data_url(url):
             return await asyncio.to_thread(decode_data_url, url, policy, validated)

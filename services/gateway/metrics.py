@@ -39,12 +39,75 @@ from prometheus_client.registry import Collector
 from services.gateway.admission import AdmissionController
 from services.gateway.backend import ClusterStats, WorkerSnapshot
 
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0)
-ITL_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                 240.0, 480.0, 960.0, 1800.0)
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    600.0,
+)
+ITL_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+E2E_BUCKETS_S = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1800.0,
+)
 
 _WORKER_LABELS = ("model_name", "stage", "worker")
 
@@ -59,41 +122,60 @@ class _WorkerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         gauges = {
-            "running": GaugeMetricFamily("vllm:num_requests_running", "Requests running on the worker.",
-                                         labels=_WORKER_LABELS),
-            "waiting": GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting on the worker.",
-                                         labels=_WORKER_LABELS),
-            "kv": GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).",
-                                    labels=_WORKER_LABELS),
+            "running": GaugeMetricFamily(
+                "vllm:num_requests_running", "Requests running on the worker.", labels=_WORKER_LABELS
+            ),
+            "waiting": GaugeMetricFamily(
+                "vllm:num_requests_waiting", "Requests waiting on the worker.", labels=_WORKER_LABELS
+            ),
+            "kv": GaugeMetricFamily(
+                "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", labels=_WORKER_LABELS
+            ),
         }
         counters = {
-            "queries": CounterMetricFamily("vllm:prefix_cache_queries",
-                                           "Prompt tokens looked up in the prefix cache.", labels=_WORKER_LABELS),
-            "hits": CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                        labels=_WORKER_LABELS),
-            "preemptions": CounterMetricFamily("vllm:num_preemptions", "Requests preempted by the worker.",
-                                               labels=_WORKER_LABELS),
+            "queries": CounterMetricFamily(
+                "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=_WORKER_LABELS
+            ),
+            "hits": CounterMetricFamily(
+                "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=_WORKER_LABELS
+            ),
+            "preemptions": CounterMetricFamily(
+                "vllm:num_preemptions", "Requests preempted by the worker.", labels=_WORKER_LABELS
+            ),
         }
         counters.update(
-            transfer_bytes=CounterMetricFamily("tristage:kv_transfer_bytes", "KV bytes sent to decode workers.",
-                                               labels=_WORKER_LABELS),
-            transfer_failures=CounterMetricFamily("tristage:kv_transfer_failures",
-                                                  "KV transfers refused, timed out or unacknowledged.",
-                                                  labels=_WORKER_LABELS),
-            transfer_fallbacks=CounterMetricFamily("tristage:kv_transfer_fallbacks",
-                                                   "Requests a decode worker recomputed instead of importing KV.",
-                                                   labels=_WORKER_LABELS))
-        transfer_seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.",
-                                                 labels=_WORKER_LABELS)
+            transfer_bytes=CounterMetricFamily(
+                "tristage:kv_transfer_bytes", "KV bytes sent to decode workers.", labels=_WORKER_LABELS
+            ),
+            transfer_failures=CounterMetricFamily(
+                "tristage:kv_transfer_failures",
+                "KV transfers refused, timed out or unacknowledged.",
+                labels=_WORKER_LABELS,
+            ),
+            transfer_fallbacks=CounterMetricFamily(
+                "tristage:kv_transfer_fallbacks",
+                "Requests a decode worker recomputed instead of importing KV.",
+                labels=_WORKER_LABELS,
+            ),
+        )
+        transfer_seconds = HistogramMetricFamily(
+            "tristage:kv_transfer_seconds", "One request's KV transfer.", labels=_WORKER_LABELS
+        )
         encode = {
-            "latency": HistogramMetricFamily("tristage:encode_latency_seconds",
-                                             "One batch of images through the vision tower.", labels=_WORKER_LABELS),
-            "queries": CounterMetricFamily("tristage:embedding_cache_queries", "Images looked up in the embedding "
-                                           "cache.", labels=_WORKER_LABELS),
-            "hits": CounterMetricFamily("tristage:embedding_cache_hits", "Images found in the embedding cache.",
-                                        labels=_WORKER_LABELS),
-            "bytes": CounterMetricFamily("tristage:embedding_transfer_bytes", "Embedding bytes sent to prefill "
-                                         "workers.", labels=_WORKER_LABELS),
+            "latency": HistogramMetricFamily(
+                "tristage:encode_latency_seconds",
+                "One batch of images through the vision tower.",
+                labels=_WORKER_LABELS,
+            ),
+            "queries": CounterMetricFamily(
+                "tristage:embedding_cache_queries", "Images looked up in the embedding cache.", labels=_WORKER_LABELS
+            ),
+            "hits": CounterMetricFamily(
+                "tristage:embedding_cache_hits", "Images found in the embedding cache.", labels=_WORKER_LABELS
+            ),
+            "bytes": CounterMetricFamily(
+                "tristage:embedding_transfer_bytes", "Embedding bytes sent to prefill workers.", labels=_WORKER_LABELS
+            ),
         }
         for worker in self.snapshot:
             labels = [self._model_name, worker.stage, worker.worker]
@@ -126,23 +208,32 @@ class _WorkerCollector(Collector):
         if cluster is None:
             return
         model = [self._model_name]
-        migrations = CounterMetricFamily("tristage:request_migrations", "Requests moved off a dead worker.",
-                                         labels=["model_name"])
+        migrations = CounterMetricFamily(
+            "tristage:request_migrations", "Requests moved off a dead worker.", labels=["model_name"]
+        )
         migrations.add_metric(model, cluster.migrations)
-        decisions = CounterMetricFamily("tristage:router_decisions", "Placements by policy and reason.",
-                                        labels=["model_name", "policy", "reason"])
+        decisions = CounterMetricFamily(
+            "tristage:router_decisions", "Placements by policy and reason.", labels=["model_name", "policy", "reason"]
+        )
         for (policy, reason), count in sorted(cluster.decisions.items()):
             decisions.add_metric([*model, policy, reason], count)
-        predicted = CounterMetricFamily("tristage:router_predicted_hit_tokens",
-                                        "Prompt tokens the router expected the prefix cache to serve.",
-                                        labels=["model_name"])
+        predicted = CounterMetricFamily(
+            "tristage:router_predicted_hit_tokens",
+            "Prompt tokens the router expected the prefix cache to serve.",
+            labels=["model_name"],
+        )
         predicted.add_metric(model, cluster.predicted_hit_tokens)
-        observed = CounterMetricFamily("tristage:router_observed_hit_tokens",
-                                       "Prompt tokens the prefix cache did serve (of observed placements).",
-                                       labels=["model_name"])
+        observed = CounterMetricFamily(
+            "tristage:router_observed_hit_tokens",
+            "Prompt tokens the prefix cache did serve (of observed placements).",
+            labels=["model_name"],
+        )
         observed.add_metric(model, cluster.observed_hit_tokens)
-        imbalance = GaugeMetricFamily("tristage:router_load_imbalance",
-                                      "Busiest over least busy prefill worker, by load cost.", labels=["model_name"])
+        imbalance = GaugeMetricFamily(
+            "tristage:router_load_imbalance",
+            "Busiest over least busy prefill worker, by load cost.",
+            labels=["model_name"],
+        )
         imbalance.add_metric(model, cluster.load_imbalance)
         yield from (migrations, decisions, predicted, observed, imbalance)
 
@@ -151,27 +242,58 @@ class GatewayMetrics:
     def __init__(self, model_name: str, admission: AdmissionController) -> None:
         self.registry = CollectorRegistry()
         labels = ("model_name",)
-        self._ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
-                               buckets=TTFT_BUCKETS_S, registry=self.registry).labels(model_name)
-        self._itl = Histogram("vllm:inter_token_latency_seconds", "Time between two steps of a request.",
-                              labels, buckets=ITL_BUCKETS_S, registry=self.registry).labels(model_name)
-        self._e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", labels,
-                              buckets=E2E_BUCKETS_S, registry=self.registry).labels(model_name)
-        self._prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", labels,
-                                      registry=self.registry).labels(model_name)
-        self._generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels,
-                                          registry=self.registry).labels(model_name)
-        self._success = Counter("vllm:request_success", "Finished completions.", ("model_name", "finished_reason"),
-                                registry=self.registry)
-        self._rejections = Counter("tristage:admission_rejections", "Requests refused by admission.",
-                                   ("model_name", "reason"), registry=self.registry)
+        self._ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
+        ).labels(model_name)
+        self._itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between two steps of a request.",
+            labels,
+            buckets=ITL_BUCKETS_S,
+            registry=self.registry,
+        ).labels(model_name)
+        self._e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            labels,
+            buckets=E2E_BUCKETS_S,
+            registry=self.registry,
+        ).labels(model_name)
+        self._prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", labels, registry=self.registry).labels(
+            model_name
+        )
+        self._generation_tokens = Counter(
+            "vllm:generation_tokens", "Generated tokens.", labels, registry=self.registry
+        ).labels(model_name)
+        self._success = Counter(
+            "vllm:request_success", "Finished completions.", ("model_name", "finished_reason"), registry=self.registry
+        )
+        self._rejections = Counter(
+            "tristage:admission_rejections",
+            "Requests refused by admission.",
+            ("model_name", "reason"),
+            registry=self.registry,
+        )
         self._model_name = model_name
-        self._gauge(admission, "tristage:gateway_requests_in_flight", "Requests admitted and not yet ended.",
-                    "num_in_flight")
-        self._gauge(admission, "tristage:gateway_queued_requests", "Requests waiting for their first token.",
-                    "num_queued_requests")
-        self._gauge(admission, "tristage:gateway_queued_prompt_tokens",
-                    "Prompt tokens of the requests waiting for their first token.", "num_queued_tokens")
+        self._gauge(
+            admission, "tristage:gateway_requests_in_flight", "Requests admitted and not yet ended.", "num_in_flight"
+        )
+        self._gauge(
+            admission,
+            "tristage:gateway_queued_requests",
+            "Requests waiting for their first token.",
+            "num_queued_requests",
+        )
+        self._gauge(
+            admission,
+            "tristage:gateway_queued_prompt_tokens",
+            "Prompt tokens of the requests waiting for their first token.",
+            "num_queued_tokens",
+        )
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
         ProcessCollector(registry=self.registry)

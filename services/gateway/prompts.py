@@ -77,8 +77,9 @@ def _message_text(index: int, message: ChatMessage, image_placeholder: str | Non
     """The message's text; each image part becomes `image_placeholder` where it stands (None: a text model)."""
     if message.content is None:
         if message.role != "assistant":
-            raise InvalidRequestError(f"messages[{index}].content is required for role '{message.role}'",
-                                      param="messages")
+            raise InvalidRequestError(
+                f"messages[{index}].content is required for role '{message.role}'", param="messages"
+            )
         return ""
     if isinstance(message.content, str):
         return message.content
@@ -86,14 +87,17 @@ def _message_text(index: int, message: ChatMessage, image_placeholder: str | Non
     for part in message.content:
         if part.type == "image_url":
             if image_placeholder is None:
-                raise InvalidRequestError(f"messages[{index}]: this model is text-only and does not accept "
-                                          "image input", param="messages")
+                raise InvalidRequestError(
+                    f"messages[{index}]: this model is text-only and does not accept image input", param="messages"
+                )
             texts.append(image_placeholder)
             continue
         if part.type != "text":
             raise InvalidRequestError(
                 f"messages[{index}]: content parts of type '{part.type}' are not supported by this model; "
-                "only text and image_url parts are", param="messages")
+                "only text and image_url parts are",
+                param="messages",
+            )
         if part.text is None:
             raise InvalidRequestError(f"messages[{index}]: a text part needs a 'text' string", param="messages")
         texts.append(part.text)
@@ -110,16 +114,21 @@ def image_sources(messages: list[ChatMessage]) -> list[ImageSource]:
                 continue
             uuid = getattr(part, "uuid", None)
             if uuid is not None and not (isinstance(uuid, str) and 0 < len(uuid) <= MAX_IMAGE_UUID_CHARS):
-                raise InvalidRequestError(f"messages[{index}]: an image_url part's uuid must be a string of 1 to "
-                                          f"{MAX_IMAGE_UUID_CHARS} characters", param="messages")
+                raise InvalidRequestError(
+                    f"messages[{index}]: an image_url part's uuid must be a string of 1 to "
+                    f"{MAX_IMAGE_UUID_CHARS} characters",
+                    param="messages",
+                )
             image_url = getattr(part, "image_url", None)
             url = image_url.get("url") if isinstance(image_url, dict) else None
             # no URL at all (image_url null, absent, or without "url") is the uuid-only form
-            no_url = image_url is None or isinstance(image_url, dict) and "url" not in image_url
+            no_url = image_url is None or (isinstance(image_url, dict) and "url" not in image_url)
             if not isinstance(url, str) and not (uuid is not None and no_url):
-                raise InvalidRequestError(f"messages[{index}]: an image_url part needs {{\"image_url\": "
-                                          "{\"url\": ...}}, or only the \"uuid\" of an image sent before",
-                                          param="messages")
+                raise InvalidRequestError(
+                    f'messages[{index}]: an image_url part needs {{"image_url": '
+                    '{"url": ...}}, or only the "uuid" of an image sent before',
+                    param="messages",
+                )
             sources.append(ImageSource(url if isinstance(url, str) else None, uuid))
     return sources
 
@@ -128,8 +137,10 @@ def template_messages(messages: list[ChatMessage], image_placeholder: str | None
     """The messages as chat templates expect them: role and one content string (text parts joined)."""
     converted = []
     for index, message in enumerate(messages):
-        entry = {"role": _TEMPLATE_ROLES.get(message.role, message.role),
-                 "content": _message_text(index, message, image_placeholder)}
+        entry = {
+            "role": _TEMPLATE_ROLES.get(message.role, message.role),
+            "content": _message_text(index, message, image_placeholder),
+        }
         if message.name is not None:
             entry["name"] = message.name
         if message.tool_call_id is not None:
@@ -141,31 +152,36 @@ def template_messages(messages: list[ChatMessage], image_placeholder: str | None
 def tokenize_chat(tokenizer, request: ChatCompletionRequest, limits: ModelLimits) -> list[int]:
     messages = template_messages(request.messages)
     try:
-        token_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)
+        token_ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     except jinja2.TemplateError as exc:  # the template refused these messages (e.g. role order)
-        raise InvalidRequestError(f"The chat template could not render these messages: {exc}",
-                                  param="messages") from exc
+        raise InvalidRequestError(
+            f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc
     token_ids = list(token_ids)
     check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
     return token_ids
 
 
-def tokenize_chat_with_images(processor, request: ChatCompletionRequest, limits: ModelLimits,
-                              images: Sequence[LoadedImage]) -> tuple[list[int], list[PromptImage]]:
+def tokenize_chat_with_images(
+    processor, request: ChatCompletionRequest, limits: ModelLimits, images: Sequence[LoadedImage]
+) -> tuple[list[int], list[PromptImage]]:
     """A vision-language model's chat: rendered with each image as the model's placeholder, tokenized,
     and each placeholder expanded to its image's rows (from the image's size: the encoders do pixels)."""
     messages = template_messages(request.messages, processor.image_placeholder)
     try:
         text = processor.apply_chat_template(messages)
     except jinja2.TemplateError as exc:
-        raise InvalidRequestError(f"The chat template could not render these messages: {exc}",
-                                  param="messages") from exc
+        raise InvalidRequestError(
+            f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc
     token_ids, layout = processor.layout(processor.tokenizer.encode(text), [(i.width, i.height) for i in images])
     check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
-    prompt_images = [PromptImage(ImageRef(content_hash=image.content_hash, offset=offset, length=length,
-                                          grid_thw=grid), image.data)
-                     for image, (offset, length, grid) in zip(images, layout)]
+    prompt_images = [
+        PromptImage(ImageRef(content_hash=image.content_hash, offset=offset, length=length, grid_thw=grid), image.data)
+        for image, (offset, length, grid) in zip(images, layout)
+    ]
     return token_ids, prompt_images
 
 
@@ -173,15 +189,15 @@ def tokenize_chat_with_images(processor, request: ChatCompletionRequest, limits:
 # Completions
 
 
-def tokenize_completion(tokenizer, request: CompletionRequest, limits: ModelLimits,
-                        max_prompts: int) -> list[list[int]]:
+def tokenize_completion(
+    tokenizer, request: CompletionRequest, limits: ModelLimits, max_prompts: int
+) -> list[list[int]]:
     """One list of token ids per prompt of the batch."""
     prompts = _prompt_items(request.prompt)
     if not prompts:
         raise InvalidRequestError("prompt must not be empty", param="prompt")
     if len(prompts) > max_prompts:
-        raise InvalidRequestError(f"prompt may hold at most {max_prompts} prompts, not {len(prompts)}",
-                                  param="prompt")
+        raise InvalidRequestError(f"prompt may hold at most {max_prompts} prompts, not {len(prompts)}", param="prompt")
     token_id_lists = []
     for item in prompts:
         token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
@@ -215,16 +231,21 @@ def check_prompt(token_ids: list[int], max_tokens: int | None, limits: ModelLimi
         raise ContextLengthExceeded(
             f"This model's maximum context length is {limits.max_model_len} tokens. However, your "
             f"{param} resulted in {num_prompt_tokens} tokens, which leaves no room for a completion. "
-            f"Please reduce the length of the {param}.", param=param)
+            f"Please reduce the length of the {param}.",
+            param=param,
+        )
     if max_tokens is not None and num_prompt_tokens + max_tokens > limits.max_model_len:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {limits.max_model_len} tokens. However, you requested "
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {param}, {max_tokens} in "
-            "the completion). Please reduce the length of the prompt or of max_tokens.", param="max_tokens")
+            "the completion). Please reduce the length of the prompt or of max_tokens.",
+            param="max_tokens",
+        )
 
 
 def check_stop_token_ids(request: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
     bad = next((t for t in request.stop_token_ids or [] if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InvalidRequestError(f"stop_token_ids: token id {bad} is out of the vocabulary [0, {vocab_size})",
-                                  param="stop_token_ids")
+        raise InvalidRequestError(
+            f"stop_token_ids: token id {bad} is out of the vocabulary [0, {vocab_size})", param="stop_token_ids"
+        )

@@ -86,16 +86,25 @@ class _GenerationRequest(BaseModel):
     def check(self, max_n: int) -> None:
         """Checks across fields or against the deployment; raises InvalidRequestError."""
         _require(self.num_choices_per_prompt <= max_n, "n", f"n must be at most {max_n}")
-        _require(self.stream_options is None or bool(self.stream), "stream_options",
-                 "stream_options is only allowed when stream is true")
+        _require(
+            self.stream_options is None or bool(self.stream),
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        )
         stop = self.stop_list
-        _require(len(stop) <= MAX_STOP_SEQUENCES, "stop",
-                 f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, not {len(stop)}")
+        _require(
+            len(stop) <= MAX_STOP_SEQUENCES,
+            "stop",
+            f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, not {len(stop)}",
+        )
         _require(all(stop), "stop", "stop sequences must not be empty")
         _require(not self.logit_bias, "logit_bias", "logit_bias is not supported")
         max_tokens = self.effective_max_tokens()
-        _require(max_tokens is None or (self.min_tokens or 0) <= max_tokens, "min_tokens",
-                 "min_tokens must not exceed max_tokens")
+        _require(
+            max_tokens is None or (self.min_tokens or 0) <= max_tokens,
+            "min_tokens",
+            "min_tokens must not exceed max_tokens",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,13 +150,20 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def check(self, max_n: int) -> None:
         super().check(max_n)
-        _require(self.top_logprobs is None or bool(self.logprobs), "top_logprobs",
-                 "top_logprobs requires logprobs to be true")
+        _require(
+            self.top_logprobs is None or bool(self.logprobs),
+            "top_logprobs",
+            "top_logprobs requires logprobs to be true",
+        )
         _require(not self.tools, "tools", "tools are not supported by this model")
-        _require(self.tool_choice in (None, "none", "auto"), "tool_choice",
-                 "tool_choice is not supported by this model")
-        _require(self.response_format is None or self.response_format.type == "text", "response_format",
-                 "only response_format {\"type\": \"text\"} is supported")
+        _require(
+            self.tool_choice in (None, "none", "auto"), "tool_choice", "tool_choice is not supported by this model"
+        )
+        _require(
+            self.response_format is None or self.response_format.type == "text",
+            "response_format",
+            'only response_format {"type": "text"} is supported',
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +185,11 @@ class CompletionRequest(_GenerationRequest):
         super().check(max_n)
         _require(not self.echo, "echo", "echo is not supported")
         _require(self.suffix is None, "suffix", "suffix is not supported")
-        _require(self.best_of is None or self.best_of == self.num_choices_per_prompt, "best_of",
-                 "best_of is not supported (it may only equal n)")
+        _require(
+            self.best_of is None or self.best_of == self.num_choices_per_prompt,
+            "best_of",
+            "best_of is not supported (it may only equal n)",
+        )
 
 
 def _require(ok: bool, param: str, message: str) -> None:

@@ -64,8 +64,11 @@ def _utf8(token: str) -> list[int]:
 def chat_logprobs(positions: list[PositionLogprobs]) -> list[ChatTokenLogprob]:
     return [
         ChatTokenLogprob(
-            token=p.sampled.token, logprob=_finite(p.sampled.logprob), bytes=_utf8(p.sampled.token),
-            top_logprobs=[TopLogprob(token=t.token, logprob=_finite(t.logprob), bytes=_utf8(t.token)) for t in p.top])
+            token=p.sampled.token,
+            logprob=_finite(p.sampled.logprob),
+            bytes=_utf8(p.sampled.token),
+            top_logprobs=[TopLogprob(token=t.token, logprob=_finite(t.logprob), bytes=_utf8(t.token)) for t in p.top],
+        )
         for p in positions
     ]
 
@@ -125,9 +128,12 @@ class UsageCounter:
 
     def usage(self) -> Usage:
         prompt_tokens = sum(self._prompt_tokens.values())
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=prompt_tokens + self.completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached_tokens.values())))
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached_tokens.values())),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,12 +164,15 @@ class _Formatter:
 class ChatFormatter(_Formatter):
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         h = self.header
-        return self._event(ChatCompletionChunk(id=h.request_id, created=h.created, model=h.model,
-                                               choices=choices, usage=usage))
+        return self._event(
+            ChatCompletionChunk(id=h.request_id, created=h.created, model=h.model, choices=choices, usage=usage)
+        )
 
     def stream_start(self, num_choices: int) -> list[str]:
-        return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-                for i in range(num_choices)]
+        return [
+            self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(num_choices)
+        ]
 
     def stream_delta(self, choice: ChoiceState, completion: CompletionDelta) -> list[str]:
         events = []
@@ -171,11 +180,17 @@ class ChatFormatter(_Formatter):
         if self.header.with_logprobs and completion.logprobs:
             logprobs = ChatLogprobs(content=chat_logprobs(completion.logprobs))
         if completion.text or logprobs is not None:
-            events.append(self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(content=completion.text),
-                                                       logprobs=logprobs)]))
+            events.append(
+                self._chunk(
+                    [ChatChunkChoice(index=choice.index, delta=ChatDelta(content=completion.text), logprobs=logprobs)]
+                )
+            )
         if completion.finish_reason is not None:
-            events.append(self._chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(),
-                                                       finish_reason=completion.finish_reason)]))
+            events.append(
+                self._chunk(
+                    [ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=completion.finish_reason)]
+                )
+            )
         return events
 
     def stream_usage(self, usage: Usage) -> str:
@@ -184,17 +199,28 @@ class ChatFormatter(_Formatter):
     def response(self, choices: list[ChoiceState], usage: Usage) -> ChatCompletionResponse:
         h = self.header
         return ChatCompletionResponse(
-            id=h.request_id, created=h.created, model=h.model, usage=usage,
-            choices=[ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
-                                logprobs=ChatLogprobs(content=chat_logprobs(c.logprobs)) if h.with_logprobs else None,
-                                finish_reason=c.finish_reason) for c in choices])
+            id=h.request_id,
+            created=h.created,
+            model=h.model,
+            usage=usage,
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatMessageOut(content=c.text),
+                    logprobs=ChatLogprobs(content=chat_logprobs(c.logprobs)) if h.with_logprobs else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+        )
 
 
 class CompletionFormatter(_Formatter):
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         h = self.header
-        return self._event(CompletionResponse(id=h.request_id, created=h.created, model=h.model,
-                                              choices=choices, usage=usage))
+        return self._event(
+            CompletionResponse(id=h.request_id, created=h.created, model=h.model, choices=choices, usage=usage)
+        )
 
     def _logprobs(self, choice: ChoiceState, positions: list[PositionLogprobs]) -> CompletionLogprobs:
         logprobs = completion_logprobs(positions, choice.logprob_chars)
@@ -207,11 +233,11 @@ class CompletionFormatter(_Formatter):
         if self.header.with_logprobs and completion.logprobs:
             logprobs = self._logprobs(choice, completion.logprobs)
         if completion.text or logprobs is not None:
-            events.append(self._chunk([CompletionChoice(index=choice.index, text=completion.text,
-                                                        logprobs=logprobs)]))
+            events.append(self._chunk([CompletionChoice(index=choice.index, text=completion.text, logprobs=logprobs)]))
         if completion.finish_reason is not None:
-            events.append(self._chunk([CompletionChoice(index=choice.index, text="",
-                                                        finish_reason=completion.finish_reason)]))
+            events.append(
+                self._chunk([CompletionChoice(index=choice.index, text="", finish_reason=completion.finish_reason)])
+            )
         return events
 
     def stream_usage(self, usage: Usage) -> str:
@@ -220,10 +246,20 @@ class CompletionFormatter(_Formatter):
     def response(self, choices: list[ChoiceState], usage: Usage) -> CompletionResponse:
         h = self.header
         return CompletionResponse(
-            id=h.request_id, created=h.created, model=h.model, usage=usage,
-            choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                      logprobs=completion_logprobs(c.logprobs, 0) if h.with_logprobs else None)
-                     for c in choices])
+            id=h.request_id,
+            created=h.created,
+            model=h.model,
+            usage=usage,
+            choices=[
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    logprobs=completion_logprobs(c.logprobs, 0) if h.with_logprobs else None,
+                )
+                for c in choices
+            ],
+        )
 
 
 Formatter = ChatFormatter | CompletionFormatter

@@ -69,8 +69,9 @@ PARSE_INLINE_MAX_BYTES = 256 * 1024  # larger bodies are parsed off the event lo
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed the limit."""
-    too_large = ApiError(413, f"The request body exceeds the limit of {max_body_bytes} bytes.",
-                         code="request_too_large")
+    too_large = ApiError(
+        413, f"The request body exceeds the limit of {max_body_bytes} bytes.", code="request_too_large"
+    )
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -112,10 +113,14 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 class _EventStream(StreamingResponse):
     """A text/event-stream response that runs `on_close` however the response ends."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]],
-                 headers: dict[str, str]) -> None:
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    def __init__(
+        self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]], headers: dict[str, str]
+    ) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,8 +133,14 @@ class _EventStream(StreamingResponse):
 class GenerationService:
     """Serves /v1/chat/completions and /v1/completions against one backend."""
 
-    def __init__(self, config: GatewayConfig, backend: Backend, admission: AdmissionController,
-                 metrics: GatewayMetrics, tokenizer_executor: Executor) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        backend: Backend,
+        admission: AdmissionController,
+        metrics: GatewayMetrics,
+        tokenizer_executor: Executor,
+    ) -> None:
         self._config = config
         self._backend = backend
         self._admission = admission
@@ -161,8 +172,17 @@ class GenerationService:
                 ticket.add_prompt_tokens(sum(len(p) for p in prompts))
             except AdmissionRejected as exc:
                 raise self._rejected(exc) from exc
-            generation = Generation(self._backend, arrival, prompts, to_sampling_spec(request), request.cache_salt,
-                                    ticket, self._metrics, self._config.abort_timeout_s, images)
+            generation = Generation(
+                self._backend,
+                arrival,
+                prompts,
+                to_sampling_spec(request),
+                request.cache_salt,
+                ticket,
+                self._metrics,
+                self._config.abort_timeout_s,
+                images,
+            )
             generation.start()
             formatter = self._formatter(request, arrival.request_id)
             if request.stream:
@@ -187,8 +207,7 @@ class GenerationService:
 
     def _check(self, request: GenerationRequest) -> None:
         if request.model != self._config.served_model_name:
-            raise ApiError(404, f"The model `{request.model}` does not exist.", param="model",
-                           code="model_not_found")
+            raise ApiError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
         try:
             request.check(self._config.max_n)
             check_stop_token_ids(request, self._limits.vocab_size)
@@ -196,8 +215,12 @@ class GenerationService:
             raise ApiError.invalid(exc) from exc
         if not self._backend.is_ready():
             self._metrics.count_rejection("not_ready")
-            raise ApiError(503, "The model is not ready yet; please retry shortly.", code="service_unavailable",
-                           headers=self._retry_after())
+            raise ApiError(
+                503,
+                "The model is not ready yet; please retry shortly.",
+                code="service_unavailable",
+                headers=self._retry_after(),
+            )
 
     def _retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self._config.retry_after_s)}
@@ -212,34 +235,50 @@ class GenerationService:
         self._metrics.count_rejection(exc.reason)
         return ApiError(429, str(exc), code="rate_limit_exceeded", headers=self._retry_after())
 
-    async def _tokenize(self, request: GenerationRequest,
-                        credential: str | None) -> tuple[list[list[int]], list[PromptImage]]:
+    async def _tokenize(
+        self, request: GenerationRequest, credential: str | None
+    ) -> tuple[list[list[int]], list[PromptImage]]:
         """The prompts' token ids, and the images of a vision-language chat (fetched and checked here;
         images named by uuid are the ones this credential sent under it)."""
         tokenizer = self._backend.tokenizer
         loop = asyncio.get_running_loop()
         try:
             if not isinstance(request, ChatCompletionRequest):
-                return await loop.run_in_executor(self._executor, tokenize_completion, tokenizer, request,
-                                                  self._limits, self._config.max_prompts_per_request), []
+                return await loop.run_in_executor(
+                    self._executor,
+                    tokenize_completion,
+                    tokenizer,
+                    request,
+                    self._limits,
+                    self._config.max_prompts_per_request,
+                ), []
             processor = self._backend.processor
             sources = image_sources(request.messages) if processor is not None else []
             if not sources:  # a text model refuses image parts in tokenize_chat
-                return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request,
-                                                   self._limits)], []
-            loaded = await load_images(sources, self._config.image_policy, fetcher=self._image_fetcher,
-                                       validated=self._validated_images, references=self._image_references,
-                                       scope=reference_scope(credential, request.cache_salt))
-            token_ids, images = await loop.run_in_executor(self._executor, tokenize_chat_with_images, processor,
-                                                           request, self._limits, loaded)
+                return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request, self._limits)], []
+            loaded = await load_images(
+                sources,
+                self._config.image_policy,
+                fetcher=self._image_fetcher,
+                validated=self._validated_images,
+                references=self._image_references,
+                scope=reference_scope(credential, request.cache_salt),
+            )
+            token_ids, images = await loop.run_in_executor(
+                self._executor, tokenize_chat_with_images, processor, request, self._limits, loaded
+            )
             return [token_ids], images
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
 
     def _formatter(self, request: GenerationRequest, request_id: str) -> Formatter:
-        header = ResponseHeader(request_id=request_id, model=self._config.served_model_name,
-                                created=int(time.time()), with_logprobs=request.num_logprobs is not None,
-                                include_usage=request.include_usage)
+        header = ResponseHeader(
+            request_id=request_id,
+            model=self._config.served_model_name,
+            created=int(time.time()),
+            with_logprobs=request.num_logprobs is not None,
+            include_usage=request.include_usage,
+        )
         return ChatFormatter(header) if isinstance(request, ChatCompletionRequest) else CompletionFormatter(header)
 
     # ------------------------------------------------------------------------------------------
@@ -259,12 +298,12 @@ class GenerationService:
         body = formatter.response(choices, usage.usage())
         return _json(body, formatter.header.request_id)
 
-    async def _stream(self, http_request: Request, request: GenerationRequest, generation: Generation,
-                      formatter: Formatter) -> Response:
+    async def _stream(
+        self, http_request: Request, request: GenerationRequest, generation: Generation, formatter: Formatter
+    ) -> Response:
         first = await until_disconnected(http_request, _next_delta(generation))
         events = _stream_events(first, generation, formatter, request.include_usage)
-        return _EventStream(events, on_close=generation.close,
-                            headers={"X-Request-Id": formatter.header.request_id})
+        return _EventStream(events, on_close=generation.close, headers={"X-Request-Id": formatter.header.request_id})
 
 
 async def _next_delta(generation: Generation):
@@ -275,8 +314,9 @@ async def _next_delta(generation: Generation):
         raise ApiError.from_request_error(exc.error) from exc
 
 
-async def _stream_events(first, generation: Generation, formatter: Formatter,
-                         include_usage: bool) -> AsyncIterator[str]:
+async def _stream_events(
+    first, generation: Generation, formatter: Formatter, include_usage: bool
+) -> AsyncIterator[str]:
     choices = [ChoiceState(index=i) for i in range(generation.num_choices)]
     usage = UsageCounter()
     try:
@@ -301,5 +341,4 @@ async def _stream_events(first, generation: Generation, formatter: Formatter,
 
 
 def _json(body: BaseModel, request_id: str) -> Response:
-    return Response(content=body.model_dump_json(), media_type="application/json",
-                    headers={"X-Request-Id": request_id})
+    return Response(content=body.model_dump_json(), media_type="application/json", headers={"X-Request-Id": request_id})

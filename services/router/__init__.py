@@ -2,8 +2,27 @@
 
 from services.router.index import FIRST_EVENT_SEQ, ContentIndex, PrefixIndex
 from services.router.load import LoadView, WorkerLoad
-from services.router.router import (POLICIES, NoWorkerAvailable, Placement, Router, RouterConfig, RouteRequest,
-                                    RouterStats)
+from services.router.router import (
+    POLICIES,
+    NoWorkerAvailable,
+    Placement,
+    Router,
+    RouterConfig,
+    RouteRequest,
+    RouterStats,
+)
 
-__all__ = ["FIRST_EVENT_SEQ", "POLICIES", "ContentIndex", "LoadView", "NoWorkerAvailable", "Placement", "PrefixIndex",
-           "RouteRequest", "Router", "RouterConfig", "RouterStats", "WorkerLoad"]
+__all__ = [
+    "FIRST_EVENT_SEQ",
+    "POLICIES",
+    "ContentIndex",
+    "LoadView",
+    "NoWorkerAvailable",
+    "Placement",
+    "PrefixIndex",
+    "RouteRequest",
+    "Router",
+    "RouterConfig",
+    "RouterStats",
+    "WorkerLoad",
+]

@@ -257,8 +257,9 @@ class PrefixIndex(_HolderSets[int]):
         self._advance(worker, seq)
         return True
 
-    def replace_worker(self, worker: str, seq: int,
-                       stored_hashes_with_parents: Iterable[tuple[int, int | None]]) -> None:
+    def replace_worker(
+        self, worker: str, seq: int, stored_hashes_with_parents: Iterable[tuple[int, int | None]]
+    ) -> None:
         """Install a replay: exactly these (block hash, parent hash) pairs, as of the worker's batch `seq`.
 
         Parents are accepted to match the BlockStored shape but not needed: the chain is inside

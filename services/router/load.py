@@ -49,16 +49,30 @@ class WorkerLoad:
     num_decoding: int  # sequences in the decode batch
 
     @classmethod
-    def from_snapshot(cls, snapshot: SnapshotFields, *, num_free_blocks: int, queued_prefill_tokens: int = 0,
-                      num_decoding: int | None = None) -> WorkerLoad:
+    def from_snapshot(
+        cls,
+        snapshot: SnapshotFields,
+        *,
+        num_free_blocks: int,
+        queued_prefill_tokens: int = 0,
+        num_decoding: int | None = None,
+    ) -> WorkerLoad:
         """From the gateway's WorkerSnapshot plus the fields it does not carry.
 
         Without `num_decoding`, decode and colocated workers count every running request as decoding.
         """
         if num_decoding is None:
             num_decoding = snapshot.num_running if snapshot.stage in ("decode", "colocated") else 0
-        return cls(snapshot.worker, snapshot.stage, snapshot.num_running, snapshot.num_waiting,
-                   snapshot.kv_cache_usage, num_free_blocks, queued_prefill_tokens, num_decoding)
+        return cls(
+            snapshot.worker,
+            snapshot.stage,
+            snapshot.num_running,
+            snapshot.num_waiting,
+            snapshot.kv_cache_usage,
+            num_free_blocks,
+            queued_prefill_tokens,
+            num_decoding,
+        )
 
 
 class SnapshotFields(Protocol):
@@ -100,8 +114,9 @@ class _Totals:
 class LoadView:
     """Per-worker load: snapshots (`update`) plus the router's in-flight placements (`add_inflight`)."""
 
-    def __init__(self, inflight_ttl_s: float = 2.0, decode_window_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, inflight_ttl_s: float = 2.0, decode_window_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.inflight_ttl_s = inflight_ttl_s
         self.decode_window_s = decode_window_s
         self._clock = clock
@@ -152,9 +167,16 @@ class LoadView:
         extra = self._totals.get(worker)
         if extra is None:
             return base
-        return WorkerLoad(worker, base.stage, base.num_running, base.num_waiting + extra.requests, base.kv_usage,
-                          max(0, base.num_free_blocks - extra.kv_blocks),
-                          base.queued_prefill_tokens + extra.prefill_tokens, base.num_decoding + extra.decoding)
+        return WorkerLoad(
+            worker,
+            base.stage,
+            base.num_running,
+            base.num_waiting + extra.requests,
+            base.kv_usage,
+            max(0, base.num_free_blocks - extra.kv_blocks),
+            base.queued_prefill_tokens + extra.prefill_tokens,
+            base.num_decoding + extra.decoding,
+        )
 
     def mean_decoding(self, worker: str) -> float:
         """num_decoding averaged over the last decode_window_s of snapshots, plus in-flight decodes."""
@@ -171,8 +193,16 @@ class LoadView:
 
     # ------------------------------------------------------------------ in-flight estimates
 
-    def add_inflight(self, request_id: str, worker: str, *, prefill_tokens: int = 0, requests: int = 0,
-                     kv_blocks: int = 0, decoding: int = 0) -> None:
+    def add_inflight(
+        self,
+        request_id: str,
+        worker: str,
+        *,
+        prefill_tokens: int = 0,
+        requests: int = 0,
+        kv_blocks: int = 0,
+        decoding: int = 0,
+    ) -> None:
         """Count work just placed on `worker` until its snapshot does (or the estimate expires)."""
         entry = _InFlight(request_id, worker, self._clock(), prefill_tokens, requests, kv_blocks, decoding)
         self._by_request.setdefault(request_id, []).append(entry)

@@ -142,9 +142,17 @@ class RouterStats:
 
 
 class Router:
-    def __init__(self, prefill_workers: Sequence[str], decode_workers: Sequence[str], policy_name: str,
-                 block_size: int, config: RouterConfig = RouterConfig(), *, encode_workers: Sequence[str] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        prefill_workers: Sequence[str],
+        decode_workers: Sequence[str],
+        policy_name: str,
+        block_size: int,
+        config: RouterConfig = RouterConfig(),
+        *,
+        encode_workers: Sequence[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if policy_name not in POLICIES:
             raise ValueError(f"unknown routing policy {policy_name!r}; choose one of {sorted(POLICIES)}")
         if block_size <= 0:
@@ -191,20 +199,21 @@ class Router:
         encode_workers = self._choose_encoders(request)
         predicted = query.hit_tokens(index_match.get(decision.worker, 0))
         matched = query.hit_tokens(max((index_match.get(w, 0) for w in self.prefill_workers), default=0))
-        self._account(request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks,
-                      predicted)
+        self._account(
+            request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks, predicted
+        )
         self.index.add_pending(request.request_id, decision.worker, query.block_hashes)
         self._remember(request.request_id)
         self.decisions[self.policy.name, decision.reason] += 1
-        return Placement(decision.worker, decode_worker, self.policy.name, decision.reason, matched, predicted,
-                         encode_workers)
+        return Placement(
+            decision.worker, decode_worker, self.policy.name, decision.reason, matched, predicted, encode_workers
+        )
 
     def _prefill_request(self, request: RouteRequest) -> PrefillRequest:
         if request.block_hashes is not None:
             block_hashes = request.block_hashes
         elif request.token_ids is not None:
-            block_hashes = hash_request_blocks(request.token_ids, self.block_size, request.cache_salt,
-                                               request.mm_spans)
+            block_hashes = hash_request_blocks(request.token_ids, self.block_size, request.cache_salt, request.mm_spans)
         else:
             raise ValueError(f"request {request.request_id!r} has neither token_ids nor block_hashes")
         num_prompt_tokens = request.num_prompt_tokens
@@ -216,8 +225,10 @@ class Router:
 
     def _checked(self, query: PrefillRequest) -> PrefillRequest:
         if query.num_prompt_tokens < 1 or len(query.block_hashes) > query.num_prompt_tokens // self.block_size:
-            raise ValueError(f"request {query.request_id!r}: {len(query.block_hashes)} blocks do not fit "
-                             f"{query.num_prompt_tokens} prompt tokens")
+            raise ValueError(
+                f"request {query.request_id!r}: {len(query.block_hashes)} blocks do not fit "
+                f"{query.num_prompt_tokens} prompt tokens"
+            )
         return query
 
     def _kv_blocks_needed(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
@@ -237,8 +248,9 @@ class Router:
             if best is None or score < best_score:
                 best, best_score = worker, score
         if best is None:
-            raise NoWorkerAvailable(f"no decode worker has {need_blocks} free KV blocks"
-                                    if self.decode_workers else "no decode worker")
+            raise NoWorkerAvailable(
+                f"no decode worker has {need_blocks} free KV blocks" if self.decode_workers else "no decode worker"
+            )
         return best
 
     def _choose_encoders(self, request: RouteRequest) -> tuple[str, ...]:
@@ -260,10 +272,18 @@ class Router:
         load = self.load.get(worker)
         return load.num_running + load.num_waiting
 
-    def _account(self, request_id: str, num_prompt_tokens: int, prefill_worker: str, decode_worker: str,
-                 need_blocks: int, predicted_hit_tokens: int) -> None:
-        self._add_inflight(request_id, num_prompt_tokens - predicted_hit_tokens, prefill_worker, decode_worker,
-                           need_blocks)
+    def _account(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        prefill_worker: str,
+        decode_worker: str,
+        need_blocks: int,
+        predicted_hit_tokens: int,
+    ) -> None:
+        self._add_inflight(
+            request_id, num_prompt_tokens - predicted_hit_tokens, prefill_worker, decode_worker, need_blocks
+        )
         self._num_placements += 1
         self._num_prompt_tokens += num_prompt_tokens
         self._predicted_hit_tokens += predicted_hit_tokens
@@ -271,11 +291,13 @@ class Router:
         if len(self._pending_hits) > self.config.max_pending_hit_predictions:
             self._pending_hits.popitem(last=False)
 
-    def _add_inflight(self, request_id: str, prefill_tokens: int, prefill_worker: str, decode_worker: str | None,
-                      need_blocks: int) -> None:
+    def _add_inflight(
+        self, request_id: str, prefill_tokens: int, prefill_worker: str, decode_worker: str | None, need_blocks: int
+    ) -> None:
         if self.colocated:
-            self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1,
-                                   kv_blocks=need_blocks, decoding=1)
+            self.load.add_inflight(
+                request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1, kv_blocks=need_blocks, decoding=1
+            )
             return
         self.load.add_inflight(request_id, prefill_worker, prefill_tokens=prefill_tokens, requests=1)
         if decode_worker is not None:
@@ -288,9 +310,17 @@ class Router:
 
     # ------------------------------------------------------------------ other gateways' placements
 
-    def record_remote_placement(self, request_id: str, prefill_worker: str, block_hashes: Sequence[int],
-                                num_prompt_tokens: int, *, decode_worker: str | None = None,
-                                max_tokens: int | None = None, acknowledged: bool = True) -> bool:
+    def record_remote_placement(
+        self,
+        request_id: str,
+        prefill_worker: str,
+        block_hashes: Sequence[int],
+        num_prompt_tokens: int,
+        *,
+        decode_worker: str | None = None,
+        max_tokens: int | None = None,
+        acknowledged: bool = True,
+    ) -> bool:
         """Another gateway's router placed `request_id` on `prefill_worker`: count it as if placed here.
 
         `block_hashes` are the request's full-block hashes (salt and images included, as the
@@ -314,8 +344,13 @@ class Router:
         query = self._checked(PrefillRequest(request_id, block_hashes, num_prompt_tokens, self.block_size))
         hit_tokens = query.hit_tokens(self.index.match(block_hashes).get(prefill_worker, 0))
         known_decode_worker = decode_worker if decode_worker in self.decode_workers else None
-        self._add_inflight(request_id, num_prompt_tokens - hit_tokens, prefill_worker, known_decode_worker,
-                           self._kv_blocks_needed(num_prompt_tokens, max_tokens))
+        self._add_inflight(
+            request_id,
+            num_prompt_tokens - hit_tokens,
+            prefill_worker,
+            known_decode_worker,
+            self._kv_blocks_needed(num_prompt_tokens, max_tokens),
+        )
         if acknowledged:
             self.load.acknowledge(request_id, prefill_worker)
         self.index.add_pending(request_id, prefill_worker, block_hashes)
@@ -350,8 +385,12 @@ class Router:
 
     def add_worker(self, worker: str, stage: str) -> None:
         """A worker (re)joined: it takes placements for its stage ("colocated" serves prefill and decode)."""
-        pools = {"prefill": [self.prefill_workers], "decode": [self.decode_workers], "encode": [self.encode_workers],
-                 "colocated": [self.prefill_workers, self.decode_workers]}[stage]
+        pools = {
+            "prefill": [self.prefill_workers],
+            "decode": [self.decode_workers],
+            "encode": [self.encode_workers],
+            "colocated": [self.prefill_workers, self.decode_workers],
+        }[stage]
         for pool in pools:
             if worker not in pool:
                 pool.append(worker)
@@ -375,6 +414,13 @@ class Router:
         return max(costs) / min(costs)
 
     def stats(self) -> RouterStats:
-        return RouterStats(dict(self.decisions), self._num_placements, self._num_prompt_tokens,
-                           self._predicted_hit_tokens, self._num_observed, self._predicted_hit_tokens_observed,
-                           self._observed_hit_tokens, self.load_imbalance())
+        return RouterStats(
+            dict(self.decisions),
+            self._num_placements,
+            self._num_prompt_tokens,
+            self._predicted_hit_tokens,
+            self._num_observed,
+            self._predicted_hit_tokens_observed,
+            self._observed_hit_tokens,
+            self.load_imbalance(),
+        )

@@ -28,8 +28,14 @@ import zmq
 
 from services.common.channels import bind, configure, drain
 from services.common.codec import MessageCodec
-from services.common.messages import (EmbeddingInbound, EncodeRequest, GenerateRequest, ImageEmbedding, KVTransfer,
-                                      RequestError)
+from services.common.messages import (
+    EmbeddingInbound,
+    EncodeRequest,
+    GenerateRequest,
+    ImageEmbedding,
+    KVTransfer,
+    RequestError,
+)
 from services.engine import LLMEngine
 from services.engine.multimodal import MultiModalInputs
 from services.workers.multimodal_inbox import MultiModalInbox
@@ -41,8 +47,9 @@ MAX_EARLY_FAILURES = 4096  # encode failures kept for requests that have not arr
 
 
 class ImageIntake:
-    def __init__(self, engine: LLMEngine, context: zmq.Context, bind_address: str | None, name: str,
-                 image_encoder=None) -> None:
+    def __init__(
+        self, engine: LLMEngine, context: zmq.Context, bind_address: str | None, name: str, image_encoder=None
+    ) -> None:
         """`bind_address` ("tcp://host:0"), or None: no embedding socket (a decode worker); a text-only
         model binds none either."""
         self.name = name
@@ -96,8 +103,11 @@ class ImageIntake:
         if reason is not None:
             return _image_error(message.request_id, reason)
         if self._text_only:
-            return RequestError(request_id=message.request_id, param="messages",
-                                message="this model is text-only and does not accept image input")
+            return RequestError(
+                request_id=message.request_id,
+                param="messages",
+                message="this model is text-only and does not accept image input",
+            )
         self._inbox.park(message)
         return None
 
@@ -124,9 +134,15 @@ class ImageIntake:
         return self._inbox.take_ready()
 
     def expire(self) -> list[RequestError]:
-        return [RequestError(request_id=message.request_id, type="service_unavailable", status=503,
-                             message="the request's image embeddings did not arrive in time; retry")
-                for message in self._inbox.expire()]
+        return [
+            RequestError(
+                request_id=message.request_id,
+                type="service_unavailable",
+                status=503,
+                message="the request's image embeddings did not arrive in time; retry",
+            )
+            for message in self._inbox.expire()
+        ]
 
     def fail(self, request_id: str, reason: str, arrived: bool) -> RequestError:
         """Fail a request whose image could not be encoded (now, or when its GenerateRequest arrives)."""
@@ -146,7 +162,9 @@ class ImageIntake:
         images = transfer.request.images
         if len(frames) != len(images):
             raise ValueError(f"{len(images)} images but {len(frames)} embedding frames")
-        rows = [rows_from_frame(frame, ref.length, self._hidden_size, self._dtype) for ref, frame in zip(images, frames)]
+        rows = [
+            rows_from_frame(frame, ref.length, self._hidden_size, self._dtype) for ref, frame in zip(images, frames)
+        ]
         return self._inbox.inputs(transfer.request.prompt_token_ids, images, rows)
 
     def close(self) -> None:

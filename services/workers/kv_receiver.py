@@ -56,9 +56,18 @@ class KVReceiver:
     lets prefill reuse the staging memory those copies read).
     """
 
-    def __init__(self, engine: LLMEngine, context: zmq.Context, socket: zmq.Socket, layout: KVLayout,
-                 timeout_s: float = 10.0, stats: TransferStats | None = None, *, pin_staging: bool = False,
-                 image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        context: zmq.Context,
+        socket: zmq.Socket,
+        layout: KVLayout,
+        timeout_s: float = 10.0,
+        stats: TransferStats | None = None,
+        *,
+        pin_staging: bool = False,
+        image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None] | None = None,
+    ) -> None:
         self.engine = engine
         self.layout = layout
         self.timeout_s = timeout_s
@@ -72,7 +81,7 @@ class KVReceiver:
         self._early: dict[str, list[tuple[KVLayers, list, float]]] = {}  # request id -> (header, frames, deadline)
         self._early_bytes = 0
         self._closed: deque[str] = deque(maxlen=4096)  # requests whose late groups are dropped, not kept
-        self._committing: deque[tuple[KVTransfer, "torch.cuda.Event | None"]] = deque()  # written, copies in flight
+        self._committing: deque[tuple[KVTransfer, torch.cuda.Event | None]] = deque()  # written, copies in flight
         self._copy_stream = side_stream(engine)
         self._codec = MessageCodec(KVInbound)
         self._ack_codec = MessageCodec(WorkerInbound)
@@ -140,18 +149,23 @@ class KVReceiver:
         if transfer.layout != self.layout:
             self._refuse_early(transfer.request_id)
             self._ack(transfer, accepted=False, message=f"layout {transfer.layout} != {self.layout}")
-            return Resume(transfer, f"KV layout mismatch: prefill {transfer.layout}, decode {self.layout}",
-                          multi_modal)
+            return Resume(transfer, f"KV layout mismatch: prefill {transfer.layout}, decode {self.layout}", multi_modal)
         request = transfer.request
-        block_ids = self.engine.import_request(request.request_id, request.prompt_token_ids,
-                                               request.output_token_ids, sampling_params(request.sampling),
-                                               cache_salt=request.cache_salt, multi_modal=multi_modal)
+        block_ids = self.engine.import_request(
+            request.request_id,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            sampling_params(request.sampling),
+            cache_salt=request.cache_salt,
+            multi_modal=multi_modal,
+        )
         if block_ids is None:
             self._refuse_early(transfer.request_id)
             self._ack(transfer, accepted=False, message="no KV room on the decode worker")
             return Resume(transfer, "no KV room", multi_modal)
-        self._imports[transfer.request_id] = _Import(transfer, time.monotonic() + self.timeout_s,
-                                                     multi_modal=multi_modal)
+        self._imports[transfer.request_id] = _Import(
+            transfer, time.monotonic() + self.timeout_s, multi_modal=multi_modal
+        )
         return None
 
     def _write(self, header: KVLayers, frames: list) -> KVTransfer | Resume | None:
@@ -169,8 +183,14 @@ class KVReceiver:
                 data = torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
         except ValueError as exc:
             return self._fail(entry, f"staging unreadable: {exc}", staging_unreadable=True)
-        shape = (header.layer_end - header.layer_start, 2, header.num_blocks, layout.block_size,
-                 layout.num_kv_heads, layout.head_dim)
+        shape = (
+            header.layer_end - header.layer_start,
+            2,
+            header.num_blocks,
+            layout.block_size,
+            layout.num_kv_heads,
+            layout.head_dim,
+        )
         group = data.view(self.engine.runner.dtype).reshape(shape)
         with after_compute(self._copy_stream):
             for offset, layer in enumerate(range(header.layer_start, header.layer_end)):
@@ -210,8 +230,9 @@ class KVReceiver:
     def _keep_early(self, header: KVLayers, frames: list) -> None:
         nbytes = sum(len(f.buffer) for f in frames)
         if self._early_bytes + nbytes > MAX_EARLY_BYTES:
-            logger.warning("dropped an early KV group of %s: %d bytes already wait", header.request_id,
-                           self._early_bytes)
+            logger.warning(
+                "dropped an early KV group of %s: %d bytes already wait", header.request_id, self._early_bytes
+            )
             return
         self._early_bytes += nbytes
         self._early.setdefault(header.request_id, []).append((header, frames, time.monotonic() + self.timeout_s))
@@ -229,8 +250,9 @@ class KVReceiver:
         now = time.monotonic()
         for request_id in [r for r, groups in self._early.items() if groups[0][2] < now]:
             self._take_early(request_id)  # its transfer never opened here
-        return [self._fail(entry, "transfer timed out")
-                for entry in [e for e in self._imports.values() if e.deadline < now]]
+        return [
+            self._fail(entry, "transfer timed out") for entry in [e for e in self._imports.values() if e.deadline < now]
+        ]
 
     def _ack(self, transfer: KVTransfer, accepted: bool, message: str = "", staging_unreadable: bool = False) -> None:
         if not accepted:
@@ -240,6 +262,7 @@ class KVReceiver:
             socket = configure(self._context.socket(zmq.PUSH))
             socket.connect(transfer.ack_to)
             self._acks[transfer.ack_to] = socket
-        ack = KVAck(request_id=transfer.request_id, accepted=accepted, message=message,
-                    staging_unreadable=staging_unreadable)
+        ack = KVAck(
+            request_id=transfer.request_id, accepted=accepted, message=message, staging_unreadable=staging_unreadable
+        )
         socket.send_multipart(self._ack_codec.encode(ack))

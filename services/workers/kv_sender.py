@@ -22,8 +22,15 @@ from services.common.codec import MessageCodec
 from services.common.messages import KVAck, KVInbound, KVLayers, KVLayout, KVTarget, KVTransfer, StagingRef
 from services.engine import LLMEngine
 from services.workers.kv_staging import StagingBuffer
-from services.workers.kv_transfer import (KV_STREAMS, LAYERS_PER_MESSAGE, MAX_KV_MESSAGE_BYTES, TransferStats,
-                                          after_compute, copies_done, side_stream)
+from services.workers.kv_transfer import (
+    KV_STREAMS,
+    LAYERS_PER_MESSAGE,
+    MAX_KV_MESSAGE_BYTES,
+    TransferStats,
+    after_compute,
+    copies_done,
+    side_stream,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ class _Group:
 
     header: KVLayers
     payload: torch.Tensor  # uint8 view of the staging region (sent as a frame unless the header references it)
-    copied: "torch.cuda.Event | None"  # None: the copy already finished (CPU)
+    copied: torch.cuda.Event | None  # None: the copy already finished (CPU)
     source: torch.Tensor | None = None  # the gathered GPU blocks, kept alive until the copy finishes
 
     def ready(self) -> bool:
@@ -63,9 +70,19 @@ class KVSender:
     staging off), a request goes out the plain way: copied to the host and sent inside `send`.
     """
 
-    def __init__(self, engine: LLMEngine, context: zmq.Context, layout: KVLayout, ack_to: str,
-                 lease_s: float = 30.0, stats: TransferStats | None = None, *,
-                 staging: StagingBuffer | None = None, host_id: str = "", num_streams: int = KV_STREAMS) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        context: zmq.Context,
+        layout: KVLayout,
+        ack_to: str,
+        lease_s: float = 30.0,
+        stats: TransferStats | None = None,
+        *,
+        staging: StagingBuffer | None = None,
+        host_id: str = "",
+        num_streams: int = KV_STREAMS,
+    ) -> None:
         self.engine = engine
         self.layout = layout
         self.ack_to = ack_to
@@ -89,20 +106,28 @@ class KVSender:
         num_blocks = len(self.engine.kv_cache.block_ids(request_id))
         layer_bytes = self._layer_bytes(num_blocks)
         region = self.staging.allocator.allocate(layer_bytes * self.layout.num_layers) if self.staging else None
-        shipment = _Shipment(transfer, target.kv_address, time.perf_counter(), time.monotonic() + self.lease_s,
-                             holds_blocks=True, region=region)
+        shipment = _Shipment(
+            transfer,
+            target.kv_address,
+            time.perf_counter(),
+            time.monotonic() + self.lease_s,
+            holds_blocks=True,
+            region=region,
+        )
         self._shipments[request_id] = shipment
         if region is None:
             self._send_unstaged(shipment, sockets)
             return
-        shared = (target.host_id == self.host_id and bool(self.host_id)
-                  and target.kv_address not in self._no_shared_memory)
+        shared = (
+            target.host_id == self.host_id and bool(self.host_id) and target.kv_address not in self._no_shared_memory
+        )
         for layer_start, layer_end in self._groups():
             offset = region + layer_start * layer_bytes
             nbytes = (layer_end - layer_start) * layer_bytes
             ref = StagingRef(name=self.staging.name, offset=offset, nbytes=nbytes) if shared else None
-            header = KVLayers(request_id=request_id, layer_start=layer_start, layer_end=layer_end,
-                              num_blocks=num_blocks, staging=ref)
+            header = KVLayers(
+                request_id=request_id, layer_start=layer_start, layer_end=layer_end, num_blocks=num_blocks, staging=ref
+            )
             shipment.groups.append(self._stage(request_id, header, self.staging.view(offset, nbytes)))
         self.poll()
 
@@ -167,8 +192,9 @@ class KVSender:
         request_id = shipment.transfer.request_id
         for layer_start, layer_end in self._groups():
             group = self._gather(request_id, layer_start, layer_end)
-            header = KVLayers(request_id=request_id, layer_start=layer_start, layer_end=layer_end,
-                              num_blocks=group.shape[2])
+            header = KVLayers(
+                request_id=request_id, layer_start=layer_start, layer_end=layer_end, num_blocks=group.shape[2]
+            )
             payload = group.cpu().contiguous().view(torch.uint8)
             self._send_group(sockets, header, payload)
             self.stats.bytes_sent += payload.numel()
@@ -199,7 +225,9 @@ class KVSender:
 
     def _groups(self) -> list[tuple[int, int]]:
         num_layers = self.layout.num_layers
-        return [(start, min(start + LAYERS_PER_MESSAGE, num_layers)) for start in range(0, num_layers, LAYERS_PER_MESSAGE)]
+        return [
+            (start, min(start + LAYERS_PER_MESSAGE, num_layers)) for start in range(0, num_layers, LAYERS_PER_MESSAGE)
+        ]
 
     def _layer_bytes(self, num_blocks: int) -> int:
         layout, itemsize = self.layout, self.engine.runner.dtype.itemsize

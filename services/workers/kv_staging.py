@@ -104,7 +104,7 @@ class StagingBuffer:
         self.allocator = ExtentAllocator(capacity_bytes)
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
-        return self.tensor[offset:offset + nbytes]
+        return self.tensor[offset : offset + nbytes]
 
     def close(self) -> None:
         if self._unpin is not None:
@@ -128,9 +128,10 @@ class StagingReader:
             self._map(name)
         tensor = self._maps[name][0]
         if offset < 0 or nbytes < 0 or offset + nbytes > tensor.numel():
-            raise ValueError(f"staging reference [{offset}, {offset + nbytes}) is outside {name} "
-                             f"({tensor.numel()} bytes)")
-        return tensor[offset:offset + nbytes]
+            raise ValueError(
+                f"staging reference [{offset}, {offset + nbytes}) is outside {name} ({tensor.numel()} bytes)"
+            )
+        return tensor[offset : offset + nbytes]
 
     def close(self) -> None:
         for _, unpin in self._maps.values():
@@ -164,8 +165,9 @@ def pin_host_memory(tensor: torch.Tensor) -> Callable[[], None] | None:
     pointer, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
     status = cudart.cudaHostRegister(pointer, nbytes, 0)
     if int(status) != 0:
-        logger.warning("could not pin %d bytes of KV staging memory (CUDA error %s); copies will be slower",
-                       nbytes, int(status))
+        logger.warning(
+            "could not pin %d bytes of KV staging memory (CUDA error %s); copies will be slower", nbytes, int(status)
+        )
         return None
     return lambda: cudart.cudaHostUnregister(pointer)
 

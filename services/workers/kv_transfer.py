@@ -69,8 +69,14 @@ class TransferStats:
 
 def engine_layout(engine: LLMEngine, model_name: str) -> KVLayout:
     spec = engine.runner.model.spec
-    return KVLayout(model=model_name, num_layers=spec.num_layers, block_size=engine.config.block_size,
-                    num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=engine.config.dtype)
+    return KVLayout(
+        model=model_name,
+        num_layers=spec.num_layers,
+        block_size=engine.config.block_size,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        dtype=engine.config.dtype,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

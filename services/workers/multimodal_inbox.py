@@ -84,15 +84,17 @@ class MultiModalInbox:
             self.drop(message.request_id)
         return late
 
-    def inputs(self, token_ids: Sequence[int], refs: Sequence[ImageRef],
-               rows: Sequence[torch.Tensor]) -> MultiModalInputs:
+    def inputs(
+        self, token_ids: Sequence[int], refs: Sequence[ImageRef], rows: Sequence[torch.Tensor]
+    ) -> MultiModalInputs:
         """The engine's view of a prompt's images (M-RoPE positions computed here for Qwen2-VL)."""
         features = tuple(MultiModalFeature(ref.content_hash, ref.offset, ref.length, r) for ref, r in zip(refs, rows))
         if self.spec is None or not self.spec.uses_mrope:
             return MultiModalInputs(features)
         grids = [tuple(ref.grid_thw) for ref in refs if ref.grid_thw is not None]
-        positions, delta = compute_mrope_positions(token_ids, grids, image_token_id=self.spec.image_token_id,
-                                                   spatial_merge_size=self.spec.spatial_merge_size)
+        positions, delta = compute_mrope_positions(
+            token_ids, grids, image_token_id=self.spec.image_token_id, spatial_merge_size=self.spec.spatial_merge_size
+        )
         return MultiModalInputs(features, positions, delta)
 
     def _take(self, request_id: str, content_hash: str) -> torch.Tensor:

@@ -41,16 +41,25 @@ DEFAULT_KV_STAGING_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
 class PrefillRole:
     """Owns the KV sender, its staging buffer and the leases on what shipped KV still holds."""
 
-    def __init__(self, engine: LLMEngine, context: zmq.Context, layout: KVLayout, ack_to: str, host_id: str,
-                 stats: TransferStats, *, lease_s: float, staging_bytes: int | None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        context: zmq.Context,
+        layout: KVLayout,
+        ack_to: str,
+        host_id: str,
+        stats: TransferStats,
+        *,
+        lease_s: float,
+        staging_bytes: int | None,
+    ) -> None:
         cuda = engine.runner.device.type == "cuda"
         if staging_bytes is None:
             staging_bytes = DEFAULT_KV_STAGING_BYTES["cuda" if cuda else "cpu"]
         self.staging = open_staging(staging_bytes, pin=cuda)
         self.stats = stats
         self._ack_to = ack_to
-        self.sender = KVSender(engine, context, layout, ack_to, lease_s, stats, staging=self.staging,
-                                host_id=host_id)
+        self.sender = KVSender(engine, context, layout, ack_to, lease_s, stats, staging=self.staging, host_id=host_id)
 
     @staticmethod
     def hands_off(message: GenerateRequest) -> bool:
@@ -67,8 +76,9 @@ class PrefillRole:
         """Open the transfer of a handed-off request's KV (and its images' embeddings) to its decode worker."""
         message = record.message
         assert message.kv_target is not None
-        transfer = KVTransfer(request=message.resume_after(handoff.output_token_ids), layout=self.sender.layout,
-                              ack_to=self._ack_to)
+        transfer = KVTransfer(
+            request=message.resume_after(handoff.output_token_ids), layout=self.sender.layout, ack_to=self._ack_to
+        )
         # the images go along: the decode worker keys its blocks by them and recomputes with them
         features = record.multi_modal.features if record.multi_modal is not None else ()
         embeddings = [embedding_frame(f.embeddings)[1] for f in features]
@@ -106,15 +116,24 @@ class Resumed:
 class DecodeRole:
     """Owns the KV socket and receiver; turns arrived transfers into requests to decode or recompute."""
 
-    def __init__(self, engine: LLMEngine, context: zmq.Context, layout: KVLayout, bind_address: str,
-                 stats: TransferStats, *, timeout_s: float,
-                 image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None]) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        context: zmq.Context,
+        layout: KVLayout,
+        bind_address: str,
+        stats: TransferStats,
+        *,
+        timeout_s: float,
+        image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None],
+    ) -> None:
         self.stats = stats
         self.socket = configure(context.socket(zmq.PULL), MAX_KV_MESSAGE_BYTES)
         self.address = bind(self.socket, bind_address)
         cuda = engine.runner.device.type == "cuda"
-        self.receiver = KVReceiver(engine, context, self.socket, layout, timeout_s, stats, pin_staging=cuda,
-                                    image_inputs=image_inputs)
+        self.receiver = KVReceiver(
+            engine, context, self.socket, layout, timeout_s, stats, pin_staging=cuda, image_inputs=image_inputs
+        )
 
     @property
     def num_pending(self) -> int:

@@ -16,8 +16,14 @@ import torch
 import zmq
 
 from services.common.codec import DecodeError
-from services.common.messages import (CompletionDelta, ImageEmbedding, PositionLogprobs, RequestDelta, SamplingSpec,
-                                      TokenLogprob)
+from services.common.messages import (
+    CompletionDelta,
+    ImageEmbedding,
+    PositionLogprobs,
+    RequestDelta,
+    SamplingSpec,
+    TokenLogprob,
+)
 from services.engine import SamplingParams
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -41,18 +47,28 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def to_delta(output: RequestOutput, num_top_logprobs: int = 0) -> RequestDelta:
     completions = [_completion_delta(c, num_top_logprobs) for c in output.outputs if c.delta_token_ids or c.finished]
-    return RequestDelta(request_id=output.request_id, completions=completions, finished=output.finished,
-                        num_prompt_tokens=len(output.prompt_token_ids), num_cached_tokens=output.num_cached_tokens)
+    return RequestDelta(
+        request_id=output.request_id,
+        completions=completions,
+        finished=output.finished,
+        num_prompt_tokens=len(output.prompt_token_ids),
+        num_cached_tokens=output.num_cached_tokens,
+    )
 
 
 def _completion_delta(c: CompletionOutput, num_top: int) -> CompletionDelta:
     logprobs = None
     if c.delta_logprobs is not None:
-        logprobs = [_position(token_id, entry, num_top)
-                    for token_id, entry in zip(c.delta_token_ids, c.delta_logprobs)]
-    return CompletionDelta(index=c.index, token_ids=c.delta_token_ids, text=c.delta_text,
-                           start_index=len(c.token_ids) - len(c.delta_token_ids), logprobs=logprobs,
-                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        logprobs = [_position(token_id, entry, num_top) for token_id, entry in zip(c.delta_token_ids, c.delta_logprobs)]
+    return CompletionDelta(
+        index=c.index,
+        token_ids=c.delta_token_ids,
+        text=c.delta_text,
+        start_index=len(c.token_ids) - len(c.delta_token_ids),
+        logprobs=logprobs,
+        finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason,
+    )
 
 
 def _position(token_id: int, entry: dict[int, Logprob], num_top: int) -> PositionLogprobs:
@@ -82,8 +98,9 @@ def embedding_from_frame(header: ImageEmbedding, frame: bytes | memoryview | zmq
     return rows_from_frame(frame, header.num_rows, header.hidden_size, header.dtype)
 
 
-def rows_from_frame(frame: bytes | memoryview | zmq.Frame, num_rows: int, hidden_size: int,
-                    dtype_name: str) -> torch.Tensor:
+def rows_from_frame(
+    frame: bytes | memoryview | zmq.Frame, num_rows: int, hidden_size: int, dtype_name: str
+) -> torch.Tensor:
     """A [num_rows, hidden_size] CPU tensor of `dtype_name` from a frame of exactly that many bytes
     (an ImageEmbedding's, or one of a KVTransfer's image frames); raises DecodeError."""
     buffer = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
@@ -94,7 +111,9 @@ def rows_from_frame(frame: bytes | memoryview | zmq.Frame, num_rows: int, hidden
         raise DecodeError(f"an embedding of {num_rows} x {hidden_size} rows")
     num_bytes = num_rows * hidden_size * dtype.itemsize
     if buffer.nbytes != num_bytes:
-        raise DecodeError(f"the embedding frame holds {buffer.nbytes} bytes; "
-                          f"{num_rows} x {hidden_size} {dtype_name} rows take {num_bytes} bytes")
+        raise DecodeError(
+            f"the embedding frame holds {buffer.nbytes} bytes; "
+            f"{num_rows} x {hidden_size} {dtype_name} rows take {num_bytes} bytes"
+        )
     flat = torch.frombuffer(bytearray(buffer), dtype=torch.uint8)  # a copy: the tensor owns its memory
     return flat.view(dtype).view(num_rows, hidden_size)

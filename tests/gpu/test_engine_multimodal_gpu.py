@@ -19,8 +19,7 @@ from tests.unit.test_engine_multimodal import (
 )
 from tests.vlm_models import VLM_FAMILIES
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -39,11 +38,16 @@ def test_fast_path_matches_reference_in_float32(vlm_dirs, family):
 def test_bfloat16_fast_path_tracks_transformers(vlm_dirs, family):
     llm = LLM(vlm_dirs[family], device="cuda", dtype="bfloat16", block_size=16)
     reference = Reference(vlm_dirs)
-    model = getattr(transformers, VLM_FAMILIES[family][0]).from_pretrained(
-        vlm_dirs[family], dtype=torch.bfloat16).cuda().eval()
+    model = (
+        getattr(transformers, VLM_FAMILIES[family][0])
+        .from_pretrained(vlm_dirs[family], dtype=torch.bfloat16)
+        .cuda()
+        .eval()
+    )
     for text, images in image_prompts(family)[:3]:
-        out = llm.generate(request(text, images), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
-                                                                 logprobs=1))[0]
+        out = llm.generate(
+            request(text, images), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+        )[0]
         processed = reference.processor(family).process(text, images)
         inputs = {k: v.cuda() for k, v in reference.inputs(family, processed).items()}
         num_prompt = len(processed.prompt_token_ids)
@@ -53,7 +57,7 @@ def test_bfloat16_fast_path_tracks_transformers(vlm_dirs, family):
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == reference.processor(family).spec.image_token_id).int()
         with torch.no_grad():
             logits = model(**inputs).logits[0].float()
-        ref = torch.log_softmax(logits, dim=-1)[num_prompt - 1:-1]
+        ref = torch.log_softmax(logits, dim=-1)[num_prompt - 1 : -1]
         chosen = torch.tensor(out.outputs[0].token_ids, device="cuda")
         # bf16: every token we chose is (near) the top of transformers' distribution at that step
         gap = ref.max(dim=-1).values - ref.gather(1, chosen[:, None]).squeeze(1)

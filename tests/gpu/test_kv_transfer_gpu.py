@@ -6,8 +6,7 @@ import torch
 
 from tests.unit.test_disaggregation import DELIVERIES, Cluster, colocated, prompts_with_shared_prefix
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("delivery", DELIVERIES)

@@ -35,9 +35,16 @@ from tests.unit.test_ops import (  # noqa: E402
 
 HIDDEN, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
 MAX_POSITIONS = 8192
-LLAMA3_ROPE: dict[str, Any] = {"rope_theta": 500000.0, "rope_scaling": {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192}}
+LLAMA3_ROPE: dict[str, Any] = {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 TOKEN_COUNTS = [1, 64, 4096]
 BF16 = torch.bfloat16
 
@@ -50,14 +57,22 @@ def test_add_rms_norm_bf16(num_tokens, has_residual):
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
 def test_rms_norm_heads_bf16(num_tokens):
-    check_rms_norm_heads(num_tokens, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BF16, device="cuda",
-                         seed=num_tokens)
+    check_rms_norm_heads(num_tokens, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BF16, device="cuda", seed=num_tokens)
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
 def test_rotary_bf16(num_tokens):
-    check_rotary(num_tokens, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BF16, MAX_POSITIONS,
-                 device="cuda", seed=num_tokens, **LLAMA3_ROPE)
+    check_rotary(
+        num_tokens,
+        NUM_Q_HEADS,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BF16,
+        MAX_POSITIONS,
+        device="cuda",
+        seed=num_tokens,
+        **LLAMA3_ROPE,
+    )
 
 
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
@@ -80,8 +95,7 @@ def test_other_head_dims_bf16(head_dim):
 def test_other_dtypes(dtype):
     check_add_rms_norm(64, HIDDEN, dtype, has_residual=True, device="cuda")
     check_rms_norm_heads(64, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, dtype, device="cuda")
-    check_rotary(64, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, dtype, MAX_POSITIONS, device="cuda",
-                 **LLAMA3_ROPE)
+    check_rotary(64, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, dtype, MAX_POSITIONS, device="cuda", **LLAMA3_ROPE)
     check_silu_and_mul(64, INTERMEDIATE, dtype, device="cuda")
 
 
@@ -99,21 +113,30 @@ def layer_inputs(num_tokens: int, seed: int) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def run_layer_ops(ops: Ops, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
-                  cos: torch.Tensor, sin: torch.Tensor) -> dict[str, torch.Tensor]:
+def run_layer_ops(
+    ops: Ops, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor
+) -> dict[str, torch.Tensor]:
     normed, new_residual = ops.add_rms_norm(inputs["x"], inputs["residual"], weights["hidden"], EPS)
     q_normed = ops.rms_norm_heads(inputs["q"], weights["head"], EPS)  # reads q before rotary
     q, k = ops.rotary(inputs["q"], inputs["k"], cos, sin, inputs["positions"])
     activated = ops.silu_and_mul(inputs["gate_up"])
-    return {"normed": normed, "new_residual": new_residual, "q_normed": q_normed, "q": q, "k": k,
-            "activated": activated}
+    return {
+        "normed": normed,
+        "new_residual": new_residual,
+        "q_normed": q_normed,
+        "q": q,
+        "k": k,
+        "activated": activated,
+    }
 
 
 @pytest.mark.parametrize("num_tokens", [1, 64])
 def test_cuda_graph_replay_with_new_inputs(num_tokens):
     generator = torch.Generator().manual_seed(100)
-    weights = {"hidden": 1.0 + randn((HIDDEN,), BF16, generator, "cuda", scale=0.1),
-               "head": 1.0 + randn((HEAD_DIM,), BF16, generator, "cuda", scale=0.1)}
+    weights = {
+        "hidden": 1.0 + randn((HIDDEN,), BF16, generator, "cuda", scale=0.1),
+        "head": 1.0 + randn((HEAD_DIM,), BF16, generator, "cuda", scale=0.1),
+    }
     rotary = rotary_embedding(HEAD_DIM, MAX_POSITIONS, BF16, "cuda", **LLAMA3_ROPE)
     static = layer_inputs(num_tokens, seed=0)
 
@@ -142,5 +165,4 @@ def test_cuda_graph_replay_with_new_inputs(num_tokens):
 @pytest.mark.parametrize("num_tokens", TOKEN_COUNTS)
 def test_mrope_rotary_bf16(num_tokens):
     """Qwen2-VL-7B shapes: 28 query heads, 4 KV heads, head_dim 128, mrope_section (16, 24, 24)."""
-    check_mrope_rotary(num_tokens, 28, 4, HEAD_DIM, (16, 24, 24), BF16, MAX_POSITIONS, device="cuda",
-                       seed=num_tokens)
+    check_mrope_rotary(num_tokens, 28, 4, HEAD_DIM, (16, 24, 24), BF16, MAX_POSITIONS, device="cuda", seed=num_tokens)

@@ -36,21 +36,29 @@ def random_seq_lens(batch_size: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     seq_lens = torch.randint(1, MAX_CONTEXT_TOKENS + 1, (batch_size,), generator=generator).tolist()
     edges = [MAX_CONTEXT_TOKENS, 0, 1, 512, 513]
-    return edges[:batch_size] + seq_lens[len(edges):]
+    return edges[:batch_size] + seq_lens[len(edges) :]
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64, 256])
 def test_llama_shapes_bf16(batch_size):
-    inputs = make_inputs(random_seq_lens(batch_size, seed=batch_size), NUM_Q_HEADS, NUM_KV_HEADS,
-                         HEAD_DIM, BLOCK_SIZE, torch.bfloat16, device="cuda", seed=batch_size)
+    inputs = make_inputs(
+        random_seq_lens(batch_size, seed=batch_size),
+        NUM_Q_HEADS,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        torch.bfloat16,
+        device="cuda",
+        seed=batch_size,
+    )
     check_against_reference(inputs, DecodeTuning(), BF16_TOLERANCE)
 
 
-@pytest.mark.parametrize("head_dim,block_size", [(64, 8), (80, 16), (96, 32), (128, 64),
-                                                 (256, 16)])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 8), (80, 16), (96, 32), (128, 64), (256, 16)])
 def test_head_dims_and_block_sizes_bf16(head_dim, block_size):
-    inputs = make_inputs([0, 1, 100, 777, 1500], 16, 4, head_dim, block_size, torch.bfloat16,
-                         device="cuda", seed=head_dim)
+    inputs = make_inputs(
+        [0, 1, 100, 777, 1500], 16, 4, head_dim, block_size, torch.bfloat16, device="cuda", seed=head_dim
+    )
     check_against_reference(inputs, DecodeTuning(), BF16_TOLERANCE)
 
 
@@ -62,8 +70,16 @@ def test_other_dtypes(dtype, tolerance):
 
 def test_cuda_graph_replay_with_new_inputs():
     batch_size = 32
-    static = make_inputs(random_seq_lens(batch_size, seed=0), NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM,
-                         BLOCK_SIZE, torch.bfloat16, device="cuda", seed=0)
+    static = make_inputs(
+        random_seq_lens(batch_size, seed=0),
+        NUM_Q_HEADS,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        torch.bfloat16,
+        device="cuda",
+        seed=0,
+    )
     static["max_seq_len"] = MAX_CONTEXT_TOKENS  # the bound a captured batch is sized for
 
     side_stream = torch.cuda.Stream()
@@ -76,9 +92,16 @@ def test_cuda_graph_replay_with_new_inputs():
         paged_decode_attention(**static)
 
     for replay_seed in (1, 2):
-        fresh = make_inputs(random_seq_lens(batch_size, seed=replay_seed), NUM_Q_HEADS,
-                            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, torch.bfloat16, device="cuda",
-                            seed=replay_seed)
+        fresh = make_inputs(
+            random_seq_lens(batch_size, seed=replay_seed),
+            NUM_Q_HEADS,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_SIZE,
+            torch.bfloat16,
+            device="cuda",
+            seed=replay_seed,
+        )
         for name in ("q", "k_cache", "v_cache", "block_tables", "seq_lens"):
             static[name].copy_(fresh[name])
         static["out"].fill_(float("nan"))
@@ -86,8 +109,13 @@ def test_cuda_graph_replay_with_new_inputs():
         torch.cuda.synchronize()
         out = static["out"]
         assert not out.isnan().any()
-        ref = reference_decode_attention(static["q"], static["k_cache"], static["v_cache"],
-                                         static["block_tables"], static["seq_lens"],
-                                         static["scale"])
+        ref = reference_decode_attention(
+            static["q"],
+            static["k_cache"],
+            static["v_cache"],
+            static["block_tables"],
+            static["seq_lens"],
+            static["scale"],
+        )
         assert relative_error(out, ref) < BF16_TOLERANCE
         assert (out[static["seq_lens"] == 0] == 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -29,10 +30,16 @@ class ServeProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *args]
         # every actor's log line reaches the driver (Ray otherwise folds similar lines from several actors)
-        full_env = {**os.environ, "TRISTAGE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1",
-                    "RAY_DEDUP_LOGS": "0", **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=full_env, start_new_session=True)
+        full_env = {
+            **os.environ,
+            "TRISTAGE_CACHE_DIR": str(cache_dir),
+            "PYTHONUNBUFFERED": "1",
+            "RAY_DEDUP_LOGS": "0",
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+        )
         self.sid = self.proc.pid
         self.log: list[str] = []
         ready = threading.Event()
@@ -67,10 +74,8 @@ class ServeProcess:
             time.sleep(0.5)
 
     def kill_all(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.sid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _processes_in_session(sid: int) -> list[str]:

@@ -28,10 +28,23 @@ def ray_cluster():
     """A Ray head in its own session (`ray start --block`), killed with its session at the end."""
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-                             f"--port={port}", "--num-cpus=2", "--resources={\"colocated\": 2}", "--include-dashboard=false",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            '--resources={"colocated": 2}',
+            "--include-dashboard=false",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:  # until the GCS answers on its port
@@ -51,11 +64,15 @@ def ray_cluster():
 def test_two_gateways_share_one_pool_and_survive_each_other(ray_cluster, tmp_path):
     args = ("--ray-address", ray_cluster, "--mode", "colocated", "--replicas", "1", "--drain-timeout", "5")
     first = ServeProcess(*args, cache_dir=tmp_path / "cache", startup_timeout_s=120)
-    second = ServeProcess(*args, cache_dir=tmp_path / "cache", startup_timeout_s=120)  # attaches: no CPU is left to start another
+    second = ServeProcess(
+        *args, cache_dir=tmp_path / "cache", startup_timeout_s=120
+    )  # attaches: no CPU is left to start another
     try:
         for gateway in (first, second):
             client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-            reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, extra_body={"ignore_eos": True})
+            reply = client.completions.create(
+                model=MODEL, prompt="hello", max_tokens=4, extra_body={"ignore_eos": True}
+            )
             assert reply.usage.completion_tokens == 4
         # the one worker saw both gateways' requests
         text = httpx.get(second.base_url + "/metrics").text
@@ -64,7 +81,9 @@ def test_two_gateways_share_one_pool_and_survive_each_other(ray_cluster, tmp_pat
         assert len(worker_lines) == 1 and 'worker="colocated-0"' in worker_lines[0]
         assert first.stop() == 0
         client = openai.OpenAI(base_url=second.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        reply = client.completions.create(model=MODEL, prompt="still here", max_tokens=3, extra_body={"ignore_eos": True})
+        reply = client.completions.create(
+            model=MODEL, prompt="still here", max_tokens=3, extra_body={"ignore_eos": True}
+        )
         assert reply.usage.completion_tokens == 3
     finally:
         for gateway in (first, second):

@@ -28,8 +28,9 @@ from tests.unit.test_deploy_dashboards import (
 )
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None,
-                                reason="the prometheus binary is not installed (apt-get install -y prometheus)")
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None, reason="the prometheus binary is not installed (apt-get install -y prometheus)"
+)
 
 MODEL = "tristage-tiny"
 SCRAPE_INTERVAL_S = 1
@@ -50,16 +51,23 @@ class PrometheusProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
-            "scrape_configs": [{"job_name": "tristage-gateway", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [
+                {"job_name": "tristage-gateway", "metrics_path": "/metrics", "static_configs": [{"targets": [target]}]}
+            ],
         }
         config_file = workdir / "prometheus.yml"
         config_file.write_text(json.dumps(config))  # JSON is YAML
         self.log = (workdir / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                PROMETHEUS,
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.logfile = workdir / "prometheus.log"
 
     def wait_ready(self, timeout_s: float = 30) -> None:
@@ -99,18 +107,30 @@ def send_load(base_url: str) -> None:
     with httpx.Client(base_url=base_url, timeout=60) as client:
         prompt = "the cluster splits every request into stages " * 4
         for _ in range(3):  # the same prompt again: prefix-cache hits
-            with client.stream("POST", "/v1/completions", json={
-                    "model": MODEL, "prompt": prompt, "max_tokens": 12, "stream": True,
-                    "temperature": 0, "ignore_eos": True}) as response:
+            with client.stream(
+                "POST",
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": prompt,
+                    "max_tokens": 12,
+                    "stream": True,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            ) as response:
                 assert response.status_code == 200
                 assert sum(1 for line in response.iter_lines() if line.startswith("data:")) > 1
-        response = client.post("/v1/chat/completions", json={
-            "model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6})
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6},
+        )
         assert response.status_code == 200
 
         def one(i: int) -> int:
-            return client.post("/v1/completions", json={"model": MODEL, "prompt": f"burst {i} " * 40,
-                                                        "max_tokens": 4}).status_code
+            return client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": f"burst {i} " * 40, "max_tokens": 4}
+            ).status_code
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             for _ in range(5):
@@ -124,8 +144,15 @@ def send_load(base_url: str) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # A queue of two requests, so that a burst of concurrent requests meets admission's limit.
-    proc = ServeProcess("--replicas", "1", "--max-queued-requests", "2", "--drain-timeout", "5",
-                        cache_dir=tmp_path_factory.mktemp("cache"))
+    proc = ServeProcess(
+        "--replicas",
+        "1",
+        "--max-queued-requests",
+        "2",
+        "--drain-timeout",
+        "5",
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
     yield proc
     assert proc.stop() == 0
     assert proc.leftover_processes() == []
@@ -138,7 +165,7 @@ def test_every_dashboard_query_runs_in_prometheus(server, tmp_path):
         prometheus.wait_for('up{job="tristage-gateway"} == 1')
         send_load(server.base_url)
         # The counters' last values, then one more scrape, so every rate() has two samples after the load.
-        prometheus.wait_for('tristage:admission_rejections_total > 0')
+        prometheus.wait_for("tristage:admission_rejections_total > 0")
         time.sleep(3 * SCRAPE_INTERVAL_S)
 
         dashboard = json.loads(COMMITTED.read_text())

@@ -18,8 +18,17 @@ MODEL = "tristage-tiny"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServeProcess("--mode", "colocated", "--replicas", "2", "--max-num-seqs", "64", "--drain-timeout", "10",
-                        cache_dir=tmp_path_factory.mktemp("cache"))
+    proc = ServeProcess(
+        "--mode",
+        "colocated",
+        "--replicas",
+        "2",
+        "--max-num-seqs",
+        "64",
+        "--drain-timeout",
+        "10",
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
     yield proc
     assert proc.stop() == 0
     assert proc.leftover_processes() == []
@@ -34,7 +43,6 @@ def chat(client, content, **kwargs):
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kwargs)
 
 
-
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.base_url + "/health").status_code == 200
@@ -42,8 +50,16 @@ def test_models_and_health(server, client):
 
 
 def test_chat_non_streaming_with_usage_n_and_logprobs(client):
-    out = chat(client, "Hello there", max_tokens=8, temperature=0, n=2, logprobs=True, top_logprobs=3,
-               extra_body={"ignore_eos": True})
+    out = chat(
+        client,
+        "Hello there",
+        max_tokens=8,
+        temperature=0,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     assert len(out.choices) == 2 and out.choices[0].message.content == out.choices[1].message.content
     assert out.usage.completion_tokens == 16 and out.usage.prompt_tokens > 0
     content = out.choices[0].logprobs.content
@@ -63,16 +79,27 @@ def test_chat_streaming_matches_non_streaming_and_reports_usage(client):
 
 
 def test_completions_with_token_ids_stop_and_seed(client):
-    base = client.completions.create(model=MODEL, prompt=[10, 11, 12, 13], max_tokens=16, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    base = client.completions.create(
+        model=MODEL, prompt=[10, 11, 12, 13], max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
     text = base.choices[0].text
-    stop = next(text[p:p + 2] for p in range(3, len(text) - 2)
-                if text.find(text[p:p + 2]) == p and "\ufffd" not in text[p:p + 2])
-    cut = client.completions.create(model=MODEL, prompt=[10, 11, 12, 13], max_tokens=16, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True})
+    stop = next(
+        text[p : p + 2]
+        for p in range(3, len(text) - 2)
+        if text.find(text[p : p + 2]) == p and "\ufffd" not in text[p : p + 2]
+    )
+    cut = client.completions.create(
+        model=MODEL, prompt=[10, 11, 12, 13], max_tokens=16, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
-    seeded = [client.completions.create(model=MODEL, prompt="once upon", max_tokens=10, temperature=1.0, seed=42,
-                                        extra_body={"ignore_eos": True}).choices[0].text for _ in range(2)]
+    seeded = [
+        client.completions.create(
+            model=MODEL, prompt="once upon", max_tokens=10, temperature=1.0, seed=42, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
 
 
@@ -98,7 +125,8 @@ def test_async_client_and_64_concurrent_streams_equal_the_same_request_alone(ser
         async def stream(p):
             parts = []
             async for chunk in await client.chat.completions.create(
-                    messages=[{"role": "user", "content": p}], stream=True, **kwargs):
+                messages=[{"role": "user", "content": p}], stream=True, **kwargs
+            ):
                 if chunk.choices:
                     parts.append(chunk.choices[0].delta.content or "")
             return "".join(parts)
@@ -117,8 +145,9 @@ def test_async_client_and_64_concurrent_streams_equal_the_same_request_alone(ser
 
 
 def test_disconnect_mid_stream_frees_everything(server, client):
-    stream = chat(client, "a long answer please", max_tokens=2000, temperature=0, stream=True,
-                  extra_body={"ignore_eos": True})
+    stream = chat(
+        client, "a long answer please", max_tokens=2000, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     for i, _ in enumerate(stream):
         if i == 5:
             break
@@ -132,8 +161,13 @@ def test_sigterm_drains_requests_then_leaves_no_process(tmp_path):
     results: list[str] = []
 
     def one(i):
-        out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"drain {i}"}],
-                                             max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"drain {i}"}],
+            max_tokens=60,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         results.append(out.choices[0].finish_reason)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
@@ -156,10 +190,34 @@ def test_loadgen_run_against_the_real_cluster(server, tmp_path):
     from loadgen.cli import main as loadgen_main
 
     out = tmp_path / "run"
-    code = loadgen_main(["run", "--base-url", server.base_url, "--workload", "shared-prefix", "--num-groups", "3",
-                         "--prefix-len", "40", "--suffix-len", "8", "--output-len", "6", "--num-requests", "24",
-                         "--rate", "50", "--slo", "ttft=10s,tpot=1s", "--time-limit", "120", "--no-progress",
-                         "--out", str(out)])
+    code = loadgen_main(
+        [
+            "run",
+            "--base-url",
+            server.base_url,
+            "--workload",
+            "shared-prefix",
+            "--num-groups",
+            "3",
+            "--prefix-len",
+            "40",
+            "--suffix-len",
+            "8",
+            "--output-len",
+            "6",
+            "--num-requests",
+            "24",
+            "--rate",
+            "50",
+            "--slo",
+            "ttft=10s,tpot=1s",
+            "--time-limit",
+            "120",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] == 24 and not any(summary["errors"].values())

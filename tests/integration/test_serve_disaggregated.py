@@ -18,12 +18,12 @@ MODEL = "tristage-tiny"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    proc = ServeProcess("--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--router-policy", "preble",
-                        cache_dir=cache)
+    proc = ServeProcess(
+        "--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--router-policy", "preble", cache_dir=cache
+    )
     yield proc, cache
     assert proc.stop() == 0
     assert proc.leftover_processes() == []
-
 
 
 def test_disaggregated_greedy_output_equals_colocated(cluster):
@@ -31,14 +31,26 @@ def test_disaggregated_greedy_output_equals_colocated(cluster):
     shared = list(range(40, 80))
     prompts = [list(range(10, 15)), shared + [3, 4], shared + list(range(200, 237)), list(range(300, 331))]
     client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    served = [client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0,
-                                        extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt=prompts[2], max_tokens=12, temperature=0, stream=True,
-        extra_body={"ignore_eos": True}) if c.choices)
+    served = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        .choices[0]
+        .text
+        for p in prompts
+    ]
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt=prompts[2], max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        if c.choices
+    )
     llm = LLM(str(default_model_path(cache)))
-    expected = [o.outputs[0].text for o in llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
+    expected = [
+        o.outputs[0].text
+        for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        )
+    ]
     assert served == expected
     assert streamed == expected[2]
     wait_until_idle(proc.base_url)  # prefill frees its blocks on the decode worker's ack, decode at the end
@@ -47,8 +59,9 @@ def test_disaggregated_greedy_output_equals_colocated(cluster):
 def test_n_greater_than_one_is_served_whole_by_a_decode_worker(cluster):
     proc, _ = cluster
     client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    out = client.completions.create(model=MODEL, prompt=[7, 8, 9], max_tokens=5, n=3, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=MODEL, prompt=[7, 8, 9], max_tokens=5, n=3, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert len(out.choices) == 3 and len({c.text for c in out.choices}) == 1
 
 
@@ -61,7 +74,7 @@ def _actor_pid(proc, worker):
             if m:
                 return int(m.group(1))
         time.sleep(0.2)
-    raise AssertionError(f"no pid for {worker} in the log: {[l for l in proc.log if 'serving' in l]}")
+    raise AssertionError(f"no pid for {worker} in the log: {[line for line in proc.log if 'serving' in line]}")
 
 
 def _wait_until_reconnected(proc, worker, timeout_s: float = 90.0) -> None:
@@ -83,8 +96,9 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
     proc, cache = cluster
     prompt = list(range(500, 530))
     client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     parts, finish = [], None
     try:
         for i, chunk in enumerate(stream):
@@ -96,8 +110,11 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
     finally:
         _wait_until_reconnected(proc, victim)  # the cluster is whole again for what follows
     llm = LLM(str(default_model_path(cache)))
-    expected = llm.generate({"prompt_token_ids": prompt},
-                            SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0].outputs[0].text
+    expected = (
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0]
+        .outputs[0]
+        .text
+    )
     events = [line for line in proc.log if re.search(r"moves from|is down|is back|recomputes", line)]
     assert "".join(parts) == expected and finish == "length", events
     if victim == "decode-0":  # the request moved with its tokens; a prefill worker is done after the first token

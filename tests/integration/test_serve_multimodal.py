@@ -28,8 +28,14 @@ def data_url(image) -> str:
 
 def chat(sizes: list[tuple[int, int]], by_uuid: bool = False) -> list[dict]:
     """Each image sent with the uuid "w x h"; by_uuid: named by that uuid alone (sent before)."""
-    parts = [{"type": "image_url", "uuid": f"{w}x{h}",
-              "image_url": None if by_uuid else {"url": data_url(random_image(w, h, seed=w + h))}} for w, h in sizes]
+    parts = [
+        {
+            "type": "image_url",
+            "uuid": f"{w}x{h}",
+            "image_url": None if by_uuid else {"url": data_url(random_image(w, h, seed=w + h))},
+        }
+        for w, h in sizes
+    ]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe the picture."}]}]
 
 
@@ -37,13 +43,16 @@ def offline(model_dir: str, messages: list[dict], sizes) -> list[int]:
     """The same chat through the offline engine: the gateway's template and placeholders, greedy."""
     processor = MultiModalProcessor.from_model_dir(model_dir)
     # the gateway's rendering: each content part on its own line, an image as the model's placeholder
-    template = [{"role": "user", "content": "\n".join([processor.image_placeholder] * len(sizes)
-                                                       + ["Describe the picture."])}]
+    template = [
+        {"role": "user", "content": "\n".join([processor.image_placeholder] * len(sizes) + ["Describe the picture."])}
+    ]
     prompt = processor.apply_chat_template(template)
     images = [random_image(w, h, seed=w + h) for w, h in sizes]
     llm = LLM(model_dir, device="cpu")
-    [out] = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}},
-                         SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    [out] = llm.generate(
+        {"prompt": prompt, "multi_modal_data": {"image": images}},
+        SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+    )
     return out.outputs[0].token_ids
 
 
@@ -59,21 +68,35 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
         # the last request names its image by the uuid it was sent with, without uploading it again
         for sizes, by_uuid in [(sizes, False) for sizes in REQUESTS] + [(REQUESTS[1][:1], True)]:
             # special tokens kept: a random model emits some, and the text must show every token
-            reply = client.chat.completions.create(model="vlm", messages=chat(sizes, by_uuid), max_tokens=MAX_TOKENS,
-                                                   temperature=0, extra_body={"ignore_eos": True,
-                                                                              "skip_special_tokens": False})
+            reply = client.chat.completions.create(
+                model="vlm",
+                messages=chat(sizes, by_uuid),
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False},
+            )
             assert reply.usage.completion_tokens == MAX_TOKENS
             assert reply.choices[0].message.content == tokenizer.decode(offline(model_dir, chat(sizes), sizes))
         with pytest.raises(openai.BadRequestError, match="image 1 names uuid 'unseen'"):
-            client.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": None, "uuid": "unseen"}]}])
+            client.chat.completions.create(
+                model="vlm",
+                max_tokens=2,
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": None, "uuid": "unseen"}]}],
+            )
         # a text-only question to the same model still works; a bad image is a 400
-        reply = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=2)
+        reply = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert reply.choices[0].finish_reason in ("stop", "length")
         with pytest.raises(openai.BadRequestError, match="image 1"):
-            client.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+            client.chat.completions.create(
+                model="vlm",
+                max_tokens=2,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}],
+                    }
+                ],
+            )
         wait_until_idle(server.base_url)
         text = httpx.get(server.base_url + "/metrics").text
         if mode == "disaggregated":  # the image of the first request came again twice: cache hits

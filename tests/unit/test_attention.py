@@ -6,11 +6,14 @@ import torch
 from services.engine.attention.backends import reference_attention, sdpa_causal
 
 
-@pytest.mark.parametrize("num_queries, seq_len, num_heads, num_kv_heads", [
-    (7, 7, 4, 4),  # a prompt with no cached prefix
-    (3, 19, 8, 2),  # a chunk after a cached prefix, GQA
-    (1, 33, 4, 1),  # one token over a long context, MQA
-])
+@pytest.mark.parametrize(
+    "num_queries, seq_len, num_heads, num_kv_heads",
+    [
+        (7, 7, 4, 4),  # a prompt with no cached prefix
+        (3, 19, 8, 2),  # a chunk after a cached prefix, GQA
+        (1, 33, 4, 1),  # one token over a long context, MQA
+    ],
+)
 def test_sdpa_bottom_right_causal_matches_reference(num_queries, seq_len, num_heads, num_kv_heads):
     g = torch.Generator().manual_seed(num_queries * 100 + seq_len)
     q = torch.randn(num_queries, num_heads, 16, generator=g)

@@ -1,5 +1,10 @@
-from services.common.block_hash import (ROOT_PARENT_HASH, MultiModalSpan, block_extra_keys, hash_block_tokens,
-                                        hash_request_blocks)
+from services.common.block_hash import (
+    ROOT_PARENT_HASH,
+    MultiModalSpan,
+    block_extra_keys,
+    hash_block_tokens,
+    hash_request_blocks,
+)
 
 
 def test_hashes_chain_and_are_stable_across_processes():

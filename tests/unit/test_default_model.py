@@ -21,8 +21,13 @@ from services.engine.default_model import (
 from services.engine.models.loader import SUPPORTED_ARCHITECTURES, iter_weights, read_model_config
 
 CACHED_DIR_NAME = f"{DEFAULT_MODEL_NAME}-v1"
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 512}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 512,
+}
 MIXED_TEXT = "Hello, world! 42 + 7 = 49; café Zürich naïve → 東京 привет 😊\n  indented\ttab"
 
 
@@ -78,8 +83,10 @@ def test_chat_template(tokenizer_dir: Path, tokenizer: transformers.PreTrainedTo
         {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "now?"}]},
     ]
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
-    assert rendered == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
-                        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nAnd now?<|im_end|>\n")
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nAnd now?<|im_end|>\n"
+    )
     prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert prompt == rendered + "<|im_start|>assistant\n"
 
@@ -91,8 +98,13 @@ def test_chat_template(tokenizer_dir: Path, tokenizer: transformers.PreTrainedTo
 @pytest.mark.parametrize("architecture", SUPPORTED_ARCHITECTURES)
 def test_every_architecture_loads_and_runs(architecture: str, tokenizer_dir: Path, tmp_path: Path) -> None:
     model_dir = build_model_dir(tmp_path, architecture, tokenizer_dir=tokenizer_dir)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (model_dir / name).is_file(), name
 
     config = read_model_config(model_dir)
@@ -134,10 +146,14 @@ def test_initializer_range_makes_peaked_logits(tokenizer_dir: Path, tmp_path: Pa
     assert weights["model.embed_tokens.weight"].std() == pytest.approx(0.2, rel=0.05)
 
 
-@pytest.mark.parametrize("rope_overrides", [
-    {"rope_scaling": dict(LLAMA3_ROPE), "rope_theta": 500000.0},
-    {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
-], ids=["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize(
+    "rope_overrides",
+    [
+        {"rope_scaling": dict(LLAMA3_ROPE), "rope_theta": 500000.0},
+        {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}},
+    ],
+    ids=["rope_scaling", "rope_parameters"],
+)
 def test_llama3_rope_override(rope_overrides: dict, tokenizer_dir: Path, tmp_path: Path) -> None:
     model_dir = build_model_dir(tmp_path, tokenizer_dir=tokenizer_dir, **rope_overrides)
     on_disk = json.loads((model_dir / "config.json").read_text())
@@ -153,8 +169,14 @@ def test_default_rope_on_disk(tokenizer_dir: Path, tmp_path: Path) -> None:
 
 
 def test_other_overrides(tokenizer_dir: Path, tmp_path: Path) -> None:
-    model_dir = build_model_dir(tmp_path, tokenizer_dir=tokenizer_dir, tie_word_embeddings=True,
-                                num_key_value_heads=1, attention_bias=True, bos_token_id=1)
+    model_dir = build_model_dir(
+        tmp_path,
+        tokenizer_dir=tokenizer_dir,
+        tie_word_embeddings=True,
+        num_key_value_heads=1,
+        attention_bias=True,
+        bos_token_id=1,
+    )
     config = read_model_config(model_dir)
     assert (config.tie_word_embeddings, config.num_key_value_heads, config.bos_token_id) == (True, 1, 1)
     weights = dict(iter_weights(model_dir))

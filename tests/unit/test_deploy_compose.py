@@ -57,8 +57,11 @@ def test_compose_runs_the_whole_cluster(compose):
     services = compose["services"]
     assert set(services) == {"ray-head", "ray-worker", "gateway", "prometheus", "grafana"}
     gateway = " ".join(services["gateway"]["command"])
-    assert re.search(r"exec tristage serve --ray-address ray-head:6379 --host 0\.0\.0\.0 --port 8000\s+"
-                     r"--data-plane-host auto", gateway)
+    assert re.search(
+        r"exec tristage serve --ray-address ray-head:6379 --host 0\.0\.0\.0 --port 8000\s+"
+        r"--data-plane-host auto",
+        gateway,
+    )
     assert "--include-dashboard=false" in " ".join(services["ray-head"]["command"])
     assert '--resources={"colocated": 1}' in services["ray-worker"]["command"]
 
@@ -108,9 +111,13 @@ def test_prometheus_config_scrapes_every_component():
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_promtool_accepts_the_prometheus_config():
-    result = subprocess.run(["promtool", "check", "config", "--syntax-only",
-                             str(REPO_ROOT / "deploy/prometheus/prometheus.yml")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        ["promtool", "check", "config", "--syntax-only", str(REPO_ROOT / "deploy/prometheus/prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -131,8 +138,13 @@ def hadolint() -> str:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile):
-    result = subprocess.run([hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -148,8 +160,11 @@ def test_dockerfile_practices(dockerfile):
     healthchecks = [v for i, v in instructions if i == "HEALTHCHECK"]
     assert len(healthchecks) == 1 and "tristage-healthcheck" in healthchecks[0]
     assert any(i == "CMD" and "tristage" in v for i, v in instructions)
-    pinned_torch = next(d for d in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-                        if d.startswith("torch"))
+    pinned_torch = next(
+        d
+        for d in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("torch")
+    )
     assert f"ARG TORCH_VERSION={pinned_torch.split('==')[1]}" in parser.content
     for source in re.findall(r"^COPY (?:--\S+ )*(\S+)", parser.content, re.MULTILINE):
         assert (REPO_ROOT / source).exists(), f"COPY {source}: not in the repository"

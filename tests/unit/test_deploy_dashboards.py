@@ -26,15 +26,31 @@ VARIABLE_VALUES = {
 
 # The metrics the dashboard must show: the catalogue of vLLM-named and tristage metrics.
 REQUIRED_METRICS = {
-    "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
-    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-    "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_tokens_total",
-    "vllm:generation_tokens_total", "vllm:request_success_total", "vllm:num_preemptions",
-    "tristage:kv_transfer_bytes_total", "tristage:kv_transfer_seconds", "tristage:kv_transfer_failures_total",
-    "tristage:kv_transfer_fallbacks_total", "tristage:request_migrations_total", "tristage:router_decisions_total",
-    "tristage:router_predicted_hit_tokens_total", "tristage:router_observed_hit_tokens_total",
-    "tristage:router_load_imbalance", "tristage:encode_latency_seconds", "tristage:embedding_cache_hits_total",
-    "tristage:embedding_cache_queries_total", "tristage:embedding_transfer_bytes_total",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries",
+    "vllm:prefix_cache_hits",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+    "vllm:num_preemptions",
+    "tristage:kv_transfer_bytes_total",
+    "tristage:kv_transfer_seconds",
+    "tristage:kv_transfer_failures_total",
+    "tristage:kv_transfer_fallbacks_total",
+    "tristage:request_migrations_total",
+    "tristage:router_decisions_total",
+    "tristage:router_predicted_hit_tokens_total",
+    "tristage:router_observed_hit_tokens_total",
+    "tristage:router_load_imbalance",
+    "tristage:encode_latency_seconds",
+    "tristage:embedding_cache_hits_total",
+    "tristage:embedding_cache_queries_total",
+    "tristage:embedding_transfer_bytes_total",
     "tristage:admission_rejections_total",
 }
 
@@ -100,9 +116,13 @@ def test_every_expression_parses_and_reads_only_the_catalogue(dashboard):
         assert names and names <= allowed, f"{title}: {sorted(names - allowed)} not in the catalogue"
         used |= names
     catalogue_used = {family(name) for name in used}
-    missing = {name for name in REQUIRED_METRICS
-               if name not in catalogue_used and name + "_total" not in catalogue_used
-               and name.removesuffix("_total") not in catalogue_used}
+    missing = {
+        name
+        for name in REQUIRED_METRICS
+        if name not in catalogue_used
+        and name + "_total" not in catalogue_used
+        and name.removesuffix("_total") not in catalogue_used
+    }
     assert not missing, f"metrics of the catalogue with no panel: {sorted(missing)}"
 
 

@@ -6,7 +6,6 @@ custom resources against the schemas in tests/data/ (RayCluster, ServiceMonitor,
 from __future__ import annotations
 
 import base64
-
 import copy
 import json
 from pathlib import Path
@@ -34,38 +33,79 @@ CUSTOM_SCHEMAS = {
 GPU_NODES = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 DISAGGREGATED = {
     "mode": "disaggregated",
-    "model": {"path": "/models/llama", "servedModelName": "llama", "dtype": "bfloat16",
-              "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
-    "ray": {"workerGroups": {
-        "colocated": {"enabled": False},
-        "prefill": {"enabled": True, "replicas": 2, "minReplicas": 1, "maxReplicas": 4, "workersPerPod": 8,
-                    "gpusPerPod": 8, "nodeSelector": GPU_NODES},
-        "decode": {"enabled": True, "replicas": 3, "minReplicas": 3, "maxReplicas": 6, "workersPerPod": 8,
-                   "gpusPerPod": 8, "nodeSelector": GPU_NODES,
-                   "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "decode",
-                                    "effect": "NoSchedule"}]},
-        "encode": {"enabled": True, "replicas": 1, "minReplicas": 1, "maxReplicas": 1, "workersPerPod": 1,
-                   "gpusPerPod": 1},
-    }},
+    "model": {
+        "path": "/models/llama",
+        "servedModelName": "llama",
+        "dtype": "bfloat16",
+        "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+    },
+    "ray": {
+        "workerGroups": {
+            "colocated": {"enabled": False},
+            "prefill": {
+                "enabled": True,
+                "replicas": 2,
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "workersPerPod": 8,
+                "gpusPerPod": 8,
+                "nodeSelector": GPU_NODES,
+            },
+            "decode": {
+                "enabled": True,
+                "replicas": 3,
+                "minReplicas": 3,
+                "maxReplicas": 6,
+                "workersPerPod": 8,
+                "gpusPerPod": 8,
+                "nodeSelector": GPU_NODES,
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "decode", "effect": "NoSchedule"}],
+            },
+            "encode": {
+                "enabled": True,
+                "replicas": 1,
+                "minReplicas": 1,
+                "maxReplicas": 1,
+                "workersPerPod": 1,
+                "gpusPerPod": 1,
+            },
+        }
+    },
 }
 SCENARIOS = {
     "default": {},
     "disaggregated-gpus": DISAGGREGATED,
-    "ingress": {"ingress": {"enabled": True, "className": "nginx",
-                            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "600"},
-                            "hosts": [{"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
-                            "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]}},
-    "httproute": {"httpRoute": {"enabled": True, "hostnames": ["llm.example.com"], "requestTimeout": "600s",
-                                "parentRefs": [{"name": "public", "namespace": "gateway-system",
-                                                "sectionName": "https"}]}},
+    "ingress": {
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "600"},
+            "hosts": [{"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+            "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
+        }
+    },
+    "httproute": {
+        "httpRoute": {
+            "enabled": True,
+            "hostnames": ["llm.example.com"],
+            "requestTimeout": "600s",
+            "parentRefs": [{"name": "public", "namespace": "gateway-system", "sectionName": "https"}],
+        }
+    },
     "hpa": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
     "existing-secret": {"apiKeys": {"existingSecret": "llm-keys", "existingSecretKey": "keys"}},
     "cpu-keys-no-monitoring": {
-        "model": {"device": "cpu"}, "apiKeys": {"keys": ["k1", "k2"]},
-        "ray": {"workerGroups": {"colocated": {"replicas": 2, "minReplicas": 2, "maxReplicas": 2,
-                                               "gpusPerPod": 0, "tolerations": []}}},
+        "model": {"device": "cpu"},
+        "apiKeys": {"keys": ["k1", "k2"]},
+        "ray": {
+            "workerGroups": {
+                "colocated": {"replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gpusPerPod": 0, "tolerations": []}
+            }
+        },
         "metrics": {"serviceMonitor": {"enabled": False}, "dashboards": {"enabled": False}},
-        "networkPolicy": {"enabled": False}, "gateway": {"podDisruptionBudget": {"enabled": False}}},
+        "networkPolicy": {"enabled": False},
+        "gateway": {"podDisruptionBudget": {"enabled": False}},
+    },
 }
 
 
@@ -104,8 +144,12 @@ def validate_manifest(doc: dict) -> None:
         spec = doc["spec"]
         templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
         for template in templates:
-            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
-                            "template": template}
+            pod_template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "check"},
+                "template": template,
+            }
             kubernetes_validate.validate(pod_template, KUBERNETES_VERSION, strict=True)
 
 
@@ -171,11 +215,13 @@ def test_ray_dashboard_is_not_exposed():
     cluster = find(docs, "RayCluster")
     head_params = cluster["spec"]["headGroupSpec"]["rayStartParams"]
     assert (head_params["include-dashboard"], head_params["dashboard-host"]) == ("false", "127.0.0.1")
-    overridden = find(render({"ray": {"head": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "4"}}}}),
-                      "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]
+    overridden = find(
+        render({"ray": {"head": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "4"}}}}), "RayCluster"
+    )["spec"]["headGroupSpec"]["rayStartParams"]
     assert (overridden["dashboard-host"], overridden["num-cpus"]) == ("127.0.0.1", "4")
-    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in
-                                                                 cluster["spec"]["workerGroupSpecs"]]
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["spec"]["workerGroupSpecs"]
+    ]
     ports = [p for t in templates for c in t["spec"]["containers"] for p in c.get("ports", [])]
     ports += [p for d in docs if d["kind"] == "Service" for p in d["spec"]["ports"]]
     assert ports and not [p for p in ports if p.get("containerPort", p.get("port")) in (8265, 10001, 52365)]
@@ -204,13 +250,16 @@ def test_disaggregated_pools_with_gpus():
     assert flag(args, "--mode") == "disaggregated" and "--replicas" not in args
     assert (flag(args, "--encode"), flag(args, "--prefill"), flag(args, "--decode")) == ("1", "16", "24")
     assert (flag(args, "--model"), flag(args, "--served-model-name"), flag(args, "--dtype")) == (
-        "/models/llama", "llama", "bfloat16")
+        "/models/llama",
+        "llama",
+        "bfloat16",
+    )
     pdbs = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
     assert pdbs == {f"{FULLNAME}-{n}" for n in ("gateway", "prefill", "decode", "encode")}
 
 
 def test_disaggregated_mode_needs_prefill_and_decode_pools():
-    with pytest.raises(helm.HelmError, match="needs ray.workerGroups.prefill.enabled"):
+    with pytest.raises(helm.HelmError, match=r"needs ray.workerGroups.prefill.enabled"):
         render({"mode": "disaggregated"})
 
 
@@ -222,7 +271,7 @@ def test_ingress_and_httproute_point_at_the_gateway_service():
     [rule] = route["spec"]["rules"]
     assert rule["backendRefs"] == [{"name": f"{FULLNAME}-gateway", "port": 8000}]
     assert rule["timeouts"] == {"request": "600s"}
-    with pytest.raises(helm.HelmError, match="needs httpRoute.parentRefs"):
+    with pytest.raises(helm.HelmError, match=r"needs httpRoute.parentRefs"):
         render({"httpRoute": {"enabled": True}})
 
 
@@ -230,8 +279,11 @@ def test_hpa_owns_the_replica_count():
     docs = render(SCENARIOS["hpa"])
     assert "replicas" not in find(docs, "Deployment")["spec"]
     hpa = find(docs, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": f"{FULLNAME}-gateway"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{FULLNAME}-gateway",
+    }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
 
 
@@ -261,8 +313,9 @@ def test_monitoring_objects():
     docs = render({})
     monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
     gateway = monitors[f"{FULLNAME}-gateway"]
-    assert gateway["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s",
-                                             "scrapeTimeout": "10s"}]
+    assert gateway["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+    ]
     service = find(docs, "Service", f"{FULLNAME}-gateway")
     assert gateway["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     ray = monitors[f"{FULLNAME}-ray"]
@@ -288,21 +341,25 @@ def test_network_policy_keeps_the_data_plane_among_release_pods():
     assert all(p["port"] < 49152 and p.get("endPort", 0) < 49152 for p in metric_ports)
     # Every pod the policies must cover carries the release's labels.
     cluster = find(docs, "RayCluster")
-    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in
-                                                                 cluster["spec"]["workerGroupSpecs"]]
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["spec"]["workerGroupSpecs"]
+    ]
     templates.append(find(docs, "Deployment")["spec"]["template"])
     assert all(release.items() <= t["metadata"]["labels"].items() for t in templates)
 
 
-@pytest.mark.parametrize("bad_values, where", [
-    ({"gatway": {"replicas": 2}}, "gatway"),
-    ({"gateway": {"replica": 2}}, "replica"),
-    ({"mode": "split"}, "mode"),
-    ({"model": {"device": "tpu"}}, "device"),
-    ({"ray": {"workerGroups": {"decode": {"workersPerPod": 0}}}}, "workersPerPod"),
-    ({"ray": {"workerGroups": {"decode": {"enabled": True, "gpus": 8}}}}, "gpus"),
-    ({"apiKeys": {"keys": ["a,b"]}}, "keys"),
-])
+@pytest.mark.parametrize(
+    "bad_values, where",
+    [
+        ({"gatway": {"replicas": 2}}, "gatway"),
+        ({"gateway": {"replica": 2}}, "replica"),
+        ({"mode": "split"}, "mode"),
+        ({"model": {"device": "tpu"}}, "device"),
+        ({"ray": {"workerGroups": {"decode": {"workersPerPod": 0}}}}, "workersPerPod"),
+        ({"ray": {"workerGroups": {"decode": {"enabled": True, "gpus": 8}}}}, "gpus"),
+        ({"apiKeys": {"keys": ["a,b"]}}, "keys"),
+    ],
+)
 def test_schema_rejects_invalid_values(bad_values, where):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError, match=where):
         chart.validate_schema(bad_values)

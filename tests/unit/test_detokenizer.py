@@ -13,14 +13,16 @@ from services.engine.sampling_params import SamplingParams
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-WORDS = ("the quick brown fox jumps over lazy dog café naïve über alpha beta gamma delta "
-         "stop end hello world token window").split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog café naïve über alpha beta gamma delta stop end hello world token window"
+).split()
 
 
 def training_lines(num_lines: int = 300) -> list[str]:
     rng = random.Random(0)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + rng.choice(".,!? ")
-            for _ in range(num_lines)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + rng.choice(".,!? ") for _ in range(num_lines)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +31,29 @@ def tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[EOS, PAD],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(training_lines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=PAD,
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False
+    )
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def run(tokenizer: PreTrainedTokenizerFast, output_ids: list[int], params: SamplingParams,
-        prompt_ids: list[int] | None = None, chunk_sizes: list[int] | None = None,
-        ) -> tuple[IncrementalDetokenizer, list[str], str | None]:
+def run(
+    tokenizer: PreTrainedTokenizerFast,
+    output_ids: list[int],
+    params: SamplingParams,
+    prompt_ids: list[int] | None = None,
+    chunk_sizes: list[int] | None = None,
+) -> tuple[IncrementalDetokenizer, list[str], str | None]:
     """Feed tokens in chunks, collecting every take_delta() piece; finish() unless a stop matched."""
     detok = IncrementalDetokenizer(tokenizer, prompt_ids or [], params)
     deltas: list[str] = []
@@ -51,7 +62,7 @@ def run(tokenizer: PreTrainedTokenizerFast, output_ids: list[int], params: Sampl
     sizes = iter(chunk_sizes or [])
     while position < len(output_ids) and stop is None:
         size = next(sizes, 1)
-        stop = detok.update(output_ids[position:position + size])
+        stop = detok.update(output_ids[position : position + size])
         position += size
         deltas.append(detok.take_delta())
     if stop is None:
@@ -85,7 +96,7 @@ def test_split_multibyte_characters_are_never_emitted_broken(tokenizer):
     text = "hello 日本語 world 🦙🦙 end"
     output_ids = encode(tokenizer, text)
     assert "\ufffd" in tokenizer.decode(output_ids[1:2] + output_ids[6:8])  # bytes really are split
-    detok, deltas, _ = run(tokenizer, output_ids, SamplingParams())
+    _detok, deltas, _ = run(tokenizer, output_ids, SamplingParams())
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == text
 
@@ -128,7 +139,7 @@ def test_stop_string_over_three_tokens_is_never_partly_streamed(tokenizer):
     text = "quick 🦙🦙 lazy dog"
     stop = "🦙🦙"  # eight byte tokens
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=[stop]))
-    deltas, final_text = [], text[:text.index(stop)]
+    deltas, final_text = [], text[: text.index(stop)]
     matched = None
     for token_id in encode(tokenizer, text):
         matched = detok.update([token_id])
@@ -143,8 +154,9 @@ def test_stop_string_over_three_tokens_is_never_partly_streamed(tokenizer):
 
 def test_earliest_of_several_stop_strings_wins(tokenizer):
     text = "alpha beta gamma delta"
-    detok, deltas, matched = run(tokenizer, encode(tokenizer, text), SamplingParams(stop=["delta", "beta"]),
-                                 chunk_sizes=[len(text)])  # every token in one update
+    detok, _deltas, matched = run(
+        tokenizer, encode(tokenizer, text), SamplingParams(stop=["delta", "beta"]), chunk_sizes=[len(text)]
+    )  # every token in one update
     assert matched == "beta"
     assert detok.output_text == "alpha "
 
@@ -153,7 +165,7 @@ def test_held_back_tail_is_released_by_finish_when_no_stop_matches(tokenizer):
     text = "hello world alpha"
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["alphabet"]))
     assert detok.update(encode(tokenizer, text)) is None
-    assert detok.output_text == text[:-len("alphabet") + 1]  # the last 7 characters are held back
+    assert detok.output_text == text[: -len("alphabet") + 1]  # the last 7 characters are held back
     detok.finish()
     assert detok.output_text == text
     assert detok.take_delta() == text
@@ -167,10 +179,13 @@ def test_nothing_after_a_stop_is_ever_emitted(tokenizer):
     assert detok.output_text == "the quick brown "
 
 
-@pytest.mark.parametrize("skip_special_tokens, expected", [
-    (True, "hello world again"),
-    (False, f"hello world{EOS} again{PAD}"),
-])
+@pytest.mark.parametrize(
+    "skip_special_tokens, expected",
+    [
+        (True, "hello world again"),
+        (False, f"hello world{EOS} again{PAD}"),
+    ],
+)
 def test_skip_special_tokens(tokenizer, skip_special_tokens, expected):
     eos_id, pad_id = tokenizer.convert_tokens_to_ids([EOS, PAD])
     output_ids = encode(tokenizer, "hello world") + [eos_id] + encode(tokenizer, " again") + [pad_id]

@@ -12,13 +12,20 @@ import zmq
 
 from services.common.channels import bind, configure
 from services.common.codec import MessageCodec
-from services.common.messages import (GenerateRequest, KVTarget, KVTransfer, OutputBatch, RequestError, SamplingSpec,
-                                      WorkerInbound)
+from services.common.messages import (
+    GenerateRequest,
+    KVTarget,
+    KVTransfer,
+    OutputBatch,
+    RequestError,
+    SamplingSpec,
+    WorkerInbound,
+)
 from services.engine import LLMEngine, SamplingParams
 from services.workers.engine_worker import EngineWorker
-from services.workers.kv_staging import StagingBuffer
 from services.workers.kv_receiver import KVReceiver
 from services.workers.kv_sender import KVSender
+from services.workers.kv_staging import StagingBuffer
 from services.workers.kv_transfer import engine_layout
 
 ENGINE = dict(block_size=8, num_kv_blocks=96, max_num_batched_tokens=32)
@@ -45,10 +52,17 @@ class Cluster:
 
     def __init__(self, model_dir, kv_timeout_s=10.0, kv_lease_s=30.0, delivery="shared memory"):
         self.prefill_engine, self.decode_engine = make_engine(model_dir), make_engine(model_dir)
-        self.prefill = EngineWorker(self.prefill_engine, "tcp://127.0.0.1:0", "prefill-0", role="prefill",
-                                    kv_lease_s=kv_lease_s, kv_staging_bytes=0 if delivery == "plain" else None)
-        self.decode = EngineWorker(self.decode_engine, "tcp://127.0.0.1:0", "decode-0", role="decode",
-                                   kv_timeout_s=kv_timeout_s)
+        self.prefill = EngineWorker(
+            self.prefill_engine,
+            "tcp://127.0.0.1:0",
+            "prefill-0",
+            role="prefill",
+            kv_lease_s=kv_lease_s,
+            kv_staging_bytes=0 if delivery == "plain" else None,
+        )
+        self.decode = EngineWorker(
+            self.decode_engine, "tcp://127.0.0.1:0", "decode-0", role="decode", kv_timeout_s=kv_timeout_s
+        )
         self.threads = [threading.Thread(target=w.run, daemon=True) for w in (self.prefill, self.decode)]
         for t in self.threads:
             t.start()
@@ -66,8 +80,13 @@ class Cluster:
         target = self.target
         for i, p in enumerate(prompts):
             spec = SamplingSpec(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-            self.to_prefill.send_multipart(codec.encode(GenerateRequest(
-                request_id=str(i), prompt_token_ids=p, sampling=spec, reply_to=self.reply_to, kv_target=target)))
+            self.to_prefill.send_multipart(
+                codec.encode(
+                    GenerateRequest(
+                        request_id=str(i), prompt_token_ids=p, sampling=spec, reply_to=self.reply_to, kv_target=target
+                    )
+                )
+            )
         tokens = {str(i): [] for i in range(len(prompts))}
         done: set[str] = set()
         outputs = MessageCodec(OutputBatch)
@@ -84,8 +103,10 @@ class Cluster:
     def wait_idle(self, timeout_s=10.0):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(e.num_free_blocks() == e.num_usable_blocks() and not e.has_unfinished_requests()
-                   for e in (self.prefill_engine, self.decode_engine)):
+            if all(
+                e.num_free_blocks() == e.num_usable_blocks() and not e.has_unfinished_requests()
+                for e in (self.prefill_engine, self.decode_engine)
+            ):
                 return True
             time.sleep(0.05)
         return False
@@ -141,12 +162,18 @@ def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir, delivery
     staging = None if delivery == "plain" else StagingBuffer(2**20, pin=False)
     sender = KVSender(prefill, ctx, layout, ack_to=ack_to, staging=staging, host_id="h")
     receiver = KVReceiver(decode, ctx, pull, layout)
-    request = GenerateRequest(request_id="r", prompt_token_ids=prompt, sampling=SamplingSpec(temperature=0, max_tokens=5),
-                              reply_to="", output_token_ids=first[0].outputs[0].token_ids)
+    request = GenerateRequest(
+        request_id="r",
+        prompt_token_ids=prompt,
+        sampling=SamplingSpec(temperature=0, max_tokens=5),
+        reply_to="",
+        output_token_ids=first[0].outputs[0].token_ids,
+    )
     transfer = KVTransfer(request=request, layout=layout, ack_to=ack_to)
     try:
-        sender.send(transfer, KVTarget(worker="d", kv_address=address,
-                                       host_id="h" if delivery == "shared memory" else "other"))
+        sender.send(
+            transfer, KVTarget(worker="d", kv_address=address, host_id="h" if delivery == "shared memory" else "other")
+        )
         if staging is not None:  # staged: prefill's blocks are free before the ack
             assert prefill.num_free_blocks() == prefill.num_usable_blocks()
         completed = []
@@ -176,8 +203,7 @@ def test_the_kv_decode_receives_equals_what_prefill_computed(llama_dir, delivery
 
 def test_a_decode_worker_that_cannot_read_the_staging_file_is_sent_frames_from_then_on(llama_dir):
     cluster = Cluster(llama_dir)
-    cluster.target = KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address,
-                              host_id=cluster.prefill.host_id)
+    cluster.target = KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address, host_id=cluster.prefill.host_id)
     cluster.decode.decode_role.receiver.staging.view = _unreadable  # as if the file lived in another /dev/shm
     prompts = prompts_with_shared_prefix()
     try:
@@ -223,9 +249,17 @@ def test_requests_that_end_at_their_first_token_never_transfer(llama_dir, mode):
         else:
             spec = SamplingSpec(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         codec = MessageCodec(WorkerInbound)
-        cluster.to_prefill.send_multipart(codec.encode(GenerateRequest(
-            request_id="x", prompt_token_ids=list(range(60, 70)), sampling=spec, reply_to=cluster.reply_to,
-            kv_target=KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address))))
+        cluster.to_prefill.send_multipart(
+            codec.encode(
+                GenerateRequest(
+                    request_id="x",
+                    prompt_token_ids=list(range(60, 70)),
+                    sampling=spec,
+                    reply_to=cluster.reply_to,
+                    kv_target=KVTarget(worker="decode-0", kv_address=cluster.decode.kv_address),
+                )
+            )
+        )
         assert cluster.results.poll(30000)
         (delta,) = MessageCodec(OutputBatch).decode(cluster.results.recv_multipart()).items
         assert delta.finished and len(delta.completions[0].token_ids) == 1

@@ -34,18 +34,21 @@ def prompt(n, start=10):
     return [start + i for i in range(n)]
 
 
-@pytest.mark.parametrize("prompt_ids, params, param", [
-    ([], SamplingParams(), "prompt"),
-    ([5, 100000], SamplingParams(), "prompt"),
-    ([5, -1], SamplingParams(), "prompt"),
-    (prompt(511), SamplingParams(), "prompt"),  # the pool holds 63 blocks of 8 = 504 tokens
-    (prompt(500), SamplingParams(max_tokens=10), "max_tokens"),
-    (prompt(5), SamplingParams(temperature=-1), "temperature"),
-    (prompt(5), SamplingParams(top_p=0), "top_p"),
-    (prompt(5), SamplingParams(logprobs=21), "logprobs"),
-    (prompt(5), SamplingParams(max_tokens=0), "max_tokens"),
-    (prompt(5), SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
-])
+@pytest.mark.parametrize(
+    "prompt_ids, params, param",
+    [
+        ([], SamplingParams(), "prompt"),
+        ([5, 100000], SamplingParams(), "prompt"),
+        ([5, -1], SamplingParams(), "prompt"),
+        (prompt(511), SamplingParams(), "prompt"),  # the pool holds 63 blocks of 8 = 504 tokens
+        (prompt(500), SamplingParams(max_tokens=10), "max_tokens"),
+        (prompt(5), SamplingParams(temperature=-1), "temperature"),
+        (prompt(5), SamplingParams(top_p=0), "top_p"),
+        (prompt(5), SamplingParams(logprobs=21), "logprobs"),
+        (prompt(5), SamplingParams(max_tokens=0), "max_tokens"),
+        (prompt(5), SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+    ],
+)
 def test_bad_input_raises_naming_the_parameter_before_allocating(engine, prompt_ids, params, param):
     with pytest.raises(InvalidRequestError) as info:
         engine.add_request("bad", prompt_ids, params)
@@ -108,8 +111,9 @@ def test_seeded_sampling_is_reproducible_across_batch_compositions(engine):
     engine.add_request("noise-b", prompt(3, 400), SamplingParams(temperature=0.5, seed=9, max_tokens=5))
     crowd = run_to_end(engine)["crowd"].outputs[0].token_ids
     assert alone == crowd
-    engine.add_request("other-seed", prompt(7), SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12,
-                                                                ignore_eos=True))
+    engine.add_request(
+        "other-seed", prompt(7), SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12, ignore_eos=True)
+    )
     assert run_to_end(engine)["other-seed"].outputs[0].token_ids != alone
     assert_idle(engine)
 
@@ -131,9 +135,12 @@ def greedy_text(engine, ids, max_tokens=24):
 def test_stop_string_cuts_the_text_and_is_never_emitted(engine):
     full = greedy_text(engine, prompt(5))
     # a 3-character stop string whose first occurrence is in the middle of the text
-    cut = next(p for p in range(8, len(full.text) - 3)
-               if full.text.find(full.text[p:p + 3]) == p and "\ufffd" not in full.text[p:p + 3])
-    stop = full.text[cut:cut + 3]
+    cut = next(
+        p
+        for p in range(8, len(full.text) - 3)
+        if full.text.find(full.text[p : p + 3]) == p and "\ufffd" not in full.text[p : p + 3]
+    )
+    stop = full.text[cut : cut + 3]
     engine.add_request("s", prompt(5), SamplingParams(max_tokens=24, stop=[stop], **GREEDY))
     pieces, final = [], None
     while engine.has_unfinished_requests():
@@ -155,8 +162,7 @@ def test_stop_token_ids_min_tokens_and_max_tokens(engine):
     assert out.token_ids == full.token_ids[: first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
     # min_tokens masks the stop token until 6 tokens exist
-    engine.add_request("m", prompt(5), SamplingParams(max_tokens=24, min_tokens=6, stop_token_ids=[stop_id],
-                                                       **GREEDY))
+    engine.add_request("m", prompt(5), SamplingParams(max_tokens=24, min_tokens=6, stop_token_ids=[stop_id], **GREEDY))
     out = run_to_end(engine)["m"].outputs[0]
     assert len(out.token_ids) >= 6 and stop_id not in out.token_ids[:5]
     engine.add_request("l", prompt(5), SamplingParams(max_tokens=7, **GREEDY))
@@ -219,8 +225,11 @@ def test_a_prefill_only_request_that_really_ends_at_its_first_token_hands_nothin
     engine = LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=64)
     first = LLM(model=llama_dir).generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, **GREEDY))
     first_token = first[0].outputs[0].token_ids[0]
-    params = (SamplingParams(max_tokens=5, stop_token_ids=[first_token], **GREEDY) if stop == "stop token"
-              else SamplingParams(max_tokens=1, **GREEDY))
+    params = (
+        SamplingParams(max_tokens=5, stop_token_ids=[first_token], **GREEDY)
+        if stop == "stop token"
+        else SamplingParams(max_tokens=1, **GREEDY)
+    )
     engine.add_request("s", ids, params, prefill_only=True)
     outputs, handoffs = [], []
     while engine.has_unfinished_requests():
@@ -228,8 +237,9 @@ def test_a_prefill_only_request_that_really_ends_at_its_first_token_hands_nothin
         outputs += step
         handoffs += step.handoffs
     assert handoffs == []
-    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == ("stop" if stop == "stop token"
-                                                                              else "length")
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == (
+        "stop" if stop == "stop token" else "length"
+    )
     assert_idle(engine)
 
 
@@ -263,8 +273,9 @@ def test_a_resumed_request_streams_exactly_the_rest_of_the_text(engine, start):
             tokens += out.outputs[0].delta_token_ids
     full_text = "".join(deltas)
     for cut in range(1, 30):  # every cut, also inside a character whose bytes span several tokens
-        engine.add_request("resume", prompt(6, start), SamplingParams(max_tokens=30, **GREEDY),
-                           output_token_ids=tokens[:cut])
+        engine.add_request(
+            "resume", prompt(6, start), SamplingParams(max_tokens=30, **GREEDY), output_token_ids=tokens[:cut]
+        )
         rest_text, rest_tokens = [], []
         while engine.has_unfinished_requests():
             for out in engine.step():

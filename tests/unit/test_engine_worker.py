@@ -7,7 +7,14 @@ import zmq
 
 from services.common.channels import bind, configure
 from services.common.codec import MessageCodec
-from services.common.messages import AbortRequest, GenerateRequest, OutputBatch, RequestError, SamplingSpec, WorkerInbound
+from services.common.messages import (
+    AbortRequest,
+    GenerateRequest,
+    OutputBatch,
+    RequestError,
+    SamplingSpec,
+    WorkerInbound,
+)
 from services.engine import LLMEngine, SamplingParams
 from services.workers.engine_worker import EngineWorker
 
@@ -51,10 +58,14 @@ def collect(results, request_ids, timeout_ms=20000):
 def test_tokens_stream_back_equal_to_the_offline_engine(worker_link, llama_dir):
     engine, requests, results, reply_to = worker_link
     spec = SamplingSpec(temperature=0, max_tokens=9, ignore_eos=True, logprobs=2)
-    send(requests, GenerateRequest(request_id="a", prompt_token_ids=list(range(20, 45)), sampling=spec,
-                                   reply_to=reply_to))
-    send(requests, GenerateRequest(request_id="b", prompt_token_ids=list(range(50, 55)), sampling=spec,
-                                   reply_to=reply_to))
+    send(
+        requests,
+        GenerateRequest(request_id="a", prompt_token_ids=list(range(20, 45)), sampling=spec, reply_to=reply_to),
+    )
+    send(
+        requests,
+        GenerateRequest(request_id="b", prompt_token_ids=list(range(50, 55)), sampling=spec, reply_to=reply_to),
+    )
     items = collect(results, ["a", "b"])
     offline = LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=64)
     for rid, prompt in (("a", list(range(20, 45))), ("b", list(range(50, 55)))):
@@ -73,10 +84,12 @@ def test_tokens_stream_back_equal_to_the_offline_engine(worker_link, llama_dir):
 
 
 def test_bad_request_gets_an_error_naming_the_parameter(worker_link):
-    engine, requests, results, reply_to = worker_link
+    _engine, requests, results, reply_to = worker_link
     requests.send_multipart([b"\x93not a message"])  # dropped, the worker goes on
-    send(requests, GenerateRequest(request_id="bad", prompt_token_ids=[1, 2], sampling=SamplingSpec(top_p=5.0),
-                                   reply_to=reply_to))
+    send(
+        requests,
+        GenerateRequest(request_id="bad", prompt_token_ids=[1, 2], sampling=SamplingSpec(top_p=5.0), reply_to=reply_to),
+    )
     (error,) = collect(results, ["bad"])["bad"]
     assert isinstance(error, RequestError) and (error.status, error.param) == (400, "top_p")
 
@@ -84,8 +97,10 @@ def test_bad_request_gets_an_error_naming_the_parameter(worker_link):
 def test_abort_frees_the_request_and_ends_its_stream(worker_link):
     engine, requests, results, reply_to = worker_link
     spec = SamplingSpec(temperature=0, max_tokens=400, ignore_eos=True)
-    send(requests, GenerateRequest(request_id="long", prompt_token_ids=list(range(10, 30)), sampling=spec,
-                                   reply_to=reply_to))
+    send(
+        requests,
+        GenerateRequest(request_id="long", prompt_token_ids=list(range(10, 30)), sampling=spec, reply_to=reply_to),
+    )
     assert results.poll(20000)
     results.recv_multipart()
     send(requests, AbortRequest(request_id="long"))

@@ -70,8 +70,14 @@ class FakeBackend:
     def is_ready(self) -> bool:
         return self.ready
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       cache_salt: str | None = None, images=()):
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        cache_salt: str | None = None,
+        images=(),
+    ):
         self.requests.append((request_id, list(prompt_token_ids), sampling, cache_salt))
         if self.fail_with is not None:
             raise RequestFailed(self.fail_with)
@@ -84,8 +90,13 @@ class FakeBackend:
             stop = stops and step == 2
             last = stop or step == num_steps - 1
             completions = [self._completion(i, step, sampling, stop, last) for i in range(sampling.n)]
-            yield RequestDelta(request_id=request_id, completions=completions, finished=last,
-                               num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=3)
+            yield RequestDelta(
+                request_id=request_id,
+                completions=completions,
+                finished=last,
+                num_prompt_tokens=len(prompt_token_ids),
+                num_cached_tokens=3,
+            )
             if last:
                 return
 
@@ -98,8 +109,14 @@ class FakeBackend:
             logprobs = [PositionLogprobs(sampled=TokenLogprob(token_id, text, -0.5), top=top)]
         finish_reason = ("stop" if stop else "length") if last else None
         stop_reason = STOP_TOKEN_ID if stop else None
-        return CompletionDelta(index=index, token_ids=[token_id], text=text, logprobs=logprobs,
-                               finish_reason=finish_reason, stop_reason=stop_reason)
+        return CompletionDelta(
+            index=index,
+            token_ids=[token_id],
+            text=text,
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -108,9 +125,18 @@ class FakeBackend:
         return ClusterStats(migrations=1, decisions={("preble", "explore"): 2})
 
     async def snapshot(self) -> list[WorkerSnapshot]:
-        return [WorkerSnapshot(worker="decode-0", stage="decode", num_running=2, num_waiting=1,
-                               kv_cache_usage=0.25, num_preemptions=4, prefix_cache_queried_tokens=100,
-                               prefix_cache_hit_tokens=40)]
+        return [
+            WorkerSnapshot(
+                worker="decode-0",
+                stage="decode",
+                num_running=2,
+                num_waiting=1,
+                kv_cache_usage=0.25,
+                num_preemptions=4,
+                prefix_cache_queried_tokens=100,
+                prefix_cache_hit_tokens=40,
+            )
+        ]
 
 
 class RecordingTokenizer:
@@ -207,7 +233,7 @@ def sse_payloads(response: httpx.Response) -> list:
         if not line:
             continue
         assert line.startswith("data: "), line
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         payloads.append(data if data == "[DONE]" else json.loads(data))
     return payloads
 
@@ -233,9 +259,10 @@ def test_chat_non_streaming(client, served, hf_tokenizer):
     [choice] = reply.choices
     assert (choice.index, choice.message.role, choice.message.content) == (0, "assistant", _word(0) * 4)
     assert choice.finish_reason == "length" and choice.logprobs is None
-    expected_prompt = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False)
-    request_id, prompt, sampling, salt = backend.requests[-1]
+    expected_prompt = hf_tokenizer.apply_chat_template(
+        CHAT, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    request_id, prompt, _sampling, salt = backend.requests[-1]
     assert request_id == reply.id and prompt == expected_prompt and salt is None
     assert reply.usage.prompt_tokens == len(expected_prompt)
     assert (reply.usage.completion_tokens, reply.usage.total_tokens) == (4, len(expected_prompt) + 4)
@@ -247,25 +274,61 @@ def test_text_parts_are_joined(client, served):
     _, backend, _ = served
     parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=1)
-    joined = backend.tokenizer.apply_chat_template([{"role": "user", "content": "Say\nhello"}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+    joined = backend.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say\nhello"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert backend.requests[-1][1] == joined
 
 
 def test_sampling_fields_reach_the_backend(client, served):
     _, backend, _ = served
     client.chat.completions.create(
-        model=MODEL, messages=CHAT, max_tokens=50, max_completion_tokens=5, n=2, temperature=0.5, top_p=0.9,
-        seed=7, presence_penalty=0.5, frequency_penalty=-0.5, stop="x", logprobs=True, top_logprobs=3, user="u1",
-        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True, "min_tokens": 2,
-                    "stop_token_ids": [9], "cache_salt": "tenant-a", "skip_special_tokens": False,
-                    "include_stop_str_in_output": True})
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=50,
+        max_completion_tokens=5,
+        n=2,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        stop="x",
+        logprobs=True,
+        top_logprobs=3,
+        user="u1",
+        extra_body={
+            "top_k": 5,
+            "min_p": 0.1,
+            "repetition_penalty": 1.2,
+            "ignore_eos": True,
+            "min_tokens": 2,
+            "stop_token_ids": [9],
+            "cache_salt": "tenant-a",
+            "skip_special_tokens": False,
+            "include_stop_str_in_output": True,
+        },
+    )
     _, _, sampling, salt = backend.requests[-1]
     assert sampling == SamplingSpec(
-        n=2, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=7, presence_penalty=0.5,
-        frequency_penalty=-0.5, repetition_penalty=1.2, stop=["x"], stop_token_ids=[9],
-        include_stop_str_in_output=True, ignore_eos=True, max_tokens=5, min_tokens=2, logprobs=3,
-        skip_special_tokens=False)
+        n=2,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=5,
+        min_p=0.1,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.2,
+        stop=["x"],
+        stop_token_ids=[9],
+        include_stop_str_in_output=True,
+        ignore_eos=True,
+        max_tokens=5,
+        min_tokens=2,
+        logprobs=3,
+        skip_special_tokens=False,
+    )
     assert salt == "tenant-a"
 
 
@@ -279,22 +342,25 @@ def test_defaults_reach_the_backend(client, served):
 
 
 def test_chat_logprobs_and_n(client):
-    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=3, logprobs=True,
-                                           top_logprobs=2)
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=3, logprobs=True, top_logprobs=2)
     assert [c.index for c in reply.choices] == [0, 1, 2]
     for choice in reply.choices:
         assert choice.message.content == _word(choice.index) * 2
-        [first, second] = choice.logprobs.content
-        assert (first.token, first.logprob, first.bytes) == (_word(choice.index), -0.5,
-                                                             list(_word(choice.index).encode()))
+        [first, _second] = choice.logprobs.content
+        assert (first.token, first.logprob, first.bytes) == (
+            _word(choice.index),
+            -0.5,
+            list(_word(choice.index).encode()),
+        )
         assert [(t.token, t.logprob) for t in first.top_logprobs] == [(" alt0", -1.0), (" alt1", -2.0)]
         assert first.top_logprobs[0].bytes == list(b" alt0")
     assert reply.usage.completion_tokens == 6
 
 
 def test_stop_token(client):
-    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
-                                           extra_body={"stop_token_ids": [STOP_TOKEN_ID]})
+    reply = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=10, extra_body={"stop_token_ids": [STOP_TOKEN_ID]}
+    )
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == _word(0) * 2
     assert reply.usage.completion_tokens == 3
@@ -318,8 +384,12 @@ def test_completions_token_ids_and_logprobs(client, served):
 def test_completions_batch(client, served, hf_tokenizer):
     _, backend, _ = served
     reply = client.completions.create(model=MODEL, prompt=["one two", "three"], max_tokens=2, n=2)
-    assert [(c.index, c.text) for c in reply.choices] == [(0, _word(0) * 2), (1, _word(1) * 2),
-                                                          (2, _word(0) * 2), (3, _word(1) * 2)]
+    assert [(c.index, c.text) for c in reply.choices] == [
+        (0, _word(0) * 2),
+        (1, _word(1) * 2),
+        (2, _word(0) * 2),
+        (3, _word(1) * 2),
+    ]
     prompts = {request_id: prompt for request_id, prompt, _, _ in backend.requests[-2:]}
     assert prompts == {f"{reply.id}-0": hf_tokenizer.encode("one two"), f"{reply.id}-1": hf_tokenizer.encode("three")}
     assert reply.usage.prompt_tokens == sum(len(p) for p in prompts.values())
@@ -335,8 +405,13 @@ def _chunk_header(chunk: dict, obj: str) -> tuple:
 
 
 def test_chat_stream_shape(http):
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": CHAT,
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -387,8 +462,15 @@ def test_async_client_stream_n_and_usage(served):
 
 async def _async_client_stream_n_and_usage(base_url: str) -> None:
     async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0) as client:
-        stream = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, n=2, stream=True,
-                                                      stream_options={"include_usage": True}, logprobs=True)
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,
+            max_tokens=3,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            logprobs=True,
+        )
         texts, finish, roles, usage, logprob_tokens = {0: "", 1: ""}, {}, [], None, 0
         async for chunk in stream:
             if chunk.usage is not None:
@@ -409,8 +491,11 @@ async def _async_client_stream_n_and_usage(base_url: str) -> None:
 
 
 def test_sync_client_completion_stream(client):
-    text = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="hi", max_tokens=4, stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL, prompt="hi", max_tokens=4, stream=True)
+        if c.choices
+    )
     assert text == _word(0) * 4
 
 
@@ -422,12 +507,22 @@ def test_error_mid_stream(served, http, client):
         assert response.status_code == 200
         payloads = sse_payloads(response)
     assert payloads[-1] == "[DONE]"
-    assert payloads[-2] == {"error": {"message": "The server had an error while processing your request.",
-                                      "type": "server_error", "param": None, "code": None}}
-    assert [c["choices"][0]["delta"] for c in payloads[:-2]] == [{"role": "assistant", "content": ""},
-                                                                {"content": _word(0)}, {"content": _word(0)}]
-    backend.mid_stream_error = RequestFailed(RequestError(request_id="x", message="worker lost", type="server_error",
-                                                          status=503))
+    assert payloads[-2] == {
+        "error": {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    assert [c["choices"][0]["delta"] for c in payloads[:-2]] == [
+        {"role": "assistant", "content": ""},
+        {"content": _word(0)},
+        {"content": _word(0)},
+    ]
+    backend.mid_stream_error = RequestFailed(
+        RequestError(request_id="x", message="worker lost", type="server_error", status=503)
+    )
     with pytest.raises(openai.APIError, match="worker lost"):
         for _ in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, stream=True):
             pass
@@ -513,8 +608,9 @@ def test_disconnect_while_waiting_aborts(served, http):
 @pytest.fixture
 def tiny_limits(hf_tokenizer):
     backend = FakeBackend(hf_tokenizer)
-    config = GatewayConfig(served_model_name=MODEL, max_queued_requests=1, max_queued_tokens=40, retry_after_s=3,
-                           max_body_bytes=2000)
+    config = GatewayConfig(
+        served_model_name=MODEL, max_queued_requests=1, max_queued_tokens=40, retry_after_s=3, max_body_bytes=2000
+    )
     app = create_app(config, backend)
     with running_server(app) as base_url:
         yield app, backend, base_url
@@ -556,8 +652,9 @@ async def _admission_429_on_tokens(app, backend, base_url) -> None:
             await client.completions.create(model=MODEL, prompt=[1] * 20, max_tokens=1)
         await first
     # alone, a prompt above the whole token budget is still served
-    reply = await asyncio.to_thread(httpx.post, f"{base_url}/v1/completions",
-                                    json={"model": MODEL, "prompt": [1] * 50, "max_tokens": 1})
+    reply = await asyncio.to_thread(
+        httpx.post, f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [1] * 50, "max_tokens": 1}
+    )
     assert reply.status_code == 200
 
 
@@ -578,11 +675,20 @@ def test_body_limit_streamed_without_length(tiny_limits):
 def test_metrics(served, client, http):
     client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)
     text = http.get("/metrics").text
-    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "tristage:gateway_requests_in_flight",
-                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total"):
+    for name in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "tristage:gateway_requests_in_flight",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
+    ):
         assert name in text, name
     assert 'vllm:request_success_total{finished_reason="length",model_name="fake-model"}' in text
     labels = 'model_name="fake-model",stage="decode",worker="decode-0"'

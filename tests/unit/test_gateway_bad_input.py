@@ -42,12 +42,14 @@ def _discover(base_url: str, api_key: str | None, max_body_bytes: int) -> Target
 def target(tokenizer_dir):
     max_body_bytes = int(os.environ.get("TRISTAGE_MAX_BODY_BYTES", 16 * MIB))
     if os.environ.get("TRISTAGE_GATEWAY_URL"):
-        yield _discover(os.environ["TRISTAGE_GATEWAY_URL"].rstrip("/"), os.environ.get("TRISTAGE_API_KEY"),
-                        max_body_bytes)
+        yield _discover(
+            os.environ["TRISTAGE_GATEWAY_URL"].rstrip("/"), os.environ.get("TRISTAGE_API_KEY"), max_body_bytes
+        )
         return
     backend = FakeBackend(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
-    app = create_app(GatewayConfig(served_model_name=MODEL, api_keys=(API_KEY,), max_body_bytes=max_body_bytes),
-                     backend)
+    app = create_app(
+        GatewayConfig(served_model_name=MODEL, api_keys=(API_KEY,), max_body_bytes=max_body_bytes), backend
+    )
     with running_server(app) as base_url:
         yield _discover(base_url, API_KEY, max_body_bytes)
         assert app.state.admission.num_in_flight == 0
@@ -124,21 +126,44 @@ CASES = [
     Case("unknown_role", {"messages": [{"role": "robot", "content": "Hi"}]}, 400, BAD, "messages"),
     Case("content_not_string", _message(123), 400, BAD, "messages"),
     Case("user_content_missing", {"messages": [{"role": "user"}]}, 400, BAD, "messages"),
-    Case("image_part", _message([{"type": "text", "text": "What is this?"}, IMAGE]), 400, BAD, "messages",
-         message="text-only and does not accept image input"),
-    Case("audio_part", _message([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]),
-         400, BAD, "messages"),
-    Case("prompt_too_long_chat", lambda t: _chat(t, max_tokens=None, messages=[
-        {"role": "user", "content": " hello" * (t.max_model_len + 10)}]), 400, BAD, "messages",
-         code="context_length_exceeded", message="maximum context length"),
-    Case("prompt_too_long_large_body", _message("word " * 100_000), 400, BAD, "messages",
-         code="context_length_exceeded"),
+    Case(
+        "image_part",
+        _message([{"type": "text", "text": "What is this?"}, IMAGE]),
+        400,
+        BAD,
+        "messages",
+        message="text-only and does not accept image input",
+    ),
+    Case(
+        "audio_part",
+        _message([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]),
+        400,
+        BAD,
+        "messages",
+    ),
+    Case(
+        "prompt_too_long_chat",
+        lambda t: _chat(t, max_tokens=None, messages=[{"role": "user", "content": " hello" * (t.max_model_len + 10)}]),
+        400,
+        BAD,
+        "messages",
+        code="context_length_exceeded",
+        message="maximum context length",
+    ),
+    Case(
+        "prompt_too_long_large_body", _message("word " * 100_000), 400, BAD, "messages", code="context_length_exceeded"
+    ),
     # sampling fields
     Case("temperature_high", {"temperature": 2.5}, 400, BAD, "temperature"),
     Case("temperature_negative", {"temperature": -0.1}, 400, BAD, "temperature"),
     Case("temperature_string", {"temperature": "hot"}, 400, BAD, "temperature"),
-    Case("temperature_nan", lambda t: json.dumps(_chat(t)).replace('"max_tokens"', '"temperature": NaN, "max_tokens"')
-         .encode(), 400, BAD, "temperature"),
+    Case(
+        "temperature_nan",
+        lambda t: json.dumps(_chat(t)).replace('"max_tokens"', '"temperature": NaN, "max_tokens"').encode(),
+        400,
+        BAD,
+        "temperature",
+    ),
     Case("top_p_zero", {"top_p": 0}, 400, BAD, "top_p"),
     Case("top_p_high", {"top_p": 1.5}, 400, BAD, "top_p"),
     Case("presence_penalty_high", {"presence_penalty": 2.5}, 400, BAD, "presence_penalty"),
@@ -149,8 +174,14 @@ CASES = [
     Case("seed_string", {"seed": "abc"}, 400, BAD, "seed"),
     Case("seed_out_of_int64", {"seed": 2**70}, 400, BAD, "seed"),
     Case("max_tokens_zero", {"max_tokens": 0}, 400, BAD, "max_tokens"),
-    Case("max_tokens_beyond_context", lambda t: _chat(t, max_tokens=t.max_model_len), 400, BAD, "max_tokens",
-         code="context_length_exceeded"),
+    Case(
+        "max_tokens_beyond_context",
+        lambda t: _chat(t, max_tokens=t.max_model_len),
+        400,
+        BAD,
+        "max_tokens",
+        code="context_length_exceeded",
+    ),
     Case("max_completion_tokens_negative", {"max_completion_tokens": -1}, 400, BAD, "max_completion_tokens"),
     Case("stream_not_bool", {"stream": "yes"}, 400, BAD, "stream"),
     Case("stream_options_without_stream", {"stream_options": {"include_usage": True}}, 400, BAD, "stream_options"),
@@ -176,12 +207,24 @@ CASES = [
     Case("empty_prompt_in_batch", {"prompt": ["Hi", ""]}, 400, BAD, "prompt", path=COMPLETIONS),
     Case("token_id_out_of_vocab", {"prompt": [1, 10**9]}, 400, BAD, "prompt", path=COMPLETIONS),
     Case("token_id_negative", {"prompt": [[1, 2], [-1]]}, 400, BAD, "prompt", path=COMPLETIONS),
-    Case("prompt_mixed_types", {"prompt": [1, "a"]}, 400, BAD, "prompt", path=COMPLETIONS,
-         message="prompt[1]"),
-    Case("prompt_too_long", lambda t: _completion(t, prompt=[1] * t.max_model_len, max_tokens=None), 400, BAD,
-         "prompt", path=COMPLETIONS, code="context_length_exceeded"),
-    Case("completion_max_tokens_beyond_context", lambda t: _completion(t, max_tokens=t.max_model_len), 400, BAD,
-         "max_tokens", path=COMPLETIONS),
+    Case("prompt_mixed_types", {"prompt": [1, "a"]}, 400, BAD, "prompt", path=COMPLETIONS, message="prompt[1]"),
+    Case(
+        "prompt_too_long",
+        lambda t: _completion(t, prompt=[1] * t.max_model_len, max_tokens=None),
+        400,
+        BAD,
+        "prompt",
+        path=COMPLETIONS,
+        code="context_length_exceeded",
+    ),
+    Case(
+        "completion_max_tokens_beyond_context",
+        lambda t: _completion(t, max_tokens=t.max_model_len),
+        400,
+        BAD,
+        "max_tokens",
+        path=COMPLETIONS,
+    ),
     Case("completion_logprobs_too_many", {"logprobs": 21}, 400, BAD, "logprobs", path=COMPLETIONS),
     Case("completion_logprobs_bool", {"logprobs": True}, 400, BAD, "logprobs", path=COMPLETIONS),
     Case("echo", {"echo": True}, 400, BAD, "echo", path=COMPLETIONS),
@@ -225,8 +268,13 @@ def test_bad_input(target: Target, case: Case):
 def check_case(target: Target, case: Case) -> None:
     if case.auth != "key" and target.api_key is None:
         pytest.skip("the gateway has no API keys")
-    response = httpx.request(case.method, target.base_url + case.path, content=_request_body(case, target),
-                             headers=_headers(case, target), timeout=30)
+    response = httpx.request(
+        case.method,
+        target.base_url + case.path,
+        content=_request_body(case, target),
+        headers=_headers(case, target),
+        timeout=30,
+    )
     assert response.status_code == case.status, response.text
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]

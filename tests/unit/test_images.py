@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import http.server
 import io
@@ -108,7 +109,7 @@ def pillow_globals_untouched():
     """No code path may change Pillow's process-wide settings."""
     max_image_pixels = Image.MAX_IMAGE_PIXELS
     yield
-    assert Image.MAX_IMAGE_PIXELS == max_image_pixels
+    assert max_image_pixels == Image.MAX_IMAGE_PIXELS
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
@@ -170,7 +171,7 @@ def test_bytes_decide_the_format_not_the_declared_mime_type():
 def test_the_hand_written_png_is_valid_when_complete_and_truncated_when_not():
     loaded = decode_image_bytes(png_declaring(16, 9, complete=True), ImageLimits())
     assert (loaded.width, loaded.height) == (16, 9)
-    with pytest.raises(InvalidRequestError, match="^the image is truncated or corrupt"):
+    with pytest.raises(InvalidRequestError, match=r"^the image is truncated or corrupt"):
         decode_image_bytes(png_declaring(16, 9, complete=False), ImageLimits())
 
 
@@ -183,22 +184,28 @@ _B64_PNG = base64.b64encode(TINY_PNG).decode()
 assert _B64_PNG.endswith("=")  # so that stripping it makes the padding wrong
 
 
-@pytest.mark.parametrize("url, expected", [
-    (data_url(_PNG[: len(_PNG) // 2]), "image 1 is truncated or corrupt"),
-    (data_url(_JPEG[: len(_JPEG) // 2], "image/jpeg"), "image 1 is truncated or corrupt"),
-    (data_url(b"this is not an image, just some text " * 4), "image 1 is not a PNG, JPEG, WEBP, GIF or BMP image"),
-    (data_url(b""), "image 1 is not a PNG, JPEG, WEBP, GIF or BMP image"),
-    (data_url(encode(Image.new("RGB", (4, 4)), "TIFF"), "image/tiff"), "is not a PNG, JPEG, WEBP, GIF or BMP image"),
-    (data_url(encode(Image.new("RGB", (16, 16)), "ICO"), "image/x-icon"), "is not a PNG, JPEG, WEBP, GIF or BMP"),
-    (data_url(b"hello", "text/plain"), "image 1 has a data URL of MIME type 'text/plain'"),
-    ("data:,hello", "MIME type 'text/plain (the default when none is given)'"),
-    ("data:image/png;base64,@@@@", "payload is not valid base64"),
-    (f"data:image/png;base64,{_B64_PNG[:40]}\n{_B64_PNG[40:]}", "payload is not valid base64"),
-    (f"data:image/png;base64,{_B64_PNG.rstrip('=')}", "payload is not valid base64"),  # padding missing
-    ("data:image/png;base64,iVBORw0KGgo=\u00e9", "payload is not valid base64"),
-    ("data:image/png;base64", "malformed data URL: there is no ','"),
-    ("data:image/png,%89PNG%0D%0A", "not base64-encoded"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        (data_url(_PNG[: len(_PNG) // 2]), "image 1 is truncated or corrupt"),
+        (data_url(_JPEG[: len(_JPEG) // 2], "image/jpeg"), "image 1 is truncated or corrupt"),
+        (data_url(b"this is not an image, just some text " * 4), "image 1 is not a PNG, JPEG, WEBP, GIF or BMP image"),
+        (data_url(b""), "image 1 is not a PNG, JPEG, WEBP, GIF or BMP image"),
+        (
+            data_url(encode(Image.new("RGB", (4, 4)), "TIFF"), "image/tiff"),
+            "is not a PNG, JPEG, WEBP, GIF or BMP image",
+        ),
+        (data_url(encode(Image.new("RGB", (16, 16)), "ICO"), "image/x-icon"), "is not a PNG, JPEG, WEBP, GIF or BMP"),
+        (data_url(b"hello", "text/plain"), "image 1 has a data URL of MIME type 'text/plain'"),
+        ("data:,hello", "MIME type 'text/plain (the default when none is given)'"),
+        ("data:image/png;base64,@@@@", "payload is not valid base64"),
+        (f"data:image/png;base64,{_B64_PNG[:40]}\n{_B64_PNG[40:]}", "payload is not valid base64"),
+        (f"data:image/png;base64,{_B64_PNG.rstrip('=')}", "payload is not valid base64"),  # padding missing
+        ("data:image/png;base64,iVBORw0KGgo=\u00e9", "payload is not valid base64"),
+        ("data:image/png;base64", "malformed data URL: there is no ','"),
+        ("data:image/png,%89PNG%0D%0A", "not base64-encoded"),
+    ],
+)
 def test_bad_images_are_refused_with_a_useful_message(url, expected):
     assert expected in refusal(url)
 
@@ -218,7 +225,7 @@ def test_too_many_bytes_is_refused_before_base64_decoding():
     assert refusal(big, policy) == f"image 1 is {len(big)} bytes; the limit is 1000 bytes"
     # The payload is not even valid base64: the size is refused first, from the payload's length.
     assert refusal("data:image/png;base64," + "@" * 4000, policy) == "image 1 is 3000 bytes; the limit is 1000 bytes"
-    with pytest.raises(InvalidRequestError, match="the image is 12.* bytes; the limit is 1000 bytes"):
+    with pytest.raises(InvalidRequestError, match=r"the image is 12.* bytes; the limit is 1000 bytes"):
         decode_image_bytes(big, policy)
 
 
@@ -235,8 +242,9 @@ def test_decompression_bomb_is_refused_before_decoding():
 
 
 def test_too_wide_is_refused():
-    assert refusal(png_declaring(9000, 2, complete=False)) == \
-        "image 1 is 9000x2 pixels; the limit is 8192 pixels per side"
+    assert (
+        refusal(png_declaring(9000, 2, complete=False)) == "image 1 is 9000x2 pixels; the limit is 8192 pixels per side"
+    )
 
 
 def test_pillow_decompression_bomb_error_is_a_refusal():
@@ -254,20 +262,24 @@ def test_pillow_decompression_bomb_warning_is_a_refusal():
 
 def test_accepted_formats_can_be_narrowed():
     policy = ImagePolicy(accepted_formats=("PNG",))
-    assert refusal(data_url(encode(Image.new("RGB", (2, 2)), "BMP"), "image/bmp"), policy) == \
-        "image 1 is not a PNG image"
+    assert (
+        refusal(data_url(encode(Image.new("RGB", (2, 2)), "BMP"), "image/bmp"), policy) == "image 1 is not a PNG image"
+    )
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("file:///etc/passwd", "with scheme 'file'"),
-    ("ftp://cdn.test/a.png", "with scheme 'ftp'"),
-    ("gopher://cdn.test/_x", "with scheme 'gopher'"),
-    ("javascript:alert(1)", "with scheme 'javascript'"),
-    ("/etc/passwd", "without a scheme"),
-    ("", "without a scheme"),
-    ("http://user:secret@cdn.test/a.png", "credentials"),
-    ("http://cdn.test:0/a.png", "invalid port"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("file:///etc/passwd", "with scheme 'file'"),
+        ("ftp://cdn.test/a.png", "with scheme 'ftp'"),
+        ("gopher://cdn.test/_x", "with scheme 'gopher'"),
+        ("javascript:alert(1)", "with scheme 'javascript'"),
+        ("/etc/passwd", "without a scheme"),
+        ("", "without a scheme"),
+        ("http://user:secret@cdn.test/a.png", "credentials"),
+        ("http://cdn.test:0/a.png", "invalid port"),
+    ],
+)
 def test_other_schemes_and_odd_urls_are_refused(url, expected):
     fetcher = SpyFetcher()
     with pytest.raises(InvalidRequestError, match=f"^image 1 has a URL .*{expected}"):
@@ -286,7 +298,7 @@ def test_remote_urls_are_refused_when_no_host_is_allowed():
 
 def test_one_bad_url_stops_the_request_before_any_fetch():
     fetcher = SpyFetcher()
-    with pytest.raises(InvalidRequestError, match="^image 2 has a URL with scheme 'file'"):
+    with pytest.raises(InvalidRequestError, match=r"^image 2 has a URL with scheme 'file'"):
         load(["http://cdn.test/a.png", "file:///etc/passwd"], ImagePolicy(allowed_hosts=("cdn.test",)), fetcher)
     assert fetcher.urls == []
 
@@ -355,10 +367,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.host_headers.append(self.headers.get("Host"))
         path, _, query = self.path.partition("?")
-        try:
-            self._route(path, parse_qs(query))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the fetcher hung up, as it should on an over-size or slow answer
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the fetcher hung up, as it should
+            self._route(path, parse_qs(query))  # on an over-size or slow answer
 
     def _route(self, path: str, query: dict[str, list[str]]) -> None:
         if path.startswith("/hop/") and int(path.removeprefix("/hop/")) > 0:
@@ -499,9 +509,24 @@ def net(server) -> Net:
     return Net(dns, internet, RemoteFetcher(resolver=dns, network_backend=internet))
 
 
-ALLOWED = ("cdn.test", "images.test", "localhost", "*.test", "127.0.0.1", "::1", "10.0.0.1", "192.168.1.1",
-           "172.16.0.1", "172.31.255.255", "169.254.169.254", "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1",
-           "100.64.0.1", "fe80::1")
+ALLOWED = (
+    "cdn.test",
+    "images.test",
+    "localhost",
+    "*.test",
+    "127.0.0.1",
+    "::1",
+    "10.0.0.1",
+    "192.168.1.1",
+    "172.16.0.1",
+    "172.31.255.255",
+    "169.254.169.254",
+    "::ffff:127.0.0.1",
+    "0.0.0.0",
+    "224.0.0.1",
+    "100.64.0.1",
+    "fe80::1",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,29 +569,32 @@ def test_wildcard_allows_subdomains_case_insensitively(net):
 _NON_PUBLIC = "is on a loopback, private, link-local or otherwise non-public network"
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/a.png",
-    "http://[::1]/a.png",
-    "http://localhost/a.png",  # resolves to 127.0.0.1
-    "http://10.0.0.1/a.png",
-    "http://192.168.1.1/a.png",
-    "http://172.16.0.1/a.png",
-    "http://172.31.255.255/a.png",
-    "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
-    "http://[::ffff:127.0.0.1]/a.png",  # IPv4-mapped IPv6
-    "http://0.0.0.0/a.png",
-    "http://224.0.0.1/a.png",
-    "http://100.64.0.1/a.png",  # carrier-grade NAT: not global
-    "http://[fe80::1]/a.png",
-    "http://ten.test/a.png",
-    "http://home.test/a.png",
-    "http://corp.test/a.png",
-    "http://metadata.test/a.png",
-    "http://mapped.test/a.png",
-    "http://v6-loopback.test/a.png",
-    "http://half-private.test/a.png",  # one private address among public ones is enough
-    "https://internal.test/a.png",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/a.png",
+        "http://[::1]/a.png",
+        "http://localhost/a.png",  # resolves to 127.0.0.1
+        "http://10.0.0.1/a.png",
+        "http://192.168.1.1/a.png",
+        "http://172.16.0.1/a.png",
+        "http://172.31.255.255/a.png",
+        "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
+        "http://[::ffff:127.0.0.1]/a.png",  # IPv4-mapped IPv6
+        "http://0.0.0.0/a.png",
+        "http://224.0.0.1/a.png",
+        "http://100.64.0.1/a.png",  # carrier-grade NAT: not global
+        "http://[fe80::1]/a.png",
+        "http://ten.test/a.png",
+        "http://home.test/a.png",
+        "http://corp.test/a.png",
+        "http://metadata.test/a.png",
+        "http://mapped.test/a.png",
+        "http://v6-loopback.test/a.png",
+        "http://half-private.test/a.png",  # one private address among public ones is enough
+        "https://internal.test/a.png",
+    ],
+)
 def test_non_public_addresses_are_refused_without_connecting(net, url):
     message = net.refusal(url, ImagePolicy(allowed_hosts=ALLOWED))
     assert message.startswith("image 1 could not be fetched: the host ")
@@ -579,13 +607,16 @@ def test_ip_literals_are_checked_without_dns(net):
     assert net.dns.lookups == []
 
 
-@pytest.mark.parametrize("url, allowed", [
-    ("http://evil.test/a.png", ("cdn.test",)),
-    ("http://evilcdn.test/a.png", ("*.cdn.test",)),
-    ("http://cdn.test.evil.test/a.png", ("cdn.test",)),
-    ("http://cdn.test/a.png", ("*.cdn.test",)),  # a wildcard covers subdomains, not the domain
-    ("http://127.0.0.1/a.png", ("localhost",)),
-])
+@pytest.mark.parametrize(
+    "url, allowed",
+    [
+        ("http://evil.test/a.png", ("cdn.test",)),
+        ("http://evilcdn.test/a.png", ("*.cdn.test",)),
+        ("http://cdn.test.evil.test/a.png", ("cdn.test",)),
+        ("http://cdn.test/a.png", ("*.cdn.test",)),  # a wildcard covers subdomains, not the domain
+        ("http://127.0.0.1/a.png", ("localhost",)),
+    ],
+)
 def test_hosts_off_the_list_are_refused_without_dns_or_connection(net, url, allowed):
     message = net.refusal(url, ImagePolicy(allowed_hosts=allowed))
     assert "is not on this server's list of allowed image hosts" in message
@@ -594,18 +625,23 @@ def test_hosts_off_the_list_are_refused_without_dns_or_connection(net, url, allo
 
 
 def test_unresolvable_host_is_refused(net):
-    assert net.refusal("http://nowhere.test/a.png", ImagePolicy(allowed_hosts=("*.test",))) == \
-        "image 1 could not be fetched: the host 'nowhere.test' could not be resolved"
+    assert (
+        net.refusal("http://nowhere.test/a.png", ImagePolicy(allowed_hosts=("*.test",)))
+        == "image 1 could not be fetched: the host 'nowhere.test' could not be resolved"
+    )
 
 
-@pytest.mark.parametrize("location, expected", [
-    ("http://evil.test/a.png", "was redirected to a URL whose host 'evil.test' is not on this server's list"),
-    ("http://internal.test/a.png", _NON_PUBLIC),
-    ("http://169.254.169.254/latest/meta-data/", _NON_PUBLIC),
-    ("http://[::ffff:127.0.0.1]/", _NON_PUBLIC),
-    ("file:///etc/passwd", "was redirected to a URL with scheme 'file'"),
-    ("data:image/png;base64,AAAA", "was redirected to a URL with scheme 'data'"),
-])
+@pytest.mark.parametrize(
+    "location, expected",
+    [
+        ("http://evil.test/a.png", "was redirected to a URL whose host 'evil.test' is not on this server's list"),
+        ("http://internal.test/a.png", _NON_PUBLIC),
+        ("http://169.254.169.254/latest/meta-data/", _NON_PUBLIC),
+        ("http://[::ffff:127.0.0.1]/", _NON_PUBLIC),
+        ("file:///etc/passwd", "was redirected to a URL with scheme 'file'"),
+        ("data:image/png;base64,AAAA", "was redirected to a URL with scheme 'data'"),
+    ],
+)
 def test_redirects_are_checked_like_the_first_hop(net, location, expected):
     allowed = ("cdn.test", "internal.test", "169.254.169.254", "::ffff:127.0.0.1")
     message = net.refusal(f"http://cdn.test/redirect?to={quote(location, safe='')}", ImagePolicy(allowed_hosts=allowed))
@@ -629,10 +665,13 @@ def test_redirects_can_be_switched_off(net):
 
 
 def test_non_2xx_is_refused(net):
-    assert net.refusal("http://cdn.test/missing.png", ImagePolicy(allowed_hosts=("cdn.test",))) == \
-        "image 1 could not be fetched: the server answered HTTP 404"
-    assert "without a Location header" in net.refusal("http://cdn.test/no-location",
-                                                      ImagePolicy(allowed_hosts=("cdn.test",)))
+    assert (
+        net.refusal("http://cdn.test/missing.png", ImagePolicy(allowed_hosts=("cdn.test",)))
+        == "image 1 could not be fetched: the server answered HTTP 404"
+    )
+    assert "without a Location header" in net.refusal(
+        "http://cdn.test/no-location", ImagePolicy(allowed_hosts=("cdn.test",))
+    )
 
 
 def test_over_size_content_length_is_refused_before_reading(net):
@@ -660,7 +699,7 @@ def test_connection_failure_is_refused(server):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     policy = ImagePolicy(allowed_hosts=("127.0.0.1",), allow_private_networks=True)
-    with pytest.raises(InvalidRequestError, match="^image 1 could not be fetched: the connection to '127.0.0.1'"):
+    with pytest.raises(InvalidRequestError, match=r"^image 1 could not be fetched: the connection to '127.0.0.1'"):
         load([f"http://127.0.0.1:{port}/a.png"], policy)
 
 
@@ -668,40 +707,75 @@ def test_connection_failure_is_refused(server):
 # Policy and address rules
 
 
-@pytest.mark.parametrize("host, allowed, expected", [
-    ("cdn.test", ("cdn.test",), True),
-    ("CDN.test", ("cdn.TEST",), True),
-    ("cdn.test.", ("cdn.test",), True),
-    ("a.cdn.test", ("*.cdn.test",), True),
-    ("a.b.cdn.test", ("*.cdn.test",), True),
-    ("cdn.test", ("*.cdn.test",), False),
-    ("evilcdn.test", ("*.cdn.test",), False),
-    ("cdn.test.evil", ("cdn.test",), False),
-    ("::1", ("0:0::1",), True),
-    ("127.0.0.1", ("*.0.0.1",), False),
-    ("cdn.test", (), False),
-])
+@pytest.mark.parametrize(
+    "host, allowed, expected",
+    [
+        ("cdn.test", ("cdn.test",), True),
+        ("CDN.test", ("cdn.TEST",), True),
+        ("cdn.test.", ("cdn.test",), True),
+        ("a.cdn.test", ("*.cdn.test",), True),
+        ("a.b.cdn.test", ("*.cdn.test",), True),
+        ("cdn.test", ("*.cdn.test",), False),
+        ("evilcdn.test", ("*.cdn.test",), False),
+        ("cdn.test.evil", ("cdn.test",), False),
+        ("::1", ("0:0::1",), True),
+        ("127.0.0.1", ("*.0.0.1",), False),
+        ("cdn.test", (), False),
+    ],
+)
 def test_host_is_allowed(host, allowed, expected):
     assert host_is_allowed(host, allowed) is expected
 
 
-@pytest.mark.parametrize("address, expected", [
-    ("93.184.216.34", True), ("2606:4700::1111", True), ("::ffff:93.184.216.34", True),
-    ("127.0.0.1", False), ("::1", False), ("10.0.0.1", False), ("172.16.0.1", False), ("192.168.0.1", False),
-    ("169.254.169.254", False), ("fe80::1", False), ("fc00::1", False), ("0.0.0.0", False), ("::", False),
-    ("224.0.0.1", False), ("ff02::1", False), ("255.255.255.255", False), ("100.64.0.1", False),
-    ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False), ("2002:7f00:1::", False), ("64:ff9b::a00:1", False),
-])
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("93.184.216.34", True),
+        ("2606:4700::1111", True),
+        ("::ffff:93.184.216.34", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("10.0.0.1", False),
+        ("172.16.0.1", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("224.0.0.1", False),
+        ("ff02::1", False),
+        ("255.255.255.255", False),
+        ("100.64.0.1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("2002:7f00:1::", False),
+        ("64:ff9b::a00:1", False),
+    ],
+)
 def test_is_public_address(address, expected):
     assert is_public_address(ipaddress.ip_address(address)) is expected
 
 
-@pytest.mark.parametrize("overrides", [
-    {"max_images_per_request": 0}, {"max_bytes_per_image": 0}, {"max_pixels_per_image": 0}, {"max_side_px": 0},
-    {"fetch_timeout_s": 0}, {"max_redirects": -1}, {"accepted_formats": ()}, {"accepted_formats": ("NOPE",)},
-    {"allowed_hosts": ("",)}, {"allowed_hosts": ("http://cdn.test",)}, {"allowed_hosts": ("cdn.test:80",)},
-    {"allowed_hosts": ("*.",)}, {"allowed_hosts": ("a.*.test",)}, {"allowed_hosts": ("*.127.0.0.1",)},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"max_images_per_request": 0},
+        {"max_bytes_per_image": 0},
+        {"max_pixels_per_image": 0},
+        {"max_side_px": 0},
+        {"fetch_timeout_s": 0},
+        {"max_redirects": -1},
+        {"accepted_formats": ()},
+        {"accepted_formats": ("NOPE",)},
+        {"allowed_hosts": ("",)},
+        {"allowed_hosts": ("http://cdn.test",)},
+        {"allowed_hosts": ("cdn.test:80",)},
+        {"allowed_hosts": ("*.",)},
+        {"allowed_hosts": ("a.*.test",)},
+        {"allowed_hosts": ("*.127.0.0.1",)},
+    ],
+)
 def test_policy_refuses_bad_settings(overrides):
     with pytest.raises(ValueError):
         ImagePolicy(**overrides)
@@ -713,10 +787,17 @@ def test_policy_refuses_bad_settings(overrides):
 
 def test_policy_defaults():
     policy = ImagePolicy()
-    assert (policy.max_images_per_request, policy.max_bytes_per_image, policy.max_pixels_per_image) == \
-        (8, 20 * 1024 * 1024, 4096 * 4096)
-    assert (policy.fetch_timeout_s, policy.max_redirects, policy.allowed_hosts, policy.allow_private_networks) == \
-        (10.0, 3, (), False)
+    assert (policy.max_images_per_request, policy.max_bytes_per_image, policy.max_pixels_per_image) == (
+        8,
+        20 * 1024 * 1024,
+        4096 * 4096,
+    )
+    assert (policy.fetch_timeout_s, policy.max_redirects, policy.allowed_hosts, policy.allow_private_networks) == (
+        10.0,
+        3,
+        (),
+        False,
+    )
     assert policy.accepted_formats == FORMATS
 
 
@@ -758,8 +839,9 @@ def _png(width: int, height: int, colour=(1, 2, 3)) -> bytes:
 def test_a_uuid_alone_names_the_image_sent_under_it_earlier():
     references, scope = ImageReferences(1 << 20), reference_scope("Bearer k", None)
     png = _png(40, 30)
-    [sent] = asyncio.run(load_images([ImageSource(data_url(png), "cat")], ImagePolicy(), references=references,
-                                     scope=scope))
+    [sent] = asyncio.run(
+        load_images([ImageSource(data_url(png), "cat")], ImagePolicy(), references=references, scope=scope)
+    )
     [named] = asyncio.run(load_images([ImageSource(None, "cat")], ImagePolicy(), references=references, scope=scope))
     # the same identity, size and bytes (what goes to the encoders), without the pixels or a decode
     assert (named.content_hash, named.width, named.height, named.data) == (sent.content_hash, 40, 30, png)
@@ -770,20 +852,38 @@ def test_an_unknown_uuid_is_a_400_before_any_fetch():
     fetcher = CountingFetcher()
     policy = ImagePolicy(allowed_hosts=("cdn.test",))
     with pytest.raises(InvalidRequestError) as info:
-        asyncio.run(load_images([ImageSource("http://cdn.test/a.png"), ImageSource(None, "dog")], policy,
-                                fetcher=fetcher, references=ImageReferences(1 << 20)))
+        asyncio.run(
+            load_images(
+                [ImageSource("http://cdn.test/a.png"), ImageSource(None, "dog")],
+                policy,
+                fetcher=fetcher,
+                references=ImageReferences(1 << 20),
+            )
+        )
     assert info.value.message.startswith("image 2 names uuid 'dog' without an image_url")
     assert info.value.param == "messages" and fetcher.calls == 0
 
 
 def test_uuids_are_private_to_the_api_key_and_cache_salt():
     references = ImageReferences(1 << 20)
-    asyncio.run(load_images([ImageSource(data_url(_png(8, 8)), "x")], ImagePolicy(), references=references,
-                            scope=reference_scope("Bearer alice", "s")))
+    asyncio.run(
+        load_images(
+            [ImageSource(data_url(_png(8, 8)), "x")],
+            ImagePolicy(),
+            references=references,
+            scope=reference_scope("Bearer alice", "s"),
+        )
+    )
     for credential, salt in [("Bearer bob", "s"), ("Bearer alice", None), ("Bearer alice", "t"), (None, None)]:
         with pytest.raises(InvalidRequestError, match="names uuid 'x'"):
-            asyncio.run(load_images([ImageSource(None, "x")], ImagePolicy(), references=references,
-                                    scope=reference_scope(credential, salt)))
+            asyncio.run(
+                load_images(
+                    [ImageSource(None, "x")],
+                    ImagePolicy(),
+                    references=references,
+                    scope=reference_scope(credential, salt),
+                )
+            )
     assert reference_scope("ab", "c") != reference_scope("a", "bc")  # parts cannot run into each other
 
 
@@ -791,9 +891,13 @@ def test_a_uuid_names_an_image_of_the_same_request_and_is_then_kept():
     """A uuid alone may name an image sent in another part of the same request; the uuid's first image
     is the one it names, and sending new bytes under a uuid renames it."""
     references, first, second = ImageReferences(1 << 20), _png(8, 8), _png(16, 8, (9, 9, 9))
-    images = asyncio.run(load_images(
-        [ImageSource(None, "u"), ImageSource(data_url(first), "u"), ImageSource(data_url(second), "u")],
-        ImagePolicy(), references=references))
+    images = asyncio.run(
+        load_images(
+            [ImageSource(None, "u"), ImageSource(data_url(first), "u"), ImageSource(data_url(second), "u")],
+            ImagePolicy(),
+            references=references,
+        )
+    )
     assert [i.data for i in images] == [first, first, second]
     [later] = asyncio.run(load_images([ImageSource(None, "u")], ImagePolicy(), references=references))
     assert later.data == first
@@ -802,8 +906,9 @@ def test_a_uuid_names_an_image_of_the_same_request_and_is_then_kept():
 
 
 def test_image_references_evict_the_least_recently_used_past_their_byte_budget():
-    a, b, c = (LoadedImage(content_hash=name, image=None, width=1, height=1, num_bytes=100, data=bytes(100))
-               for name in "abc")
+    a, b, c = (
+        LoadedImage(content_hash=name, image=None, width=1, height=1, num_bytes=100, data=bytes(100)) for name in "abc"
+    )
     references = ImageReferences(250)
     references.put(b"", "a", a)
     references.put(b"", "b", b)
@@ -828,17 +933,27 @@ def _sources(*parts) -> list[ImageSource]:
 
 def test_image_parts_give_their_url_and_uuid_or_a_clear_400():
     url = data_url(TINY_PNG)
-    assert _sources({"type": "image_url", "image_url": {"url": url}},
-                    {"type": "image_url", "image_url": {"url": url}, "uuid": "a"},
-                    {"type": "image_url", "image_url": None, "uuid": "a"},
-                    {"type": "image_url", "uuid": "b"},
-                    {"type": "image_url", "image_url": {"detail": "low"}, "uuid": "c"}) == [
-        ImageSource(url), ImageSource(url, "a"), ImageSource(None, "a"), ImageSource(None, "b"), ImageSource(None, "c")]
-    for bad in [{"type": "image_url"}, {"type": "image_url", "image_url": None},
-                {"type": "image_url", "image_url": {"url": 7}, "uuid": "a"},
-                {"type": "image_url", "image_url": {"url": url}, "uuid": 7},
-                {"type": "image_url", "image_url": {"url": url}, "uuid": ""},
-                {"type": "image_url", "image_url": None, "uuid": "x" * 257}]:
+    assert _sources(
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "image_url", "image_url": {"url": url}, "uuid": "a"},
+        {"type": "image_url", "image_url": None, "uuid": "a"},
+        {"type": "image_url", "uuid": "b"},
+        {"type": "image_url", "image_url": {"detail": "low"}, "uuid": "c"},
+    ) == [
+        ImageSource(url),
+        ImageSource(url, "a"),
+        ImageSource(None, "a"),
+        ImageSource(None, "b"),
+        ImageSource(None, "c"),
+    ]
+    for bad in [
+        {"type": "image_url"},
+        {"type": "image_url", "image_url": None},
+        {"type": "image_url", "image_url": {"url": 7}, "uuid": "a"},
+        {"type": "image_url", "image_url": {"url": url}, "uuid": 7},
+        {"type": "image_url", "image_url": {"url": url}, "uuid": ""},
+        {"type": "image_url", "image_url": None, "uuid": "x" * 257},
+    ]:
         with pytest.raises(InvalidRequestError, match=r"^messages\[0\]: an image_url part") as info:
             _sources(bad)
         assert info.value.param == "messages"

@@ -11,8 +11,14 @@ BLOCK = 4
 
 
 def make_request(request_id, token_ids, salt=None):
-    return Request(request_id, list(token_ids), SamplingParams(max_tokens=8), eos_token_id=None,
-                   max_output_tokens=8, cache_salt=salt)
+    return Request(
+        request_id,
+        list(token_ids),
+        SamplingParams(max_tokens=8),
+        eos_token_id=None,
+        max_output_tokens=8,
+        cache_salt=salt,
+    )
 
 
 def test_pool_hands_out_blocks_in_order_and_never_the_padding_block():
@@ -23,7 +29,7 @@ def test_pool_hands_out_blocks_in_order_and_never_the_padding_block():
 
 def test_freed_blocks_are_evicted_least_recently_freed_first():
     pool = BlockPool(6)
-    a, b, c = pool.allocate(3)  # 1, 2, 3
+    a, _b, c = pool.allocate(3)  # 1, 2, 3
     pool.free([c, a])  # tail first, as the manager frees
     rest = pool.allocate(4)  # 4, 5 are untouched, then 3, then 1
     assert [blk.block_id for blk in rest] == [4, 5, 3, 1]
@@ -83,8 +89,10 @@ def test_cached_free_blocks_revive_on_hit_and_are_evicted_with_an_event():
     kv.free("a")
     events = kv.pool.take_events()
     hashes = hash_request_blocks(list(range(9)), BLOCK)
-    assert events == [BlockStored([hashes[0]], None, [0, 1, 2, 3], BLOCK),
-                      BlockStored([hashes[1]], hashes[0], [4, 5, 6, 7], BLOCK)]
+    assert events == [
+        BlockStored([hashes[0]], None, [0, 1, 2, 3], BLOCK),
+        BlockStored([hashes[1]], hashes[0], [4, 5, 6, 7], BLOCK),
+    ]
     b = make_request("b", list(range(4)) + [50, 51, 52, 53, 54])
     hits = kv.get_computed_blocks(b)
     assert [blk.block_id for blk in hits] == [1]

@@ -35,8 +35,13 @@ ALLOWED_LAYERS = {
     "services.engine": ("services.common", "services.engine"),
     "services.workers": ("services.common", "services.engine", "services.workers"),
     "services.router": ("services.common", "services.router"),
-    "services.gateway": ("services.common", "services.engine", "services.workers", "services.router",
-                         "services.gateway"),
+    "services.gateway": (
+        "services.common",
+        "services.engine",
+        "services.workers",
+        "services.router",
+        "services.gateway",
+    ),
 }
 TOP_LEVEL_MODULES = ("services", "services.cli", "services.serve")
 
@@ -86,8 +91,9 @@ def find_imports(package_dir: Path) -> tuple[dict[str, Path], list[Import]]:
     return modules, imports
 
 
-def _import_targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
-                    modules: dict[str, Path]) -> list[str]:
+def _import_targets(
+    node: ast.Import | ast.ImportFrom, module: str, is_package: bool, modules: dict[str, Path]
+) -> list[str]:
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     base = _resolve_from(node, module, is_package)
@@ -117,9 +123,11 @@ def layer_of(module: str) -> str | None:
 
 def layering_violations(modules: dict[str, Path], imports: list[Import]) -> list[str]:
     """A line per module without a layer and per import against the layer order."""
-    problems = [f"{module} belongs to no layer: give it one in test_layering.py"
-                for module in modules
-                if layer_of(module) is None and module not in TOP_LEVEL_MODULES]
+    problems = [
+        f"{module} belongs to no layer: give it one in test_layering.py"
+        for module in modules
+        if layer_of(module) is None and module not in TOP_LEVEL_MODULES
+    ]
     for imp in imports:
         layer = layer_of(imp.importer)
         if layer is None:  # a top-level module: may import anything
@@ -257,18 +265,26 @@ def test_the_checker_on_a_small_package_with_lazy_and_relative_imports(tmp_path)
     ]
     assert layering_violations(modules, imports) == [
         "services.util belongs to no layer: give it one in test_layering.py",
-        ("services/common/wire.py:2 imports services.engine.runner: services.common.wire is in services.common, "
-         "which may import only services.common"),
-        ("services/gateway/app.py:2 imports services.cli: services.gateway.app is in services.gateway, which may "
-         "import only services.common, services.engine, services.workers, services.router, services.gateway"),
+        (
+            "services/common/wire.py:2 imports services.engine.runner: services.common.wire is in services.common, "
+            "which may import only services.common"
+        ),
+        (
+            "services/gateway/app.py:2 imports services.cli: services.gateway.app is in services.gateway, which may "
+            "import only services.common, services.engine, services.workers, services.router, services.gateway"
+        ),
     ]
     assert import_cycles(modules, imports) == [
-        ("import cycle: services.cli -> services.gateway.app -> services.cli\n"
-         "    services/cli.py:1 imports services.gateway.app\n"
-         "    services/gateway/app.py:2 imports services.cli"),
-        ("import cycle: services.common.wire -> services.engine.runner -> services.common.wire\n"
-         "    services/common/wire.py:2 imports services.engine.runner\n"
-         "    services/engine/runner.py:1 imports services.common.wire\n"
-         "    (one cycle of 3 mutually dependent modules: services.common.wire, services.engine, "
-         "services.engine.runner)"),
+        (
+            "import cycle: services.cli -> services.gateway.app -> services.cli\n"
+            "    services/cli.py:1 imports services.gateway.app\n"
+            "    services/gateway/app.py:2 imports services.cli"
+        ),
+        (
+            "import cycle: services.common.wire -> services.engine.runner -> services.common.wire\n"
+            "    services/common/wire.py:2 imports services.engine.runner\n"
+            "    services/engine/runner.py:1 imports services.common.wire\n"
+            "    (one cycle of 3 mutually dependent modules: services.common.wire, services.engine, "
+            "services.engine.runner)"
+        ),
     ]

@@ -37,8 +37,9 @@ def unsharded_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path)
 
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    return build_model_dir(tmp_path_factory.mktemp("sharded"), tokenizer_dir=tokenizer_dir, seed=3,
-                           max_shard_size=SHARD_SIZE)
+    return build_model_dir(
+        tmp_path_factory.mktemp("sharded"), tokenizer_dir=tokenizer_dir, seed=3, max_shard_size=SHARD_SIZE
+    )
 
 
 def _copy(model_dir: Path, tmp_path: Path) -> Path:
@@ -151,7 +152,7 @@ def test_pickle_only_directory_is_refused(check, unsharded_dir: Path, tmp_path: 
 def test_corrupt_safetensors_file(check, unsharded_dir: Path, tmp_path: Path) -> None:
     model_dir = _copy(unsharded_dir, tmp_path)
     weights_path = model_dir / "model.safetensors"
-    weights_path.write_bytes(weights_path.read_bytes()[: 4096])  # truncated
+    weights_path.write_bytes(weights_path.read_bytes()[:4096])  # truncated
     with pytest.raises(ModelLoadError, match=r"model\.safetensors: not a readable safetensors file"):
         check(model_dir)
 
@@ -162,7 +163,7 @@ def test_shard_lacking_a_tensor_its_index_names(sharded_dir: Path, tmp_path: Pat
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.extra.weight"] = _shard_names(model_dir)[0]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="model.extra.weight"):
+    with pytest.raises(ModelLoadError, match=r"model.extra.weight"):
         check_dir_for_weights(model_dir)
 
 

@@ -25,9 +25,29 @@ def _png(path):
 
 def test_run_writes_summary_results_and_plot(fake, tmp_path):
     out = tmp_path / "run1"
-    assert main(["run", "--base-url", fake.base_url, "--model", "fake", "--workload", "random",
-                 "--num-requests", "20", "--rate", "100", "--slo", "ttft=2s,tpot=50ms", "--out", str(out),
-                 *COMMON]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--base-url",
+                fake.base_url,
+                "--model",
+                "fake",
+                "--workload",
+                "random",
+                "--num-requests",
+                "20",
+                "--rate",
+                "100",
+                "--slo",
+                "ttft=2s,tpot=50ms",
+                "--out",
+                str(out),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     for key in ("ttft", "itl", "tpot", "e2e"):
         assert all(isinstance(summary[key][stat], float) for stat in STATS)
@@ -43,9 +63,33 @@ def test_run_writes_summary_results_and_plot(fake, tmp_path):
 
 def test_compare_sweep_and_report(fake, tmp_path):
     out = tmp_path / "cmp"
-    assert main(["compare", "--target", f"a={fake.base_url}", "--target", f"b={fake.base_url}/v1",
-                 "--workload", "shared-prefix", "--prefix-len", "32", "--suffix-len", "8", "--num-groups", "3",
-                 "--num-requests", "10", "--concurrency", "4", "--out", str(out), *COMMON]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--target",
+                f"a={fake.base_url}",
+                "--target",
+                f"b={fake.base_url}/v1",
+                "--workload",
+                "shared-prefix",
+                "--prefix-len",
+                "32",
+                "--suffix-len",
+                "8",
+                "--num-groups",
+                "3",
+                "--num-requests",
+                "10",
+                "--concurrency",
+                "4",
+                "--out",
+                str(out),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     compared = json.loads((out / "compare.json").read_text())
     assert list(compared) == ["a", "b"] and compared["a"]["arrivals"] == "closed loop, concurrency 4"
     assert compared["a"]["model"] == "fake"  # from GET /v1/models
@@ -54,8 +98,25 @@ def test_compare_sweep_and_report(fake, tmp_path):
     _png(out / "latency_cdf.png")
 
     sweep = tmp_path / "sweep"
-    assert main(["sweep", "--base-url", fake.base_url, "--rates", "50,200", "--num-requests", "10",
-                 "--endpoint", "completions", "--out", str(sweep), *COMMON]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--base-url",
+                fake.base_url,
+                "--rates",
+                "50,200",
+                "--num-requests",
+                "10",
+                "--endpoint",
+                "completions",
+                "--out",
+                str(sweep),
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     points = json.loads((sweep / "sweep.json").read_text())
     assert [p["rate"] for p in points] == [50.0, 200.0]
     assert (sweep / "rate-50" / "summary.json").exists()
@@ -68,8 +129,9 @@ def test_compare_sweep_and_report(fake, tmp_path):
 
 
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "loadgen", "run", "--help"], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "loadgen", "run", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and "--workload" in done.stdout and "--slo" in done.stdout
 
 

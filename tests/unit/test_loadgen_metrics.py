@@ -10,15 +10,29 @@ from loadgen.records import RequestResult
 def _result(index, ttft_s, e2e_s, num_output_tokens=11, error_type=None, tag=""):
     ok = error_type is None
     return RequestResult(
-        index=index, start_s=0.1 * index, ttft_s=ttft_s, itl_s=[0.01, 0.03] if ok else [], e2e_s=e2e_s if ok else None,
-        num_input_tokens=100, num_output_tokens=num_output_tokens if ok else 0,
-        num_content_chunks=num_output_tokens if ok else 0, expected_output_tokens=num_output_tokens,
-        usage_reported=ok, usage_mismatch=False, error_type=error_type, tag=tag)
+        index=index,
+        start_s=0.1 * index,
+        ttft_s=ttft_s,
+        itl_s=[0.01, 0.03] if ok else [],
+        e2e_s=e2e_s if ok else None,
+        num_input_tokens=100,
+        num_output_tokens=num_output_tokens if ok else 0,
+        num_content_chunks=num_output_tokens if ok else 0,
+        expected_output_tokens=num_output_tokens,
+        usage_reported=ok,
+        usage_mismatch=False,
+        error_type=error_type,
+        tag=tag,
+    )
 
 
 # TTFT 0.1 .. 0.5 s; TPOT = (e2e - ttft) / 10 = 0.01, 0.02, 0.03, 0.04, 0.05 s
 RESULTS = [
-    _result(0, 0.1, 0.2), _result(1, 0.2, 0.4), _result(2, 0.3, 0.6), _result(3, 0.4, 0.8), _result(4, 0.5, 1.0),
+    _result(0, 0.1, 0.2),
+    _result(1, 0.2, 0.4),
+    _result(2, 0.3, 0.6),
+    _result(3, 0.4, 0.8),
+    _result(4, 0.5, 1.0),
     _result(5, None, None, error_type=records.HTTP_5XX),
     _result(6, 0.05, None, error_type=records.STREAM_ERROR),
     _result(7, None, None, error_type=records.CANCELLED),

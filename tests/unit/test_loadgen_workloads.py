@@ -13,8 +13,13 @@ from loadgen.images import ImageConfig, ImagePool
 from loadgen.lengths import FixedLength, LognormalLength, UniformLength, parse_length
 from loadgen.prompts import HFTokenizer, PromptSynthesizer, WordTokenizer
 from loadgen.trace import read_trace
-from loadgen.workloads import (LongContextWorkload, MultimodalWorkload, SharedPrefixWorkload, TraceWorkload,
-                               zipf_popularity)
+from loadgen.workloads import (
+    LongContextWorkload,
+    MultimodalWorkload,
+    SharedPrefixWorkload,
+    TraceWorkload,
+    zipf_popularity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +123,23 @@ def test_trace_files(tmp_path, word_synthesizer):
     assert [(r.offset_s, r.num_input_tokens, r.num_output_tokens) for r in rows] == [(0.0, 20, 4), (3.0, 10, 3)]
 
     jsonl_path = tmp_path / "mooncake.jsonl"
-    lines = [{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1, 2, 3]},
-             {"timestamp": 500, "input_length": 6, "output_length": 2, "hash_ids": [1, 4]}]
+    lines = [
+        {"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1, 2, 3]},
+        {"timestamp": 500, "input_length": 6, "output_length": 2, "hash_ids": [1, 4]},
+    ]
     jsonl_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    specs = TraceWorkload(str(jsonl_path), time_unit="ms", block_size=4).build(None, word_synthesizer,
-                                                                                np.random.default_rng(6))
+    specs = TraceWorkload(str(jsonl_path), time_unit="ms", block_size=4).build(
+        None, word_synthesizer, np.random.default_rng(6)
+    )
     assert [s.offset_s for s in specs] == [0.0, 0.5]
     assert [len(s.prompt.token_ids) for s in specs] == [10, 6]
     first, second = (s.prompt.token_ids for s in specs)
     assert first[:4] == second[:4] and first[4:6] != second[4:6]  # hash id 1 shared, 2 and 4 not
 
     azure = tmp_path / "azure.csv"
-    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                     "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n"
+    )
     rows = read_trace(azure)
     assert rows[1].offset_s == pytest.approx(4.314579, abs=1e-5) and rows[1].num_output_tokens == 109

@@ -21,8 +21,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from services.engine.models.llama import RotaryEmbedding  # noqa: E402
-from services.engine.ops import TORCH_OPS, TRITON_OPS, get_ops  # noqa: E402
+from services.engine.models.llama import RotaryEmbedding
+from services.engine.ops import TORCH_OPS, TRITON_OPS, get_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
@@ -34,8 +34,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ---------------------------------------------------------------------------------- helpers
 
 
-def randn(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator,
-          device: str, scale: float = 1.0) -> torch.Tensor:
+def randn(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, device: str, scale: float = 1.0
+) -> torch.Tensor:
     """Normal values drawn on the CPU (same numbers on every device), then moved."""
     return (torch.randn(shape, generator=generator) * scale).to(device=device, dtype=dtype)
 
@@ -78,28 +79,48 @@ def skip_unless_supported(dtype: torch.dtype, device: str = DEVICE) -> None:
         pytest.skip("this Triton (the interpreter) truncates float32 to bfloat16")
 
 
-def split_qkv(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-              dtype: torch.dtype, generator: torch.Generator, device: str) -> dict[str, torch.Tensor]:
+def split_qkv(
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    device: str,
+) -> dict[str, torch.Tensor]:
     """q, k, v as the model gets them: [T, H, D] views into one [T, (Hq + 2 Hk) * D] projection."""
     q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
     qkv = randn((num_tokens, q_size + 2 * kv_size), dtype, generator, device)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    return {"qkv": qkv, "q": q.view(num_tokens, num_q_heads, head_dim),
-            "k": k.view(num_tokens, num_kv_heads, head_dim),
-            "v": v.view(num_tokens, num_kv_heads, head_dim)}
+    return {
+        "qkv": qkv,
+        "q": q.view(num_tokens, num_q_heads, head_dim),
+        "k": k.view(num_tokens, num_kv_heads, head_dim),
+        "v": v.view(num_tokens, num_kv_heads, head_dim),
+    }
 
 
-def rotary_embedding(head_dim: int, max_positions: int, dtype: torch.dtype, device: str,
-                     rope_theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None,
-                     mrope_section: tuple[int, ...] | None = None) -> RotaryEmbedding:
+def rotary_embedding(
+    head_dim: int,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: str,
+    rope_theta: float = 10000.0,
+    rope_scaling: dict[str, Any] | None = None,
+    mrope_section: tuple[int, ...] | None = None,
+) -> RotaryEmbedding:
     """The model's own tables (and `apply`), built from the fields of DecoderSpec they read."""
-    spec = SimpleNamespace(head_dim=head_dim, max_position_embeddings=max_positions,
-                           rope_theta=rope_theta, rope_scaling=rope_scaling, mrope_section=mrope_section)
+    spec = SimpleNamespace(
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        mrope_section=mrope_section,
+    )
     return RotaryEmbedding(spec, torch.device(device), dtype)  # type: ignore[arg-type]
 
 
-def shuffled_positions(num_tokens: int, max_positions: int, generator: torch.Generator,
-                       device: str) -> torch.Tensor:
+def shuffled_positions(num_tokens: int, max_positions: int, generator: torch.Generator, device: str) -> torch.Tensor:
     """Distinct positions in random order, int64."""
     return torch.randperm(max_positions, generator=generator)[:num_tokens].to(device)
 
@@ -107,8 +128,9 @@ def shuffled_positions(num_tokens: int, max_positions: int, generator: torch.Gen
 # ---------------------------------------------------------------------------------- checks
 
 
-def check_add_rms_norm(num_tokens: int, hidden_size: int, dtype: torch.dtype, has_residual: bool,
-                       device: str = DEVICE, seed: int = 0) -> None:
+def check_add_rms_norm(
+    num_tokens: int, hidden_size: int, dtype: torch.dtype, has_residual: bool, device: str = DEVICE, seed: int = 0
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     # x is a row-strided view (its rows are wider than hidden) to exercise the stride arguments
     x = randn((num_tokens, hidden_size + 16), dtype, generator, device)[:, :hidden_size]
@@ -126,21 +148,37 @@ def check_add_rms_norm(num_tokens: int, hidden_size: int, dtype: torch.dtype, ha
     assert torch.equal(x, x_before)
 
 
-def check_rms_norm_heads(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                         dtype: torch.dtype, device: str = DEVICE, seed: int = 0) -> None:
+def check_rms_norm_heads(
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str = DEVICE,
+    seed: int = 0,
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     views = split_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, generator, device)
     weight = 1.0 + randn((head_dim,), dtype, generator, device, scale=0.1)
     qkv_before = views["qkv"].clone()
     for name in ("q", "k"):
-        assert_matches(TRITON_OPS.rms_norm_heads(views[name], weight, EPS),
-                       TORCH_OPS.rms_norm_heads(views[name], weight, EPS))
+        assert_matches(
+            TRITON_OPS.rms_norm_heads(views[name], weight, EPS), TORCH_OPS.rms_norm_heads(views[name], weight, EPS)
+        )
     assert torch.equal(views["qkv"], qkv_before)
 
 
-def check_rotary(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, max_positions: int, device: str = DEVICE, seed: int = 0,
-                 **rope: Any) -> None:
+def check_rotary(
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_positions: int,
+    device: str = DEVICE,
+    seed: int = 0,
+    **rope: Any,
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     views = split_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, generator, device)
     q, k, v = views["q"], views["k"], views["v"]
@@ -156,9 +194,17 @@ def check_rotary(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim:
     assert torch.equal(v, v_before)  # the rest of the projection is untouched
 
 
-def check_mrope_rotary(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                       mrope_section: tuple[int, ...], dtype: torch.dtype, max_positions: int,
-                       device: str = DEVICE, seed: int = 0) -> None:
+def check_mrope_rotary(
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    mrope_section: tuple[int, ...],
+    dtype: torch.dtype,
+    max_positions: int,
+    device: str = DEVICE,
+    seed: int = 0,
+) -> None:
     """M-RoPE: per-token cos/sin rows gathered from three position rows, then the same rotary op."""
     generator = torch.Generator().manual_seed(seed)
     views = split_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, generator, device)
@@ -179,8 +225,9 @@ def check_mrope_rotary(num_tokens: int, num_q_heads: int, num_kv_heads: int, hea
     assert torch.equal(actual_k, expected_k)
 
 
-def check_silu_and_mul(num_tokens: int, intermediate_size: int, dtype: torch.dtype,
-                       device: str = DEVICE, seed: int = 0) -> None:
+def check_silu_and_mul(
+    num_tokens: int, intermediate_size: int, dtype: torch.dtype, device: str = DEVICE, seed: int = 0
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     width = 2 * intermediate_size
     gate_up = randn((num_tokens, width + 8), dtype, generator, device, scale=3.0)[:, :width]
@@ -206,8 +253,7 @@ def test_add_rms_norm_widest_row(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_heads(dtype, head_dim):
     skip_unless_supported(dtype)
-    check_rms_norm_heads(num_tokens=3, num_q_heads=4, num_kv_heads=2, head_dim=head_dim,
-                         dtype=dtype)
+    check_rms_norm_heads(num_tokens=3, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 256])
@@ -215,16 +261,22 @@ def test_rms_norm_heads(dtype, head_dim):
 def test_rotary(dtype, head_dim):
     skip_unless_supported(dtype)
     # 12 q heads fill groups of 16 (head_dim 64), 8 (80) or 4 (256) heads, partial groups included
-    check_rotary(num_tokens=4, num_q_heads=12, num_kv_heads=2, head_dim=head_dim, dtype=dtype,
-                 max_positions=64)
+    check_rotary(num_tokens=4, num_q_heads=12, num_kv_heads=2, head_dim=head_dim, dtype=dtype, max_positions=64)
 
 
 @pytest.mark.parametrize("head_dim, mrope_section", [(16, (2, 3, 3)), (128, (16, 24, 24))])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mrope_rotary(dtype, head_dim, mrope_section):
     skip_unless_supported(dtype)
-    check_mrope_rotary(num_tokens=5, num_q_heads=6, num_kv_heads=2, head_dim=head_dim,
-                       mrope_section=mrope_section, dtype=dtype, max_positions=64)
+    check_mrope_rotary(
+        num_tokens=5,
+        num_q_heads=6,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        mrope_section=mrope_section,
+        dtype=dtype,
+        max_positions=64,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

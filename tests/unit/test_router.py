@@ -19,11 +19,16 @@ from tests.unit.router_fixtures import Clock, tokens
 BLOCK = 4
 
 
-
-
 def make_router(policy="least_load", prefill=("p0", "p1"), decode=("d0", "d1"), clock=None, **config):
-    return Router(list(prefill), list(decode), policy, BLOCK, RouterConfig(**config), encode_workers=["e0", "e1"],
-                  clock=clock or Clock())
+    return Router(
+        list(prefill),
+        list(decode),
+        policy,
+        BLOCK,
+        RouterConfig(**config),
+        encode_workers=["e0", "e1"],
+        clock=clock or Clock(),
+    )
 
 
 def snapshot(router, worker, stage="prefill", running=0, waiting=0, kv_usage=0.0, free=1000, queued=0, decoding=0):
@@ -233,8 +238,16 @@ def test_a_refused_placement_leaves_the_policy_untouched():
 def test_worker_load_from_the_gateways_snapshot():
     from services.gateway.backend import WorkerSnapshot
 
-    snap = WorkerSnapshot("d0", "decode", num_running=5, num_waiting=2, kv_cache_usage=0.25, num_preemptions=0,
-                          prefix_cache_queried_tokens=100, prefix_cache_hit_tokens=40)
+    snap = WorkerSnapshot(
+        "d0",
+        "decode",
+        num_running=5,
+        num_waiting=2,
+        kv_cache_usage=0.25,
+        num_preemptions=0,
+        prefix_cache_queried_tokens=100,
+        prefix_cache_hit_tokens=40,
+    )
     assert WorkerLoad.from_snapshot(snap, num_free_blocks=300) == WorkerLoad("d0", "decode", 5, 2, 0.25, 300, 0, 5)
     prefill = WorkerSnapshot("p0", "prefill", 3, 1, 0.5, 0, 0, 0)
     assert WorkerLoad.from_snapshot(prefill, num_free_blocks=10, queued_prefill_tokens=900).num_decoding == 0

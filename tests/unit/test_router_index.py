@@ -168,8 +168,7 @@ def test_the_engine_kv_cache_events_make_the_index_predict_its_hits():
         seq += 1
 
     def request(request_id, tokens):
-        return Request(request_id, list(tokens), SamplingParams(max_tokens=4), eos_token_id=None,
-                       max_output_tokens=4)
+        return Request(request_id, list(tokens), SamplingParams(max_tokens=4), eos_token_id=None, max_output_tokens=4)
 
     a = request("a", range(13))  # 3 full blocks
     kv.allocate_slots(a, 13)

@@ -59,10 +59,13 @@ def test_a_burst_sharing_a_new_prefix_lands_on_one_worker(policy, num_prefill, c
     assert [p.reason for p in placements] == [FIRST_REASON[policy]] + [LATER_REASON[policy]] * 7
 
 
-@pytest.mark.parametrize("policy, expected", [
-    ("prefix_affinity", ["p0", "p1"] * 4),  # each request sees no hit and goes to the least loaded
-    ("preble", ["p0", "p1"] * 4),  # each explores: the other worker has less in flight
-])
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        ("prefix_affinity", ["p0", "p1"] * 4),  # each request sees no hit and goes to the least loaded
+        ("preble", ["p0", "p1"] * 4),  # each explores: the other worker has less in flight
+    ],
+)
 def test_without_pending_claims_the_same_burst_scatters(policy, expected):
     router = make_router(policy, pending_block_ttl_s=0)
     assert [place(router, f"a{i}", prompt(1, i)).prefill_worker for i in range(8)] == expected
@@ -73,7 +76,8 @@ def test_preble_replicates_a_long_burst_at_its_tenth_request():
     router = make_router("preble")
     placements = [place(router, f"a{i}", prompt(1, i)) for i in range(11)]
     assert [(p.prefill_worker, p.reason) for p in placements] == (
-        [("p0", "explore")] + [("p0", "exploit")] * 8 + [("p1", "replicate"), ("p1", "exploit")])
+        [("p0", "explore")] + [("p0", "exploit")] * 8 + [("p1", "replicate"), ("p1", "exploit")]
+    )
     # the 11th: both hold the prefix; p1 costs 32 + 544 in flight, p0 32 + 544 + 8 * 32
 
 
@@ -167,8 +171,14 @@ def test_events_on_claimed_blocks_never_break_the_index():
 
 
 def tell(router, placement, request_id, token_ids):
-    return router.record_remote_placement(request_id, placement.prefill_worker, blocks_of(token_ids), len(token_ids),
-                                          decode_worker=placement.decode_worker, max_tokens=8)
+    return router.record_remote_placement(
+        request_id,
+        placement.prefill_worker,
+        blocks_of(token_ids),
+        len(token_ids),
+        decode_worker=placement.decode_worker,
+        max_tokens=8,
+    )
 
 
 @pytest.mark.parametrize("policy", ["prefix_affinity", "preble"])

@@ -22,8 +22,6 @@ BLOCK = 4
 WORKERS = ["w0", "w1", "w2"]
 
 
-
-
 def request(prompt, request_id="r"):
     return PrefillRequest(request_id, hash_request_blocks(prompt, BLOCK), len(prompt), BLOCK)
 
@@ -33,8 +31,18 @@ def cluster(clock=None, **per_worker):
     view = LoadView(clock=clock or Clock())
     for worker in WORKERS:
         fields = per_worker.get(worker, {})
-        view.update(WorkerLoad(worker, "prefill", fields.get("running", 0), fields.get("waiting", 0), 0.0, 1000,
-                               fields.get("queued", 0), fields.get("decoding", 0)))
+        view.update(
+            WorkerLoad(
+                worker,
+                "prefill",
+                fields.get("running", 0),
+                fields.get("waiting", 0),
+                0.0,
+                1000,
+                fields.get("queued", 0),
+                fields.get("decoding", 0),
+            )
+        )
     return view
 
 
@@ -100,13 +108,16 @@ def test_prefix_affinity_prefers_the_less_loaded_of_equal_matches():
     assert (decision.worker, decision.reason) == ("w0", "cache_hit")
 
 
-@pytest.mark.parametrize("min_load, max_load, imbalanced", [
-    (10, 42, False),  # max - min = 32: not above the absolute threshold
-    (10, 43, True),  # 33 > 32 and 43 > 15
-    (100, 150, False),  # 50 > 32 but 150 = 1.5 * 100: not above the relative threshold
-    (100, 151, True),  # 51 > 32 and 151 > 150
-    (0, 33, True),
-])
+@pytest.mark.parametrize(
+    "min_load, max_load, imbalanced",
+    [
+        (10, 42, False),  # max - min = 32: not above the absolute threshold
+        (10, 43, True),  # 33 > 32 and 43 > 15
+        (100, 150, False),  # 50 > 32 but 150 = 1.5 * 100: not above the relative threshold
+        (100, 151, True),  # 51 > 32 and 151 > 150
+        (0, 33, True),
+    ],
+)
 def test_prefix_affinity_balance_needs_both_thresholds(min_load, max_load, imbalanced):
     policy = PrefixAffinity(PrefixAffinityConfig(balance_abs_threshold=32, balance_rel_threshold=1.5))
     prompt = tokens(40)
@@ -176,12 +187,15 @@ def test_preble_exploit_takes_the_cheapest_holder_of_the_longest_prefix():
     assert (decision.worker, decision.reason) == ("w1", "exploit")
 
 
-@pytest.mark.parametrize("busiest, least, config, rebalanced", [
-    (200, 100, {"rebalance_min_tokens": 0}, False),  # 200 = 2.0 * 100: not above the ratio
-    (201, 100, {"rebalance_min_tokens": 0}, True),
-    (5096, 1000, {}, False),  # ratio 5.1 but the gap 4096 is not above rebalance_min_tokens
-    (5097, 1000, {}, True),
-])
+@pytest.mark.parametrize(
+    "busiest, least, config, rebalanced",
+    [
+        (200, 100, {"rebalance_min_tokens": 0}, False),  # 200 = 2.0 * 100: not above the ratio
+        (201, 100, {"rebalance_min_tokens": 0}, True),
+        (5096, 1000, {}, False),  # ratio 5.1 but the gap 4096 is not above rebalance_min_tokens
+        (5097, 1000, {}, True),
+    ],
+)
 def test_preble_rebalances_exploits_off_the_busiest_worker(busiest, least, config, rebalanced):
     policy = Preble(PrebleConfig(warmup_requests=0, **config))
     prompt = tokens(40)
@@ -202,8 +216,7 @@ def test_preble_rebalances_only_after_warmup_and_only_off_the_busiest():
 
 def test_preble_replicates_a_prefix_that_dominates_its_single_holder():
     clock = Clock()
-    policy = Preble(PrebleConfig(replicate_min_requests=3, replicate_share=0.5, window_s=60,
-                                 replicate_cooldown_s=10))
+    policy = Preble(PrebleConfig(replicate_min_requests=3, replicate_share=0.5, window_s=60, replicate_cooldown_s=10))
     hot, other = tokens(40, family=1), tokens(40, family=2)
     load = cluster(clock, w1={"queued": 5})  # the replica goes to the cheapest other worker: w2
 

@@ -14,14 +14,24 @@ from services.engine.sampling_params import SamplingParams
 VOCAB_SIZE = 32
 
 
-def make_request(params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None,
-                 eos_token_id: int | None = None) -> Request:
+def make_request(
+    params: SamplingParams,
+    prompt: list[int] | None = None,
+    output: list[int] | None = None,
+    eos_token_id: int | None = None,
+) -> Request:
     generator = None
     if params.seed is not None:
         generator = torch.Generator().manual_seed(params.seed)
-    return Request(request_id="r", prompt_token_ids=list(prompt or [0]), sampling_params=params,
-                   eos_token_id=eos_token_id, max_output_tokens=64, generator=generator,
-                   output_token_ids=list(output or []))
+    return Request(
+        request_id="r",
+        prompt_token_ids=list(prompt or [0]),
+        sampling_params=params,
+        eos_token_id=eos_token_id,
+        max_output_tokens=64,
+        generator=generator,
+        output_token_ids=list(output or []),
+    )
 
 
 def logits_from_probs(probs: list[float], num_rows: int = 1) -> torch.Tensor:
@@ -44,8 +54,9 @@ def test_logprobs_come_from_raw_logits_with_top_ids_and_ranks():
     logits = torch.randn(3, VOCAB_SIZE, generator=torch.Generator().manual_seed(2))
     requests = [
         # processing (penalty, temperature, top-k) must not leak into the reported logprobs
-        make_request(SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.5, logprobs=5, seed=3),
-                     prompt=[1, 2, 3]),
+        make_request(
+            SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.5, logprobs=5, seed=3), prompt=[1, 2, 3]
+        ),
         make_request(SamplingParams(temperature=0.0)),
         make_request(SamplingParams(temperature=0.0, logprobs=0)),
     ]
@@ -92,23 +103,30 @@ def test_min_tokens_without_eos_id_masks_stop_ids_only():
 PENALTY_LOGITS = [2.0, -1.0, 0.5, 3.0, -2.0, 1.0]
 
 
-@pytest.mark.parametrize("params, expected", [
-    # repetition 2: positive seen logits halved, negative seen logits doubled, unseen (4, 5) untouched
-    (SamplingParams(repetition_penalty=2.0), [1.0, -2.0, 0.25, 1.5, -2.0, 1.0]),
-    # frequency 0.5 × count over output tokens only
-    (SamplingParams(frequency_penalty=0.5), [2.0, -1.0, -0.5, 2.5, -2.0, 1.0]),
-    # presence 0.25 once per distinct output token
-    (SamplingParams(presence_penalty=0.25), [2.0, -1.0, 0.25, 2.75, -2.0, 1.0]),
-    # negative presence rewards repeats
-    (SamplingParams(presence_penalty=-1.0), [2.0, -1.0, 1.5, 4.0, -2.0, 1.0]),
-    # all three: repetition first, then frequency and presence
-    (SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
-     [1.0, -2.0, 0.25 - 1.0 - 0.25, 1.5 - 0.5 - 0.25, -2.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        # repetition 2: positive seen logits halved, negative seen logits doubled, unseen (4, 5) untouched
+        (SamplingParams(repetition_penalty=2.0), [1.0, -2.0, 0.25, 1.5, -2.0, 1.0]),
+        # frequency 0.5 × count over output tokens only
+        (SamplingParams(frequency_penalty=0.5), [2.0, -1.0, -0.5, 2.5, -2.0, 1.0]),
+        # presence 0.25 once per distinct output token
+        (SamplingParams(presence_penalty=0.25), [2.0, -1.0, 0.25, 2.75, -2.0, 1.0]),
+        # negative presence rewards repeats
+        (SamplingParams(presence_penalty=-1.0), [2.0, -1.0, 1.5, 4.0, -2.0, 1.0]),
+        # all three: repetition first, then frequency and presence
+        (
+            SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+            [1.0, -2.0, 0.25 - 1.0 - 0.25, 1.5 - 0.5 - 0.25, -2.0, 1.0],
+        ),
+    ],
+)
 def test_each_penalty_changes_exactly_the_expected_logits(params, expected):
     logits = torch.tensor([PENALTY_LOGITS, PENALTY_LOGITS])
-    requests = [make_request(params, prompt=[0, 1], output=[2, 2, 3]),
-                make_request(SamplingParams(), prompt=[0, 1], output=[2, 2, 3])]  # neutral row
+    requests = [
+        make_request(params, prompt=[0, 1], output=[2, 2, 3]),
+        make_request(SamplingParams(), prompt=[0, 1], output=[2, 2, 3]),
+    ]  # neutral row
     _apply_penalties(logits, requests)
     assert logits[0].tolist() == pytest.approx(expected)
     assert logits[1].tolist() == PENALTY_LOGITS
@@ -130,16 +148,19 @@ NUM_DRAWS = 4000
 FILTER_PROBS = [0.5, 0.3, 0.15, 0.05]
 
 
-@pytest.mark.parametrize("params, allowed", [
-    (SamplingParams(top_p=0.75), {0, 1}),  # 0.5 < 0.75 <= 0.8
-    (SamplingParams(top_p=0.1), {0}),  # the top token is always kept
-    (SamplingParams(min_p=0.2), {0, 1, 2}),  # threshold 0.2 × 0.5 = 0.1
-    (SamplingParams(min_p=0.7), {0}),
-    (SamplingParams(top_k=3), {0, 1, 2}),
-    (SamplingParams(top_p=0.82), {0, 1, 2}),  # 0.8 < 0.82
-    # top-p runs on the renormalised top-3 [0.53, 0.32, 0.16]: 0.84 >= 0.82 cuts token 2
-    (SamplingParams(top_k=3, top_p=0.82), {0, 1}),
-])
+@pytest.mark.parametrize(
+    "params, allowed",
+    [
+        (SamplingParams(top_p=0.75), {0, 1}),  # 0.5 < 0.75 <= 0.8
+        (SamplingParams(top_p=0.1), {0}),  # the top token is always kept
+        (SamplingParams(min_p=0.2), {0, 1, 2}),  # threshold 0.2 × 0.5 = 0.1
+        (SamplingParams(min_p=0.7), {0}),
+        (SamplingParams(top_k=3), {0, 1, 2}),
+        (SamplingParams(top_p=0.82), {0, 1, 2}),  # 0.8 < 0.82
+        # top-p runs on the renormalised top-3 [0.53, 0.32, 0.16]: 0.84 >= 0.82 cuts token 2
+        (SamplingParams(top_k=3, top_p=0.82), {0, 1}),
+    ],
+)
 def test_filters_never_sample_an_excluded_token(params, allowed):
     torch.manual_seed(5)
     requests = [make_request(params) for _ in range(NUM_DRAWS)]

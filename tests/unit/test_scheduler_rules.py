@@ -33,8 +33,14 @@ def make_scheduler(max_num_batched_tokens: int = 64, enable_prefix_caching: bool
 def make_request(request_id: str, num_prompt_tokens: int, arrival_time_s: float) -> Request:
     """Prompt tokens unique to the (one-letter) request id."""
     prompt = [ord(request_id) * 100 + i for i in range(num_prompt_tokens)]
-    return Request(request_id, prompt, SamplingParams(max_tokens=16), eos_token_id=None, max_output_tokens=16,
-                   arrival_time_s=arrival_time_s)
+    return Request(
+        request_id,
+        prompt,
+        SamplingParams(max_tokens=16),
+        eos_token_id=None,
+        max_output_tokens=16,
+        arrival_time_s=arrival_time_s,
+    )
 
 
 def import_decoding(scheduler: Scheduler, request: Request) -> None:

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from services.engine.attention.triton_decode import (  # noqa: E402
+from services.engine.attention.triton_decode import (
     DEFAULT_TUNING,
     DecodeTuning,
     paged_decode_attention,
@@ -50,8 +50,14 @@ def reference_decode_attention(
 
 
 def make_inputs(
-    seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-    dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+    seq_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    seed: int = 0,
 ) -> dict:
     """Random q/K/V, shuffled block tables, and a NaN-poisoned `out`.
 
@@ -75,9 +81,14 @@ def make_inputs(
     unused = torch.arange(max_blocks_per_seq, device=device)[None, :] >= num_used_blocks[:, None]
     block_tables = block_tables.masked_fill(unused, -1)
     return dict(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables.to(torch.int32),
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables.to(torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        scale=head_dim**-0.5, out=torch.full_like(q, float("nan")), max_seq_len=max(seq_lens),
+        scale=head_dim**-0.5,
+        out=torch.full_like(q, float("nan")),
+        max_seq_len=max(seq_lens),
     )
 
 
@@ -90,8 +101,8 @@ def check_against_reference(inputs: dict, tuning: DecodeTuning, tolerance: float
     out = inputs["out"]
     assert not out.isnan().any(), "some output elements were never written"
     ref = reference_decode_attention(
-        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_tables"],
-        inputs["seq_lens"], inputs["scale"])
+        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_tables"], inputs["seq_lens"], inputs["scale"]
+    )
     assert relative_error(out, ref) < tolerance
     padding_rows = inputs["seq_lens"] == 0
     assert (out[padding_rows] == 0).all()
@@ -109,8 +120,7 @@ def test_matches_reference_float32(num_q_heads, num_kv_heads, block_size, head_d
     check_against_reference(inputs, SMALL_TUNING, TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,block_size,head_dim",
-                         [(8, 2, 16, 80), (4, 1, 32, 64)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,block_size,head_dim", [(8, 2, 16, 80), (4, 1, 32, 64)])
 def test_matches_reference_float16(num_q_heads, num_kv_heads, block_size, head_dim):
     inputs = make_inputs(SEQ_LENS, num_q_heads, num_kv_heads, head_dim, block_size, torch.float16)
     check_against_reference(inputs, SMALL_TUNING, TOLERANCE[torch.float16])

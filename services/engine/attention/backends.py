@@ -59,8 +59,9 @@ class PagedAttention:
         raise NotImplementedError
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -124,8 +125,17 @@ class TritonAttention(PagedAttention):
         nd = meta.num_decode_seqs
         if nd:
             tuning = self._small_batch_tuning if nd <= self.SMALL_BATCH_SEQS else self._default_tuning
-            self._decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
-                         out[:nd], meta.max_seq_len, tuning=tuning)
+            self._decode(
+                q[:nd],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nd],
+                meta.seq_lens[:nd],
+                self.scale,
+                out[:nd],
+                meta.max_seq_len,
+                tuning=tuning,
+            )
         for i in range(nd, len(meta.seq_lens_host)):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             seq_len = meta.seq_lens_host[i]

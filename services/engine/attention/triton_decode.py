@@ -107,19 +107,38 @@ def _token_offsets(block_table_row_ptr, tokens, token_mask, BLOCK_SIZE: tl.const
 
 @triton.jit
 def _partition_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    partial_acc_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
     qk_scale_log2,  # softmax scale * log2(e)
-    stride_q_seq, stride_q_head,
-    stride_k_block, stride_k_slot, stride_k_head,
-    stride_v_block, stride_v_slot, stride_v_head,
+    stride_q_seq,
+    stride_q_head,
+    stride_k_block,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_block,
+    stride_v_slot,
+    stride_v_head,
     stride_table_seq,
-    stride_out_seq, stride_out_head,
-    num_q_heads, max_num_partitions,
-    GROUP_SIZE: tl.constexpr, GROUP_ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PARTITION_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
+    stride_out_seq,
+    stride_out_head,
+    num_q_heads,
+    max_num_partitions,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DIRECT_OUTPUT: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -128,7 +147,7 @@ def _partition_kernel(
     start_token = partition_idx * PARTITION_SIZE
     end_token = tl.minimum(start_token + PARTITION_SIZE, seq_len)
 
-    if not DIRECT_OUTPUT:
+    if not DIRECT_OUTPUT:  # noqa: SIM102 (a constexpr branch, compiled away; one `and` would mix it with a tensor)
         if start_token >= seq_len:
             return  # past this sequence's end; the reduction never reads this partition
 
@@ -137,8 +156,7 @@ def _partition_kernel(
     row_mask = rows < GROUP_SIZE
     dim_mask = dims < HEAD_DIM
     q_heads = kv_head * GROUP_SIZE + rows
-    q_offsets = (seq_idx.to(tl.int64) * stride_q_seq + q_heads[:, None] * stride_q_head
-                 + dims[None, :])
+    q_offsets = seq_idx.to(tl.int64) * stride_q_seq + q_heads[:, None] * stride_q_head + dims[None, :]
     q_mask = row_mask[:, None] & dim_mask[None, :]
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)  # [GROUP_ROWS, HEAD_DIM_PADDED]
 
@@ -155,9 +173,9 @@ def _partition_kernel(
         token_mask = tokens < end_token
         block_ids, slots = _token_offsets(block_table_row_ptr, tokens, token_mask, BLOCK_SIZE)
         kv_mask = token_mask[:, None] & dim_mask[None, :]
-        k_offsets = (block_ids * stride_k_block + slots * stride_k_slot + kv_head * stride_k_head)
+        k_offsets = block_ids * stride_k_block + slots * stride_k_slot + kv_head * stride_k_head
         k = tl.load(k_cache_ptr + k_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v_offsets = (block_ids * stride_v_block + slots * stride_v_slot + kv_head * stride_v_head)
+        v_offsets = block_ids * stride_v_block + slots * stride_v_slot + kv_head * stride_v_head
         v = tl.load(v_cache_ptr + v_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         # k, v: [TILE_TOKENS, HEAD_DIM_PADDED]
 
@@ -171,14 +189,12 @@ def _partition_kernel(
         max_score = new_max
 
     if DIRECT_OUTPUT:
-        out_offsets = (seq_idx.to(tl.int64) * stride_out_seq + q_heads[:, None] * stride_out_head
-                       + dims[None, :])
+        out_offsets = seq_idx.to(tl.int64) * stride_out_seq + q_heads[:, None] * stride_out_head + dims[None, :]
         normalised = acc / tl.where(sum_exp > 0, sum_exp, 1.0)[:, None]
         tl.store(out_ptr + out_offsets, normalised.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         # workspace rows (seq, q_head, partition): [num_seqs, num_q_heads, max_num_partitions]
-        stat_rows = ((seq_idx.to(tl.int64) * num_q_heads + q_heads) * max_num_partitions
-                     + partition_idx)
+        stat_rows = (seq_idx.to(tl.int64) * num_q_heads + q_heads) * max_num_partitions + partition_idx
         tl.store(partial_max_ptr + stat_rows, max_score, mask=row_mask)
         tl.store(partial_sum_ptr + stat_rows, sum_exp, mask=row_mask)
         acc_offsets = stat_rows[:, None] * HEAD_DIM + dims[None, :]
@@ -187,11 +203,20 @@ def _partition_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, seq_lens_ptr,
-    stride_out_seq, stride_out_head,
-    num_q_heads, max_num_partitions,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-    PARTITIONS_PADDED: tl.constexpr, CHUNK_PARTITIONS: tl.constexpr,
+    out_ptr,
+    partial_acc_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    seq_lens_ptr,
+    stride_out_seq,
+    stride_out_head,
+    num_q_heads,
+    max_num_partitions,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+    PARTITIONS_PADDED: tl.constexpr,
+    CHUNK_PARTITIONS: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
     q_head = tl.program_id(1)
@@ -204,8 +229,7 @@ def _reduce_kernel(
     # Pass 1: the global max and the total sum over the partitions that exist (log2 units).
     partitions = tl.arange(0, PARTITIONS_PADDED)
     partition_mask = partitions < num_partitions
-    part_maxes = tl.load(partial_max_ptr + first_row + partitions, mask=partition_mask,
-                         other=float("-inf"))
+    part_maxes = tl.load(partial_max_ptr + first_row + partitions, mask=partition_mask, other=float("-inf"))
     part_sums = tl.load(partial_sum_ptr + first_row + partitions, mask=partition_mask, other=0.0)
     global_max = tl.maximum(tl.max(part_maxes, axis=0), -1.0e30)  # finite when seq_len == 0
     total_sum = tl.sum(part_sums * tl.exp2(part_maxes - global_max), axis=0)
@@ -215,11 +239,13 @@ def _reduce_kernel(
     for chunk_idx in range(PARTITIONS_PADDED // CHUNK_PARTITIONS):
         chunk = chunk_idx * CHUNK_PARTITIONS + tl.arange(0, CHUNK_PARTITIONS)
         chunk_mask = chunk < num_partitions
-        chunk_maxes = tl.load(partial_max_ptr + first_row + chunk, mask=chunk_mask,
-                              other=float("-inf"))
+        chunk_maxes = tl.load(partial_max_ptr + first_row + chunk, mask=chunk_mask, other=float("-inf"))
         chunk_rows = first_row + chunk
-        chunk_acc = tl.load(partial_acc_ptr + chunk_rows[:, None] * HEAD_DIM + dims[None, :],
-                            mask=chunk_mask[:, None] & dim_mask[None, :], other=0.0)
+        chunk_acc = tl.load(
+            partial_acc_ptr + chunk_rows[:, None] * HEAD_DIM + dims[None, :],
+            mask=chunk_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
         # chunk_acc: [CHUNK_PARTITIONS, HEAD_DIM_PADDED]
         weights = tl.exp2(chunk_maxes - global_max)
         acc += tl.sum(chunk_acc * weights[:, None], axis=0)
@@ -257,36 +283,61 @@ def paged_decode_attention(
     direct_output = max_num_partitions == 1
 
     partial_acc, partial_max, partial_sum = _workspace(
-        num_seqs, num_q_heads, max_num_partitions, head_dim, q.device, direct_output)
+        num_seqs, num_q_heads, max_num_partitions, head_dim, q.device, direct_output
+    )
     _partition_kernel[(num_seqs, num_kv_heads, max_num_partitions)](
-        q, k_cache, v_cache, block_tables, seq_lens,
-        out, partial_acc, partial_max, partial_sum,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        partial_acc,
+        partial_max,
+        partial_sum,
         scale * _LOG2_E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        num_q_heads, max_num_partitions,
+        out.stride(0),
+        out.stride(1),
+        num_q_heads,
+        max_num_partitions,
         GROUP_SIZE=group_size,
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(group_size)),
-        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
-        BLOCK_SIZE=block_size, PARTITION_SIZE=tuning.partition_size,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=head_dim_padded,
+        BLOCK_SIZE=block_size,
+        PARTITION_SIZE=tuning.partition_size,
         TILE_TOKENS=tuning.tile_tokens,
         # exact float32 products for float32 inputs; 16-bit inputs ignore the setting
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DIRECT_OUTPUT=direct_output,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps,
+        num_stages=tuning.num_stages,
     )
     if direct_output:
         return
     # A power of two keeps the number of compiled variants to log2 of the longest context.
     partitions_padded = triton.next_power_of_2(max_num_partitions)
     _reduce_kernel[(num_seqs, num_q_heads)](
-        out, partial_acc, partial_max, partial_sum, seq_lens,
-        out.stride(0), out.stride(1),
-        num_q_heads, max_num_partitions,
-        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+        out,
+        partial_acc,
+        partial_max,
+        partial_sum,
+        seq_lens,
+        out.stride(0),
+        out.stride(1),
+        num_q_heads,
+        max_num_partitions,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=head_dim_padded,
         PARTITION_SIZE=tuning.partition_size,
         PARTITIONS_PADDED=partitions_padded,
         CHUNK_PARTITIONS=min(REDUCE_CHUNK_PARTITIONS, partitions_padded),
@@ -295,8 +346,12 @@ def paged_decode_attention(
 
 
 def _workspace(
-    num_seqs: int, num_q_heads: int, max_num_partitions: int, head_dim: int,
-    device: torch.device, direct_output: bool,
+    num_seqs: int,
+    num_q_heads: int,
+    max_num_partitions: int,
+    head_dim: int,
+    device: torch.device,
+    direct_output: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 partial results; sized from host ints only (a one-element stub when unused)."""
     if direct_output:
@@ -310,18 +365,22 @@ def _workspace(
 
 
 def _check_inputs(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
 ) -> None:
     """Shape, dtype and layout checks; metadata only, so nothing waits on the device."""
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
-        raise ValueError(f"cache shapes {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not "
-                         f"match head_dim {head_dim}")
+        raise ValueError(
+            f"cache shapes {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not match head_dim {head_dim}"
+        )
     if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads "
-                         f"{num_kv_heads}")
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype):
@@ -332,8 +391,13 @@ def _check_inputs(
         raise ValueError("block_tables and seq_lens need one row per sequence")
     if out.shape != q.shape:
         raise ValueError(f"out shape {tuple(out.shape)} differs from q shape {tuple(q.shape)}")
-    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out),
-                         ("block_tables", block_tables)):
+    for name, tensor in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("out", out),
+        ("block_tables", block_tables),
+    ):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
 

@@ -22,8 +22,15 @@ from services.engine.ops import get_ops
 MODEL_CLASSES: dict[str, type[DecoderLM]] = {arch: DecoderLM for arch in ALL_ARCHITECTURES}
 
 
-def load_model(model_dir: str | os.PathLike, hf_config, device: torch.device, dtype: torch.dtype,
-               load_format: str = "auto", seed: int = 0, ops: str = "torch") -> DecoderLM:
+def load_model(
+    model_dir: str | os.PathLike,
+    hf_config,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str = "auto",
+    seed: int = 0,
+    ops: str = "torch",
+) -> DecoderLM:
     """Build the model on the meta device, materialise it on `device`, then fill its weights.
 
     Weights stream one checkpoint shard at a time straight into the parameters, so host memory

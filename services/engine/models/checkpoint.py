@@ -34,7 +34,7 @@ def language_model_name(name: str) -> str | None:
         return None
     for old, new in _LANGUAGE_MODEL_RENAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 

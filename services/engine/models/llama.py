@@ -70,7 +70,7 @@ class DecoderSpec:
     mrope_section: tuple[int, ...] | None = None
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> "DecoderSpec":
+    def from_hf_config(cls, config: Any) -> DecoderSpec:
         """From a causal LM's config, or a vision-language model's (its `text_config` is the decoder)."""
         text = getattr(config, "text_config", None) or config
         arch = (getattr(config, "architectures", None) or [""])[0]
@@ -91,8 +91,11 @@ class DecoderSpec:
             max_position_embeddings=text.max_position_embeddings,
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=rope if rope.get("rope_type", "default") not in ("default", "mrope") else None,
-            qkv_bias=(arch == "Qwen2ForCausalLM" or model_type in _QKV_BIAS_MODEL_TYPES
-                      or bool(getattr(text, "attention_bias", False))),
+            qkv_bias=(
+                arch == "Qwen2ForCausalLM"
+                or model_type in _QKV_BIAS_MODEL_TYPES
+                or bool(getattr(text, "attention_bias", False))
+            ),
             qk_norm=arch == "Qwen3ForCausalLM" or model_type == "qwen3",
             # transformers 5 decides tying on the outer config (it forwards a text_config's True there)
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
@@ -171,8 +174,9 @@ class RotaryEmbedding:
 
 def _mrope_components(section: tuple[int, ...], head_dim: int, device: torch.device) -> torch.Tensor:
     if sum(section) != head_dim // 2:
-        raise ModelLoadError(f"config.json: mrope_section {list(section)} must add up to head_dim / 2 = "
-                             f"{head_dim // 2}")
+        raise ModelLoadError(
+            f"config.json: mrope_section {list(section)} must add up to head_dim / 2 = {head_dim // 2}"
+        )
     half = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in enumerate(section)])
     return torch.cat((half, half)).to(device)
 
@@ -183,7 +187,6 @@ class EmbeddingOverrides:
 
     rows: torch.Tensor  # [num_rows] int64, indices into the step's tokens
     embeddings: torch.Tensor  # [num_rows, hidden_size] in the model dtype
-
 
 
 def _inv_freq(spec: DecoderSpec, device: torch.device) -> torch.Tensor:
@@ -264,8 +267,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, ops)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryTables,
-                backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, rotary: RotaryTables, backend: AttentionBackend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: this layer's input (the previous layer's output, not yet added); residual: the stream so far."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         h, residual = self.ops.add_rms_norm(h, residual, norm1.weight, norm1.eps)
@@ -291,8 +295,13 @@ class DecoderLM(nn.Module):
         weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(self.spec, weight.device, weight.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend,
-                overrides: EmbeddingOverrides | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        backend: AttentionBackend,
+        overrides: EmbeddingOverrides | None = None,
+    ) -> torch.Tensor:
         """input_ids: [num_tokens]; positions: [num_tokens] or, for M-RoPE, [3, num_tokens]
         -> hidden states [num_tokens, hidden_size]."""
         assert self.rotary is not None, "init_rotary() must run after the weights are materialised"
@@ -323,10 +332,12 @@ class DecoderLM(nn.Module):
             name, rows = target
             if name not in params:
                 raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in the model")
-            dest = params[name].data if rows is None else params[name].data[rows[0]:rows[1]]
+            dest = params[name].data if rows is None else params[name].data[rows[0] : rows[1]]
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ModelLoadError(
-                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(dest.shape)}")
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"config.json implies {tuple(dest.shape)}"
+                )
             dest.copy_(tensor)
             filled.add(f"{name}[{rows}]" if rows else name)
         self._check_all_filled(filled)

@@ -30,11 +30,13 @@ from services.common.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # A vision tower and projector in front of one of the decoders above (services.engine.multimodal).
-VISION_LANGUAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                                 "Qwen2_5_VLForConditionalGeneration")
+VISION_LANGUAGE_ARCHITECTURES = (
+    "LlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+)
 ALL_ARCHITECTURES = SUPPORTED_ARCHITECTURES + VISION_LANGUAGE_ARCHITECTURES
-REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                          "intermediate_size")
+REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -67,14 +69,18 @@ def _read_json(path: Path) -> Any:
 def _check_architecture(config_path: Path, raw: dict[str, Any]) -> None:
     architectures = raw.get("architectures")
     if not isinstance(architectures, list) or not architectures:
-        raise ModelLoadError(f"{config_path}: field 'architectures' is missing or empty; "
-                             f"expected one of {', '.join(ALL_ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"{config_path}: field 'architectures' is missing or empty; expected one of {', '.join(ALL_ARCHITECTURES)}"
+        )
     if len(architectures) != 1:
-        raise ModelLoadError(f"{config_path}: field 'architectures' must name exactly one architecture, "
-                             f"got {architectures}")
+        raise ModelLoadError(
+            f"{config_path}: field 'architectures' must name exactly one architecture, got {architectures}"
+        )
     if architectures[0] not in ALL_ARCHITECTURES:
-        raise ModelLoadError(f"{config_path}: architecture {architectures[0]!r} is not supported; "
-                             f"supported: {', '.join(ALL_ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"{config_path}: architecture {architectures[0]!r} is not supported; "
+            f"supported: {', '.join(ALL_ARCHITECTURES)}"
+        )
 
 
 def read_model_config(model_dir: str | os.PathLike) -> transformers.PretrainedConfig:
@@ -110,8 +116,10 @@ class _Shard:
 def _refuse_pickle(path: Path) -> None:
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
-        raise ModelLoadError(f"{path}: only pickle checkpoints found ({', '.join(pickled)}); tristage never "
-                             "unpickles weights: convert them to safetensors (model.safetensors)")
+        raise ModelLoadError(
+            f"{path}: only pickle checkpoints found ({', '.join(pickled)}); tristage never "
+            "unpickles weights: convert them to safetensors (model.safetensors)"
+        )
 
 
 def _shards_from_index(index_path: Path) -> list[_Shard]:
@@ -122,8 +130,9 @@ def _shards_from_index(index_path: Path) -> list[_Shard]:
     names_by_file: dict[str, list[str]] = {}
     for tensor_name, file_name in weight_map.items():
         if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
-            raise ModelLoadError(f"{index_path}: weight_map[{tensor_name!r}] = {file_name!r} is not a file "
-                                 "name in the model directory")
+            raise ModelLoadError(
+                f"{index_path}: weight_map[{tensor_name!r}] = {file_name!r} is not a file name in the model directory"
+            )
         names_by_file.setdefault(file_name, []).append(tensor_name)
     shards = []
     for file_name, tensor_names in names_by_file.items():
@@ -141,8 +150,10 @@ def _find_shards(model_dir: str | os.PathLike) -> list[_Shard]:
     if (path / SAFETENSORS_FILE).is_file():
         return [_Shard(path / SAFETENSORS_FILE, None)]
     _refuse_pickle(path)
-    raise ModelLoadError(f"{path}: no weight files ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}); "
-                         'load_format="dummy" runs with random weights and needs none')
+    raise ModelLoadError(
+        f"{path}: no weight files ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}); "
+        'load_format="dummy" runs with random weights and needs none'
+    )
 
 
 def _open(shard: _Shard) -> Any:
@@ -158,8 +169,9 @@ def _names_in(shard: _Shard, handle: Any) -> tuple[str, ...]:
         return stored
     absent = sorted(set(shard.tensor_names) - set(stored))
     if absent:
-        raise ModelLoadError(f"{shard.path}: the index places {len(absent)} tensor(s) here that the file "
-                             f"lacks, e.g. {absent[0]!r}")
+        raise ModelLoadError(
+            f"{shard.path}: the index places {len(absent)} tensor(s) here that the file lacks, e.g. {absent[0]!r}"
+        )
     return shard.tensor_names
 
 

@@ -16,12 +16,21 @@ from services.engine.multimodal.encoder import VisionEncoder
 from services.engine.multimodal.inputs import MultiModalFeature, MultiModalInputs
 from services.engine.multimodal.mrope import compute_mrope_positions
 from services.engine.multimodal.processor import (
-           ImageItem,
-           MultiModalProcessor,
-           ProcessedPrompt,
-           image_content_hash,
+    ImageItem,
+    MultiModalProcessor,
+    ProcessedPrompt,
+    image_content_hash,
 )
 from services.engine.multimodal.spec import VisionLanguageSpec
 
-__all__ = ["ImageItem", "MultiModalFeature", "MultiModalInputs", "MultiModalProcessor", "ProcessedPrompt",
-           "VisionEncoder", "VisionLanguageSpec", "compute_mrope_positions", "image_content_hash"]
+__all__ = [
+    "ImageItem",
+    "MultiModalFeature",
+    "MultiModalInputs",
+    "MultiModalProcessor",
+    "ProcessedPrompt",
+    "VisionEncoder",
+    "VisionLanguageSpec",
+    "compute_mrope_positions",
+    "image_content_hash",
+]

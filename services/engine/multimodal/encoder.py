@@ -96,17 +96,23 @@ class QwenVision(nn.Module):
 class VisionEncoder:
     """Owns the vision modules on one device; `encode` is the only call, and it mutates nothing."""
 
-    def __init__(self, spec: VisionLanguageSpec, modules: LlavaVision | QwenVision, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, spec: VisionLanguageSpec, modules: LlavaVision | QwenVision, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.spec = spec
         self.modules = modules
         self.device = device
         self.dtype = dtype
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32, load_format: str = "auto",
-                       seed: int = 0) -> VisionEncoder:
+    def from_model_dir(
+        cls,
+        model_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        load_format: str = "auto",
+        seed: int = 0,
+    ) -> VisionEncoder:
         """Build the vision modules of `model_dir` and fill them (load_format "dummy": random weights)."""
         hf_config = read_model_config(model_dir)
         spec = VisionLanguageSpec.from_hf_config(hf_config)
@@ -170,6 +176,7 @@ def _vision_rename(modules: LlavaVision | QwenVision) -> Callable[[str], str | N
     def rename(name: str) -> str | None:
         new_name = vision_name(name)
         return None if new_name is None or modules.skips(new_name) else new_name
+
     return rename
 
 
@@ -182,8 +189,9 @@ def _load_weights(modules: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
         if param is None:
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the vision encoder")
         if tuple(param.shape) != tuple(tensor.shape):
-            raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
-                                 f"{tuple(param.shape)}")
+            raise ModelLoadError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
+            )
         param.copy_(tensor)
         filled.add(name)
     missing = sorted(set(params) - filled)

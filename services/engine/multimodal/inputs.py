@@ -76,12 +76,13 @@ class MultiModalInputs:
         for f in self.features:
             lo, hi = max(start, f.offset), min(end, f.end)
             if lo < hi:
-                overlaps.append((lo, f.embeddings[lo - f.offset:hi - f.offset]))
+                overlaps.append((lo, f.embeddings[lo - f.offset : hi - f.offset]))
         return overlaps
 
 
-def find_placeholder_runs(token_ids: Sequence[int], image_token_id: int,
-                          lengths: Sequence[int]) -> list[tuple[int, int]]:
+def find_placeholder_runs(
+    token_ids: Sequence[int], image_token_id: int, lengths: Sequence[int]
+) -> list[tuple[int, int]]:
     """(offset, length) of each image's placeholder run, given how many tokens each image takes.
 
     The image tokens are assigned to images in order, `lengths[i]` to image i, so adjacent images whose
@@ -92,12 +93,14 @@ def find_placeholder_runs(token_ids: Sequence[int], image_token_id: int,
     if len(positions) != sum(lengths):
         raise InvalidRequestError(
             f"the prompt has {len(positions)} image placeholder tokens but its {len(lengths)} image(s) need "
-            f"{sum(lengths)}", param=PARAM)
+            f"{sum(lengths)}",
+            param=PARAM,
+        )
     runs, cursor = [], 0
     for index, length in enumerate(lengths):
         if length < 1:
             raise InvalidRequestError(f"image {index + 1} takes no placeholder tokens", param=PARAM)
-        run = positions[cursor:cursor + length]
+        run = positions[cursor : cursor + length]
         if run[-1] - run[0] != length - 1:
             raise InvalidRequestError(f"the placeholder tokens of image {index + 1} are not contiguous", param=PARAM)
         runs.append((run[0], length))
@@ -105,8 +108,13 @@ def find_placeholder_runs(token_ids: Sequence[int], image_token_id: int,
     return runs
 
 
-def check_multimodal_inputs(inputs: MultiModalInputs | None, token_ids: Sequence[int],
-                            spec: VisionLanguageSpec | None, hidden_size: int, max_model_len: int) -> None:
+def check_multimodal_inputs(
+    inputs: MultiModalInputs | None,
+    token_ids: Sequence[int],
+    spec: VisionLanguageSpec | None,
+    hidden_size: int,
+    max_model_len: int,
+) -> None:
     """Raise InvalidRequestError unless `inputs` fit this prompt and this model (see the module invariant).
 
     M-RoPE positions must index the rotary tables: in [0, max_model_len), and the delta must keep every
@@ -122,17 +130,25 @@ def check_multimodal_inputs(inputs: MultiModalInputs | None, token_ids: Sequence
         if feature.offset != offset:
             raise InvalidRequestError(
                 f"image {index + 1} is placed at prompt position {feature.offset} but its placeholder tokens "
-                f"start at {offset}", param=PARAM)
-        if tuple(feature.embeddings.shape) != (feature.length, hidden_size) or not feature.embeddings.is_floating_point():
+                f"start at {offset}",
+                param=PARAM,
+            )
+        if (
+            tuple(feature.embeddings.shape) != (feature.length, hidden_size)
+            or not feature.embeddings.is_floating_point()
+        ):
             raise InvalidRequestError(
                 f"image {index + 1} has embeddings of shape {tuple(feature.embeddings.shape)}; this model needs "
-                f"({feature.length}, {hidden_size}) floats", param=PARAM)
+                f"({feature.length}, {hidden_size}) floats",
+                param=PARAM,
+            )
     if inputs is not None and features:
         _check_mrope(inputs, len(token_ids), spec, max_model_len)
 
 
-def _check_mrope(inputs: MultiModalInputs, num_prompt_tokens: int, spec: VisionLanguageSpec,
-                 max_model_len: int) -> None:
+def _check_mrope(
+    inputs: MultiModalInputs, num_prompt_tokens: int, spec: VisionLanguageSpec, max_model_len: int
+) -> None:
     positions = inputs.mrope_positions
     if not spec.uses_mrope:
         if positions is not None or inputs.mrope_delta:
@@ -142,10 +158,12 @@ def _check_mrope(inputs: MultiModalInputs, num_prompt_tokens: int, spec: VisionL
         raise InvalidRequestError("this model needs the M-RoPE positions of an image prompt", param=PARAM)
     if tuple(positions.shape) != (3, num_prompt_tokens) or positions.is_floating_point():
         raise InvalidRequestError(
-            f"M-RoPE positions must be integers of shape (3, {num_prompt_tokens}), got "
-            f"{tuple(positions.shape)}", param=PARAM)
+            f"M-RoPE positions must be integers of shape (3, {num_prompt_tokens}), got {tuple(positions.shape)}",
+            param=PARAM,
+        )
     if int(positions.min()) < 0 or int(positions.max()) >= max_model_len:
         raise InvalidRequestError(f"M-RoPE positions must lie in [0, {max_model_len})", param=PARAM)
     if not -num_prompt_tokens <= inputs.mrope_delta <= 0:
-        raise InvalidRequestError(f"an M-RoPE delta of {inputs.mrope_delta} is out of range "
-                                  f"[{-num_prompt_tokens}, 0]", param=PARAM)
+        raise InvalidRequestError(
+            f"an M-RoPE delta of {inputs.mrope_delta} is out of range [{-num_prompt_tokens}, 0]", param=PARAM
+        )

@@ -35,8 +35,9 @@ def num_merged_tokens(grid_thw: Sequence[int], spatial_merge_size: int) -> int:
     return t * (h // spatial_merge_size) * (w // spatial_merge_size)
 
 
-def compute_mrope_positions(token_ids: Sequence[int], image_grid_thw: Sequence[GridTHW], *,
-                            image_token_id: int, spatial_merge_size: int) -> tuple[torch.Tensor, int]:
+def compute_mrope_positions(
+    token_ids: Sequence[int], image_grid_thw: Sequence[GridTHW], *, image_token_id: int, spatial_merge_size: int
+) -> tuple[torch.Tensor, int]:
     """(positions [3, num_tokens] int64, delta) of a prompt whose images have these patch grids, in order.
 
     Raises InvalidRequestError when the prompt's image tokens do not match the grids.
@@ -50,7 +51,7 @@ def compute_mrope_positions(token_ids: Sequence[int], image_grid_thw: Sequence[G
         positions[:, cursor:offset] = next_position + np.arange(offset - cursor)
         next_position += offset - cursor
         grid = (t, h // spatial_merge_size, w // spatial_merge_size)
-        positions[:, offset:offset + length] = next_position + np.indices(grid).reshape(3, length)
+        positions[:, offset : offset + length] = next_position + np.indices(grid).reshape(3, length)
         next_position += max(grid)
         cursor = offset + length
     positions[:, cursor:] = next_position + np.arange(num_tokens - cursor)

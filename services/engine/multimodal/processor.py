@@ -98,16 +98,24 @@ class ProcessedPrompt:
         """The engine's view, given each image's embeddings ([length, lm_hidden_size], in order)."""
         if len(embeddings) != len(self.images):
             raise ValueError(f"{len(self.images)} images but {len(embeddings)} embeddings")
-        features = tuple(MultiModalFeature(item.content_hash, item.offset, item.length, rows)
-                         for item, rows in zip(self.images, embeddings))
+        features = tuple(
+            MultiModalFeature(item.content_hash, item.offset, item.length, rows)
+            for item, rows in zip(self.images, embeddings)
+        )
         return MultiModalInputs(features, self.mrope_positions, self.mrope_delta)
 
 
 class MultiModalProcessor:
     """Owns the model's tokenizer and image processor; stateless per call, safe to share."""
 
-    def __init__(self, spec: VisionLanguageSpec, hf_config: Any, tokenizer: Any, image_processor: Any,
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: VisionLanguageSpec,
+        hf_config: Any,
+        tokenizer: Any,
+        image_processor: Any,
+        chat_template: str | None = None,
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -151,12 +159,17 @@ class MultiModalProcessor:
         processor = self.image_processor
         patch_size = processor.patch_size
         resized_height, resized_width = smart_resize(
-            height, width, patch_size * processor.merge_size,
-            min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
+            height,
+            width,
+            patch_size * processor.merge_size,
+            min_pixels=processor.size["shortest_edge"],
+            max_pixels=processor.size["longest_edge"],
+        )
         return (1, resized_height // patch_size, resized_width // patch_size)  # one frame: a still image
 
-    def layout(self, prompt_token_ids: Sequence[int],
-               image_sizes: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int, GridTHW | None]]]:
+    def layout(
+        self, prompt_token_ids: Sequence[int], image_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[list[int], list[tuple[int, int, GridTHW | None]]]:
         """What `process` gives, from image sizes (width, height) alone, without pixels: the expanded token
         ids, and each image's (offset, length, grid). A gateway uses it; encoders do the pixels.
 
@@ -165,26 +178,29 @@ class MultiModalProcessor:
         token_ids = list(prompt_token_ids)
         self._check_placeholders(token_ids, len(image_sizes))
         grids = [self.image_grid(width, height) for width, height in image_sizes]
-        lengths = [num_merged_tokens(grid, self.spec.spatial_merge_size) if grid is not None
-                   else self._llava_tokens_per_image for grid in grids]
+        lengths = [
+            num_merged_tokens(grid, self.spec.spatial_merge_size) if grid is not None else self._llava_tokens_per_image
+            for grid in grids
+        ]
         expanded = _expand(token_ids, self.spec.image_token_id, lengths)
         runs = find_placeholder_runs(expanded, self.spec.image_token_id, lengths)
         return expanded, [(offset, length, grid) for (offset, length), grid in zip(runs, grids)]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation; image content parts become the model's placeholder."""
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
-    def process(self, prompt: str | Sequence[int], images: Sequence[Image.Image],
-                content_hashes: Sequence[str] | None = None) -> ProcessedPrompt:
+    def process(
+        self, prompt: str | Sequence[int], images: Sequence[Image.Image], content_hashes: Sequence[str] | None = None
+    ) -> ProcessedPrompt:
         """Expand a prompt (text, or token ids) holding one image token per image, in order.
 
         Raises InvalidRequestError when the placeholders, images and content hashes disagree in number.
         """
         if content_hashes is not None and len(content_hashes) != len(images):
-            raise InvalidRequestError(f"{len(images)} images but {len(content_hashes)} content hashes",
-                                      param=PARAM)
+            raise InvalidRequestError(f"{len(images)} images but {len(content_hashes)} content hashes", param=PARAM)
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_placeholders(token_ids, len(images))
@@ -193,13 +209,18 @@ class MultiModalProcessor:
         expanded = _expand(token_ids, self.spec.image_token_id, lengths)
         runs = find_placeholder_runs(expanded, self.spec.image_token_id, lengths)
         hashes = content_hashes or [image_content_hash(image) for image in images]
-        items = tuple(ImageItem(h, offset, length, pixel_values, grid)
-                      for h, (offset, length), pixel_values, grid in zip(hashes, runs, pixels, grids))
+        items = tuple(
+            ImageItem(h, offset, length, pixel_values, grid)
+            for h, (offset, length), pixel_values, grid in zip(hashes, runs, pixels, grids)
+        )
         if not self.spec.uses_mrope:
             return ProcessedPrompt(text, expanded, items)
-        positions, delta = compute_mrope_positions(expanded, [g for g in grids if g is not None],
-                                                   image_token_id=self.spec.image_token_id,
-                                                   spatial_merge_size=self.spec.spatial_merge_size)
+        positions, delta = compute_mrope_positions(
+            expanded,
+            [g for g in grids if g is not None],
+            image_token_id=self.spec.image_token_id,
+            spatial_merge_size=self.spec.spatial_merge_size,
+        )
         return ProcessedPrompt(text, expanded, items, positions, delta)
 
     # ------------------------------------------------------------------ internals
@@ -221,8 +242,10 @@ class MultiModalProcessor:
             return num_merged_tokens(grid, self.spec.spatial_merge_size)
         tower_size = self._vision_config.image_size
         if tuple(pixel_values.shape[-2:]) != (tower_size, tower_size):
-            raise ModelLoadError(f"the image processor yields {tuple(pixel_values.shape[-2:])} pixels but the "
-                                 f"vision tower takes {tower_size}x{tower_size}")
+            raise ModelLoadError(
+                f"the image processor yields {tuple(pixel_values.shape[-2:])} pixels but the "
+                f"vision tower takes {tower_size}x{tower_size}"
+            )
         return self._llava_tokens_per_image
 
     def _check_placeholders(self, token_ids: list[int], num_images: int) -> None:
@@ -230,7 +253,9 @@ class MultiModalProcessor:
         if num_placeholders != num_images:
             raise InvalidRequestError(
                 f"the prompt has {num_placeholders} image placeholder(s) ({self.image_placeholder!r}) but "
-                f"{num_images} image(s) were given", param=PARAM)
+                f"{num_images} image(s) were given",
+                param=PARAM,
+            )
 
 
 def _expand(token_ids: list[int], image_token_id: int, lengths: list[int]) -> list[int]:
@@ -245,8 +270,9 @@ def _expand(token_ids: list[int], image_token_id: int, lengths: list[int]) -> li
 def _llava_tokens_per_image(hf_config: Any) -> int:
     vision = hf_config.vision_config
     if vision.model_type not in _TOWERS_WITH_CLS:
-        raise ModelLoadError(f"LLaVA vision tower {vision.model_type!r} is not supported "
-                             f"(supported: {', '.join(_TOWERS_WITH_CLS)})")
+        raise ModelLoadError(
+            f"LLaVA vision tower {vision.model_type!r} is not supported (supported: {', '.join(_TOWERS_WITH_CLS)})"
+        )
     num_rows = (vision.image_size // vision.patch_size) ** 2 + _TOWERS_WITH_CLS[vision.model_type]
     if hf_config.vision_feature_select_strategy == "default":
         num_rows -= 1  # the first row (CLS for CLIP) is dropped

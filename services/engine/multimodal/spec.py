@@ -47,8 +47,9 @@ class VisionLanguageSpec:
         if family == "llava":
             return cls(architecture, family, image_token_id, (image_token_id,), 1, uses_mrope=False)
         placeholder = (config.vision_start_token_id, image_token_id, config.vision_end_token_id)
-        return cls(architecture, family, image_token_id, placeholder, config.vision_config.spatial_merge_size,
-                   uses_mrope=True)
+        return cls(
+            architecture, family, image_token_id, placeholder, config.vision_config.spatial_merge_size, uses_mrope=True
+        )
 
 
 def _image_token_id(config: Any) -> int:

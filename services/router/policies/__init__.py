@@ -6,5 +6,15 @@ from services.router.policies.preble import Preble, PrebleConfig
 from services.router.policies.prefix_affinity import PrefixAffinity, PrefixAffinityConfig
 from services.router.policies.round_robin import RoundRobin
 
-__all__ = ["Decision", "LeastLoad", "LeastLoadConfig", "Policy", "Preble", "PrebleConfig", "PrefillRequest",
-           "PrefixAffinity", "PrefixAffinityConfig", "RoundRobin"]
+__all__ = [
+    "Decision",
+    "LeastLoad",
+    "LeastLoadConfig",
+    "Policy",
+    "Preble",
+    "PrebleConfig",
+    "PrefillRequest",
+    "PrefixAffinity",
+    "PrefixAffinityConfig",
+    "RoundRobin",
+]

@@ -48,8 +48,9 @@ class Policy(ABC):
     name: str
 
     @abstractmethod
-    def choose_prefill(self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int],
-                       load: LoadView) -> Decision:
+    def choose_prefill(
+        self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
+    ) -> Decision:
         """The prefill worker for this request, with the reason for the choice."""
 
 

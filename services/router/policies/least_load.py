@@ -34,7 +34,8 @@ class LeastLoad(Policy):
     def __init__(self, config: LeastLoadConfig = LeastLoadConfig()) -> None:
         self.running_weight = config.running_weight
 
-    def choose_prefill(self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int],
-                       load: LoadView) -> Decision:
+    def choose_prefill(
+        self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
+    ) -> Decision:
         cost = {w: least_load_cost(load.get(w), self.running_weight) for w in candidates}
         return Decision(least_cost(candidates, cost), "least_load")

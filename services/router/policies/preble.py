@@ -155,8 +155,9 @@ class Preble(Policy):
         queued = load.get(worker).queued_prefill_tokens
         return queued + self.config.decode_token_weight * load.mean_decoding(worker)
 
-    def choose_prefill(self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int],
-                       load: LoadView) -> Decision:
+    def choose_prefill(
+        self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
+    ) -> Decision:
         n = request.num_prompt_tokens
         hits = {w: request.hit_tokens(index_match.get(w, 0)) for w in candidates}
         base = {w: self.base_cost(w, load) for w in candidates}
@@ -173,8 +174,15 @@ class Preble(Policy):
         self._window.add(now, decision.worker, prefix)
         return decision
 
-    def _exploit(self, holders: list[str], prefix: int, candidates: Sequence[str], base: dict[str, float],
-                 cost: dict[str, float], now: float) -> Decision:
+    def _exploit(
+        self,
+        holders: list[str],
+        prefix: int,
+        candidates: Sequence[str],
+        base: dict[str, float],
+        cost: dict[str, float],
+        now: float,
+    ) -> Decision:
         target = least_cost(holders, cost)
         least_busy = least_cost(candidates, base)
         if self._should_rebalance(target, least_busy, candidates, base):
@@ -185,23 +193,29 @@ class Preble(Policy):
             return Decision(least_cost(others, cost), "replicate")
         return Decision(target, "exploit")
 
-    def _should_rebalance(self, target: str, least_busy: str, candidates: Sequence[str],
-                          base: dict[str, float]) -> bool:
+    def _should_rebalance(
+        self, target: str, least_busy: str, candidates: Sequence[str], base: dict[str, float]
+    ) -> bool:
         if self._num_requests < self.config.warmup_requests:
             return False
         busiest = least_cost(candidates, {w: -base[w] for w in candidates})
         gap = base[busiest] - base[least_busy]
-        return (target == busiest and busiest != least_busy
-                and base[busiest] > self.config.rebalance_ratio * base[least_busy]
-                and gap > self.config.rebalance_min_tokens)
+        return (
+            target == busiest
+            and busiest != least_busy
+            and base[busiest] > self.config.rebalance_ratio * base[least_busy]
+            and gap > self.config.rebalance_min_tokens
+        )
 
     def _should_replicate(self, holder: str, prefix: int, now: float) -> bool:
         last = self._replicated_at.get(prefix)
         if last is not None and now - last < self.config.replicate_cooldown_s:
             return False
         prefix_count, worker_count = self._window.counts(now, holder, prefix)
-        return (prefix_count >= self.config.replicate_min_requests
-                and prefix_count > self.config.replicate_share * worker_count)
+        return (
+            prefix_count >= self.config.replicate_min_requests
+            and prefix_count > self.config.replicate_share * worker_count
+        )
 
     def _remember_replica(self, prefix: int, now: float) -> None:
         if len(self._replicated_at) >= _MAX_REPLICATED_PREFIXES:

@@ -60,8 +60,9 @@ class PrefixAffinity(Policy):
         self.balance_abs_threshold = config.balance_abs_threshold
         self.balance_rel_threshold = config.balance_rel_threshold
 
-    def choose_prefill(self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int],
-                       load: LoadView) -> Decision:
+    def choose_prefill(
+        self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
+    ) -> Decision:
         loads: dict[str, float] = {}
         for w in candidates:
             worker_load = load.get(w)
@@ -79,5 +80,4 @@ class PrefixAffinity(Policy):
         return Decision(least_loaded, "least_load")
 
     def is_imbalanced(self, max_load: float, min_load: float) -> bool:
-        return (max_load - min_load > self.balance_abs_threshold
-                and max_load > self.balance_rel_threshold * min_load)
+        return max_load - min_load > self.balance_abs_threshold and max_load > self.balance_rel_threshold * min_load

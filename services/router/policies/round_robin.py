@@ -17,8 +17,9 @@ class RoundRobin(Policy):
     def __init__(self) -> None:
         self._num_requests = 0
 
-    def choose_prefill(self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int],
-                       load: LoadView) -> Decision:
+    def choose_prefill(
+        self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
+    ) -> Decision:
         worker = candidates[self._num_requests % len(candidates)]
         self._num_requests += 1
         return Decision(worker, "round_robin")
