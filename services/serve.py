@@ -1,9 +1,9 @@
 """`tristage serve`: a whole cluster on this machine (or joined to a Ray cluster).
 
-    start Ray (or join --ray-address) -> start the worker pool, wait for every model to load
-    -> start the gateway -> print the URL once /ready answers -> serve
-    SIGTERM / Ctrl-C -> stop accepting, let requests in flight finish for up to `drain_timeout_s`,
-    end the rest with a clear error -> stop the pool -> stop Ray (when this process started it)
+start Ray (or join --ray-address) -> start the worker pool, wait for every model to load
+-> start the gateway -> print the URL once /ready answers -> serve
+SIGTERM / Ctrl-C -> stop accepting, let requests in flight finish for up to `drain_timeout_s`,
+end the rest with a clear error -> stop the pool -> stop Ray (when this process started it)
 """
 
 from __future__ import annotations
@@ -65,26 +65,38 @@ def run(config: ServeConfig) -> int:
 
     model_dir = config.engine.model or str(default_model_path())
     engine_config = replace(config.engine, model=model_dir)
-    name = config.served_model_name or (DEFAULT_MODEL_NAME if config.engine.model is None
-                                        else os.path.basename(os.path.normpath(model_dir)))
+    name = config.served_model_name or (
+        DEFAULT_MODEL_NAME if config.engine.model is None else os.path.basename(os.path.normpath(model_dir))
+    )
     started_ray = _start_ray(config)
     # joined to a Ray cluster, the pools belong to it: every gateway replica attaches to the same
     # named actors, and none stops them on its way out
     shared = not started_ray
     workers = []
     try:
-        pools = {"colocated": config.replicas} if config.mode == "colocated" else {
-            "prefill": config.num_prefill, "decode": config.num_decode}
+        pools = (
+            {"colocated": config.replicas}
+            if config.mode == "colocated"
+            else {"prefill": config.num_prefill, "decode": config.num_decode}
+        )
         vision_language = _is_vision_language(model_dir)
         num_encode = _num_encode(config, model_dir, vision_language)
         if num_encode:
             pools = {"encode": num_encode, **pools}
         engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
         for stage, count in pools.items():
-            workers += start_pool(engine_config, stage, count, bind_host=config.data_plane_host,
-                                  gpus_per_worker=gpus_per_worker, model_name=name,
-                                  stage_resources=config.stage_resources, metrics_port=config.worker_metrics_port,
-                                  kv_staging_bytes=config.kv_staging_bytes, shared=shared)
+            workers += start_pool(
+                engine_config,
+                stage,
+                count,
+                bind_host=config.data_plane_host,
+                gpus_per_worker=gpus_per_worker,
+                model_name=name,
+                stage_resources=config.stage_resources,
+                metrics_port=config.worker_metrics_port,
+                kv_staging_bytes=config.kv_staging_bytes,
+                shared=shared,
+            )
         _check_layouts(workers, model_dir)
         asyncio.run(_serve_http(config, workers, model_dir, name, vision_language))
     finally:
@@ -133,11 +145,15 @@ def _share_gpus(engine_config: EngineConfig, num_workers: int) -> tuple[EngineCo
 def _check_layouts(workers, model_dir: str) -> None:
     """Prefill and decode must agree on what a KV block is, and attached pools must serve our model;
     refuse to start otherwise."""
-    others = sorted({w.info["model_dir"] for w in workers} - {model_dir})
+    others = sorted({w.info.model_dir for w in workers} - {model_dir})
     if others:
         raise SystemExit(f"tristage serve: the running pools serve {others}, not {model_dir}; stop them first")
     keys = ("model_dir", "block_size", "dtype", "vocab_size")
-    layouts = {tuple(w.info[k] for k in keys) for w in workers if w.stage != "encode"}
+    layouts = {
+        (w.info.model_dir, w.info.engine.block_size, w.info.engine.dtype, w.info.engine.vocab_size)
+        for w in workers
+        if w.info.engine is not None
+    }  # encode workers have no engine
     if len(layouts) > 1:
         raise SystemExit(f"tristage serve: workers disagree on {keys}: {sorted(layouts)}")
 
@@ -147,10 +163,15 @@ def _start_ray(config: ServeConfig) -> bool:
         _use_ray_auth_token()
         ray.init(address=config.ray_address, include_dashboard=False, logging_level=logging.WARNING)
         return False
-    num_cpus = max(os.cpu_count() or 1,
-                   config.replicas + config.num_prefill + config.num_decode + (config.num_encode or 1) + 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
-             logging_level=logging.WARNING)
+    num_cpus = max(
+        os.cpu_count() or 1, config.replicas + config.num_prefill + config.num_decode + (config.num_encode or 1) + 1
+    )
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=RAY_OBJECT_STORE_BYTES,
+        logging_level=logging.WARNING,
+    )
     return True
 
 
@@ -175,17 +196,33 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
     processor = await asyncio.to_thread(_processor, model_dir) if vision_language else None
-    backend = ClusterBackend(workers, model_name=model_name, tokenizer=tokenizer, bind_host=config.data_plane_host,
-                             router_policy=config.router_policy, processor=processor)
+    backend = ClusterBackend(
+        workers,
+        model_name=model_name,
+        tokenizer=tokenizer,
+        bind_host=config.data_plane_host,
+        router_policy=config.router_policy,
+        processor=processor,
+    )
     await backend.start()
-    gateway_config = GatewayConfig(served_model_name=model_name, api_keys=config.api_keys,
-                                   export_worker_metrics=config.worker_metrics_port is None,
-                                   **config.gateway_options)
+    gateway_config = GatewayConfig(
+        served_model_name=model_name,
+        api_keys=config.api_keys,
+        export_worker_metrics=config.worker_metrics_port is None,
+        **config.gateway_options,
+    )
     app = create_app(gateway_config, backend)
     server = _DrainingServer(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                       timeout_graceful_shutdown=int(config.drain_timeout_s) + 5),
-        backend, config.drain_timeout_s)
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
+        ),
+        backend,
+        config.drain_timeout_s,
+    )
     announce = asyncio.create_task(_announce_when_ready(server, config, model_name))
     try:
         await server.serve()
@@ -226,8 +263,9 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if self._drain_task is None:
-            logger.info("draining: %d requests in flight, up to %.0f s", self._backend.num_streams,
-                        self._drain_timeout_s)
+            logger.info(
+                "draining: %d requests in flight, up to %.0f s", self._backend.num_streams, self._drain_timeout_s
+            )
             self._drain_task = asyncio.get_event_loop().create_task(self._cut_after_timeout())
         super().handle_exit(sig, frame)
 

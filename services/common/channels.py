@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TypeVar
 
 import zmq
 
@@ -20,18 +20,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_BIND_HOST = "127.0.0.1"
 SEND_HIGH_WATER_MARK = 10_000  # messages queued per peer before send blocks (bounded memory)
 
+SocketT = TypeVar("SocketT", bound=zmq.Socket[object])  # a blocking or an asyncio socket
+T = TypeVar("T")
 
-def bind(socket: zmq.Socket, address: str) -> str:
+
+def bind(socket: zmq.Socket[object], address: str) -> str:
     """Bind `socket` to `address` (port 0 means any free port); return the endpoint actually bound."""
     if address.startswith("tcp://") and address.endswith(":0"):
-        host = address[len("tcp://"):-len(":0")]
+        host = address[len("tcp://") : -len(":0")]
         port = socket.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
     socket.bind(address)
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def configure(socket: zmq.Socket, max_message_bytes: int = MAX_HEADER_BYTES) -> zmq.Socket:
+def configure(socket: SocketT, max_message_bytes: int = MAX_HEADER_BYTES) -> SocketT:
     """Common options: drop unsent messages on close, bound queues, refuse oversized messages."""
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
@@ -44,7 +47,7 @@ def tcp_address(host: str = DEFAULT_BIND_HOST, port: int = 0) -> str:
     return f"tcp://{host}:{port}"
 
 
-def drain(socket: zmq.Socket, codec: MessageCodec, owner: str) -> Iterator[tuple[Any, list[bytes]]]:
+def drain(socket: zmq.Socket[bytes], codec: MessageCodec[T], owner: str) -> Iterator[tuple[T, list[bytes]]]:
     """(message, frames) for each message waiting on `socket`, without blocking; a malformed one is
     logged (naming `owner`) and skipped, never raised. Lazy: a caller that stops iterating leaves the
     rest queued (that is how a full consumer holds its senders back)."""

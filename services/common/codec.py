@@ -6,11 +6,16 @@ the expected message types, and never unpickle.
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import msgspec
 
 from services.common.messages import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    import zmq
+    from typing_extensions import TypeForm
 
 T = TypeVar("T")
 
@@ -22,16 +27,17 @@ class DecodeError(ValueError):
 
 
 class MessageCodec(Generic[T]):
-    def __init__(self, message_type: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+    def __init__(self, message_type: TypeForm[T], max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        """`message_type` is a message struct or a union of them (`WorkerInbound`): what decode returns."""
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(message_type)
         self.max_header_bytes = max_header_bytes
 
-    def encode(self, message: T, *buffers: memoryview | bytes) -> list:
+    def encode(self, message: T, *buffers: memoryview | bytes) -> list[bytes | memoryview]:
         """The header frame, then each buffer as its own frame (sent without copying)."""
         return [self._encoder.encode(message), *buffers]
 
-    def decode(self, frames: list) -> T:
+    def decode(self, frames: Sequence[bytes | memoryview | zmq.Frame]) -> T:
         """The header's message (raw frames after it are the caller's to read)."""
         if not frames:
             raise DecodeError("empty message")

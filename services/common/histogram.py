@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.control import SecondsHistogramSnapshot
+
 # 1 ms .. 10 s: a KV transfer, a batch of images through a vision tower
 DEFAULT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -29,3 +31,7 @@ class SecondsHistogram:
             total += count
             result.append((bound, total))
         return result
+
+    def snapshot(self) -> SecondsHistogramSnapshot:
+        """The buckets and sum as the control plane carries them (services.common.control)."""
+        return SecondsHistogramSnapshot(buckets=self.cumulative(), sum_s=self.sum_s)

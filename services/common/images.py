@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from services.common.errors import InvalidRequestError
 
@@ -109,8 +109,9 @@ class ImageRefused(Exception):
         self.reason = reason
 
 
-def decode_image_bytes(data: bytes, limits: ImageLimits, *, label: str = "the image",
-                       param: str = "messages") -> LoadedImage:
+def decode_image_bytes(
+    data: bytes, limits: ImageLimits, *, label: str = "the image", param: str = "messages"
+) -> LoadedImage:
     """Encoded bytes -> LoadedImage (blocking: call it from a worker thread); raises InvalidRequestError."""
     try:
         return check_and_decode(data, limits)
@@ -135,8 +136,14 @@ def check_and_decode(data: bytes, limits: ImageLimits, validated: ValidatedImage
     content_hash = encoded_content_hash(data)
     known = validated.get(content_hash) if validated is not None else None
     if known is not None:  # these exact bytes decoded and passed before (same limits: the same server)
-        return LoadedImage(content_hash=content_hash, image=None, width=known[0], height=known[1],
-                           num_bytes=len(data), data=bytes(data))
+        return LoadedImage(
+            content_hash=content_hash,
+            image=None,
+            width=known[0],
+            height=known[1],
+            num_bytes=len(data),
+            data=bytes(data),
+        )
     try:
         # `formats` restricts which parsers ever see the bytes, not just which results are kept.
         with Image.open(io.BytesIO(data), formats=limits.accepted_formats) as image:
@@ -144,16 +151,16 @@ def check_and_decode(data: bytes, limits: ImageLimits, validated: ValidatedImage
             image.load()  # the first frame; raises on truncated data (LOAD_TRUNCATED_IMAGES is left off)
             rgb = _to_rgb(image)
     except Image.DecompressionBombError:
-        raise ImageRefused(f"has too many pixels to decode safely; the limit is {_max_pixels(limits)} "
-                           "pixels") from None
-    except Image.UnidentifiedImageError:
+        raise ImageRefused(f"has too many pixels to decode safely; the limit is {_max_pixels(limits)} pixels") from None
+    except UnidentifiedImageError:
         raise ImageRefused(f"is not a {_format_list(limits.accepted_formats)} image") from None
     except _DECODE_ERRORS:
         raise ImageRefused("is truncated or corrupt and could not be decoded") from None
     if validated is not None:
         validated.add(content_hash, (rgb.width, rgb.height))
-    return LoadedImage(content_hash=content_hash, image=rgb, width=rgb.width, height=rgb.height,
-                       num_bytes=len(data), data=bytes(data))
+    return LoadedImage(
+        content_hash=content_hash, image=rgb, width=rgb.width, height=rgb.height, num_bytes=len(data), data=bytes(data)
+    )
 
 
 def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:

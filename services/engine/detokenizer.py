@@ -35,7 +35,9 @@ Two stages, each with its own state:
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
+from typing import cast
+
+from transformers import PreTrainedTokenizerBase
 
 from services.engine.sampling_params import SamplingParams
 
@@ -47,7 +49,7 @@ class _WindowDecoder:
     """Token ids in, newly completed text out (the prefix-offset / read-offset method)."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int], skip_special_tokens: bool
+        self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], skip_special_tokens: bool
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
@@ -84,8 +86,12 @@ class _WindowDecoder:
         self._read_offset = len(self._token_ids)
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(
-            token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+        # cast: one sequence decodes to a str; transformers annotates decode as str | list[str] (no overloads)
+        return cast(
+            str,
+            self._tokenizer.decode(
+                token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
+            ),
         )
 
 
@@ -132,7 +138,7 @@ class IncrementalDetokenizer:
     or `finish()` ran, further `update()` calls are ignored and return None.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._decoder = _WindowDecoder(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._matcher = _StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self._released: list[str] = []  # pieces of output_text, joined lazily

@@ -24,14 +24,16 @@ model where the prompt is computed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoTokenizer
 
+from services.common.control import KVTierStats, SchedulerStats
 from services.common.errors import InvalidRequestError
 from services.engine.config import EngineConfig
 from services.engine.default_model import default_model_path
@@ -57,7 +59,7 @@ Prompt = str | Sequence[int] | dict[str, Any]
 class _Child:
     request: Request
     detokenizer: IncrementalDetokenizer
-    parent: "_Parent"
+    parent: _Parent
     index: int
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
@@ -96,10 +98,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests in
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
-                    cache_salt: str | None = None, hold_kv: bool = False,
-                    output_token_ids: Sequence[int] = (), prefill_only: bool = False,
-                    multi_modal: MultiModalInputs | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        cache_salt: str | None = None,
+        hold_kv: bool = False,
+        output_token_ids: Sequence[int] = (),
+        prefill_only: bool = False,
+        multi_modal: MultiModalInputs | None = None,
+    ) -> None:
         """Validate and queue a request. Raises InvalidRequestError before anything is allocated.
 
         `output_token_ids` resumes a request whose first tokens were produced (and streamed) elsewhere:
@@ -124,10 +134,19 @@ class LLMEngine:
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             child_params = self._child_params(params, index)
-            request = Request(child_id, list(token_ids), child_params, self._primary_eos, max_output_tokens,
-                              cache_salt=cache_salt, prompt_text=prompt_text,
-                              generator=self._generator(child_params.seed), hold_kv=hold_kv,
-                              prefill_only=prefill_only, multi_modal=multi_modal)
+            request = Request(
+                child_id,
+                list(token_ids),
+                child_params,
+                self._primary_eos,
+                max_output_tokens,
+                cache_salt=cache_salt,
+                prompt_text=prompt_text,
+                generator=self._generator(child_params.seed),
+                hold_kv=hold_kv,
+                prefill_only=prefill_only,
+                multi_modal=multi_modal,
+            )
             child = self._track(parent, request, index)
             self._replay_outputs(child, output_token_ids)
             self.scheduler.add(request)
@@ -149,22 +168,26 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's context is {self.max_model_len} tokens "
-                f"and at least one must be left for the output", param="prompt")
+                f"and at least one must be left for the output",
+                param="prompt",
+            )
         params.validate(self.vocab_size)
         room = self.max_model_len - len(token_ids)
         if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidRequestError(
                 f"max_tokens is {params.max_tokens} but the prompt's {len(token_ids)} tokens leave room for "
-                f"{room} in this model's {self.max_model_len}-token context", param="max_tokens")
+                f"{room} in this model's {self.max_model_len}-token context",
+                param="max_tokens",
+            )
         if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string", param="cache_salt")
         return params.max_tokens or room
 
-    def _place_multi_modal(self, multi_modal: MultiModalInputs | None,
-                           token_ids: list[int]) -> MultiModalInputs | None:
+    def _place_multi_modal(self, multi_modal: MultiModalInputs | None, token_ids: list[int]) -> MultiModalInputs | None:
         """Check images against the prompt and this model; their embeddings moved to the model's device."""
-        check_multimodal_inputs(multi_modal, token_ids, self.vision_language, self.runner.model.spec.hidden_size,
-                                self.max_model_len)
+        check_multimodal_inputs(
+            multi_modal, token_ids, self.vision_language, self.runner.model.spec.hidden_size, self.max_model_len
+        )
         if multi_modal is None or not multi_modal.features:
             return None
         return multi_modal.to(self.runner.device, self.runner.dtype)
@@ -234,7 +257,10 @@ class LLMEngine:
         request.output_token_ids.append(token_id)
         child.delta_token_ids.append(token_id)
         if logprobs is not None:
-            entry = {tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, (lp, rank) in logprobs.items()}
+            # cast: one sequence decodes to a str; transformers annotates decode as str | list[str] (no overloads)
+            entry = {
+                tid: Logprob(lp, rank, cast(str, self.tokenizer.decode([tid]))) for tid, (lp, rank) in logprobs.items()
+            }
             request.output_logprobs.append(logprobs)
             child.logprobs.append(entry)
             child.delta_logprobs.append(entry)
@@ -268,19 +294,30 @@ class LLMEngine:
         if left:
             self._forget(parent)
         finished = left and not any(child.request.handed_off for child in parent.children)
-        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=parent.children[0].request.num_cached_prompt_tokens)
+        return RequestOutput(
+            parent.request_id,
+            parent.prompt,
+            parent.prompt_token_ids,
+            outputs,
+            finished,
+            num_cached_tokens=parent.children[0].request.num_cached_prompt_tokens,
+        )
 
     def _completion(self, child: _Child) -> CompletionOutput:
         request = child.request
         params = request.sampling_params
         # token_ids and logprobs are the request's own lists (no per-step copy): final once finished
         out = CompletionOutput(
-            index=child.index, text=child.detokenizer.output_text, token_ids=request.output_token_ids,
+            index=child.index,
+            text=child.detokenizer.output_text,
+            token_ids=request.output_token_ids,
             logprobs=child.logprobs if params.logprobs is not None else None,
-            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
-            delta_text=child.detokenizer.take_delta(), delta_token_ids=child.delta_token_ids,
-            delta_logprobs=child.delta_logprobs if params.logprobs is not None else None)
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            delta_text=child.detokenizer.take_delta(),
+            delta_token_ids=child.delta_token_ids,
+            delta_logprobs=child.delta_logprobs if params.logprobs is not None else None,
+        )
         child.delta_token_ids, child.delta_logprobs = [], []
         return out
 
@@ -326,9 +363,16 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ KV import (decode side)
 
-    def import_request(self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-                       params: SamplingParams, *, cache_salt: str | None = None,
-                       multi_modal: MultiModalInputs | None = None) -> list[int] | None:
+    def import_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        multi_modal: MultiModalInputs | None = None,
+    ) -> list[int] | None:
         """Reserve blocks for a prompt whose KV was computed elsewhere.
 
         `output_token_ids` are tokens already sampled remotely (at least the first). Returns the block
@@ -340,9 +384,16 @@ class LLMEngine:
             raise InvalidRequestError("an imported request must have n == 1", param="n")
         max_output_tokens = self._validate(prompt_token_ids, params, cache_salt)
         multi_modal = self._place_multi_modal(multi_modal, list(prompt_token_ids))
-        request = Request(request_id, list(prompt_token_ids), self._child_params(params, 0), self._primary_eos,
-                          max_output_tokens, cache_salt=cache_salt, generator=self._generator(params.seed),
-                          multi_modal=multi_modal)
+        request = Request(
+            request_id,
+            list(prompt_token_ids),
+            self._child_params(params, 0),
+            self._primary_eos,
+            max_output_tokens,
+            cache_salt=cache_salt,
+            generator=self._generator(params.seed),
+            multi_modal=multi_modal,
+        )
         block_ids = self.kv_cache.allocate_for_import(request, len(prompt_token_ids))
         if block_ids is None:
             return None
@@ -364,16 +415,23 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ introspection
 
-    def scheduler_stats(self) -> dict[str, float]:
-        """Counters and gauges for metrics: queue lengths, KV usage, preemptions, prefix-cache tokens."""
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage": self.kv_cache.usage(),
-            "num_preemptions": self.scheduler.num_preemptions_total,
-            "prefix_cache_queried_tokens": self.kv_cache.prefix_cache_queried_tokens,
-            "prefix_cache_hit_tokens": self.kv_cache.prefix_cache_hit_tokens,
-        }
+    def scheduler_stats(self) -> SchedulerStats:
+        """Queues, prefill work queued, KV blocks per tier, preemptions and prefix-cache tokens, for
+        metrics and the router's load view. Safe to call from another thread (it only reads)."""
+        scheduler, kv_cache = self.scheduler, self.kv_cache
+        device = KVTierStats(
+            tier="device", num_free_blocks=kv_cache.num_free_blocks(), num_total_blocks=kv_cache.pool.num_usable_blocks
+        )
+        return SchedulerStats(
+            num_running_requests=len(scheduler.running),
+            num_waiting_requests=len(scheduler.waiting),
+            num_decoding_requests=scheduler.num_decoding,
+            queued_prefill_tokens=scheduler.queued_prefill_tokens,
+            kv_tiers=[device],
+            num_preemptions=scheduler.num_preemptions_total,
+            prefix_cache_queried_tokens=kv_cache.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=kv_cache.prefix_cache_hit_tokens,
+        )
 
     def num_free_blocks(self) -> int:
         return self.kv_cache.num_free_blocks()
@@ -387,10 +445,8 @@ def _eos_token_ids(hf_config, tokenizer, model_dir: str) -> list[int]:
     from transformers import GenerationConfig
 
     candidates = None
-    try:
+    with contextlib.suppress(OSError):  # no generation_config.json
         candidates = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        pass
     if candidates is None:
         candidates = getattr(hf_config, "eos_token_id", None)
     if candidates is None:

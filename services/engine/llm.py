@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, cast
 
 from services.common.errors import InvalidRequestError
 from services.engine.config import EngineConfig
@@ -56,15 +56,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in the prompts' order."""
+        # cast: mypy does not narrow on the first item's type; a str, a dict or a list of token ids is one
+        # prompt, anything else a list of prompts
+        prompt_list: Sequence[Prompt]
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+            prompt_list = [cast(Prompt, prompts)]
+        else:
+            prompt_list = cast(Sequence[Prompt], prompts)
         params = sampling_params or SamplingParams()
-        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameter sets")
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompt_list)
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"{len(prompt_list)} prompts but {len(params_list)} sampling parameter sets")
         request_ids = []
         try:
-            for prompt, p in zip(prompts, params_list):
+            for prompt, p in zip(prompt_list, params_list):
                 request_id = str(next(self._ids))
                 prompt, multi_modal = self._encode_images(prompt)
                 self.engine.add_request(request_id, prompt, p, multi_modal=multi_modal)

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch
 from services.engine.attention.backends import AttentionMetadata, create_attention
 from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from services.engine.models import load_model
-from services.engine.models.llama import DecoderLM, EmbeddingOverrides
+from services.engine.models.llama import DecoderLayer, DecoderLM, EmbeddingOverrides
 from services.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class ModelRunner:
         hidden = self.model.embed_tokens(ids)
         spec = self.model.spec
         # an MLP pass of the largest step dominates activations; logits of max_num_seqs rows too
-        layer = self.model.layers[0]
+        layer = cast(DecoderLayer, self.model.layers[0])  # cast: nn.ModuleList indexes as a plain Module
         layer.mlp(hidden)
         layer.self_attn.qkv_proj(hidden)
         self.model.ops.add_rms_norm(hidden, hidden, layer.input_layernorm.weight, layer.input_layernorm.eps)

@@ -61,7 +61,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # a torch-only install keeps the reference ops
-    triton = None  # type: ignore[assignment]
+    triton = None
 
 MAX_NORM_HIDDEN = 16384
 HEAD_TILE_ELEMENTS = 1024

@@ -52,6 +52,23 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    # Load, for the router (read from the worker's stats calls, possibly on another thread: each reads
+    # a copy of the queue, which list() takes in one C call under the GIL, then sums outside it).
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prefill work accepted and not done: the tokens not yet computed of every waiting request and
+        of every running request still in its prompt (a preempted one recomputes prompt and output)."""
+        waiting, running = list(self.waiting), list(self.running)
+        return sum(r.num_tokens - r.num_computed_tokens for r in waiting) + sum(
+            r.num_tokens - r.num_computed_tokens for r in running if r.num_computed_tokens < r.num_prompt_tokens
+        )
+
+    @property
+    def num_decoding(self) -> int:
+        """Running requests past their prompt: the decode batch."""
+        return sum(1 for r in list(self.running) if r.num_computed_tokens >= r.num_prompt_tokens)
+
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 

@@ -8,13 +8,26 @@ Control plane (Ray): a health task asks every worker for `info()` each `health_i
 that does not answer is marked down and placement skips it; each of its requests migrates to a live
 worker with the prompt plus the tokens already streamed, so the client's stream goes on where it
 stopped (n > 1 requests, which cannot resume, end with a 503 the client may retry). When Ray has
-restarted the worker, its new address is picked up and it serves again.
+restarted the worker, its new addresses are picked up and it serves again.
+
+Worker state (services.common.control), pushed: one SUB socket per worker, connected to its state
+socket and read by one task, feeds the router as things happen on the worker:
+
+    worker-stats     router.load.update(WorkerLoad): running, waiting, queued prefill tokens, KV room
+    kv-events        router.index, in order (services.gateway.worker_state.KVEventFeed: a gap, or
+                     stats naming a batch not seen, asks the worker's kv_events over Ray for a replay)
+    embedding-cache  router.content_index (encode workers)
+    admitted         a request this gateway sent: the router's in-flight estimate is acknowledged (the
+                     worker's stats that follow count it); one another gateway sent: Router.record_remote_placement
+
+A worker whose stream has been silent for STATE_STALE_S (it heartbeats every second) is polled over
+Ray by the health task instead, as every worker was before the stream existed.
 
 Placement: the global router (services.router) picks the prefill and decode workers by the chosen
-policy, from the prefix index (fed by every worker's KV events, pulled with the health check) and
-the workers' load. Colocated pools: one worker serves the whole request. Disaggregated pools: the
-prefill worker computes the prompt and the first token and ships the KV to the decode worker, which
-streams the rest to this gateway; requests with n > 1 go to a decode worker whole.
+policy, from the prefix index and the workers' load. Colocated pools: one worker serves the whole
+request. Disaggregated pools: the prefill worker computes the prompt and the first token and ships the
+KV to the decode worker, which streams the rest to this gateway; requests with n > 1 go to a decode
+worker whole.
 """
 
 from __future__ import annotations
@@ -23,20 +36,41 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
+from services.common.block_hash import MultiModalSpan
 from services.common.channels import bind, configure, tcp_address
 from services.common.codec import DecodeError, MessageCodec
-from services.common.block_hash import MultiModalSpan
-from services.common.messages import (AbortRequest, EncodeRequest, GenerateRequest, KVTarget, OutputBatch, RequestDelta,
-                                      RequestError, SamplingSpec, WorkerInbound)
+from services.common.control import (
+    STATE_TOPICS,
+    AdmittedRequest,
+    EmbeddingCacheSnapshot,
+    EngineFacts,
+    StateCodec,
+    StateDecodeError,
+    StateMessage,
+    WorkerStats,
+)
+from services.common.kv_events import KVEventBatch
+from services.common.messages import (
+    AbortRequest,
+    EncodeRequest,
+    GenerateRequest,
+    KVTarget,
+    OutputBatch,
+    RequestDelta,
+    RequestError,
+    SamplingSpec,
+    WorkerInbound,
+)
 from services.gateway.backend import ClusterStats, PromptImage, RequestFailed, WorkerSnapshot
+from services.gateway.worker_state import KVEventFeed, worker_load, worker_snapshot
 from services.router import Router, RouteRequest
-from services.router.load import WorkerLoad
 from services.router.router import NoWorkerAvailable
 from services.workers.pool import WorkerHandle
 
@@ -44,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
 STATS_TIMEOUT_S = 2.0
+STATE_STALE_S = 3.0  # a worker's stream silent this long (three missed heartbeats): poll it over Ray
 
 
 @dataclass(eq=False)
@@ -53,6 +88,15 @@ class _WorkerLink:
     address: str
     alive: bool = True
     in_flight: set[str] = field(default_factory=set)
+    state_address: str = ""  # the worker state socket the SUB task reads ("": none yet)
+    state_task: asyncio.Task | None = None
+    last_state_at: float = float("-inf")  # monotonic time of its last state message
+    kv_feed: KVEventFeed | None = None  # engine workers: their KV events into the router's index
+
+    @property
+    def streaming(self) -> bool:
+        """Its state stream is live: its stats and admitted requests arrive as they happen."""
+        return time.monotonic() - self.last_state_at < STATE_STALE_S
 
 
 @dataclass(eq=False)
@@ -66,28 +110,26 @@ class _Stream:
     images: list[PromptImage] = field(default_factory=list)  # a vision-language prompt's, kept to migrate
 
 
-def _encode_fields(stats: dict) -> dict:
-    """An encode worker's counters as WorkerSnapshot fields (nothing for other workers)."""
-    encode = stats.get("encode")
-    if encode is None:
-        return {}
-    return dict(encode_seconds_buckets=tuple(map(tuple, encode["encode_seconds_buckets"])),
-                encode_seconds_sum=encode["encode_seconds"], embedding_cache_queries=encode["embedding_cache_queries"],
-                embedding_cache_hits=encode["embedding_cache_hits"],
-                embedding_bytes_sent=encode["embedding_bytes_sent"])
-
-
 class ClusterBackend:
-    def __init__(self, workers: list[WorkerHandle], *, model_name: str, tokenizer, bind_host: str = "127.0.0.1",
-                 health_interval_s: float = 1.0, router_policy: str = "preble", processor=None) -> None:
+    def __init__(
+        self,
+        workers: list[WorkerHandle],
+        *,
+        model_name: str,
+        tokenizer,
+        bind_host: str = "127.0.0.1",
+        health_interval_s: float = 1.0,
+        router_policy: str = "preble",
+        processor=None,
+    ) -> None:
         if not workers:
             raise ValueError("a cluster needs at least one worker")
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.processor = processor  # a vision-language model's MultiModalProcessor, else None
-        engines = [w for w in workers if w.stage != "encode"]
-        self.max_model_len = min(w.info["max_model_len"] for w in engines)
-        self.vocab_size = min(w.info["vocab_size"] for w in engines)
+        engines = [_engine_facts(w) for w in workers if w.stage != "encode"]
+        self.max_model_len = min(e.max_model_len for e in engines)
+        self.vocab_size = min(e.vocab_size for e in engines)
         self._context = zmq.asyncio.Context()
         self._results = configure(self._context.socket(zmq.PULL))
         self.reply_to = bind(self._results, tcp_address(bind_host))
@@ -98,8 +140,12 @@ class ClusterBackend:
         prefill = [w.name for w in workers if w.stage in ("prefill", "colocated")]
         decode = [w.name for w in workers if w.stage in ("decode", "colocated")]
         encode = [w.name for w in workers if w.stage == "encode"]
-        self.router = Router(prefill, decode, router_policy, engines[0].info["block_size"], encode_workers=encode)
-        self._event_seq: dict[str, int | None] = {w.name: None for w in workers}  # next KV event batch to read
+        self.router = Router(prefill, decode, router_policy, engines[0].block_size, encode_workers=encode)
+        for link in self._links:
+            if link.handle.stage != "encode":
+                link.kv_feed = KVEventFeed(link.handle.name, self.router.index)
+        self._state_codec = StateCodec()
+        self._replays: set[asyncio.Task] = set()  # KV event replays in flight (kept referenced until done)
         self.num_migrations = 0  # requests moved off a dead worker (tristage:request_migrations_total)
         self._streams: dict[str, _Stream] = {}
         self._inbound = MessageCodec(OutputBatch)
@@ -111,13 +157,18 @@ class ClusterBackend:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._receive_loop(), name="receive"),
-                       asyncio.create_task(self._health_loop(), name="health")]
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="receive"),
+            asyncio.create_task(self._health_loop(), name="health"),
+        ]
+        for link in self._links:
+            self._subscribe(link)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._replays, *(link.state_task for link in self._links if link.state_task)]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for link in self._links:
@@ -134,10 +185,22 @@ class ClusterBackend:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                       cache_salt: str | None = None, images: Sequence[PromptImage] = ()) -> AsyncIterator[RequestDelta]:
-        message = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                  reply_to=self.reply_to, cache_salt=cache_salt, images=[i.ref for i in images])
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        cache_salt: str | None = None,
+        images: Sequence[PromptImage] = (),
+    ) -> AsyncIterator[RequestDelta]:
+        message = GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling,
+            reply_to=self.reply_to,
+            cache_salt=cache_salt,
+            images=[i.ref for i in images],
+        )
         links, message, encoders = self._place(message)
         stream = _Stream(message, links, images=list(images))
         self._streams[request_id] = stream
@@ -146,7 +209,8 @@ class ClusterBackend:
         try:
             await self._send_images(stream, encoders)
             await links[0].socket.send_multipart(self._outbound.encode(message))
-            self.router.acknowledge(request_id)
+            if not links[0].streaming:  # else the worker's admitted message acknowledges it (_on_admitted)
+                self.router.acknowledge(request_id)
             pending: dict[int, RequestDelta] = {}  # n == 1 deltas that arrived ahead of their turn
             while True:
                 item = await stream.queue.get()
@@ -195,7 +259,7 @@ class ClusterBackend:
         """Each image to its encoder (or, with no encode pool, to the colocated worker that encodes itself),
         its embedding to be delivered to the worker computing the prompt."""
         target = stream.links[0]
-        deliver_to = target.handle.info.get("embedding_address") or ""
+        deliver_to = target.handle.info.embedding_address or ""
         for image, encoder in zip(stream.images, encoders or [target] * len(stream.images)):
             request = EncodeRequest(request_id=stream.message.request_id, image=image.ref, deliver_to=deliver_to)
             await encoder.socket.send_multipart(self._outbound.encode(request, image.data))
@@ -204,30 +268,48 @@ class ClusterBackend:
         """The router's choice (and each image's encoder); disaggregated n == 1 requests get the decode
         worker as their KV target."""
         spans = [MultiModalSpan(i.content_hash, i.offset, i.length) for i in message.images]
-        route = RouteRequest(request_id=message.request_id, token_ids=message.prompt_token_ids,
-                             max_tokens=message.sampling.max_tokens, cache_salt=message.cache_salt,
-                             image_hashes=[i.content_hash for i in message.images] if self._encoders else (),
-                             mm_spans=spans)
+        route = RouteRequest(
+            request_id=message.request_id,
+            token_ids=message.prompt_token_ids,
+            max_tokens=message.sampling.max_tokens,
+            cache_salt=message.cache_salt,
+            image_hashes=[i.content_hash for i in message.images] if self._encoders else (),
+            mm_spans=spans,
+        )
         try:
             placement = self.router.place(route)
         except NoWorkerAvailable as exc:
-            raise RequestFailed(RequestError(request_id=message.request_id, message=f"no worker can take this "
-                                             f"request now ({exc}); retry later", type="service_unavailable",
-                                             status=503)) from exc
+            raise RequestFailed(
+                RequestError(
+                    request_id=message.request_id,
+                    message=f"no worker can take this request now ({exc}); retry later",
+                    type="service_unavailable",
+                    status=503,
+                )
+            ) from exc
         prefill, decode = self._by_name[placement.prefill_worker], self._by_name[placement.decode_worker]
         if not (prefill.alive and decode.alive):
             self.router.release(message.request_id)
-            raise RequestFailed(RequestError(request_id=message.request_id, message="the chosen worker is down; "
-                                             "retry later", type="service_unavailable", status=503))
+            raise RequestFailed(
+                RequestError(
+                    request_id=message.request_id,
+                    message="the chosen worker is down; retry later",
+                    type="service_unavailable",
+                    status=503,
+                )
+            )
         encoders = [self._by_name[name] for name in placement.encode_workers]
         if prefill is decode:
             return [prefill], message, encoders
         if message.sampling.n != 1 or (message.images and not self._encoders):
             # several samples of one prompt, or images with no encode pool: one worker serves it whole
             return [decode], message, encoders
-        kv_address = decode.handle.info.get("kv_address")
-        message.kv_target = KVTarget(worker=decode.handle.name, kv_address=kv_address,
-                                     host_id=decode.handle.info.get("host_id", ""))
+        kv_address = decode.handle.info.kv_address
+        if kv_address is None:
+            raise ValueError(f"decode worker {decode.handle.name} has no KV address")
+        message.kv_target = KVTarget(
+            worker=decode.handle.name, kv_address=kv_address, host_id=decode.handle.info.host_id
+        )
         return [prefill, decode], message, encoders
 
     async def abort(self, request_id: str) -> None:
@@ -270,48 +352,129 @@ class ClusterBackend:
                 logger.error("worker %s is down: %s", link.handle.name, exc)
                 link.alive = False
                 self.router.remove_worker(link.handle.name)
-                self._event_seq[link.handle.name] = None
+                if link.kv_feed is not None:
+                    link.kv_feed.reset()
                 await self._migrate_streams(link)
             return
-        if info["address"] != link.address:  # restarted by Ray: a new process with a new socket
-            logger.info("worker %s is back at %s", link.handle.name, info["address"])
+        if info.input_address != link.address:  # restarted by Ray: a new process with new sockets
+            logger.info("worker %s is back at %s", link.handle.name, info.input_address)
             link.socket.close(linger=0)  # reconnect first: the new process may take its own requests back
-            fresh = self._connect(link.handle, info["address"])
+            fresh = self._connect(link.handle, info.input_address)
             link.socket, link.address = fresh.socket, fresh.address
             link.handle.info = info
             await self._migrate_streams(link)
-            self._event_seq[link.handle.name] = None  # a new process: its cache starts empty
+            if link.kv_feed is not None:  # a new process: its cache starts empty, its batches from 0
+                link.kv_feed.reset()
+        if info.state_address != link.state_address:
+            link.handle.info = info
+            self._subscribe(link)
         if not link.alive:
             self.router.add_worker(link.handle.name, link.handle.stage)
         link.alive = True
-        await self._refresh_router(link)
+        if not link.streaming:
+            await self._poll_state(link)
 
-    async def _refresh_router(self, link: _WorkerLink) -> None:
-        """Feed the router this worker's load and the KV events it has not applied yet."""
-        name = link.handle.name
+    async def _poll_state(self, link: _WorkerLink) -> None:
+        """Over Ray, what the worker's stream would have said: its stats, and its KV events or embedding
+        cache (for a worker whose stream is silent: not yet connected, or lost)."""
         try:
-            stats, events = await asyncio.gather(
-                asyncio.wait_for(link.handle.actor.stats.remote(), STATS_TIMEOUT_S),
-                asyncio.wait_for(link.handle.actor.kv_events.remote(self._event_seq[name]), STATS_TIMEOUT_S))
+            stats = await asyncio.wait_for(link.handle.actor.stats.remote(), STATS_TIMEOUT_S)
+            if link.kv_feed is None:
+                cache = await asyncio.wait_for(link.handle.actor.embedding_cache.remote(), STATS_TIMEOUT_S)
+                self._on_embedding_cache(link, cache)
         except Exception:
             return
-        self.router.load.update(WorkerLoad(
-            worker=name, stage=stats["stage"], num_running=stats["num_running"], num_waiting=stats["num_waiting"],
-            kv_usage=stats["kv_cache_usage"], num_free_blocks=stats["num_free_blocks"],
-            queued_prefill_tokens=0, num_decoding=stats["num_running"] if stats["stage"] != "prefill" else 0))
-        if stats["stage"] == "encode":  # its embedding cache: what the router sends it images for
-            self.router.content_index.replace_worker(name, events["seq"], events["snapshot"])
+        self._on_stats(link, stats)
+
+    # ------------------------------------------------------------------ worker state (pushed)
+
+    def _subscribe(self, link: _WorkerLink) -> None:
+        """(Re)start the task that reads the worker's state socket (its address from the last info())."""
+        if link.state_task is not None:
+            link.state_task.cancel()
+        link.state_address = link.handle.info.state_address
+        link.state_task = asyncio.create_task(
+            self._state_loop(link, link.state_address), name=f"state-{link.handle.name}"
+        )
+
+    async def _state_loop(self, link: _WorkerLink, address: str) -> None:
+        """The one reader of one SUB socket: decode each message and feed the router. Never blocks the loop."""
+        socket = configure(self._context.socket(zmq.SUB), self._state_codec.max_payload_bytes)
+        for topic in STATE_TOPICS:
+            socket.setsockopt(zmq.SUBSCRIBE, topic)
+        try:
+            socket.connect(address)
+            while True:
+                frames = await socket.recv_multipart()
+                try:
+                    message = self._state_codec.decode(frames)
+                except StateDecodeError as exc:
+                    logger.warning("dropped a malformed state message from %s: %s", link.handle.name, exc)
+                    continue
+                if link.alive:  # a worker marked down is forgotten until the health check sees it back
+                    link.last_state_at = time.monotonic()
+                    self._on_state(link, message)
+        finally:
+            socket.close(linger=0)
+
+    def _on_state(self, link: _WorkerLink, message: StateMessage) -> None:
+        body = message.body
+        if isinstance(body, KVEventBatch):
+            if link.kv_feed is not None:
+                link.kv_feed.on_batch(message.seq, body.events)
+                self._replay_if_needed(link)
+        elif isinstance(body, WorkerStats):
+            self._on_stats(link, body)
+        elif isinstance(body, AdmittedRequest):
+            self._on_admitted(body)
+        elif isinstance(body, EmbeddingCacheSnapshot):
+            self._on_embedding_cache(link, body)
+
+    def _on_stats(self, link: _WorkerLink, stats: WorkerStats) -> None:
+        self.router.load.update(worker_load(stats))
+        if link.kv_feed is not None and stats.next_kv_event_seq is not None:
+            link.kv_feed.on_worker_next_seq(stats.next_kv_event_seq)
+            self._replay_if_needed(link)
+
+    def _on_embedding_cache(self, link: _WorkerLink, cache: EmbeddingCacheSnapshot) -> None:
+        """An encode worker's cache contents: the images the router sends it."""
+        self.router.content_index.replace_worker(link.handle.name, cache.seq, cache.content_hashes)
+
+    def _on_admitted(self, admitted: AdmittedRequest) -> None:
+        if admitted.reply_to == self.reply_to:
+            # ours: the worker's stats from now on count it, so the router's estimate may go with them
+            self.router.acknowledge(admitted.request_id)
             return
-        index = self.router.index
-        if "snapshot" in events:
-            index.replace_worker(name, events["seq"], ((h, None) for h in events["snapshot"]))
-            self._event_seq[name] = events["seq"] + 1
+        # another gateway's placement: count its load and claim its blocks here too, until the worker's
+        # own stats and KV events do (request ids are uuids, unique across gateways)
+        self.router.record_remote_placement(
+            admitted.request_id,
+            admitted.worker,
+            admitted.block_hashes,
+            admitted.num_prompt_tokens,
+            decode_worker=admitted.decode_worker,
+            max_tokens=admitted.max_tokens,
+        )
+
+    def _replay_if_needed(self, link: _WorkerLink) -> None:
+        """Ask the worker for the KV event batches its feed is missing (one replay at a time)."""
+        feed = link.kv_feed
+        if feed is None or not feed.wants_replay:
             return
-        for seq, batch in events["batches"]:
-            if not index.apply(name, seq, batch):
-                self._event_seq[name] = None  # a gap: ask for a snapshot next time
-                return
-            self._event_seq[name] = seq + 1
+        next_seq, token = feed.start_replay()
+        task = asyncio.create_task(self._replay(link, feed, next_seq, token), name=f"replay-{link.handle.name}")
+        self._replays.add(task)
+        task.add_done_callback(self._replays.discard)
+
+    async def _replay(self, link: _WorkerLink, feed: KVEventFeed, next_seq: int | None, token: int) -> None:
+        try:
+            reply = await asyncio.wait_for(link.handle.actor.kv_events.remote(next_seq), STATS_TIMEOUT_S)
+        except Exception as exc:  # the worker is gone or stuck: the health check decides; retried on the next gap
+            logger.warning("worker %s did not replay its KV events: %s", link.handle.name, exc)
+            feed.on_replay_failed(token)
+            return
+        feed.on_reply(reply, token)
+        self._replay_if_needed(link)  # the batches held meanwhile may show another gap
 
     async def _migrate_streams(self, dead: _WorkerLink) -> None:
         """Move every request the dead worker was serving to a live one, resuming after what was streamed."""
@@ -326,9 +489,14 @@ class ClusterBackend:
                     self._send_abort(link, request_id)
             target = self._resume_target(stream)
             if target is None:
-                stream.queue.put_nowait(RequestError(
-                    request_id=request_id, type="service_unavailable", status=503,
-                    message=f"worker {dead.handle.name} stopped while serving this request; retry"))
+                stream.queue.put_nowait(
+                    RequestError(
+                        request_id=request_id,
+                        type="service_unavailable",
+                        status=503,
+                        message=f"worker {dead.handle.name} stopped while serving this request; retry",
+                    )
+                )
                 continue
             # streamed_token_ids is every token the client has, from the first: a second migration
             # resumes after all of them, not after the first migration's tokens twice
@@ -336,11 +504,17 @@ class ClusterBackend:
             stream.links = [target]
             target.in_flight.add(request_id)
             self.num_migrations += 1
-            logger.warning("request %s moves from %s to %s after %d streamed tokens", request_id, dead.handle.name,
-                           target.handle.name, len(stream.streamed_token_ids))
+            logger.warning(
+                "request %s moves from %s to %s after %d streamed tokens",
+                request_id,
+                dead.handle.name,
+                target.handle.name,
+                len(stream.streamed_token_ids),
+            )
             encoders = [link for link in self._encoders if link.alive]  # the images again, for the new worker
-            await self._send_images(stream, [encoders[i % len(encoders)] for i in range(len(stream.images))]
-                                    if encoders else [])
+            await self._send_images(
+                stream, [encoders[i % len(encoders)] for i in range(len(stream.images))] if encoders else []
+            )
             await target.socket.send_multipart(self._outbound.encode(stream.message))
 
     def _resume_target(self, stream: _Stream) -> _WorkerLink | None:
@@ -361,8 +535,9 @@ class ClusterBackend:
         for request_id in list(link.in_flight):
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream.queue.put_nowait(RequestError(request_id=request_id, message=message,
-                                                     type="service_unavailable", status=503))
+                stream.queue.put_nowait(
+                    RequestError(request_id=request_id, message=message, type="service_unavailable", status=503)
+                )
 
     def _connect(self, handle: WorkerHandle, address: str) -> _WorkerLink:
         socket = configure(self._context.socket(zmq.PUSH))
@@ -377,22 +552,23 @@ class ClusterBackend:
                 s = await asyncio.wait_for(link.handle.actor.stats.remote(), STATS_TIMEOUT_S)
             except Exception:
                 return None
-            return WorkerSnapshot(worker=s["name"], stage=s["stage"], num_running=s["num_running"],
-                                  num_waiting=s["num_waiting"], kv_cache_usage=s["kv_cache_usage"],
-                                  num_preemptions=s["num_preemptions"],
-                                  prefix_cache_queried_tokens=s["prefix_cache_queried_tokens"],
-                                  prefix_cache_hit_tokens=s["prefix_cache_hit_tokens"],
-                                  kv_transfer_bytes=s["kv_transfer_bytes_sent"],
-                                  kv_transfer_failures=s["kv_transfer_failures"],
-                                  kv_transfer_fallbacks=s["kv_transfer_fallbacks"],
-                                  kv_transfer_seconds_buckets=tuple(map(tuple, s["kv_transfer_seconds_buckets"])),
-                                  kv_transfer_seconds_sum=s["kv_transfer_seconds"], **_encode_fields(s))
+            return worker_snapshot(s)
 
         results = await asyncio.gather(*(one(link) for link in self._links))
         return [r for r in results if r is not None]
 
     def cluster_stats(self) -> ClusterStats:
         stats = self.router.stats()
-        return ClusterStats(migrations=self.num_migrations, decisions=dict(stats.decisions),
-                            predicted_hit_tokens=stats.predicted_hit_tokens,
-                            observed_hit_tokens=stats.observed_hit_tokens, load_imbalance=stats.load_imbalance)
+        return ClusterStats(
+            migrations=self.num_migrations,
+            decisions=dict(stats.decisions),
+            predicted_hit_tokens=stats.predicted_hit_tokens,
+            observed_hit_tokens=stats.observed_hit_tokens,
+            load_imbalance=stats.load_imbalance,
+        )
+
+
+def _engine_facts(handle: WorkerHandle) -> EngineFacts:
+    if handle.info.engine is None:
+        raise ValueError(f"worker {handle.name} ({handle.stage}) has no engine")
+    return handle.info.engine

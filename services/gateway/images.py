@@ -42,7 +42,7 @@ import hashlib
 import threading
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 from services.common.errors import InvalidRequestError
 from services.common.images import (
@@ -181,17 +181,18 @@ async def load_images(
         raise InvalidRequestError(
             f"a request may carry at most {policy.max_images_per_request} images, not {len(sources)}", param=param
         )
-    sources = [ImageSource(s) if isinstance(s, str) else s for s in sources]
-    labels = [f"image {index + 1}" for index in range(len(sources))]
-    sent = {s.uuid: i for i, s in reversed(list(enumerate(sources))) if s.url is not None and s.uuid is not None}
+    image_sources = [ImageSource(s) if isinstance(s, str) else s for s in sources]
+    labels = [f"image {index + 1}" for index in range(len(image_sources))]
+    sent = {s.uuid: i for i, s in reversed(list(enumerate(image_sources))) if s.url is not None and s.uuid is not None}
     earlier: dict[int, LoadedImage] = {}  # image index -> the image a uuid named in an earlier request
-    for index, (label, source) in enumerate(zip(labels, sources)):
+    for index, (label, source) in enumerate(zip(labels, image_sources)):
         if source.url is not None:
             try:
                 _precheck_url(source.url, policy)
             except ImageRefused as exc:
                 raise invalid_image(label, exc, param) from None
         elif source.uuid not in sent:
+            assert source.uuid is not None  # ImageSource.__post_init__: a source without a url has a uuid
             found = references.get(scope, source.uuid) if references is not None else None
             if found is None:
                 raise InvalidRequestError(
@@ -201,7 +202,7 @@ async def load_images(
                     param=param,
                 )
             earlier[index] = found
-    urls = {index: s.url for index, s in enumerate(sources) if s.url is not None}
+    urls = {index: s.url for index, s in enumerate(image_sources) if s.url is not None}
     if fetcher is None and not all(is_data_url(url) for url in urls.values()):
         fetcher = RemoteFetcher()
     loaded = dict(
@@ -212,9 +213,10 @@ async def load_images(
             ),
         )
     )
+    # cast: an image neither loaded nor found earlier has no url and its uuid is in `sent` (checked above)
     images = [
-        loaded[i] if i in loaded else earlier[i] if i in earlier else loaded[sent[s.uuid]]
-        for i, s in enumerate(sources)
+        loaded[i] if i in loaded else earlier[i] if i in earlier else loaded[sent[cast(str, s.uuid)]]
+        for i, s in enumerate(image_sources)
     ]
     if references is not None:
         for uuid, index in sent.items():

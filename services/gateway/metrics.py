@@ -161,12 +161,12 @@ class _WorkerCollector(Collector):
         transfer_seconds = HistogramMetricFamily(
             "tristage:kv_transfer_seconds", "One request's KV transfer.", labels=_WORKER_LABELS
         )
+        encode_latency = HistogramMetricFamily(
+            "tristage:encode_latency_seconds",
+            "One batch of images through the vision tower.",
+            labels=_WORKER_LABELS,
+        )
         encode = {
-            "latency": HistogramMetricFamily(
-                "tristage:encode_latency_seconds",
-                "One batch of images through the vision tower.",
-                labels=_WORKER_LABELS,
-            ),
             "queries": CounterMetricFamily(
                 "tristage:embedding_cache_queries", "Images looked up in the embedding cache.", labels=_WORKER_LABELS
             ),
@@ -193,13 +193,14 @@ class _WorkerCollector(Collector):
                 transfer_seconds.add_metric(labels, buckets, worker.kv_transfer_seconds_sum)
             if worker.stage == "encode":
                 buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.encode_seconds_buckets]
-                encode["latency"].add_metric(labels, buckets, worker.encode_seconds_sum)
+                encode_latency.add_metric(labels, buckets, worker.encode_seconds_sum)
                 encode["queries"].add_metric(labels, worker.embedding_cache_queries)
                 encode["hits"].add_metric(labels, worker.embedding_cache_hits)
                 encode["bytes"].add_metric(labels, worker.embedding_bytes_sent)
         yield from gauges.values()
         yield from counters.values()
         yield transfer_seconds
+        yield encode_latency
         yield from encode.values()
         yield from self._cluster_metrics()
 

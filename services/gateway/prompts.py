@@ -213,7 +213,7 @@ def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list
     if isinstance(prompt, str):
         return [prompt]
     if prompt and isinstance(prompt[0], int):
-        return [cast(list[int], prompt)]
+        return [prompt]
     return cast(list[str | list[int]], list(prompt))
 
 

@@ -2,7 +2,9 @@
 
 Ray is the control plane only (placement, restarts, configuration, health and stats calls); tokens
 travel over the worker's ZeroMQ sockets. The actor is threaded (`max_concurrency`), so a stats call
-never waits behind the engine loop.
+never waits behind the engine loop. Its answers are the typed structs of services.common.control
+(msgspec Structs, which Ray pickles like any class of an importable module); the same stats and the
+KV events also leave as they happen on the worker's state socket (WorkerInfo.state_address).
 """
 
 from __future__ import annotations
@@ -12,14 +14,31 @@ import os
 import threading
 
 from services.common.channels import tcp_address
+from services.common.control import (
+    EmbeddingCacheSnapshot,
+    EngineFacts,
+    KVEventsReply,
+    Stage,
+    TransferCounters,
+    WorkerInfo,
+    WorkerStats,
+)
 from services.engine import EngineConfig, LLMEngine
 from services.workers.engine_worker import EngineWorker
+from services.workers.kv_staging import host_identity
 
 
 class EngineActor:
-    def __init__(self, engine_config: EngineConfig, name: str, stage: str = "colocated",
-                 bind_host: str = "127.0.0.1", model_name: str = "model", metrics_port: int | None = None,
-                 kv_staging_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        name: str,
+        stage: Stage = "colocated",
+        bind_host: str = "127.0.0.1",
+        model_name: str = "model",
+        metrics_port: int | None = None,
+        kv_staging_bytes: int | None = None,
+    ) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
         self.name, self.stage = name, stage
         if bind_host == "auto":  # reachable from other hosts: this node's address as Ray knows it
@@ -28,10 +47,21 @@ class EngineActor:
             bind_host = ray.util.get_node_ip_address()
         self.engine = LLMEngine(engine_config)
         # a colocated worker of a vision-language model encodes its requests' images itself
-        image_encoder = (_image_encoder(engine_config, self.engine.model_dir)
-                         if stage == "colocated" and self.engine.vision_language is not None else None)
-        self.worker = EngineWorker(self.engine, tcp_address(bind_host), name, role=stage, model_name=model_name,
-                                   kv_staging_bytes=kv_staging_bytes, image_encoder=image_encoder)
+        image_encoder = (
+            _image_encoder(engine_config, self.engine.model_dir)
+            if stage == "colocated" and self.engine.vision_language is not None
+            else None
+        )
+        self.worker = EngineWorker(
+            self.engine,
+            tcp_address(bind_host),
+            name,
+            role=stage,
+            model_name=model_name,
+            kv_staging_bytes=kv_staging_bytes,
+            image_encoder=image_encoder,
+            worker_stats=self.stats,
+        )
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
         self.metrics_port = None
@@ -40,27 +70,53 @@ class EngineActor:
 
             self.metrics_port = serve_worker_metrics(self.stats, model_name, bind_host, metrics_port)
 
-    def info(self) -> dict:
-        engine = self.engine
-        return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
-                "kv_address": self.worker.kv_address, "host_id": self.worker.host_id,
-                "embedding_address": self.worker.embedding_address, "metrics_port": self.metrics_port,
-                "model_dir": engine.model_dir, "max_model_len": engine.max_model_len,
-                "vocab_size": engine.vocab_size, "device": engine.config.device, "dtype": engine.config.dtype,
-                "block_size": engine.config.block_size, "num_kv_blocks": engine.num_usable_blocks()}
+    def info(self) -> WorkerInfo:
+        engine, worker = self.engine, self.worker
+        assert worker.publisher is not None  # built with worker_stats
+        facts = EngineFacts(
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            device=engine.config.device,
+            dtype=engine.config.dtype,
+            block_size=engine.config.block_size,
+            num_kv_blocks=engine.num_usable_blocks(),
+        )
+        return WorkerInfo(
+            name=self.name,
+            stage=self.stage,
+            pid=os.getpid(),
+            host_id=worker.host_id,
+            model_dir=engine.model_dir,
+            input_address=worker.input_address,
+            state_address=worker.publisher.address,
+            kv_address=worker.kv_address,
+            embedding_address=worker.embedding_address,
+            metrics_port=self.metrics_port,
+            engine=facts,
+        )
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
+        """Called from Ray's threads and from the worker's loop (its state publisher): reads counters only."""
         transfer = self.worker.transfer_stats
-        return {"name": self.name, "stage": self.stage, "alive": self._thread.is_alive(),
-                "num_free_blocks": self.engine.num_free_blocks(),
-                "kv_transfer_bytes_sent": transfer.bytes_sent, "kv_transfer_bytes_received": transfer.bytes_received,
-                "kv_transfer_seconds": transfer.seconds.sum_s, "kv_transfers": transfer.transfers_completed,
-                "kv_transfer_seconds_buckets": transfer.seconds.cumulative(),
-                "kv_transfer_failures": transfer.failures, "kv_transfer_fallbacks": transfer.fallbacks,
-                **self.engine.scheduler_stats()}
+        counters = TransferCounters(
+            bytes_sent=transfer.bytes_sent,
+            bytes_received=transfer.bytes_received,
+            num_transfers_completed=transfer.transfers_completed,
+            num_failures=transfer.failures,
+            num_fallbacks=transfer.fallbacks,
+            seconds=transfer.seconds.snapshot(),
+        )
+        return WorkerStats(
+            name=self.name,
+            stage=self.stage,
+            alive=self._thread.is_alive(),
+            scheduler=self.engine.scheduler_stats(),
+            transfer=counters,
+            next_kv_event_seq=self.worker.kv_events.next_seq,
+        )
 
-    def kv_events(self, next_seq: int | None) -> dict:
-        """KV cache events after batch `next_seq - 1`, or a snapshot (see services.workers.event_log)."""
+    def kv_events(self, next_seq: int | None) -> KVEventsReply:
+        """KV cache event batches from `next_seq` on, or a snapshot (see services.workers.event_log)."""
         return self.worker.kv_events.read(next_seq)
 
     def is_alive(self) -> bool:
@@ -81,12 +137,14 @@ def _image_encoder(engine_config: EngineConfig, model_dir: str):
 class EncodeActor:
     """An encode worker as a Ray actor: the vision tower and its embedding cache, one EncodeWorker loop.
 
-    It answers the same control calls as EngineActor (info, stats, kv_events), so the gateway's health
-    loop treats every pool alike; its "KV events" are its embedding cache's contents, for the router.
+    It answers info and stats as EngineActor does; instead of KV events it has an embedding cache,
+    whose contents (`embedding_cache`, and its state socket) tell the router which encoder holds
+    which image.
     """
 
-    def __init__(self, engine_config: EngineConfig, name: str, bind_host: str = "127.0.0.1",
-                 metrics_port: int | None = None) -> None:
+    def __init__(
+        self, engine_config: EngineConfig, name: str, bind_host: str = "127.0.0.1", metrics_port: int | None = None
+    ) -> None:
         from services.workers.encode_worker import EncodeWorker
 
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
@@ -94,30 +152,45 @@ class EncodeActor:
             import ray
 
             bind_host = ray.util.get_node_ip_address()
+        if engine_config.model is None:  # the embedded default model is text-only
+            raise ValueError("an encode worker needs a vision-language model directory")
         self.name, self.stage = name, "encode"
         self.model_dir = engine_config.model
-        self.encoder = _image_encoder(engine_config, engine_config.model)
-        self.worker = EncodeWorker(self.encoder, tcp_address(bind_host), name)
+        self.host_id = host_identity()
+        self.encoder = _image_encoder(engine_config, self.model_dir)
+        self.worker = EncodeWorker(self.encoder, tcp_address(bind_host), name, worker_stats=self.stats)
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
-        self._cache_seq = 0
         self.metrics_port = None
 
-    def info(self) -> dict:
-        return {"name": self.name, "stage": self.stage, "address": self.worker.input_address, "pid": os.getpid(),
-                "model_dir": self.model_dir, "metrics_port": self.metrics_port}
+    def info(self) -> WorkerInfo:
+        assert self.worker.state_address is not None  # built with worker_stats
+        return WorkerInfo(
+            name=self.name,
+            stage="encode",
+            pid=os.getpid(),
+            host_id=self.host_id,
+            model_dir=self.model_dir,
+            input_address=self.worker.input_address,
+            state_address=self.worker.state_address,
+            metrics_port=self.metrics_port,
+        )
 
-    def stats(self) -> dict:
-        return {"name": self.name, "stage": self.stage, "alive": self._thread.is_alive(), "num_running": 0,
-                "num_waiting": 0, "kv_cache_usage": 0.0, "num_free_blocks": 0, "num_preemptions": 0,
-                "prefix_cache_queried_tokens": 0, "prefix_cache_hit_tokens": 0, "kv_transfer_bytes_sent": 0,
-                "kv_transfer_failures": 0, "kv_transfer_fallbacks": 0, "kv_transfer_seconds": 0.0,
-                "kv_transfer_seconds_buckets": [], "encode": self.worker.stats()}
+    def stats(self) -> WorkerStats:
+        return WorkerStats(name=self.name, stage="encode", alive=self._thread.is_alive(), encode=self.worker.stats())
 
-    def kv_events(self, next_seq: int | None) -> dict:
-        """Its embedding cache as a snapshot (the router keeps which encoder holds which image)."""
-        self._cache_seq += 1
-        return {"seq": self._cache_seq, "snapshot": self.encoder.cache.hashes()}
+    def embedding_cache(self) -> EmbeddingCacheSnapshot:
+        """The embedding cache's contents. The loop may change the cache meanwhile (this runs on Ray's
+        thread): a copy torn by a concurrent change is retried. The loop's own publisher sends the same,
+        race-free, on each change; this serves a gateway whose state stream is down."""
+        cache = self.encoder.cache
+        for _ in range(7):
+            version = cache.version
+            try:
+                return EmbeddingCacheSnapshot(seq=version, content_hashes=cache.hashes())
+            except RuntimeError:  # the OrderedDict changed during the copy
+                continue
+        return EmbeddingCacheSnapshot(seq=cache.version, content_hashes=cache.hashes())  # or raise to the caller
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

@@ -1,9 +1,10 @@
 """An encode worker's heartbeat: receive EncodeRequests over ZeroMQ, encode them as one batch, send each
 image's embedding to the prefill worker the request names.
 
-    loop:  wait (a request, or room at a held-back destination) -> receive (unless the outbox is over
-           budget) -> encode the batch (services.workers.encoder.ImageEncoder) -> queue each result in
-           the outbox -> flush the outbox without blocking
+    loop:  wait (a request, or room at a held-back destination) -> receive into the queue (unless the
+           outbox is over budget) -> take a batch from the queue -> publish state -> encode the batch
+           (services.workers.encoder.ImageEncoder) -> queue each result in the outbox -> flush the
+           outbox without blocking
 
 Wire form (services.common.messages): in, EncodeRequest + one frame (the image's encoded bytes), or
 AbortRequest; out, per request, ImageEmbedding + one frame ([num_rows, hidden_size] rows, row-major, in
@@ -21,6 +22,12 @@ our PUSH queue are full, sends fail with zmq.Again, results collect in the outbo
 at most `max_batch_images`) and the gateway's own sends back up. Sends never block: other
 destinations keep flowing while one is full.
 
+Load: requests taken off the socket wait in the loop's own queue (at most `max_queued_images`, then
+the rest wait in ZeroMQ) until a turn takes them into the tower, `max_batch_images` at a time. The
+two counts, images queued and images in the tower, are the encoder's waiting and running load
+(services.common.control.EncodeStats), published on the worker's state socket with its embedding
+cache's contents (services.workers.state_publisher).
+
 Failure policy: a malformed message is logged and dropped; an image that cannot be encoded gets an
 error embedding (the prefill worker fails that request); an unexpected exception while encoding
 fails that batch's images and the loop goes on. AbortRequest drops the request's work received but
@@ -29,6 +36,7 @@ not yet encoded, and its embeddings still in the outbox.
 Tunables (defaults):
     max_outbox_bytes = 256 MiB   outbox bytes past which no new request is received
     max_batch_images = 64        EncodeRequests taken per loop turn (one tower batch)
+    max_queued_images = 2 x max_batch_images   EncodeRequests received and waiting for the tower
     EMBEDDING_SEND_HWM = 8       messages queued in ZeroMQ per destination before a send fails
     MAX_EMBEDDING_MESSAGE_BYTES = 1 GiB   largest embedding frame (the receiving side's limit)
 """
@@ -39,6 +47,7 @@ import logging
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +55,10 @@ import zmq
 
 from services.common.channels import bind, configure, drain
 from services.common.codec import MessageCodec
+from services.common.control import EncodeStats, WorkerStats
 from services.common.messages import AbortRequest, EncodeRequest, EncoderInbound, ImageEmbedding
 from services.workers.encoder import ImageEncoder
+from services.workers.state_publisher import StatePublisher
 from services.workers.wire import MAX_EMBEDDING_MESSAGE_BYTES, embedding_frame
 
 logger = logging.getLogger(__name__)
@@ -77,8 +88,12 @@ class Outbox:
     watches `num_bytes` to stop taking work. One owner thread; others may read the counters.
     """
 
-    def __init__(self, context: zmq.Context, send_hwm: int = EMBEDDING_SEND_HWM,
-                 max_message_bytes: int = MAX_EMBEDDING_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        send_hwm: int = EMBEDDING_SEND_HWM,
+        max_message_bytes: int = MAX_EMBEDDING_MESSAGE_BYTES,
+    ) -> None:
         self._context = context
         self.send_hwm = send_hwm
         self.max_message_bytes = max_message_bytes
@@ -153,17 +168,32 @@ class Outbox:
 
 
 class EncodeWorker:
-    """One process's encode loop: owns the ImageEncoder and the sockets; `stats` may be called from other threads."""
+    """One process's encode loop: owns the ImageEncoder and the sockets; `stats` may be called from other threads.
 
-    def __init__(self, encoder: ImageEncoder, input_address: str, name: str = "encoder-0", *,
-                 max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
-                 max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES) -> None:
+    `worker_stats` (the actor's WorkerStats) gives the worker a state socket (`state_address`) where
+    the loop publishes them and the embedding cache's contents; None: no state socket.
+    """
+
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        input_address: str,
+        name: str = "encoder-0",
+        *,
+        max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
+        max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
+        max_queued_images: int | None = None,
+        worker_stats: Callable[[], WorkerStats] | None = None,
+    ) -> None:
         if max_batch_images < 1:
             raise ValueError("max_batch_images must be at least 1")
         self.encoder = encoder
         self.name = name
         self.max_outbox_bytes = max_outbox_bytes
         self.max_batch_images = max_batch_images
+        self.max_queued_images = max(max_queued_images or 2 * max_batch_images, max_batch_images)
+        self._queue: deque[tuple[EncodeRequest, bytes]] = deque()  # received, waiting for the tower
+        self._num_images_in_flight = 0  # in the tower now (read by other threads)
         self._context = zmq.Context()
         self._input = configure(self._context.socket(zmq.PULL))
         # a short queue in this process, so requests we do not take back up to the gateway
@@ -175,6 +205,19 @@ class EncodeWorker:
         self._stop = threading.Event()
         self.num_requests_received = 0  # EncodeRequests taken off the socket
         self.num_requests_aborted = 0  # EncodeRequests (or their embeddings) dropped by an abort
+        self.publisher = (
+            StatePublisher(
+                self._context,
+                self.input_address.rsplit(":", 1)[0] + ":0",
+                name,
+                None,
+                worker_stats,
+                embedding_cache=encoder.cache,
+            )
+            if worker_stats is not None
+            else None
+        )
+        self.state_address = self.publisher.address if self.publisher is not None else None
 
     # ------------------------------------------------------------------ the loop
 
@@ -182,9 +225,13 @@ class EncodeWorker:
         logger.info("%s encoding on %s", self.name, self.input_address)
         while not self._stop.is_set():
             self._wait()
-            batch = self._receive()
+            self._receive()
+            batch = self._take_batch()
+            if self.publisher is not None:  # before the tower: the batch shows as in flight while it runs
+                self.publisher.publish()
             if batch:
                 self._send(batch, self._encode(batch))
+                self._num_images_in_flight = 0
             self._outbox.flush()
         self._close()
 
@@ -202,33 +249,44 @@ class EncodeWorker:
             poller.register(self._input, zmq.POLLIN)
         for socket in self._outbox.blocked_sockets():
             poller.register(socket, zmq.POLLOUT)
-        poller.poll(IDLE_POLL_MS)
+        poller.poll(0 if self._queue and self.taking_work() else IDLE_POLL_MS)
 
     # ------------------------------------------------------------------ receive
 
-    def _receive(self) -> list[tuple[EncodeRequest, bytes]]:
-        """Up to max_batch_images requests with their image bytes; none while the outbox is over budget."""
-        batch: list[tuple[EncodeRequest, bytes]] = []
-        if not self.taking_work():
-            return batch
+    def _receive(self) -> None:
+        """Requests with their image bytes into the queue until it holds max_queued_images; none while
+        the outbox is over budget."""
+        if not self.taking_work() or len(self._queue) >= self.max_queued_images:
+            return
         for message, frames in drain(self._input, self._inbound, self.name):
             if isinstance(message, AbortRequest):
-                batch = self._abort(message.request_id, batch)
+                self._abort(message.request_id)
             elif len(frames) != 2:
                 self.num_requests_received += 1
-                self._post(message, f"the encode request carries {len(frames) - 1} frames after its header; "
-                                    "it needs exactly one, the image's bytes")
+                self._post(
+                    message,
+                    f"the encode request carries {len(frames) - 1} frames after its header; "
+                    "it needs exactly one, the image's bytes",
+                )
             else:
                 self.num_requests_received += 1
-                batch.append((message, frames[1]))
-            if len(batch) >= self.max_batch_images:
+                self._queue.append((message, frames[1]))
+            if len(self._queue) >= self.max_queued_images:
                 break
-        return batch
 
-    def _abort(self, request_id: str, batch: list[tuple[EncodeRequest, bytes]]) -> list[tuple[EncodeRequest, bytes]]:
-        kept = [(m, data) for m, data in batch if m.request_id != request_id]
-        self.num_requests_aborted += len(batch) - len(kept) + self._outbox.drop(request_id)
-        return kept
+    def _abort(self, request_id: str) -> None:
+        kept = deque((m, data) for m, data in self._queue if m.request_id != request_id)
+        self.num_requests_aborted += len(self._queue) - len(kept) + self._outbox.drop(request_id)
+        self._queue = kept
+
+    def _take_batch(self) -> list[tuple[EncodeRequest, bytes]]:
+        """Up to max_batch_images queued requests, oldest first: this turn's tower batch (none while the
+        outbox is over budget: what the tower makes would only wait there)."""
+        if not self.taking_work():
+            return []
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_images, len(self._queue)))]
+        self._num_images_in_flight = len(batch)
+        return batch
 
     # ------------------------------------------------------------------ encode
 
@@ -251,14 +309,16 @@ class EncodeWorker:
 
     def _frames(self, message: EncodeRequest, result: torch.Tensor | str) -> list:
         """The header and the rows' frame, or the header alone carrying the error."""
+
         def header(**fields) -> ImageEmbedding:
             return ImageEmbedding(request_id=message.request_id, content_hash=message.image.content_hash, **fields)
 
         if isinstance(result, torch.Tensor):
             try:
                 dtype, payload = embedding_frame(result)  # [num_rows, hidden_size], copied to the host
-                return self._outbound.encode(header(num_rows=result.shape[0], hidden_size=result.shape[1],
-                                                    dtype=dtype), payload)
+                return self._outbound.encode(
+                    header(num_rows=result.shape[0], hidden_size=result.shape[1], dtype=dtype), payload
+                )
             except Exception as exc:  # e.g. a failing device copy: this image fails, the loop goes on
                 logger.error("%s could not send an embedding: %s", self.name, traceback.format_exc())
                 result = f"internal error in the encoder: {exc}"
@@ -266,21 +326,30 @@ class EncodeWorker:
 
     # ------------------------------------------------------------------ control plane
 
-    def stats(self) -> dict:
+    def stats(self) -> EncodeStats:
         encode, cache = self.encoder.stats, self.encoder.cache
-        return {"name": self.name, "stage": "encode",
-                "num_requests_received": self.num_requests_received,
-                "num_requests_aborted": self.num_requests_aborted,
-                "num_images_encoded": encode.num_images_encoded, "num_tower_calls": encode.num_tower_calls,
-                "num_encode_errors": encode.num_errors,
-                "encode_seconds": encode.seconds.sum_s, "encode_seconds_buckets": encode.seconds.cumulative(),
-                "embedding_cache_queries": cache.num_queries, "embedding_cache_hits": cache.num_hits,
-                "embedding_cache_evictions": cache.num_evictions, "embedding_cache_bytes": cache.num_bytes_used,
-                "embedding_cache_capacity_bytes": cache.capacity_bytes,
-                "embedding_bytes_sent": self._outbox.num_bytes_sent, "outbox_bytes": self._outbox.num_bytes,
-                "taking_work": self.taking_work()}
+        return EncodeStats(
+            num_images_queued=len(self._queue),
+            num_images_in_flight=self._num_images_in_flight,
+            num_requests_received=self.num_requests_received,
+            num_requests_aborted=self.num_requests_aborted,
+            num_images_encoded=encode.num_images_encoded,
+            num_tower_calls=encode.num_tower_calls,
+            num_encode_errors=encode.num_errors,
+            encode_seconds=encode.seconds.snapshot(),
+            embedding_cache_queries=cache.num_queries,
+            embedding_cache_hits=cache.num_hits,
+            embedding_cache_evictions=cache.num_evictions,
+            embedding_cache_bytes=cache.num_bytes_used,
+            embedding_cache_capacity_bytes=cache.capacity_bytes,
+            embedding_bytes_sent=self._outbox.num_bytes_sent,
+            outbox_bytes=self._outbox.num_bytes,
+            taking_work=self.taking_work(),
+        )
 
     def _close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
         self._outbox.close()
         self._input.close(linger=0)
         self._context.term()

@@ -75,6 +75,7 @@ class EmbeddingCache:
         self.num_queries = 0
         self.num_hits = 0
         self.num_evictions = 0
+        self.version = 0  # grows with every put: which hashes are cached may have changed (state publisher)
 
     @property
     def capacity_bytes(self) -> int:
@@ -106,6 +107,7 @@ class EmbeddingCache:
         """Cache `rows` (replacing an entry of the same hash); returns the hashes evicted for room, in order."""
         evicted = self._entries.put(content_hash, CachedEmbedding(rows, grid_thw))
         self.num_evictions += len(evicted)
+        self.version += 1
         return evicted
 
 
@@ -134,10 +136,16 @@ class ImageEncoder:
     from others.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.float32, load_format: str = "auto",
-                 cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES,
-                 image_limits: ImageLimits | None = None, preprocess_threads: int = PREPROCESS_THREADS) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        load_format: str = "auto",
+        cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES,
+        image_limits: ImageLimits | None = None,
+        preprocess_threads: int = PREPROCESS_THREADS,
+    ) -> None:
         if isinstance(dtype, str):  # a resolved EngineConfig.dtype name ("auto" is resolved by the caller)
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -186,8 +194,10 @@ class ImageEncoder:
         found: dict[str, CachedEmbedding | str] = {**hits, **self._encode_misses(list(misses.values()))}
         if misses:
             self.stats.seconds.observe(time.perf_counter() - start)
-        results = [mislabeled[i] if i in mislabeled else _matched(ref, found[ref.content_hash])
-                   for i, (ref, _) in enumerate(items)]
+        results = [
+            mislabeled[i] if i in mislabeled else _matched(ref, found[ref.content_hash])
+            for i, (ref, _) in enumerate(items)
+        ]
         self.stats.num_errors += sum(isinstance(r, str) for r in results)
         return results
 
@@ -214,6 +224,7 @@ class ImageEncoder:
             loaded = decode_image_bytes(data, self.image_limits)
         except InvalidRequestError as exc:
             return exc.message
+        assert loaded.image is not None  # decode_image_bytes is given no ValidatedImages: it always decodes the pixels
         try:
             # the processor's own per-image preprocessing, so the pixels equal MultiModalProcessor.process's
             (pixel_values,), (grid,) = self.processor.pixel_inputs([loaded.image])

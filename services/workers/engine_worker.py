@@ -30,11 +30,13 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from collections.abc import Callable
 
 import zmq
 
 from services.common.channels import bind, configure, drain
 from services.common.codec import MessageCodec
+from services.common.control import WorkerStats
 from services.common.errors import InvalidRequestError
 from services.common.messages import AbortRequest, EncodeRequest, GenerateRequest, KVAck, RequestError, WorkerInbound
 from services.engine import LLMEngine
@@ -46,6 +48,7 @@ from services.workers.kv_staging import host_identity
 from services.workers.kv_transfer import KV_STREAMS, TransferStats, engine_layout
 from services.workers.request_table import Reply, ReplySender, RequestRecord, RequestTable
 from services.workers.roles import DecodeRole, PrefillRole, Resumed
+from services.workers.state_publisher import StatePublisher
 from services.workers.wire import sampling_params, to_delta
 
 logger = logging.getLogger(__name__)
@@ -55,9 +58,21 @@ ROLES = ("colocated", "prefill", "decode")
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, input_address: str, name: str = "worker-0", *, role: str = "colocated",
-                 kv_address: str | None = None, model_name: str = "model", kv_lease_s: float = 30.0,
-                 kv_timeout_s: float = 10.0, kv_staging_bytes: int | None = None, image_encoder=None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        input_address: str,
+        name: str = "worker-0",
+        *,
+        role: str = "colocated",
+        kv_address: str | None = None,
+        model_name: str = "model",
+        kv_lease_s: float = 30.0,
+        kv_timeout_s: float = 10.0,
+        kv_staging_bytes: int | None = None,
+        image_encoder=None,
+        worker_stats: Callable[[], WorkerStats] | None = None,
+    ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
         self.engine = engine
@@ -73,15 +88,44 @@ class EngineWorker:
         self._replies = ReplySender(self._context, name)
         self.images = ImageIntake(engine, self._context, None if role == "decode" else any_port, name, image_encoder)
         layout = engine_layout(engine, model_name)
-        self.prefill_role = (PrefillRole(engine, self._context, layout, self.input_address, self.host_id,
-                                     self.transfer_stats, lease_s=kv_lease_s, staging_bytes=kv_staging_bytes)
-                         if role == "prefill" else None)
-        self.decode_role = (DecodeRole(engine, self._context, layout, kv_address or any_port, self.transfer_stats,
-                                   timeout_s=kv_timeout_s, image_inputs=self.images.transfer_inputs)
-                        if role == "decode" else None)
+        self.prefill_role = (
+            PrefillRole(
+                engine,
+                self._context,
+                layout,
+                self.input_address,
+                self.host_id,
+                self.transfer_stats,
+                lease_s=kv_lease_s,
+                staging_bytes=kv_staging_bytes,
+            )
+            if role == "prefill"
+            else None
+        )
+        self.decode_role = (
+            DecodeRole(
+                engine,
+                self._context,
+                layout,
+                kv_address or any_port,
+                self.transfer_stats,
+                timeout_s=kv_timeout_s,
+                image_inputs=self.images.transfer_inputs,
+            )
+            if role == "decode"
+            else None
+        )
         self.kv_address = self.decode_role.address if self.decode_role is not None else None
         self.embedding_address = self.images.address
         self.kv_events = KVEventLog(engine.kv_cache.pool.cached_hashes)
+        # the state socket: KV events, `worker_stats` and admitted requests as they happen (None: no socket)
+        self.publisher = (
+            StatePublisher(
+                self._context, any_port, name, self.kv_events, worker_stats, block_size=engine.kv_cache.block_size
+            )
+            if worker_stats is not None
+            else None
+        )
         self._poller = zmq.Poller()
         for socket in (self._input, self.images.socket, self.decode_role.socket if self.decode_role else None):
             if socket is not None:
@@ -135,6 +179,8 @@ class EngineWorker:
         return replies
 
     def _accept(self, message: GenerateRequest) -> list[Reply]:
+        if self.publisher is not None:
+            self.publisher.admitted(message)
         hands_off = self.prefill_role is not None and PrefillRole.hands_off(message)
         self.requests.add(RequestRecord(message, hands_off=hands_off))
         if message.images:  # it starts once its images' embeddings are in (_start_ready)
@@ -169,15 +215,24 @@ class EngineWorker:
             return []
         record.multi_modal = multi_modal if record.hands_off else None
         try:
-            self.engine.add_request(message.request_id, message.prompt_token_ids, sampling_params(message.sampling),
-                                    cache_salt=message.cache_salt, output_token_ids=message.output_token_ids,
-                                    prefill_only=record.hands_off, multi_modal=multi_modal)
+            self.engine.add_request(
+                message.request_id,
+                message.prompt_token_ids,
+                sampling_params(message.sampling),
+                cache_salt=message.cache_salt,
+                output_token_ids=message.output_token_ids,
+                prefill_only=record.hands_off,
+                multi_modal=multi_modal,
+            )
         except InvalidRequestError as exc:
             return [RequestError(request_id=message.request_id, message=exc.message, param=exc.param)]
         except Exception as exc:  # a bug must not take the worker down
             logger.error("%s could not add %s: %s", self.name, message.request_id, traceback.format_exc())
-            return [RequestError(request_id=message.request_id, message=f"internal error: {exc}",
-                                 type="internal_error", status=500)]
+            return [
+                RequestError(
+                    request_id=message.request_id, message=f"internal error: {exc}", type="internal_error", status=500
+                )
+            ]
         return []
 
     # ------------------------------------------------------------------ step
@@ -218,6 +273,8 @@ class EngineWorker:
         if self.prefill_role is not None:
             self.prefill_role.poll()
         self.kv_events.append(self.engine.kv_cache.pool.take_events())
+        if self.publisher is not None:
+            self.publisher.publish()
 
     def _close(self) -> None:
         for role in (self.prefill_role, self.decode_role):
@@ -225,5 +282,7 @@ class EngineWorker:
                 role.close()
         self.images.close()
         self._replies.close()
+        if self.publisher is not None:
+            self.publisher.close()
         self._input.close(linger=0)
         self._context.term()

@@ -1,43 +1,70 @@
-"""A worker's numbered log of KV cache events, read by routers through the control plane.
+"""A worker's numbered log of KV cache events, read by its state publisher and by routers.
 
-The worker loop appends one batch per step that changed the cache. A reader asks for the batches
-after the last one it applied; if those have left the bounded log (or the reader is new), it gets
-a snapshot instead (every cached block hash, and the batch number the snapshot is as of) and
-replays from there: the router's index never depends on having seen every batch.
+The worker loop appends one batch per turn that changed the cache. The state publisher
+(services.workers.state_publisher) streams each new batch under its number; a router that missed
+one asks, over Ray, for the batches after the last one it applied (`read(next_seq)`). If those have
+left the bounded log (or the reader is new), it gets a snapshot instead (every cached block hash, and
+the batch number the snapshot is as of) and goes on from there: the router's index never depends on
+having seen every batch.
 
     batches:  [seq 40][seq 41] ... [seq 40 + MAX_BATCHES - 1]     (older ones dropped)
+
+Thread safety: the loop thread appends and publishes; Ray's threads read. One lock guards the deque
+and the next number.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
-from services.common.kv_events import KVEvent
+from services.common.control import KVEventReplay, KVEventSnapshot, KVEventsReply
+from services.common.kv_events import KVEvent, KVEventBatch
 
 MAX_BATCHES = 4096
 
 
 class KVEventLog:
-    def __init__(self, snapshot: Callable[[], list[int]], max_batches: int = MAX_BATCHES) -> None:
+    def __init__(
+        self, snapshot: Callable[[], list[int]], max_batches: int = MAX_BATCHES, clock: Callable[[], float] = time.time
+    ) -> None:
         self._snapshot = snapshot  # the cached block hashes, as of now
-        self._batches: deque[tuple[int, list[KVEvent]]] = deque(maxlen=max_batches)
+        self._clock = clock  # a batch's `ts`: seconds since the epoch, as vLLM stamps it
+        self._batches: deque[KVEventBatch] = deque(maxlen=max_batches)  # numbered _next_seq - len .. _next_seq - 1
         self._next_seq = 0
         self._lock = threading.Lock()
+
+    @property
+    def next_seq(self) -> int:
+        """The number the next appended batch will get."""
+        return self._next_seq
 
     def append(self, events: list[KVEvent]) -> None:
         if not events:
             return
         with self._lock:
-            self._batches.append((self._next_seq, events))
+            self._batches.append(KVEventBatch(ts=self._clock(), events=events))
             self._next_seq += 1
 
-    def read(self, next_seq: int | None) -> dict:
-        """{"batches": [(seq, events)]} from `next_seq` on, or {"snapshot": hashes, "seq": last seq} when
-        the reader is new or fell behind the log."""
+    def read(self, next_seq: int | None) -> KVEventsReply:
+        """The batches from `next_seq` on (none when the reader is up to date), or a snapshot when the
+        reader is new (None) or asks for a batch the log no longer holds (or never numbered)."""
         with self._lock:
-            first = self._batches[0][0] if self._batches else self._next_seq
+            first = self._next_seq - len(self._batches)
             if next_seq is not None and first <= next_seq <= self._next_seq:
-                return {"batches": [(seq, ev) for seq, ev in self._batches if seq >= next_seq]}
-            return {"snapshot": self._snapshot(), "seq": self._next_seq - 1}
+                return KVEventReplay(first_seq=next_seq, batches=self._since(next_seq))
+            return KVEventSnapshot(seq=self._next_seq - 1, block_hashes=self._snapshot())
+
+    def batches_from(self, next_seq: int) -> tuple[int, list[KVEventBatch]]:
+        """(first, the batches numbered first, first + 1, ...): first is `next_seq`, or the oldest batch
+        the log still holds when it has dropped next_seq. Never a snapshot (the publisher's read)."""
+        with self._lock:
+            first = max(next_seq, self._next_seq - len(self._batches))
+            return first, self._since(first)
+
+    def _since(self, seq: int) -> list[KVEventBatch]:
+        # newest at the right: a reader that is nearly up to date (the publisher) walks a few entries
+        offset = seq - (self._next_seq - len(self._batches))
+        return [self._batches[i] for i in range(offset, len(self._batches))]

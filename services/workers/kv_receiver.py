@@ -88,7 +88,8 @@ class KVReceiver:
 
     def receive(self) -> tuple[list[KVTransfer], list[Resume]]:
         """Drain the KV socket. Returns (transfers now complete, requests to recompute)."""
-        completed, resumes = [], []
+        completed: list[KVTransfer] = []
+        resumes: list[Resume] = []
         while True:
             try:
                 frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -102,12 +103,16 @@ class KVReceiver:
                     continue
                 for header, early_frames, _ in self._take_early(message.request_id):
                     outcome = self._write(header, early_frames)
-                    if outcome is not None:
-                        (completed if isinstance(outcome, KVTransfer) else resumes).append(outcome)
+                    if isinstance(outcome, KVTransfer):
+                        completed.append(outcome)
+                    elif outcome is not None:
+                        resumes.append(outcome)
             else:
                 outcome = self._write(message, frames[1:])
-                if outcome is not None:
-                    (completed if isinstance(outcome, KVTransfer) else resumes).append(outcome)
+                if isinstance(outcome, KVTransfer):
+                    completed.append(outcome)
+                elif outcome is not None:
+                    resumes.append(outcome)
         completed += self._commit_ready()
         return completed, resumes + self._expire()
 

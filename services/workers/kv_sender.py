@@ -118,6 +118,7 @@ class KVSender:
         if region is None:
             self._send_unstaged(shipment, sockets)
             return
+        assert self.staging is not None  # the region was allocated from it
         shared = (
             target.host_id == self.host_id and bool(self.host_id) and target.kv_address not in self._no_shared_memory
         )
@@ -210,7 +211,7 @@ class KVSender:
         if payload is None:
             socket.send_multipart(self._codec.encode(header))
         else:
-            socket.send_multipart(self._codec.encode(header, memoryview(payload.numpy()).cast("B")), copy=False)
+            socket.send_multipart(self._codec.encode(header, payload.numpy().data.cast("B")), copy=False)
 
     def _finish(self, shipment: _Shipment) -> None:
         """Free what a shipment holds: its GPU blocks if still held, its staging region once no copy reads it."""
@@ -221,6 +222,7 @@ class KVSender:
         if shipment.holds_blocks:
             self.engine.release_kv(shipment.transfer.request_id)
         if shipment.region is not None:
+            assert self.staging is not None  # the region was allocated from it
             self.staging.allocator.free(shipment.region)
 
     def _groups(self) -> list[tuple[int, int]]:

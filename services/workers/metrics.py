@@ -14,45 +14,76 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.common.control import SchedulerStats, TransferCounters, WorkerStats
+
 logger = logging.getLogger(__name__)
 
 MAX_WORKERS_PER_HOST = 64
 
-GAUGES = {"num_running": ("vllm:num_requests_running", "Requests running on the worker."),
-          "num_waiting": ("vllm:num_requests_waiting", "Requests waiting on the worker."),
-          "kv_cache_usage": ("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).")}
-COUNTERS = {"prefix_cache_queried_tokens": ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-            "prefix_cache_hit_tokens": ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache."),
-            "num_preemptions": ("vllm:num_preemptions", "Requests preempted by the worker."),
-            "kv_transfer_bytes_sent": ("tristage:kv_transfer_bytes", "KV bytes sent to decode workers."),
-            "kv_transfer_failures": ("tristage:kv_transfer_failures", "KV transfers refused, timed out or unacked."),
-            "kv_transfer_fallbacks": ("tristage:kv_transfer_fallbacks", "Requests recomputed instead of imported.")}
+LABELS = ["model_name", "stage", "worker"]
 
 
 class WorkerCollector(Collector):
-    def __init__(self, stats: Callable[[], dict], model_name: str) -> None:
+    """The worker's WorkerStats as Prometheus families (the parts its role has)."""
+
+    def __init__(self, stats: Callable[[], WorkerStats], model_name: str) -> None:
         self._stats = stats
         self._model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
-        labels = ["model_name", "stage", "worker"]
-        values = [self._model_name, s["stage"], s["name"]]
-        for key, (name, doc) in GAUGES.items():
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            family.add_metric(values, s[key])
-            yield family
-        for key, (name, doc) in COUNTERS.items():
-            family = CounterMetricFamily(name, doc, labels=labels)
-            family.add_metric(values, s[key])
-            yield family
-        seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.", labels=labels)
-        buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in s["kv_transfer_seconds_buckets"]]
-        seconds.add_metric(values, buckets, s["kv_transfer_seconds"])
-        yield seconds
+        values = [self._model_name, s.stage, s.name]
+        yield _gauge("vllm:num_requests_running", "Requests running on the worker.", values, s.num_running)
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting on the worker.", values, s.num_waiting)
+        if s.scheduler is not None:
+            yield from _scheduler_families(s.scheduler, values)
+        if s.transfer is not None:
+            yield from _transfer_families(s.transfer, values)
 
 
-def serve_worker_metrics(stats: Callable[[], dict], model_name: str, host: str, base_port: int) -> int:
+def _scheduler_families(scheduler: SchedulerStats, values: list[str]) -> Iterator[Metric]:
+    yield _gauge(
+        "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", values, scheduler.kv_cache_usage
+    )
+    yield _counter(
+        "vllm:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        values,
+        scheduler.prefix_cache_queried_tokens,
+    )
+    yield _counter(
+        "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", values, scheduler.prefix_cache_hit_tokens
+    )
+    yield _counter("vllm:num_preemptions", "Requests preempted by the worker.", values, scheduler.num_preemptions)
+
+
+def _transfer_families(transfer: TransferCounters, values: list[str]) -> Iterator[Metric]:
+    yield _counter("tristage:kv_transfer_bytes", "KV bytes sent to decode workers.", values, transfer.bytes_sent)
+    yield _counter(
+        "tristage:kv_transfer_failures", "KV transfers refused, timed out or unacked.", values, transfer.num_failures
+    )
+    yield _counter(
+        "tristage:kv_transfer_fallbacks", "Requests recomputed instead of imported.", values, transfer.num_fallbacks
+    )
+    seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.", labels=LABELS)
+    buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in transfer.seconds.buckets]
+    seconds.add_metric(values, buckets, transfer.seconds.sum_s)
+    yield seconds
+
+
+def _gauge(name: str, documentation: str, values: list[str], value: float) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=LABELS)
+    family.add_metric(values, value)
+    return family
+
+
+def _counter(name: str, documentation: str, values: list[str], value: float) -> Metric:
+    family = CounterMetricFamily(name, documentation, labels=LABELS)
+    family.add_metric(values, value)
+    return family
+
+
+def serve_worker_metrics(stats: Callable[[], WorkerStats], model_name: str, host: str, base_port: int) -> int:
     """Start the HTTP endpoint on the first free port from base_port; returns the port."""
     registry = CollectorRegistry()
     registry.register(WorkerCollector(stats, model_name))

@@ -91,7 +91,7 @@ class MultiModalInbox:
         features = tuple(MultiModalFeature(ref.content_hash, ref.offset, ref.length, r) for ref, r in zip(refs, rows))
         if self.spec is None or not self.spec.uses_mrope:
             return MultiModalInputs(features)
-        grids = [tuple(ref.grid_thw) for ref in refs if ref.grid_thw is not None]
+        grids = [ref.grid_thw for ref in refs if ref.grid_thw is not None]
         positions, delta = compute_mrope_positions(
             token_ids, grids, image_token_id=self.spec.image_token_id, spatial_merge_size=self.spec.spatial_merge_size
         )

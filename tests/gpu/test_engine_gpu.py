@@ -8,8 +8,7 @@ import torch
 from services.engine import LLM, SamplingParams
 from tests.conftest import TINY_MODEL_VARIANTS
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def prompts(lengths, seed=0):
@@ -41,14 +40,15 @@ def test_fast_path_matches_reference_in_float32(tiny_model_dirs, variant):
 def test_fast_path_with_prefix_hits_and_preemption_matches_reference(llama_dir):
     shared = prompts([48], seed=1)[0]["prompt_token_ids"]
     batch = [{"prompt_token_ids": shared + p["prompt_token_ids"]} for p in prompts([5, 20, 33, 2], seed=2)]
-    common = dict(device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=48, num_kv_blocks=14,
-                  max_model_len=200)
+    common = dict(
+        device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=48, num_kv_blocks=14, max_model_len=200
+    )
     reference = LLM(llama_dir, attention_backend="reference", enable_cuda_graphs=False, **common)
     fast = LLM(llama_dir, attention_backend="triton", **common)
     expected = [o.outputs[0].token_ids for o in greedy(reference, batch, max_tokens=40)]
     assert [o.outputs[0].token_ids for o in greedy(fast, batch, max_tokens=40)] == expected
-    assert fast.engine.scheduler_stats()["num_preemptions"] > 0
-    assert fast.engine.scheduler_stats()["prefix_cache_hit_tokens"] > 0
+    assert fast.engine.scheduler_stats().num_preemptions > 0
+    assert fast.engine.scheduler_stats().prefix_cache_hit_tokens > 0
     assert fast.engine.num_free_blocks() == fast.engine.num_usable_blocks()
 
 
@@ -63,7 +63,7 @@ def test_bfloat16_fast_path_tracks_transformers(llama_dir):
         ids = prompt["prompt_token_ids"] + o.outputs[0].token_ids
         with torch.no_grad():
             logits = model(torch.tensor([ids], device="cuda")).logits[0].float()
-        ref = torch.log_softmax(logits, dim=-1)[len(prompt["prompt_token_ids"]) - 1:-1]
+        ref = torch.log_softmax(logits, dim=-1)[len(prompt["prompt_token_ids"]) - 1 : -1]
         chosen = torch.tensor(o.outputs[0].token_ids, device="cuda")
         # bf16: every token we chose is (near) the top of transformers' distribution at that step
         gap = ref.max(dim=-1).values - ref.gather(1, chosen[:, None]).squeeze(1)

@@ -20,8 +20,14 @@ import zmq
 from services.common.channels import bind, configure
 from services.common.codec import DecodeError, MessageCodec
 from services.common.images import ImageLimits, decode_image_bytes, encoded_content_hash
-from services.common.messages import (AbortRequest, EmbeddingInbound, EncodeRequest, EncoderInbound,
-                                      ImageEmbedding, ImageRef)
+from services.common.messages import (
+    AbortRequest,
+    EmbeddingInbound,
+    EncodeRequest,
+    EncoderInbound,
+    ImageEmbedding,
+    ImageRef,
+)
 from services.engine.multimodal import MultiModalProcessor, VisionEncoder
 from services.workers.encode_worker import EncodeWorker, Outbox
 from services.workers.encoder import EmbeddingCache, ImageEncoder
@@ -56,8 +62,13 @@ def reference_rows(model_dir: str, datas: list[bytes], dtype: torch.dtype = torc
 class Link:
     """An EncodeWorker on its own thread, a gateway's request socket and a prefill worker's embedding socket."""
 
-    def __init__(self, encoder: ImageEncoder, receive_hwm: int | None = None, deliver_to: str = "tcp://127.0.0.1:0",
-                 **worker_kwargs) -> None:
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        receive_hwm: int | None = None,
+        deliver_to: str = "tcp://127.0.0.1:0",
+        **worker_kwargs,
+    ) -> None:
         self.encoder = encoder
         self.worker = EncodeWorker(encoder, "tcp://127.0.0.1:0", "encoder-0", **worker_kwargs)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
@@ -105,8 +116,7 @@ class Link:
 def link_to(vlm_dirs):
     links = []
 
-    def make(family: str, dtype: torch.dtype = torch.float32, *, cache_capacity_bytes: int = 2**20,
-             **kwargs) -> Link:
+    def make(family: str, dtype: torch.dtype = torch.float32, *, cache_capacity_bytes: int = 2**20, **kwargs) -> Link:
         encoder = ImageEncoder(vlm_dirs[family], "cpu", dtype, cache_capacity_bytes=cache_capacity_bytes)
         links.append(Link(encoder, **kwargs))
         return links[-1]
@@ -121,7 +131,9 @@ def link_to(vlm_dirs):
 
 
 def test_cache_evicts_least_recently_used_entries_until_the_new_one_fits():
-    block = lambda num_rows: torch.zeros(num_rows, 4)  # num_rows x 16 bytes
+    def block(num_rows):  # num_rows x 16 bytes
+        return torch.zeros(num_rows, 4)
+
     cache = EmbeddingCache(capacity_bytes=200)
     assert cache.put("a", block(4)) == [] and cache.put("b", block(4)) == [] and cache.put("c", block(4)) == []
     assert cache.num_bytes_used == 192
@@ -164,8 +176,9 @@ def test_embedding_frames_round_trip_and_a_frame_of_the_wrong_size_is_refused():
     with pytest.raises(DecodeError, match="holds 28 bytes; 3 x 5 bfloat16 rows take 30 bytes"):
         embedding_from_frame(header, bytes(payload)[:-2])
     with pytest.raises(DecodeError, match="dtype"):
-        embedding_from_frame(ImageEmbedding(request_id="r", content_hash="h", num_rows=3, hidden_size=5,
-                                            dtype="int64"), bytes(payload))
+        embedding_from_frame(
+            ImageEmbedding(request_id="r", content_hash="h", num_rows=3, hidden_size=5, dtype="int64"), bytes(payload)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,11 +195,11 @@ def test_the_delivered_embedding_equals_the_vision_encoders(link_to, vlm_dirs, f
     header, rows = link.receive()
     (expected,) = reference_rows(vlm_dirs[family], [data], dtype)
     assert header.error is None and (header.request_id, header.content_hash) == ("r", ref.content_hash)
-    assert (header.num_rows, header.hidden_size, header.dtype) == (ref.length, 64, str(dtype)[len("torch."):])
+    assert (header.num_rows, header.hidden_size, header.dtype) == (ref.length, 64, str(dtype)[len("torch.") :])
     assert rows.dtype == dtype and torch.equal(rows, expected)
     stats = link.worker.stats()
-    assert stats["embedding_bytes_sent"] > rows.numel() * rows.element_size()
-    assert stats["encode_seconds_buckets"][-1] == (float("inf"), 1)
+    assert stats.embedding_bytes_sent > rows.numel() * rows.element_size()
+    assert stats.encode_seconds.buckets[-1] == (float("inf"), 1)
 
 
 def test_a_second_request_for_the_same_image_is_a_cache_hit(link_to):
@@ -199,8 +212,8 @@ def test_a_second_request_for_the_same_image_is_a_cache_hit(link_to):
     header, second = link.receive()
     assert header.request_id == "second" and torch.equal(first, second)
     stats = link.worker.stats()
-    assert (stats["num_tower_calls"], stats["num_images_encoded"]) == (1, 1)
-    assert (stats["embedding_cache_queries"], stats["embedding_cache_hits"]) == (2, 1)
+    assert (stats.num_tower_calls, stats.num_images_encoded) == (1, 1)
+    assert (stats.embedding_cache_queries, stats.embedding_cache_hits) == (2, 1)
 
 
 @pytest.mark.parametrize("family", [LLAVA, QWEN])
@@ -216,12 +229,15 @@ def test_the_images_of_one_turn_share_one_tower_call(link_to, vlm_dirs, family):
     received = [link.receive() for _ in range(4)]
     expected = reference_rows(vlm_dirs[family], datas)
     assert [(h.request_id, h.content_hash) for h, _ in received] == [
-        ("three", refs[0].content_hash), ("three", refs[1].content_hash), ("three", refs[2].content_hash),
-        ("again", refs[1].content_hash)]
+        ("three", refs[0].content_hash),
+        ("three", refs[1].content_hash),
+        ("three", refs[2].content_hash),
+        ("again", refs[1].content_hash),
+    ]
     for (header, rows), want in zip(received, [*expected, expected[1]]):
         assert header.num_rows == want.shape[0] and torch.equal(rows, want)
     stats = link.worker.stats()
-    assert (stats["num_tower_calls"], stats["num_images_encoded"]) == (1, 3)
+    assert (stats.num_tower_calls, stats.num_images_encoded) == (1, 3)
 
 
 def test_bad_images_get_error_embeddings_and_the_worker_keeps_serving(link_to):
@@ -231,17 +247,23 @@ def test_bad_images_get_error_embeddings_and_the_worker_keeps_serving(link_to):
     ref, other_ref = image_ref(processor, good), image_ref(processor, other)
     assert ref.length == other_ref.length and ref.grid_thw != other_ref.grid_thw  # 4x6 and 6x4 patches
     link.requests.send_multipart([b"\x93not a message"])  # dropped
-    link.send("corrupt", ImageRef(content_hash=encoded_content_hash(b"not an image"), offset=0, length=6,
-                                  grid_thw=(1, 6, 4)), b"not an image")
+    link.send(
+        "corrupt",
+        ImageRef(content_hash=encoded_content_hash(b"not an image"), offset=0, length=6, grid_thw=(1, 6, 4)),
+        b"not an image",
+    )
     truncated = good[: len(good) // 2]
-    link.send("truncated", ImageRef(content_hash=encoded_content_hash(truncated), offset=0, length=6,
-                                    grid_thw=(1, 6, 4)), truncated)
-    link.send("wrong-hash", ImageRef(content_hash=other_ref.content_hash, offset=0, length=6, grid_thw=(1, 6, 4)),
-              good)
+    link.send(
+        "truncated",
+        ImageRef(content_hash=encoded_content_hash(truncated), offset=0, length=6, grid_thw=(1, 6, 4)),
+        truncated,
+    )
+    link.send("wrong-hash", ImageRef(content_hash=other_ref.content_hash, offset=0, length=6, grid_thw=(1, 6, 4)), good)
     link.send("long", ImageRef(content_hash=ref.content_hash, offset=0, length=7, grid_thw=ref.grid_thw), good)
     link.send("grid", ImageRef(content_hash=ref.content_hash, offset=0, length=6, grid_thw=other_ref.grid_thw), good)
-    link.requests.send_multipart(codec.encode(EncodeRequest(request_id="no-bytes", image=ref,
-                                                            deliver_to=link.deliver_to)))
+    link.requests.send_multipart(
+        codec.encode(EncodeRequest(request_id="no-bytes", image=ref, deliver_to=link.deliver_to))
+    )
     link.send("good", ref, good)  # in the same batch as the bad ones
     time.sleep(SETTLE_S)
     link.start()
@@ -260,16 +282,17 @@ def test_bad_images_get_error_embeddings_and_the_worker_keeps_serving(link_to):
     header, rows = link.receive()
     assert (header.request_id, header.error, rows.shape) == ("later", None, (6, 64))
     stats = link.worker.stats()
-    assert stats["num_encode_errors"] == 5  # "no-bytes" never reached the encoder
-    assert (stats["num_tower_calls"], stats["num_images_encoded"]) == (2, 2)  # "good", "long", "grid": one image
+    assert stats.num_encode_errors == 5  # "no-bytes" never reached the encoder
+    assert (stats.num_tower_calls, stats.num_images_encoded) == (2, 2)  # "good", "long", "grid": one image
 
 
 def test_a_receiver_that_stops_reading_stops_the_worker_taking_work(link_to):
     # A prefill worker with no room: one message in its ZeroMQ queue. Its socket is ipc, not tcp, only
     # to keep the kernel's share of the buffering small (TCP autotunes it to megabytes): about 100 KiB.
     with tempfile.TemporaryDirectory(prefix="tristage-") as sockets:
-        link = link_to(LLAVA, receive_hwm=1, deliver_to=f"ipc://{sockets}/prefill", max_outbox_bytes=16 * 1024,
-                       max_batch_images=8).start()
+        link = link_to(
+            LLAVA, receive_hwm=1, deliver_to=f"ipc://{sockets}/prefill", max_outbox_bytes=16 * 1024, max_batch_images=8
+        ).start()
         _check_back_pressure(link, num_requests=200)  # 16 x 64 float32 rows: 4 KiB an embedding
 
 
@@ -280,14 +303,14 @@ def _check_back_pressure(link: Link, num_requests: int) -> None:
         link.send(str(i), ref, data)
     stalled = _wait_until_stable(lambda: link.worker.num_requests_received)
     assert stalled < num_requests and not link.worker.taking_work()
-    assert link.worker.stats()["outbox_bytes"] > 16 * 1024
+    assert link.worker.stats().outbox_bytes > 16 * 1024
     # the receiver reads: everything arrives, in order
     received = [link.receive() for _ in range(num_requests)]
     assert [h.request_id for h, _ in received] == [str(i) for i in range(num_requests)]
     assert all(torch.equal(rows, received[0][1]) for _, rows in received)
     assert link.worker.num_requests_received == num_requests
     stats = link.worker.stats()
-    assert (stats["num_tower_calls"], stats["outbox_bytes"], stats["taking_work"]) == (1, 0, True)
+    assert (stats.num_tower_calls, stats.outbox_bytes, stats.taking_work) == (1, 0, True)
 
 
 def _wait_until_stable(read, stable_s: float = 0.5, timeout_s: float = 10.0) -> int:
@@ -318,7 +341,7 @@ def test_an_abort_drops_the_requests_queued_work(link_to):
     assert header.request_id == "kept"  # the aborted images would have been sent first
     assert not link.embeddings.poll(200)
     stats = link.worker.stats()
-    assert (stats["num_requests_aborted"], stats["num_images_encoded"]) == (2, 1)
+    assert (stats.num_requests_aborted, stats.num_images_encoded) == (2, 1)
 
 
 def test_a_failure_while_encoding_fails_that_batch_only(link_to):

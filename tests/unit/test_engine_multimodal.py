@@ -82,9 +82,14 @@ class Reference:
 
     def greedy(self, family: str, processed: ProcessedPrompt, max_tokens: int = MAX_TOKENS) -> list[int]:
         with torch.no_grad():
-            out = self.model(family).generate(**self.inputs(family, processed), max_new_tokens=max_tokens,
-                                              do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, len(processed.prompt_token_ids):].tolist()
+            out = self.model(family).generate(
+                **self.inputs(family, processed),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        return out[0, len(processed.prompt_token_ids) :].tolist()
 
 
 def images(count: int, seed: int = 0) -> list:
@@ -135,9 +140,10 @@ def test_preempted_image_requests_recompute_with_their_embeddings(vlm_dirs, refe
     expected = [reference.greedy(family, reference.processor(family).process(t, i), 24) for t, i in prompts]
     # 11 usable blocks of 8 tokens cannot hold requests of 45, 69 and 76 tokens (6, 9 and 10 blocks) at once
     llm = LLM(vlm_dirs[family], block_size=8, num_kv_blocks=12)
-    outputs = llm.generate([request(t, i) for t, i in prompts], SamplingParams(temperature=0, max_tokens=24,
-                                                                               ignore_eos=True))
-    assert llm.engine.scheduler_stats()["num_preemptions"] > 0
+    outputs = llm.generate(
+        [request(t, i) for t, i in prompts], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    )
+    assert llm.engine.scheduler_stats().num_preemptions > 0
     assert token_ids(outputs) == expected
     assert_idle(llm.engine)
 
@@ -242,8 +248,9 @@ def expected_vision_parameters(family: str, model: transformers.PreTrainedModel)
         tower = model.model.vision_tower
         unused = [getattr(tower, name, None) for name in ("post_layernorm", "head")]
         modules = [tower, model.model.multi_modal_projector]
-        return (sum(p.numel() for m in modules for p in m.parameters())
-                - sum(p.numel() for m in unused if m is not None for p in m.parameters()))
+        return sum(p.numel() for m in modules for p in m.parameters()) - sum(
+            p.numel() for m in unused if m is not None for p in m.parameters()
+        )
     return sum(p.numel() for p in model.model.visual.parameters())
 
 
@@ -252,7 +259,7 @@ def split_checkpoint(model_dir: str, out_dir: Path) -> Path:
     out = Path(shutil.copytree(model_dir, out_dir))
     (out / "model.safetensors").unlink()
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     parts = {"vision.safetensors": {}, "language.safetensors": {}}
     for name, tensor in tensors.items():
         parts["vision.safetensors" if vision_name(name) else "language.safetensors"][name] = tensor
@@ -288,7 +295,8 @@ def test_language_model_reads_no_vision_tensor(vlm_dirs, reference, tmp_path):
     text = "Only text here, the same engine and batch."
     engine.add_request("t", reference.processor(family).tokenizer.encode(text), GREEDY)
     assert run_to_end(engine)["t"].outputs[0].token_ids == reference.greedy(
-        family, reference.processor(family).process(text, []))
+        family, reference.processor(family).process(text, [])
+    )
     assert_idle(engine)
 
 
@@ -300,8 +308,10 @@ def test_in_memory_key_layout_loads_to_the_same_outputs(vlm_dirs, reference, tmp
     assert any(name.startswith("model.language_model.") for name in state)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     text, imgs = image_prompts(family)[0]
-    outputs = [LLM(str(d), block_size=8, num_kv_blocks=32).generate(request(text, imgs), GREEDY)
-               for d in (vlm_dirs[family], out)]
+    outputs = [
+        LLM(str(d), block_size=8, num_kv_blocks=32).generate(request(text, imgs), GREEDY)
+        for d in (vlm_dirs[family], out)
+    ]
     assert token_ids(outputs[0]) == token_ids(outputs[1])
 
 
@@ -313,12 +323,15 @@ def test_flat_hub_style_qwen2_vl_config_loads_to_the_same_outputs(vlm_dirs, tmp_
     text = config.pop("text_config")
     rope = text.pop("rope_parameters")
     text.pop("model_type")
-    config.update(text, rope_theta=rope["rope_theta"],
-                  rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    config.update(
+        text, rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]}
+    )
     (out / "config.json").write_text(json.dumps(config))
     text_prompt, imgs = image_prompts(family)[1]
-    outputs = [LLM(str(d), block_size=8, num_kv_blocks=32).generate(request(text_prompt, imgs), GREEDY)
-               for d in (vlm_dirs[family], out)]
+    outputs = [
+        LLM(str(d), block_size=8, num_kv_blocks=32).generate(request(text_prompt, imgs), GREEDY)
+        for d in (vlm_dirs[family], out)
+    ]
     assert token_ids(outputs[0]) == token_ids(outputs[1])
 
 
@@ -396,10 +409,14 @@ def test_mrope_positions_equal_transformers_get_rope_index(reference, family):
         processed = processor.process(text, imgs)
         inputs = reference.inputs(family, processed)
         expected, delta = reference.model(family).model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+            inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"]
+        )
         positions, our_delta = compute_mrope_positions(
-            processed.prompt_token_ids, [i.image_grid_thw for i in processed.images],
-            image_token_id=processor.spec.image_token_id, spatial_merge_size=processor.spec.spatial_merge_size)
+            processed.prompt_token_ids,
+            [i.image_grid_thw for i in processed.images],
+            image_token_id=processor.spec.image_token_id,
+            spatial_merge_size=processor.spec.spatial_merge_size,
+        )
         assert torch.equal(positions, expected[:, 0]) and torch.equal(processed.mrope_positions, positions)
         assert our_delta == processed.mrope_delta == int(delta)
 
@@ -454,12 +471,15 @@ def test_mismatched_images_and_placeholders_are_refused(vlm_dirs, reference, fam
     good = processed.to_inputs(llm.vision.encoder.encode(processed.images))
     feature = good.features[0]
     bad_inputs = {
-        "start at": MultiModalInputs((MultiModalFeature("h", feature.offset + 1, feature.length,
-                                                        feature.embeddings),), good.mrope_positions),
-        "need": MultiModalInputs((MultiModalFeature("h", feature.offset, feature.length - 1,
-                                                    feature.embeddings[1:]),), good.mrope_positions),
-        "shape": MultiModalInputs((MultiModalFeature("h", feature.offset, feature.length,
-                                                     feature.embeddings[:, :8]),), good.mrope_positions),
+        "start at": MultiModalInputs(
+            (MultiModalFeature("h", feature.offset + 1, feature.length, feature.embeddings),), good.mrope_positions
+        ),
+        "need": MultiModalInputs(
+            (MultiModalFeature("h", feature.offset, feature.length - 1, feature.embeddings[1:]),), good.mrope_positions
+        ),
+        "shape": MultiModalInputs(
+            (MultiModalFeature("h", feature.offset, feature.length, feature.embeddings[:, :8]),), good.mrope_positions
+        ),
     }
     if family == "qwen2-vl":
         bad_inputs["M-RoPE positions"] = MultiModalInputs(good.features)

@@ -21,9 +21,10 @@ def hf_greedy(model_dir, prompts, max_tokens=MAX_TOKENS):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     outs = []
     for prompt in prompts:
-        ids = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        outs.append(ids[0, len(prompt):].tolist())
+        ids = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        outs.append(ids[0, len(prompt) :].tolist())
     return outs
 
 
@@ -68,7 +69,7 @@ def test_forced_preemption_still_matches_transformers(llama_dir):
     # 11 usable blocks of 8 tokens cannot hold four requests of ~50 tokens (7 blocks each) at once
     llm = LLM(llama_dir, block_size=8, num_kv_blocks=12, max_model_len=80)
     out = engine_greedy(llm, prompts, max_tokens=30)
-    assert llm.engine.scheduler_stats()["num_preemptions"] > 0
+    assert llm.engine.scheduler_stats().num_preemptions > 0
     assert out == hf_greedy(llama_dir, prompts, max_tokens=30)
     assert_all_blocks_free(llm)
 
@@ -77,8 +78,9 @@ def test_sharded_checkpoint_loads_to_the_same_outputs(tmp_path, tokenizer_dir, l
     from services.engine.default_model import build_model_dir
 
     arch, overrides = TINY_MODEL_VARIANTS["llama"]
-    sharded = build_model_dir(tmp_path / "sharded", arch, tokenizer_dir=tokenizer_dir, max_shard_size="40KB",
-                              **overrides)
+    sharded = build_model_dir(
+        tmp_path / "sharded", arch, tokenizer_dir=tokenizer_dir, max_shard_size="40KB", **overrides
+    )
     assert (sharded / "model.safetensors.index.json").exists()
     prompts = random_prompts([11, 6], seed=5)
     assert engine_greedy(LLM(str(sharded)), prompts) == engine_greedy(LLM(llama_dir), prompts)
@@ -87,12 +89,13 @@ def test_sharded_checkpoint_loads_to_the_same_outputs(tmp_path, tokenizer_dir, l
 def test_logprobs_match_transformers_log_softmax(llama_dir):
     prompt = random_prompts([13], seed=6)[0]
     llm = LLM(llama_dir)
-    out = llm.generate({"prompt_token_ids": prompt},
-                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5))[0].outputs[0]
+    out = llm.generate(
+        {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    )[0].outputs[0]
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([prompt + out.token_ids])).logits[0]
-    ref = torch.log_softmax(logits[len(prompt) - 1:-1].float(), dim=-1)  # [6, vocab]
+    ref = torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)  # [6, vocab]
     for step, (token_id, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         assert len(entry) == 5 + (token_id not in entry)
         top = torch.topk(ref[step], 5)

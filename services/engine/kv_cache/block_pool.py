@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.common.block_hash import ExtraKey
 from services.common.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 PADDING_BLOCK_ID = 0
@@ -37,7 +38,8 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, KVBlock] = OrderedDict(
-            (b.block_id, b) for b in self.blocks if b.block_id != PADDING_BLOCK_ID)
+            (b.block_id, b) for b in self.blocks if b.block_id != PADDING_BLOCK_ID
+        )
         self._cached: dict[int, KVBlock] = {}  # block_hash -> block
         self._events: list[KVEvent] = []
 
@@ -86,15 +88,22 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache_block(self, block: KVBlock, block_hash: int, parent_hash: int | None,
-                    token_ids: tuple[int, ...], extra_keys: tuple[str, ...] = ()) -> None:
+    def cache_block(
+        self,
+        block: KVBlock,
+        block_hash: int,
+        parent_hash: int | None,
+        token_ids: tuple[int, ...],
+        extra_keys: tuple[ExtraKey, ...] = (),
+    ) -> None:
         """Make a full block findable by its hash (first writer wins when two blocks hold the same content)."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
             return
         block.block_hash, block.token_ids = block_hash, token_ids
         self._cached[block_hash] = block
-        self._events.append(BlockStored([block_hash], parent_hash, list(token_ids), len(token_ids),
-                                        [str(k) for k in extra_keys]))
+        # one entry per block, as vLLM's
+        keys: list[list[str] | None] | None = [[str(k) for k in extra_keys]] if extra_keys else None
+        self._events.append(BlockStored([block_hash], parent_hash, list(token_ids), len(token_ids), extra_keys=keys))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no request holds a block."""

@@ -22,6 +22,8 @@ with another image never share KV, while the same image and text do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.common.block_hash import block_extra_keys, hash_request_blocks
 from services.engine.kv_cache.block_pool import BlockPool, KVBlock
 from services.engine.request import Request
@@ -76,10 +78,10 @@ class KVCacheManager:
 
     # --------------------------------------------------------------- allocation
 
-    def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
+    def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock] = ()) -> bool:
         return self._num_blocks_to_take(request, num_new_tokens, computed_blocks) <= self.pool.num_free_blocks
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock] = ()) -> bool:
         """Give the request room for `num_new_tokens` more tokens (after any computed_blocks it adopts).
 
         Returns False, changing nothing, when the pool cannot supply enough blocks.
@@ -124,11 +126,11 @@ class KVCacheManager:
     # --------------------------------------------------------------- internals
 
     @staticmethod
-    def _append(blocks: list[KVBlock], ids: list[int], new_blocks: list[KVBlock]) -> None:
+    def _append(blocks: list[KVBlock], ids: list[int], new_blocks: Sequence[KVBlock]) -> None:
         blocks.extend(new_blocks)
         ids.extend(b.block_id for b in new_blocks)
 
-    def _num_blocks_to_take(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock]) -> int:
+    def _num_blocks_to_take(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock]) -> int:
         held = len(self._blocks.get(request.request_id, ())) + len(computed_blocks)
         num_tokens_after = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_new_blocks = max(0, cdiv(num_tokens_after, self.block_size) - held)
@@ -139,8 +141,12 @@ class KVCacheManager:
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         if len(request.block_hashes) < num_tokens // self.block_size:
             request.block_hashes = hash_request_blocks(
-                request.all_token_ids[:num_tokens], self.block_size, request.cache_salt, request.mm_spans,
-                known_hashes=request.block_hashes)
+                request.all_token_ids[:num_tokens],
+                self.block_size,
+                request.cache_salt,
+                request.mm_spans,
+                known_hashes=request.block_hashes,
+            )
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_prefix_caching:
@@ -153,6 +159,11 @@ class KVCacheManager:
         blocks, tokens, bs = self._blocks[request.request_id], request.all_token_ids, self.block_size
         for i in range(start, num_full):
             parent = request.block_hashes[i - 1] if i > 0 else None
-            self.pool.cache_block(blocks[i], request.block_hashes[i], parent, tuple(tokens[i * bs:(i + 1) * bs]),
-                                  block_extra_keys(i, bs, request.cache_salt, request.mm_spans))
+            self.pool.cache_block(
+                blocks[i],
+                request.block_hashes[i],
+                parent,
+                tuple(tokens[i * bs : (i + 1) * bs]),
+                block_extra_keys(i, bs, request.cache_salt, request.mm_spans),
+            )
         self._num_cached_blocks[request.request_id] = num_full
