@@ -4,21 +4,11 @@ workers from the other."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
-
 import httpx
 import openai
 import pytest
 
-from tests.integration.cluster import ServeProcess, free_port, metric
+from tests.integration.cluster import ServeProcess, metric, ray_head
 
 MODEL = "tristage-tiny"
 
@@ -26,39 +16,8 @@ MODEL = "tristage-tiny"
 @pytest.fixture
 def ray_cluster():
     """A Ray head in its own session (`ray start --block`), killed with its session at the end."""
-    port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("ray")),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--num-cpus=2",
-            '--resources={"colocated": 2}',
-            "--include-dashboard=false",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # until the GCS answers on its port
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-                time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head() as address:
+        yield address
 
 
 def test_two_gateways_share_one_pool_and_survive_each_other(ray_cluster, tmp_path):
