@@ -193,6 +193,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.gateway.app import create_app
     from services.gateway.cluster import ClusterBackend
     from services.gateway.config import GatewayConfig
+    from services.workers.actor import resolve_bind_host
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
     processor = await asyncio.to_thread(_processor, model_dir) if vision_language else None
@@ -200,7 +201,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
         workers,
         model_name=model_name,
         tokenizer=tokenizer,
-        bind_host=config.data_plane_host,
+        bind_host=resolve_bind_host(config.data_plane_host),
         router_policy=config.router_policy,
         processor=processor,
     )

@@ -28,6 +28,17 @@ from services.workers.engine_worker import EngineWorker
 from services.workers.kv_staging import host_identity
 
 
+def resolve_bind_host(host: str) -> str:
+    """The address a process binds its ZeroMQ sockets to: `host`, or for "auto" this Ray node's address
+    (reachable from the other hosts of the cluster). Every process resolves it on its own node: the
+    gateway, and each actor wherever Ray placed it."""
+    if host != "auto":
+        return host
+    import ray
+
+    return str(ray.util.get_node_ip_address())
+
+
 class EngineActor:
     def __init__(
         self,
@@ -41,10 +52,7 @@ class EngineActor:
     ) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
         self.name, self.stage = name, stage
-        if bind_host == "auto":  # reachable from other hosts: this node's address as Ray knows it
-            import ray
-
-            bind_host = ray.util.get_node_ip_address()
+        bind_host = resolve_bind_host(bind_host)
         self.engine = LLMEngine(engine_config)
         # a colocated worker of a vision-language model encodes its requests' images itself
         image_encoder = (
@@ -148,10 +156,7 @@ class EncodeActor:
         from services.workers.encode_worker import EncodeWorker
 
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
-        if bind_host == "auto":
-            import ray
-
-            bind_host = ray.util.get_node_ip_address()
+        bind_host = resolve_bind_host(bind_host)
         if engine_config.model is None:  # the embedded default model is text-only
             raise ValueError("an encode worker needs a vision-language model directory")
         self.name, self.stage = name, "encode"
