@@ -61,7 +61,7 @@ def api_keys_from(arg_keys: list[str] | None) -> tuple[str, ...]:
 
 
 def run(config: ServeConfig) -> int:
-    from services.workers.pool import start_pool, stop_pool
+    from services.workers.pool import PoolUnplaceable, start_pool, stop_pool
 
     model_dir = config.engine.model or str(default_model_path())
     engine_config = replace(config.engine, model=model_dir)
@@ -85,18 +85,21 @@ def run(config: ServeConfig) -> int:
             pools = {"encode": num_encode, **pools}
         engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
         for stage, count in pools.items():
-            workers += start_pool(
-                engine_config,
-                stage,
-                count,
-                bind_host=config.data_plane_host,
-                gpus_per_worker=gpus_per_worker,
-                model_name=name,
-                stage_resources=config.stage_resources,
-                metrics_port=config.worker_metrics_port,
-                kv_staging_bytes=config.kv_staging_bytes,
-                shared=shared,
-            )
+            try:
+                workers += start_pool(
+                    engine_config,
+                    stage,
+                    count,
+                    bind_host=config.data_plane_host,
+                    gpus_per_worker=gpus_per_worker,
+                    model_name=name,
+                    stage_resources=config.stage_resources,
+                    metrics_port=config.worker_metrics_port,
+                    kv_staging_bytes=config.kv_staging_bytes,
+                    shared=shared,
+                )
+            except PoolUnplaceable as exc:
+                raise SystemExit(f"tristage serve: {exc}") from exc
         _check_layouts(workers, model_dir)
         asyncio.run(_serve_http(config, workers, model_dir, name, vision_language))
     finally:

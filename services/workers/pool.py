@@ -9,11 +9,18 @@ Shared pools (a Ray cluster that several gateway replicas join): actors are name
 others attach to the same actors (`get_if_exists`), and a gateway that goes away leaves them to the
 rest. Workers stream to whichever gateway sent a request (its `reply_to`), so they need not know
 how many gateways there are.
+
+Pinning pools to nodes: joined to a Ray cluster, each actor asks for one unit of the resource named
+after its role (`stage_resources`), so it runs only on nodes started with that resource
+(`ray start --resources='{"decode": 2}'`). A pool the cluster cannot place (no node offers its role
+resource, or too few GPUs in all) fails with PoolUnplaceable after RESOURCE_WAIT_S, naming what is
+missing, instead of waiting for ever (an autoscaler may add the nodes in the meantime).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -26,6 +33,13 @@ from services.workers.actor import EncodeActor, EngineActor
 
 MAX_ACTOR_RESTARTS = 3
 RAY_NAMESPACE = "tristage"
+RESOURCE_WAIT_S = 120.0  # how long a pool waits for the cluster to offer what it needs
+RESOURCE_POLL_S = 1.0
+
+
+class PoolUnplaceable(RuntimeError):
+    """The Ray cluster offers too little of a resource a pool needs (in total, not just free now)."""
+
 
 T = TypeVar("T")
 
@@ -59,6 +73,10 @@ def start_pool(
     """Start `count` actors (or, `shared`, attach to those already running under the same names) and
     block until every one has loaded its model (raises if one fails)."""
     on_gpu = engine_config.resolved().device.startswith("cuda")
+    needs = {stage: float(count)} if stage_resources else {}
+    if on_gpu:
+        needs["GPU"] = gpus_per_worker * count
+    wait_for_resources(stage, needs)
     prefix = name_prefix or stage
     actors: list[tuple[str, ray.actor.ActorHandle]] = []
     for i in range(count):
@@ -81,6 +99,26 @@ def start_pool(
         actors.append((name, _handle(proxy)))
     infos = ray.get([actor.info.remote() for _, actor in actors])
     return [WorkerHandle(name, stage, actor, info) for (name, actor), info in zip(actors, infos)]
+
+
+def wait_for_resources(stage: str, needs: dict[str, float], timeout_s: float = RESOURCE_WAIT_S) -> None:
+    """Block until the cluster offers `needs` in total (its nodes' resources, used or not); raise
+    PoolUnplaceable naming the shortfall after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total = ray.cluster_resources()
+        short = {name: (need, total.get(name, 0.0)) for name, need in needs.items() if total.get(name, 0.0) < need}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            missing = ", ".join(
+                f"{name!r}: needs {need:g}, the cluster has {have:g}" for name, (need, have) in short.items()
+            )
+            raise PoolUnplaceable(
+                f"the {stage} pool cannot be placed ({missing}); start nodes that offer it, e.g. "
+                f"`ray start --address HEAD --resources='{{\"{stage}\": N}}'` for a role resource"
+            )
+        time.sleep(RESOURCE_POLL_S)
 
 
 def _handle(proxy: ActorProxy[T]) -> ray.actor.ActorHandle[T]:
