@@ -100,6 +100,9 @@ def _serve(args: argparse.Namespace) -> int:
             "max_queued_tokens": args.max_queued_tokens,
             "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host)),
             "image_reference_cache_bytes": args.image_reference_cache_mib * 2**20,
+            "body_read_timeout_s": args.body_read_timeout_s,
+            "tokenizer_threads": args.tokenizer_threads,
+            "protect_metrics_and_docs": args.protect_metrics_and_docs,
         },
     )
     return serve.run(config)
@@ -183,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     srv.add_argument("--max-queued-requests", type=int, default=256)
     srv.add_argument("--max-queued-tokens", type=int, default=262144)
+    srv.add_argument(
+        "--body-read-timeout-s",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive; a stalled upload gets 408 and its connection "
+        "closed (default 30)",
+    )
+    srv.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=4,
+        help="gateway threads that tokenize prompts, each with its own tokenizer copy (default 4)",
+    )
+    srv.add_argument(
+        "--protect-metrics-and-docs",
+        action="store_true",
+        help="/metrics, /openapi.json and /docs need the API key too (default: open, for scrapers)",
+    )
     _add_engine_args(srv)
     srv.set_defaults(func=_serve)
     return parser

@@ -4,16 +4,18 @@ Routes:
 
     POST /v1/chat/completions, POST /v1/completions    generation (services.gateway.serving)
     GET  /v1/models                                    the served model
-    GET  /health                                       200 while the process serves
-    GET  /ready                                        200 when the backend is ready, else 503
+    GET  /health                                       200 while the process serves (liveness)
+    GET  /ready                                        200 while the backend can serve a request (some
+                                                       engine worker alive: Backend.is_ready), else 503
     GET  /metrics                                      Prometheus text
 
-Every /v1 route requires `Authorization: Bearer KEY` when `config.api_keys` is not empty; the key
-is compared in constant time with every configured key. Every error, from any layer, is answered
-in OpenAI's shape (services.gateway.errors).
+Every /v1 route requires `Authorization: Bearer KEY` when `config.api_keys` is not empty (and so do
+/metrics, /openapi.json and /docs with `config.protect_metrics_and_docs`); the key is compared in
+constant time with every configured key. Every error, from any layer, is answered in OpenAI's shape
+(services.gateway.errors).
 
-The app owns one tokenizer thread: a fast tokenizer called from several threads at once can fail
-("Already borrowed"), and one thread is enough to keep long prompts off the event loop.
+The app owns the tokenizer threads (services.gateway.tokenizer_pool): a few, each with its own
+tokenizer, so long prompts stay off the event loop and cannot hold every core.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -38,24 +39,34 @@ from services.gateway.errors import ApiError, install_error_handlers
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.protocol import ModelCard, ModelList
 from services.gateway.serving import GenerationService
+from services.gateway.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
 
 
-class ApiKeyMiddleware:
-    """Refuses /v1 requests without a configured bearer key (401) before anything is read."""
+# FastAPI's documentation routes and Prometheus' scrape path (protect_metrics_and_docs)
+METRICS_AND_DOCS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+
+class ApiKeyMiddleware:
+    """Refuses /v1 requests (and `protected_paths`) without a configured bearer key (401) before
+    anything is read."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], protected_paths: frozenset[str] = frozenset()) -> None:
         self._app = app
         self._keys = [key.encode("utf-8") for key in api_keys]
+        self._protected_paths = protected_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._keys and _is_api_path(scope["path"]):
+        if scope["type"] == "http" and self._keys and self._is_protected(scope["path"]):
             error = self._check(scope)
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
         await self._app(scope, receive, send)
+
+    def _is_protected(self, path: str) -> bool:
+        return _is_api_path(path) or path in self._protected_paths
 
     def _check(self, scope: Scope) -> ApiError | None:
         header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
@@ -84,20 +95,21 @@ def _auth_error(message: str) -> ApiError:
 def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     admission = AdmissionController(config.max_queued_requests, config.max_queued_tokens)
     metrics = GatewayMetrics(config.served_model_name, admission)
-    tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
-    service = GenerationService(config, backend, admission, metrics, tokenizer_executor)
+    tokenizers = TokenizerPool(backend.tokenizer, backend.processor, config.tokenizer_threads)
+    service = GenerationService(config, backend, admission, metrics, tokenizers)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        tokenizer_executor.shutdown(wait=False, cancel_futures=True)
+        tokenizers.shutdown()
 
     app = FastAPI(title="tristage", lifespan=lifespan)
     app.state.admission = admission
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys)
+    protected_paths = METRICS_AND_DOCS_PATHS if config.protect_metrics_and_docs else frozenset()
+    app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys, protected_paths=protected_paths)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -21,6 +21,14 @@ class GatewayConfig:
     retry_after_s: int = 1  # seconds, sent in Retry-After with 429 and 503
 
     max_body_bytes: int = 16 * MIB  # request body limit in bytes (413 above it)
+    # seconds the whole body may take to arrive; a client stalled mid-upload gets 408 and its
+    # connection closed, instead of holding a connection and a request slot forever
+    body_read_timeout_s: float = 30.0
+    # tokenizer threads (services.gateway.tokenizer_pool): bounds the cores long prompts can take
+    tokenizer_threads: int = 4
+    # /metrics, /openapi.json and /docs need the API key too (when api_keys is not empty); off by
+    # default because Prometheus scrapers usually carry no key
+    protect_metrics_and_docs: bool = False
     max_n: int = 16  # completions per prompt
     max_prompts_per_request: int = 64  # prompts in one /v1/completions batch
     abort_timeout_s: float = 5.0  # seconds to wait for backend.abort after a client leaves
@@ -38,12 +46,19 @@ class GatewayConfig:
             raise ValueError("served_model_name must not be empty")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
-        for name in ("max_queued_requests", "max_queued_tokens", "max_body_bytes", "max_n", "max_prompts_per_request"):
+        for name in (
+            "max_queued_requests",
+            "max_queued_tokens",
+            "max_body_bytes",
+            "max_n",
+            "max_prompts_per_request",
+            "tokenizer_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.image_reference_cache_bytes < 0:
             raise ValueError("image_reference_cache_bytes must be >= 0")
         if self.retry_after_s < 0:
             raise ValueError("retry_after_s must be >= 0")
-        if self.abort_timeout_s <= 0 or self.snapshot_timeout_s <= 0:
-            raise ValueError("abort_timeout_s and snapshot_timeout_s must be positive")
+        if min(self.abort_timeout_s, self.snapshot_timeout_s, self.body_read_timeout_s) <= 0:
+            raise ValueError("abort_timeout_s, snapshot_timeout_s and body_read_timeout_s must be positive")

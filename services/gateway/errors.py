@@ -6,7 +6,9 @@ Status -> type (as OpenAI's API answers):
     401 invalid_request_error           missing or wrong API key (code invalid_api_key)
     404 invalid_request_error           unknown model (code model_not_found) or route (code unknown_url)
     405 invalid_request_error           wrong method (code method_not_allowed)
+    408 invalid_request_error           body not received in time (code request_timeout), connection closed
     413 invalid_request_error           body too large (code request_too_large)
+    415 invalid_request_error           body not declared application/json (code unsupported_media_type)
     429 rate_limit_error                admission refused (code rate_limit_exceeded), with Retry-After
     500 server_error                    anything unexpected (never caused by input)
     503 server_error                    backend not ready (code service_unavailable), with Retry-After

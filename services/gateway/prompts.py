@@ -10,6 +10,10 @@ Length rules (max_model_len is the context length in tokens):
 
 A prompt must leave room for at least one generated token; when max_tokens is given, prompt plus
 max_tokens must fit. When it is not given the backend generates up to the context left.
+
+`check_before_tokenizing` runs on the event loop before admission and refuses, cheaply, what can
+never fit: max_tokens or min_tokens past the context, token ids out of the vocabulary, and text
+whose length alone proves it is too many tokens (services.gateway.length_bound).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from services.common.images import LoadedImage
 from services.common.messages import ImageRef, SamplingSpec
 from services.gateway.backend import PromptImage
 from services.gateway.images import ImageSource
+from services.gateway.length_bound import LengthBound
 from services.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 MAX_IMAGE_UUID_CHARS = 256  # a client's name for an image (ImageSource.uuid)
@@ -40,6 +45,7 @@ class ContextLengthExceeded(InvalidRequestError):
 class ModelLimits:
     max_model_len: int  # tokens
     vocab_size: int
+    length_bound: LengthBound | None = None  # None: no text is refused before it is tokenized
 
 
 def to_sampling_spec(request: ChatCompletionRequest | CompletionRequest) -> SamplingSpec:
@@ -241,6 +247,67 @@ def check_prompt(token_ids: list[int], max_tokens: int | None, limits: ModelLimi
             "the completion). Please reduce the length of the prompt or of max_tokens.",
             param="max_tokens",
         )
+
+
+def check_before_tokenizing(request: ChatCompletionRequest | CompletionRequest, limits: ModelLimits) -> None:
+    """Deployment bounds on the request's numbers and a lower bound on its prompts' length."""
+    max_tokens = request.effective_max_tokens()
+    max_tokens_param = _max_tokens_param(request)
+    if max_tokens is not None and max_tokens >= limits.max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limits.max_model_len} tokens, so {max_tokens_param} "
+            f"must be below it (a prompt needs at least one token); it is {max_tokens}.",
+            param=max_tokens_param,
+        )
+    if (request.min_tokens or 0) >= limits.max_model_len:
+        raise InvalidRequestError(
+            f"min_tokens must be below the model's maximum context length of {limits.max_model_len} tokens",
+            param="min_tokens",
+        )
+    check_stop_token_ids(request, limits.vocab_size)
+    max_prompt_tokens = limits.max_model_len - max(max_tokens or 1, 1)
+    if isinstance(request, ChatCompletionRequest):
+        _check_length_bound([_user_text(request.messages)], max_prompt_tokens, limits, param="messages")
+        return
+    items = _prompt_items(request.prompt)
+    for item in items:
+        if not isinstance(item, str):
+            _check_vocab(item, limits.vocab_size)
+    _check_length_bound([item for item in items if isinstance(item, str)], max_prompt_tokens, limits, "prompt")
+
+
+def _max_tokens_param(request: ChatCompletionRequest | CompletionRequest) -> str:
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def _user_text(messages: list[ChatMessage]) -> str:
+    """The user messages' text, stripped: every chat template renders it (some trim it), whereas
+    system and past assistant turns may be dropped or rewritten by a template."""
+    texts = []
+    for message in messages:
+        if message.role != "user":
+            continue
+        if isinstance(message.content, str):
+            texts.append(message.content.strip())
+        elif message.content is not None:
+            texts.extend(part.text.strip() for part in message.content if part.type == "text" and part.text)
+    return "".join(texts)
+
+
+def _check_length_bound(texts: list[str], max_prompt_tokens: int, limits: ModelLimits, param: str) -> None:
+    if limits.length_bound is None:
+        return
+    for text in texts:
+        min_tokens = limits.length_bound.min_tokens(text, at_least=max_prompt_tokens + 1)
+        if min_tokens > max_prompt_tokens:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limits.max_model_len} tokens. However, your "
+                f"{param} is {len(text)} characters long, which is at least {min_tokens} tokens; at most "
+                f"{max_prompt_tokens} fit. Please reduce the length of the {param}.",
+                param=param,
+            )
 
 
 def check_stop_token_ids(request: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:

@@ -6,7 +6,15 @@ penalties [-2, 2], top_logprobs [0, 20]). Fields OpenAI has and we do not act on
 accepted and ignored (`user`, `metadata`, `store`, ...: unknown fields are ignored) or refused when
 they would change the answer (`echo`, `suffix`, `logit_bias`, `tools`, non-text `response_format`).
 Checks that involve two fields or the deployment (`n` against max_n, `top_logprobs` without
-`logprobs`) live in `check()`, which raises InvalidRequestError naming the field.
+`logprobs`) live in `check()`, which raises InvalidRequestError naming the field; those against the
+model (lengths against max_model_len, token ids against the vocabulary) in
+services.gateway.prompts.check_before_tokenizing.
+
+Every number has an upper and a lower bound here, so no client value can overflow the worker
+messages (msgpack holds at most 64-bit integers; an unbounded `top_k` of 10**23 used to be a 500).
+Counts and token ids are capped statically at INT32_MAX (every context length and vocabulary fits),
+then against the model before tokenizing; `top_k` keeps only the static cap because the sampler
+clamps it to the vocabulary (services.engine.sampler._effective_top_k).
 
 vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
 stop_token_ids, cache_salt, skip_special_tokens, include_stop_str_in_output) are accepted as vLLM
@@ -23,12 +31,17 @@ from services.common.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16  # the engine's limit (services.engine.sampling_params)
+MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids entries; far more than any real use, small on the wire
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1  # static cap on counts and token ids (context lengths and vocabularies fit)
 
 _REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-TokenIds = list[int]
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # n, best_of, max_tokens: then against max_n / the model
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # then against the vocabulary
+TokenIds = list[int]  # prompt token ids: checked against the vocabulary before tokenizing
 
 
 class StreamOptions(BaseModel):
@@ -42,7 +55,7 @@ class _GenerationRequest(BaseModel):
     model_config = _REQUEST_CONFIG
 
     model: str
-    n: int | None = Field(None, ge=1)
+    n: Count | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -51,17 +64,18 @@ class _GenerationRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Count | None = None
     user: str | None = None  # accepted, ignored
-    logit_bias: dict[str, float] | None = None  # refused unless empty
+    # refused unless empty; bounded anyway so no value is ever too large to carry
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
 
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # the sampler clamps it to the vocabulary
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool | None = False
-    min_tokens: int | None = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(0, ge=0, le=INT32_MAX)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     cache_salt: str | None = Field(None, min_length=1)
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
@@ -134,7 +148,7 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None  # refused unless empty
@@ -175,7 +189,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: Count | None = None
 
     @property
     def num_logprobs(self) -> int | None:

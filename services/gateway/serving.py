@@ -1,7 +1,8 @@
 """The two generation endpoints, from HTTP request to HTTP response.
 
-    read body (413) -> parse (400) -> model (404) -> field checks (400) -> backend ready (503)
-      -> admit (429) -> tokenize in the tokenizer thread (400) -> admit prompt tokens (429)
+    Content-Type (415) -> read body (413; 408 past the read timeout) -> parse (400) -> model (404)
+      -> field checks and prompt length bound (400) -> backend ready (503)
+      -> admit (429) -> tokenize in a tokenizer thread (400) -> admit prompt tokens (429)
       -> start the engine requests -> first delta (RequestFailed: its own status)
       -> stream SSE, or collect and answer JSON
 
@@ -19,7 +20,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
 from typing import TypeVar
 
 from fastapi import Request
@@ -37,10 +37,11 @@ from services.gateway.errors import ApiError, ClientGone, internal_error, parse_
 from services.gateway.generation import Arrival, Generation
 from services.gateway.image_fetch import RemoteFetcher
 from services.gateway.images import ImageReferences, load_images, reference_scope
+from services.gateway.length_bound import LengthBound
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompts import (
     ModelLimits,
-    check_stop_token_ids,
+    check_before_tokenizing,
     image_sources,
     to_sampling_spec,
     tokenize_chat,
@@ -58,6 +59,7 @@ from services.gateway.responses import (
     UsageCounter,
     error_event,
 )
+from services.gateway.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,34 @@ GenerationRequest = ChatCompletionRequest | CompletionRequest
 PARSE_INLINE_MAX_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
 
 
-async def read_body(request: Request, max_body_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed the limit."""
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared `application/json` (charset, if given, utf-8: JSON is UTF-8)."""
+    media_type, *params = (part.strip().lower() for part in request.headers.get("content-type", "").split(";"))
+    charsets = [value.strip('"') for name, _, value in (p.partition("=") for p in params) if name.strip() == "charset"]
+    if media_type != "application/json" or any(charset not in ("utf-8", "utf8") for charset in charsets):
+        raise ApiError(
+            415,
+            "Unsupported Content-Type: the body must be JSON, sent with 'Content-Type: application/json'.",
+            code="unsupported_media_type",
+        )
+
+
+async def read_body(request: Request, max_body_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed the limit, and with 408 when
+    it has not all arrived within `timeout_s` (the answer then closes the connection: the body was
+    not read to its end)."""
+    try:
+        return await asyncio.wait_for(_read_body(request, max_body_bytes), timeout_s)
+    except asyncio.TimeoutError as exc:  # TimeoutError itself only from Python 3.11
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {timeout_s:g} seconds.",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from exc
+
+
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
     too_large = ApiError(
         413, f"The request body exceeds the limit of {max_body_bytes} bytes.", code="request_too_large"
     )
@@ -139,14 +167,18 @@ class GenerationService:
         backend: Backend,
         admission: AdmissionController,
         metrics: GatewayMetrics,
-        tokenizer_executor: Executor,
+        tokenizers: TokenizerPool,
     ) -> None:
         self._config = config
         self._backend = backend
         self._admission = admission
         self._metrics = metrics
-        self._executor = tokenizer_executor
-        self._limits = ModelLimits(max_model_len=backend.max_model_len, vocab_size=backend.vocab_size)
+        self._tokenizers = tokenizers
+        self._limits = ModelLimits(
+            max_model_len=backend.max_model_len,
+            vocab_size=backend.vocab_size,
+            length_bound=LengthBound.from_tokenizer(backend.tokenizer),
+        )
         self._image_fetcher = RemoteFetcher()  # one TLS context for every remote image
         self._validated_images = ValidatedImages()  # bytes seen and checked before are not decoded again
         self._image_references = ImageReferences(config.image_reference_cache_bytes)  # images named by uuid
@@ -197,7 +229,8 @@ class GenerationService:
                 ticket.release()
 
     async def _parse(self, http_request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
-        body = await read_body(http_request, self._config.max_body_bytes)
+        check_json_content_type(http_request)
+        body = await read_body(http_request, self._config.max_body_bytes, self._config.body_read_timeout_s)
         try:
             if len(body) <= PARSE_INLINE_MAX_BYTES:
                 return schema.model_validate_json(body)
@@ -210,7 +243,7 @@ class GenerationService:
             raise ApiError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
         try:
             request.check(self._config.max_n)
-            check_stop_token_ids(request, self._limits.vocab_size)
+            check_before_tokenizing(request, self._limits)
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
         if not self._backend.is_ready():
@@ -240,22 +273,16 @@ class GenerationService:
     ) -> tuple[list[list[int]], list[PromptImage]]:
         """The prompts' token ids, and the images of a vision-language chat (fetched and checked here;
         images named by uuid are the ones this credential sent under it)."""
-        tokenizer = self._backend.tokenizer
-        loop = asyncio.get_running_loop()
+        tokenizers = self._tokenizers
         try:
             if not isinstance(request, ChatCompletionRequest):
-                return await loop.run_in_executor(
-                    self._executor,
-                    tokenize_completion,
-                    tokenizer,
-                    request,
-                    self._limits,
-                    self._config.max_prompts_per_request,
+                return await tokenizers.run_with_tokenizer(
+                    tokenize_completion, request, self._limits, self._config.max_prompts_per_request
                 ), []
             processor = self._backend.processor
             sources = image_sources(request.messages) if processor is not None else []
             if not sources:  # a text model refuses image parts in tokenize_chat
-                return [await loop.run_in_executor(self._executor, tokenize_chat, tokenizer, request, self._limits)], []
+                return [await tokenizers.run_with_tokenizer(tokenize_chat, request, self._limits)], []
             loaded = await load_images(
                 sources,
                 self._config.image_policy,
@@ -264,8 +291,8 @@ class GenerationService:
                 references=self._image_references,
                 scope=reference_scope(credential, request.cache_salt),
             )
-            token_ids, images = await loop.run_in_executor(
-                self._executor, tokenize_chat_with_images, processor, request, self._limits, loaded
+            token_ids, images = await tokenizers.run_with_processor(
+                tokenize_chat_with_images, request, self._limits, loaded
             )
             return [token_ids], images
         except InvalidRequestError as exc:

@@ -20,17 +20,21 @@ import pytest
 import transformers
 import uvicorn
 
+from services.common.codec import MessageCodec
 from services.common.messages import (
     CompletionDelta,
+    GenerateRequest,
     PositionLogprobs,
     RequestDelta,
     RequestError,
     SamplingSpec,
     TokenLogprob,
+    WorkerInbound,
 )
 from services.gateway.app import create_app
 from services.gateway.backend import ClusterStats, RequestFailed, WorkerSnapshot
 from services.gateway.config import GatewayConfig
+from services.gateway.tokenizer_pool import TokenizerPool
 
 MODEL = "fake-model"
 API_KEY = "sk-test-key"
@@ -144,6 +148,7 @@ class RecordingTokenizer:
 
     def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
+        self.backend_tokenizer = tokenizer.backend_tokenizer  # the gateway's prompt length bound reads it
         self.threads: list[str] = []
 
     def apply_chat_template(self, *args, **kwargs):
@@ -697,3 +702,110 @@ def test_metrics(served, client, http):
     assert 'tristage:request_migrations_total{model_name="fake-model"} 1.0' in text
     assert 'tristage:router_decisions_total{model_name="fake-model",policy="preble",reason="explore"} 2.0' in text
     assert 'tristage:gateway_requests_in_flight{model_name="fake-model"} 0.0' in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening: bounds, cheap length check, Content-Type, body timeout, protected metrics and docs
+
+
+def test_extreme_accepted_values_encode(client, served):
+    """The largest values the gateway accepts still fit the worker message (msgpack: 64-bit integers)."""
+    _, backend, _ = served
+    client.completions.create(
+        model=MODEL,
+        prompt=[1, 1023],
+        max_tokens=1,
+        seed=-(2**63),
+        extra_body={"top_k": 2**31 - 1, "stop_token_ids": [1023] * 1024, "min_tokens": 1},
+    )
+    _, prompt, sampling, _ = backend.requests[-1]
+    codec: MessageCodec[WorkerInbound] = MessageCodec(WorkerInbound)
+    message = GenerateRequest(request_id="r", prompt_token_ids=prompt, sampling=sampling, reply_to="inproc://r")
+    assert codec.decode(codec.encode(message)) == message
+
+
+def test_huge_prompts_do_not_stall_a_small_request(served):
+    asyncio.run(_huge_prompts_do_not_stall_a_small_request(*served))
+
+
+async def _huge_prompts_do_not_stall_a_small_request(app, backend, base_url) -> None:
+    huge = json.dumps({"model": MODEL, "prompt": "word " * 3_000_000}).encode()  # 15 MB, under the 16 MiB limit
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as http:
+        large = [asyncio.create_task(http.post("/v1/completions", content=huge)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # the uploads are under way
+        start = time.monotonic()
+        small = await http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        elapsed_s = time.monotonic() - start
+        replies = await asyncio.gather(*large)
+    assert small.status_code == 200 and small.json()["choices"][0]["text"] == _word(0) * 2
+    # tokenizing one such prompt alone takes seconds; refused by length, none is tokenized
+    assert elapsed_s < 3.0, elapsed_s
+    for reply in replies:
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["code"] == "context_length_exceeded", error
+        assert error["param"] == "prompt" and "characters long" in error["message"]
+    assert len(backend.requests) == 1
+
+
+def test_json_with_charset_is_accepted(http):
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
+    reply = http.post("/v1/completions", content=body, headers={"Content-Type": "Application/JSON; charset=UTF-8"})
+    assert reply.status_code == 200, reply.text
+
+
+def test_stalled_upload_gets_408_and_is_closed(hf_tokenizer):
+    app = create_app(GatewayConfig(served_model_name=MODEL, body_read_timeout_s=0.3), FakeBackend(hf_tokenizer))
+    with running_server(app) as base_url:
+        host, port = base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            head = (
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 100\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b'{"model": ')  # ... and nothing more
+            start = time.monotonic()
+            received = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                received += chunk
+            assert time.monotonic() - start < 3.0
+        status_line, _, rest = received.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 408 Request Timeout", received
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+        wait_until(lambda: counters_are_zero(app))
+
+
+def test_metrics_and_docs_open_by_default(served):
+    base_url = served[2]
+    for path in ("/metrics", "/openapi.json", "/docs"):
+        assert httpx.get(base_url + path).status_code == 200, path
+
+
+def test_protect_metrics_and_docs(hf_tokenizer):
+    config = GatewayConfig(served_model_name=MODEL, api_keys=(API_KEY,), protect_metrics_and_docs=True)
+    with running_server(create_app(config, FakeBackend(hf_tokenizer))) as base_url:
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            refused = httpx.get(base_url + path)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", path
+            allowed = httpx.get(base_url + path, headers={"Authorization": f"Bearer {API_KEY}"})
+            assert allowed.status_code == 200, path
+        assert httpx.get(base_url + "/health").status_code == 200  # probes stay open
+
+
+def test_tokenizer_threads_each_have_their_own_tokenizer(hf_tokenizer):
+    pool = TokenizerPool(hf_tokenizer, None, num_threads=2)
+    both_busy = threading.Barrier(2)
+
+    def encode(tokenizer, text: str) -> tuple[int, list[int]]:
+        both_busy.wait(5)  # two tasks at once: two threads
+        return id(tokenizer), tokenizer.encode(text)
+
+    async def run_two():
+        return await asyncio.gather(*(pool.run_with_tokenizer(encode, "Say hello") for _ in range(2)))
+
+    try:
+        (first_id, first_ids), (second_id, second_ids) = asyncio.run(run_two())
+    finally:
+        pool.shutdown()
+    assert id(hf_tokenizer) in (first_id, second_id) and first_id != second_id  # the original, and a copy
+    assert first_ids == second_ids == hf_tokenizer.encode("Say hello")

@@ -237,6 +237,86 @@ CASES = [
     Case("unknown_route", {}, 404, BAD, None, path="/v1/nothing-here"),
     Case("wrong_method", None, 405, BAD, None, method="GET"),
     Case("wrong_method_models", {}, 405, BAD, None, path="/v1/models"),
+    # deployment bounds, before tokenizing
+    Case(
+        "max_completion_tokens_beyond_context",
+        lambda t: _chat(t, max_completion_tokens=t.max_model_len),
+        400,
+        BAD,
+        "max_completion_tokens",
+        code="context_length_exceeded",
+    ),
+    Case(
+        "min_tokens_beyond_context",
+        lambda t: _chat(t, max_tokens=None, min_tokens=t.max_model_len),
+        400,
+        BAD,
+        "min_tokens",
+    ),
+    Case("stop_token_ids_too_many", {"stop_token_ids": [1] * 1025}, 400, BAD, "stop_token_ids"),
+    Case("logit_bias_value_out_of_range", {"logit_bias": {"50": 101}}, 400, BAD, "logit_bias"),
+    # Content-Type: JSON only
+    Case(
+        "content_type_text", {}, 415, BAD, None, headers={"Content-Type": "text/plain"}, code="unsupported_media_type"
+    ),
+    Case("content_type_missing", {}, 415, BAD, None, headers={"Content-Type": ""}, code="unsupported_media_type"),
+    Case(
+        "content_type_form",
+        {},
+        415,
+        BAD,
+        None,
+        path=COMPLETIONS,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
+    Case("content_type_latin1", {}, 415, BAD, None, headers={"Content-Type": "application/json; charset=latin-1"}),
+]
+
+# Every number of both request schemas, at +-10**23: far past int64 (msgpack's limit) and every
+# float range. Each must be refused with 400 naming its field, never reach the backend as a 500.
+HUGE = 10**23
+NUMERIC_FIELDS = {
+    CHAT: {
+        "n": lambda v: {"n": v},
+        "seed": lambda v: {"seed": v},
+        "temperature": lambda v: {"temperature": v},
+        "top_p": lambda v: {"top_p": v},
+        "presence_penalty": lambda v: {"presence_penalty": v},
+        "frequency_penalty": lambda v: {"frequency_penalty": v},
+        "max_tokens": lambda v: {"max_tokens": v},
+        "max_completion_tokens": lambda v: {"max_completion_tokens": v},
+        "top_logprobs": lambda v: {"logprobs": True, "top_logprobs": v},
+        "logit_bias": lambda v: {"logit_bias": {"50": v}},
+        "top_k": lambda v: {"top_k": v},
+        "min_p": lambda v: {"min_p": v},
+        "repetition_penalty": lambda v: {"repetition_penalty": v},
+        "min_tokens": lambda v: {"min_tokens": v},
+        "stop_token_ids": lambda v: {"stop_token_ids": [v]},
+    },
+    COMPLETIONS: {
+        "n": lambda v: {"n": v},
+        "best_of": lambda v: {"best_of": v},
+        "seed": lambda v: {"seed": v},
+        "temperature": lambda v: {"temperature": v},
+        "top_p": lambda v: {"top_p": v},
+        "presence_penalty": lambda v: {"presence_penalty": v},
+        "frequency_penalty": lambda v: {"frequency_penalty": v},
+        "max_tokens": lambda v: {"max_tokens": v},
+        "logprobs": lambda v: {"logprobs": v},
+        "logit_bias": lambda v: {"logit_bias": {"50": v}},
+        "top_k": lambda v: {"top_k": v},
+        "min_p": lambda v: {"min_p": v},
+        "repetition_penalty": lambda v: {"repetition_penalty": v},
+        "min_tokens": lambda v: {"min_tokens": v},
+        "stop_token_ids": lambda v: {"stop_token_ids": [v]},
+        "prompt": lambda v: {"prompt": [1, v]},
+    },
+}
+NUMERIC_CASES = [
+    Case(f"{'chat' if path == CHAT else 'completions'}_{name}_{sign}", fields(value), 400, BAD, name, path=path)
+    for path, by_name in NUMERIC_FIELDS.items()
+    for name, fields in by_name.items()
+    for sign, value in (("huge", HUGE), ("minus_huge", -HUGE), ("huge_float", float(HUGE)))
 ]
 
 
@@ -262,6 +342,11 @@ def _headers(case: Case, target: Target) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input(target: Target, case: Case):
+    check_case(target, case)
+
+
+@pytest.mark.parametrize("case", NUMERIC_CASES, ids=[case.name for case in NUMERIC_CASES])
+def test_numeric_bounds(target: Target, case: Case):
     check_case(target, case)
 
 
