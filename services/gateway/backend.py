@@ -76,7 +76,9 @@ class Backend(Protocol):
     processor: object | None
 
     def is_ready(self) -> bool:
-        """Every worker pool is up."""
+        """The backend can serve a request now (GET /ready; the gateway refuses requests with 503 while
+        not). For a cluster: at least one engine worker is alive, not every pool (a missing stage degrades
+        to whole placements on the survivors)."""
         ...
 
     def generate(

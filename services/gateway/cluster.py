@@ -28,6 +28,16 @@ policy, from the prefix index and the workers' load. Colocated pools: one worker
 request. Disaggregated pools: the prefill worker computes the prompt and the first token and ships the
 KV to the decode worker, which streams the rest to this gateway; requests with n > 1 go to a decode
 worker whole.
+
+Degrade, don't fail: the router knows only the workers this gateway holds alive, so placement skips a
+worker from the health check that finds it down until the one that finds it back. A request placed on
+it before that (the detection window: up to health_interval_s after a crash, HEALTH_TIMEOUT_S more for
+a stopped process) is in its in_flight set and migrates with the rest. A worker gone quiet (no state
+message and no info() answer for STATE_STALE_S) is skipped before the health check decides
+(Router.suspend_worker), so a stopped process catches new requests for STATE_STALE_S at most. With a
+whole stage down the router places requests whole on the survivors ("fallback_whole"); /ready stays
+200 while any engine worker is alive (is_ready), so one unavailable worker costs clients time, never
+an error.
 """
 
 from __future__ import annotations
@@ -91,12 +101,19 @@ class _WorkerLink:
     state_address: str = ""  # the worker state socket the SUB task reads ("": none yet)
     state_task: asyncio.Task | None = None
     last_state_at: float = float("-inf")  # monotonic time of its last state message
+    last_info_at: float = field(default_factory=time.monotonic)  # ... and of its last answer to info()
     kv_feed: KVEventFeed | None = None  # engine workers: their KV events into the router's index
 
     @property
     def streaming(self) -> bool:
         """Its state stream is live: its stats and admitted requests arrive as they happen."""
         return time.monotonic() - self.last_state_at < STATE_STALE_S
+
+    @property
+    def quiet(self) -> bool:
+        """Neither its state stream (a heartbeat a second) nor Ray's info() has heard from it for
+        STATE_STALE_S: stopped or stuck, or only slow; the health check has not decided yet."""
+        return time.monotonic() - max(self.last_state_at, self.last_info_at) >= STATE_STALE_S
 
 
 @dataclass(eq=False)
@@ -177,7 +194,14 @@ class ClusterBackend:
         self._context.term()
 
     def is_ready(self) -> bool:
-        return all(link.alive for link in self._links)
+        """The cluster can serve: at least one engine worker is alive (each runs a whole engine, and the
+        router places requests whole on the survivors of a missing stage). /health is the process alone.
+
+        Not required: every pool whole (a dead or restarting worker costs clients time, not errors), nor
+        a live encoder. Readiness gates every request (text ones too), so one encode pool down would
+        refuse them all; instead an image request finds no encoder at placement and gets its own 503.
+        """
+        return any(link.alive for link in self._links if link.handle.stage != "encode")
 
     @property
     def num_streams(self) -> int:
@@ -203,12 +227,16 @@ class ClusterBackend:
         )
         links, message, encoders = self._place(message)
         stream = _Stream(message, links, images=list(images))
+        # registered before the first await: a worker found down from here on migrates this stream
+        # (_migrate_streams), so a request sent to a dead worker's socket in the window before the
+        # health check notices is resent to a live one, not lost
         self._streams[request_id] = stream
         for link in links:
             link.in_flight.add(request_id)
         try:
             await self._send_images(stream, encoders)
-            await links[0].socket.send_multipart(self._outbound.encode(message))
+            if stream.message is message:  # else a migration during the image sends has sent it already
+                await links[0].socket.send_multipart(self._outbound.encode(message))
             if not links[0].streaming:  # else the worker's admitted message acknowledges it (_on_admitted)
                 self.router.acknowledge(request_id)
             pending: dict[int, RequestDelta] = {}  # n == 1 deltas that arrived ahead of their turn
@@ -266,7 +294,9 @@ class ClusterBackend:
 
     def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest, list[_WorkerLink]]:
         """The router's choice (and each image's encoder); disaggregated n == 1 requests get the decode
-        worker as their KV target."""
+        worker as their KV target. The router knows only live workers (a worker found down leaves it
+        until it is back), so with a whole stage down it places the request whole on a survivor
+        (prefill_worker == decode_worker, reason "fallback_whole") and only an empty cluster refuses."""
         spans = [MultiModalSpan(i.content_hash, i.offset, i.length) for i in message.images]
         route = RouteRequest(
             request_id=message.request_id,
@@ -276,6 +306,7 @@ class ClusterBackend:
             image_hashes=[i.content_hash for i in message.images] if self._encoders else (),
             mm_spans=spans,
         )
+        self._suspend_quiet_workers()
         try:
             placement = self.router.place(route)
         except NoWorkerAvailable as exc:
@@ -311,6 +342,21 @@ class ClusterBackend:
             worker=decode.handle.name, kv_address=kv_address, host_id=decode.handle.info.host_id
         )
         return [prefill, decode], message, encoders
+
+    def _suspend_quiet_workers(self) -> None:
+        """Placement skips a live engine worker gone quiet (_WorkerLink.quiet) until it is heard from again.
+        A stopped worker is thus avoided after STATE_STALE_S, not only once the health check's info() call
+        times out (HEALTH_TIMEOUT_S later); a merely slow one is used again at its next heartbeat."""
+        for link in self._links:
+            if not link.alive or link.kv_feed is None:  # down: out of the router already; encoders: not judged
+                continue
+            name, suspended = link.handle.name, link.handle.name in self.router.suspended
+            if link.quiet and not suspended:
+                logger.warning("worker %s has gone quiet: placement avoids it until it is heard from", name)
+                self.router.suspend_worker(name)
+            elif not link.quiet and suspended:
+                logger.info("worker %s is heard from again: placement uses it", name)
+                self.router.resume_worker(name)
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -356,6 +402,7 @@ class ClusterBackend:
                     link.kv_feed.reset()
                 await self._migrate_streams(link)
             return
+        link.last_info_at = time.monotonic()
         if info.input_address != link.address:  # restarted by Ray: a new process with new sockets
             logger.info("worker %s is back at %s", link.handle.name, info.input_address)
             link.socket.close(linger=0)  # reconnect first: the new process may take its own requests back
@@ -369,6 +416,7 @@ class ClusterBackend:
             link.handle.info = info
             self._subscribe(link)
         if not link.alive:
+            logger.info("worker %s is up again: placement uses it", link.handle.name)
             self.router.add_worker(link.handle.name, link.handle.stage)
         link.alive = True
         if not link.streaming:
@@ -487,6 +535,10 @@ class ClusterBackend:
                 if link is not dead:
                     link.in_flight.discard(request_id)
                     self._send_abort(link, request_id)
+            # a worker found down may only be stopped or stuck (SIGSTOP, a long pause), not dead: its socket
+            # delivers in order, so this abort reaches it after the request, and a worker that comes back
+            # in the same process drops the request instead of serving (or handing off) a second copy
+            self._send_abort(dead, request_id)
             target = self._resume_target(stream)
             if target is None:
                 stream.queue.put_nowait(

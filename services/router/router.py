@@ -22,6 +22,21 @@ colocated mode one list serves both stages and decode = prefill; the policy choo
 workers with room, or among all of them when none has (the engine queues the request until its
 own blocks free up, so a full colocated cluster queues rather than refuses).
 
+Degrade, don't fail. Every engine worker runs a whole engine: a prefill worker serves a request
+that names no KV target to its end, and a decode worker computes a prompt itself. So when a
+disaggregated cluster has lost a whole stage (the gateway has removed every prefill worker, or
+every decode worker: down, or restarting), place() puts the request whole on a survivor, as a
+colocated cluster would (prefill_worker == decode_worker, reason "fallback_whole"): the worker
+holding the longest prefix among those with room (else among all: its engine queues), then the
+least loaded. Only an empty cluster raises NoWorkerAvailable. A capacity refusal stays one: a live
+decode pool without room refuses rather than overloading a prefill worker.
+
+Suspended workers. A worker that has gone quiet (stopped, stuck) but is not yet found down stays in
+its pool, with its cache and load, and is skipped (`suspend_worker`, until `resume_worker`): its
+stage's other workers take its placements, or the survivors of the other stage whole when it was the
+last one. When every engine worker is suspended they are all used anyway: a slow worker's queue costs
+time, a refusal an error.
+
 Hits are predicted as the engine counts them (whole blocks, never the block of the last prompt
 token): matched_tokens is the best any prefill worker offers, predicted_hit_tokens what the chosen
 one offers. observe_hit reports what the worker really reused, for the predicted-versus-observed
@@ -100,8 +115,12 @@ POLICIES: Mapping[str, Callable[[RouterConfig], Policy]] = {
 }
 
 
+FALLBACK_WHOLE = "fallback_whole"  # the decision reason of a whole placement on a stage's survivors
+
+
 class NoWorkerAvailable(RuntimeError):
-    """No worker can take the request now: a pool is empty, or no decode worker has KV room."""
+    """No worker can take the request now: no engine worker is left, an image has no encode worker,
+    or no decode worker has KV room."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +182,7 @@ class Router:
         self.prefill_workers = list(prefill_workers)
         self.decode_workers = list(decode_workers)
         self.encode_workers = list(encode_workers)
+        self.suspended: set[str] = set()  # workers in a pool that placement skips for now (suspend_worker)
         self.block_size = block_size
         self.config = config
         self.policy = POLICIES[policy_name](config)
@@ -184,21 +204,24 @@ class Router:
     def place(self, request: RouteRequest) -> Placement:
         query = self._prefill_request(request)
         need_blocks = self._kv_blocks_needed(query.num_prompt_tokens, request.max_tokens)
-        if not self.prefill_workers:
-            raise NoWorkerAvailable("no prefill worker")
+        prefill_workers, decode_workers = self._placeable_pools()
+        if not prefill_workers and not decode_workers:
+            raise NoWorkerAvailable("no prefill or decode worker")
         if request.image_hashes and not self.encode_workers:
             raise NoWorkerAvailable("the request has images and there is no encode worker")
         index_match = self.index.match(query.block_hashes)
+        if not self.colocated and not (prefill_workers and decode_workers):
+            return self._place_whole(request, query, index_match, need_blocks, prefill_workers or decode_workers)
         if self.colocated:
-            candidates = self._with_room(self.prefill_workers, need_blocks) or self.prefill_workers
+            candidates = self._with_room(prefill_workers, need_blocks) or prefill_workers
             decision = self.policy.choose_prefill(query, candidates, index_match, self.load)
             decode_worker = decision.worker
         else:
-            decode_worker = self._choose_decode(need_blocks)  # before any state changes: it may refuse
-            decision = self.policy.choose_prefill(query, self.prefill_workers, index_match, self.load)
+            decode_worker = self._choose_decode(decode_workers, need_blocks)  # before any state changes: it may refuse
+            decision = self.policy.choose_prefill(query, prefill_workers, index_match, self.load)
         encode_workers = self._choose_encoders(request)
         predicted = query.hit_tokens(index_match.get(decision.worker, 0))
-        matched = query.hit_tokens(max((index_match.get(w, 0) for w in self.prefill_workers), default=0))
+        matched = query.hit_tokens(max((index_match.get(w, 0) for w in prefill_workers), default=0))
         self._account(
             request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks, predicted
         )
@@ -208,6 +231,37 @@ class Router:
         return Placement(
             decision.worker, decode_worker, self.policy.name, decision.reason, matched, predicted, encode_workers
         )
+
+    def _placeable_pools(self) -> tuple[list[str], list[str]]:
+        """(prefill, decode) pools without the suspended workers; the whole pools when that leaves none."""
+        prefill = [w for w in self.prefill_workers if w not in self.suspended]
+        decode = [w for w in self.decode_workers if w not in self.suspended]
+        if prefill or decode:
+            return prefill, decode
+        return self.prefill_workers, self.decode_workers
+
+    def _place_whole(
+        self,
+        request: RouteRequest,
+        query: PrefillRequest,
+        index_match: Mapping[str, int],
+        need_blocks: int,
+        survivors: Sequence[str],
+    ) -> Placement:
+        """A disaggregated cluster missing a stage: the request whole on one of `survivors`, the other stage's
+        placeable workers (see the module docstring). The policy is not asked: its state (rotation,
+        rebalancing) describes the prefill pool."""
+        candidates = self._with_room(survivors, need_blocks) or survivors
+        weight = self.config.least_load.running_weight
+        worker = min(candidates, key=lambda w: (-index_match.get(w, 0), least_load_cost(self.load.get(w), weight), w))
+        encode_workers = self._choose_encoders(request)
+        predicted = query.hit_tokens(index_match.get(worker, 0))
+        matched = query.hit_tokens(max((index_match.get(w, 0) for w in survivors), default=0))
+        self._account(request.request_id, query.num_prompt_tokens, worker, worker, need_blocks, predicted)
+        self.index.add_pending(request.request_id, worker, query.block_hashes)
+        self._remember(request.request_id)
+        self.decisions[self.policy.name, FALLBACK_WHOLE] += 1
+        return Placement(worker, worker, self.policy.name, FALLBACK_WHOLE, matched, predicted, encode_workers)
 
     def _prefill_request(self, request: RouteRequest) -> PrefillRequest:
         if request.block_hashes is not None:
@@ -238,9 +292,9 @@ class Router:
     def _with_room(self, workers: Sequence[str], need_blocks: int) -> list[str]:
         return [w for w in workers if self.load.get(w).num_free_blocks >= need_blocks]
 
-    def _choose_decode(self, need_blocks: int) -> str:
+    def _choose_decode(self, decode_workers: Sequence[str], need_blocks: int) -> str:
         best, best_score = None, 0.0
-        for worker in self.decode_workers:
+        for worker in decode_workers:
             load = self.load.get(worker)
             if load.num_free_blocks < need_blocks:
                 continue
@@ -249,7 +303,7 @@ class Router:
                 best, best_score = worker, score
         if best is None:
             raise NoWorkerAvailable(
-                f"no decode worker has {need_blocks} free KV blocks" if self.decode_workers else "no decode worker"
+                f"no decode worker has {need_blocks} free KV blocks" if decode_workers else "no decode worker"
             )
         return best
 
@@ -328,7 +382,8 @@ class Router:
         `max_tokens` (disaggregated mode) size the decode estimate as place() does. Records the
         pending block claims on `prefill_worker` and the in-flight estimates (prefill tokens net
         of what `prefill_worker` already holds or claims; decode room and one decoding sequence on
-        `decode_worker`, or on `prefill_worker` in colocated mode). No decision is counted, no hit
+        `decode_worker`, or on `prefill_worker` in colocated mode and when `prefill_worker` is a decode
+        worker serving the request whole: n > 1, or a fallback). No decision is counted, no hit
         predicted, no policy state touched. The estimates and claims are reconciled like local
         ones: `acknowledge`, `release`, snapshots, events and the TTLs. With `acknowledged` (the
         default: the report comes from the worker, which has accepted the request) the prefill
@@ -336,14 +391,17 @@ class Router:
         prefill_worker).
 
         Returns False, changing nothing, for a request id this router already knows (one it placed,
-        or a repeated report) and for a worker outside its prefill pool; True when recorded.
+        or a repeated report) and for a worker outside its prefill and decode pools; True when recorded.
         Raises ValueError when the blocks do not fit the prompt.
         """
-        if request_id in self._request_ids or prefill_worker not in self.prefill_workers:
+        serves_whole = prefill_worker in self.decode_workers  # a decode worker computing the prompt itself
+        if request_id in self._request_ids or not (prefill_worker in self.prefill_workers or serves_whole):
             return False
         query = self._checked(PrefillRequest(request_id, block_hashes, num_prompt_tokens, self.block_size))
         hit_tokens = query.hit_tokens(self.index.match(block_hashes).get(prefill_worker, 0))
-        known_decode_worker = decode_worker if decode_worker in self.decode_workers else None
+        known_decode_worker = prefill_worker if serves_whole else None
+        if decode_worker in self.decode_workers:
+            known_decode_worker = decode_worker
         self._add_inflight(
             request_id,
             num_prompt_tokens - hit_tokens,
@@ -394,12 +452,23 @@ class Router:
         for pool in pools:
             if worker not in pool:
                 pool.append(worker)
+        self.suspended.discard(worker)
+
+    def suspend_worker(self, worker: str) -> None:
+        """Skip `worker` in placement (it has gone quiet) but keep its pool, cache entries and load: unlike
+        remove_worker, nothing is forgotten, since it may only be slow. Undone by resume_worker."""
+        self.suspended.add(worker)
+
+    def resume_worker(self, worker: str) -> None:
+        """Place on `worker` again (it was heard from)."""
+        self.suspended.discard(worker)
 
     def remove_worker(self, worker: str) -> None:
         """Forget a worker that left or died: its pools, cache entries, pending claims and load."""
         for pool in (self.prefill_workers, self.decode_workers, self.encode_workers):
             if worker in pool:
                 pool.remove(worker)
+        self.suspended.discard(worker)
         self.index.remove_worker(worker)
         self.content_index.remove_worker(worker)
         self.load.remove_worker(worker)

@@ -112,8 +112,20 @@ def wait_until_idle(base_url: str, timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
+def actor_pid(proc: ServeProcess, worker: str) -> int:
+    """The worker's process id, from its start-up line (Ray forwards actor logs to the driver, with a delay)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for line in reversed(proc.log):
+            m = re.search(rf"\(EngineActor pid=(\d+)\).*{worker} serving on", line)
+            if m:
+                return int(m.group(1))
+        time.sleep(0.2)
+    raise AssertionError(f"no pid for {worker} in the log: {[line for line in proc.log if 'serving' in line]}")
+
+
 def wait_until_ready(base_url: str, timeout_s: float = 90.0) -> None:
-    """Until /ready answers 200 (every worker up, e.g. after Ray restarted one)."""
+    """Until /ready answers 200 (the cluster can serve: some engine worker is up)."""
     deadline = time.monotonic() + timeout_s
     while httpx.get(base_url + "/ready").status_code != 200:
         assert time.monotonic() < deadline, "the cluster did not become ready again"

@@ -10,7 +10,7 @@ import pytest
 
 from services.engine import LLM, SamplingParams
 from services.engine.default_model import default_model_path
-from tests.integration.cluster import ServeProcess, metric, wait_until_idle, wait_until_ready
+from tests.integration.cluster import ServeProcess, actor_pid, metric, wait_until_idle, wait_until_ready
 
 MODEL = "tristage-tiny"
 
@@ -65,18 +65,6 @@ def test_n_greater_than_one_is_served_whole_by_a_decode_worker(cluster):
     assert len(out.choices) == 3 and len({c.text for c in out.choices}) == 1
 
 
-def _actor_pid(proc, worker):
-    """The worker's process id, from its start-up line (Ray forwards actor logs to the driver, with a delay)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        for line in reversed(proc.log):
-            m = re.search(rf"\(EngineActor pid=(\d+)\).*{worker} serving on", line)
-            if m:
-                return int(m.group(1))
-        time.sleep(0.2)
-    raise AssertionError(f"no pid for {worker} in the log: {[line for line in proc.log if 'serving' in line]}")
-
-
 def _wait_until_reconnected(proc, worker, timeout_s: float = 90.0) -> None:
     """Until the gateway has found the worker's restarted process. /ready alone is not enough: Ray may
     restart the actor before a health check sees it down, and the gateway only learns of the new
@@ -103,7 +91,7 @@ def test_a_worker_killed_mid_stream_costs_the_client_nothing_but_time(cluster, v
     try:
         for i, chunk in enumerate(stream):
             if i == 5:
-                os.kill(_actor_pid(proc, victim), signal.SIGKILL)
+                os.kill(actor_pid(proc, victim), signal.SIGKILL)
             if chunk.choices:
                 parts.append(chunk.choices[0].text)
                 finish = chunk.choices[0].finish_reason or finish

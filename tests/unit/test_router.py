@@ -222,9 +222,62 @@ def test_remove_worker_takes_it_out_of_its_pool_index_and_load():
     assert router.index.match(hash_request_blocks(prompt, BLOCK)) == {}
     placement = router.place(route("b", prompt))
     assert (placement.prefill_worker, placement.matched_tokens) == ("p0", 0)
+    router.remove_worker("p0")  # no prefill worker left: the decode workers serve whole (see below)
+    assert router.place(route("c", prompt)).reason == "fallback_whole"
+
+
+def test_a_missing_stage_places_requests_whole_on_the_survivors():
+    prompt = tokens(40)
+    router = make_router("preble")
+    cache(router, "d1", prompt, 9)  # decode workers publish KV events too
+    snapshot(router, "d0", "decode", running=0)
+    snapshot(router, "d1", "decode", running=3)
     router.remove_worker("p0")
-    with pytest.raises(NoWorkerAvailable, match="prefill"):
-        router.place(route("c", prompt))
+    router.remove_worker("p1")
+    # the longest prefix wins over load among the survivors with room
+    placement = router.place(route("a", prompt))
+    assert (placement.prefill_worker, placement.decode_worker, placement.reason) == ("d1", "d1", "fallback_whole")
+    assert (placement.matched_tokens, placement.predicted_hit_tokens) == (36, 36)
+    # the whole request's load on the one worker: the prompt's uncached 4 tokens, a waiting request,
+    # ceil((40 + 8) / 4) = 12 KV blocks and a decoding sequence
+    assert router.load.get("d1") == WorkerLoad("d1", "decode", 3, 1, 0.0, 988, 4, 1)
+    placement = router.place(route("b", tokens(40, family=1)))  # no hit anywhere: the least loaded
+    assert (placement.prefill_worker, placement.decode_worker) == ("d0", "d0")
+    snapshot(router, "d0", "decode", free=3)  # no room on d0: d1 even though it is busier
+    assert router.place(route("c", tokens(8, family=2))).prefill_worker == "d1"
+    assert router.stats().decisions[("preble", "fallback_whole")] == 3
+
+    # the other way round: prefill workers serve whole while no decode worker is up
+    router = make_router("round_robin")
+    router.remove_worker("d0")
+    router.remove_worker("d1")
+    snapshot(router, "p0", running=2)
+    placement = router.place(route("d", prompt))
+    assert (placement.prefill_worker, placement.decode_worker, placement.reason) == ("p1", "p1", "fallback_whole")
+    router.add_worker("d0", "decode")  # the stage is back: disaggregated again, by the policy
+    placement = router.place(route("e", prompt))
+    assert (placement.decode_worker, placement.reason) == ("d0", "round_robin")
+    for worker in ("p0", "p1", "d0"):
+        router.remove_worker(worker)
+    with pytest.raises(NoWorkerAvailable, match="no prefill or decode worker"):
+        router.place(route("f", prompt))
+
+
+def test_a_suspended_worker_is_skipped_but_not_forgotten():
+    prompt = tokens(40)
+    router = make_router("prefix_affinity")
+    cache(router, "p1", prompt, 9)
+    router.suspend_worker("p1")  # quiet: its stage's other worker takes its placements, cache or not
+    assert router.place(route("a", prompt)).prefill_worker == "p0"
+    router.suspend_worker("p0")  # the whole stage quiet: the decode workers serve whole
+    assert router.place(route("b", prompt)).reason == "fallback_whole"
+    router.suspend_worker("d0")
+    router.suspend_worker("d1")  # everything quiet: used anyway (a queue, not a refusal)
+    assert router.place(route("c", prompt)).prefill_worker == "p1"
+    for worker in ("p0", "p1", "d0", "d1"):
+        router.resume_worker(worker)
+    assert router.index.match(hash_request_blocks(prompt, BLOCK))["p1"] >= 9  # its cache entries were kept
+    assert router.place(route("d", prompt)).reason == "cache_hit" and not router.suspended
 
 
 def test_a_refused_placement_leaves_the_policy_untouched():

@@ -255,3 +255,14 @@ def test_a_remote_placement_on_a_colocated_worker_counts_its_decode_there():
     assert load.num_free_blocks == (1 << 40) - 35 and router.load.get("p0").num_decoding == 0
     placement = place(router, "y", prompt(1, 1))
     assert (placement.prefill_worker, placement.decode_worker, placement.reason) == ("p1", "p1", "exploit")
+
+
+def test_a_remote_request_served_whole_by_a_decode_worker_counts_there():
+    """n > 1, or another gateway's fallback while no prefill worker is up: the decode worker computes the prompt."""
+    router = make_router("preble")
+    hashes = blocks_of(prompt(1, 0))
+    assert router.record_remote_placement("x", "d1", hashes, 544, max_tokens=8)
+    load = router.load.get("d1")
+    assert (load.queued_prefill_tokens, load.num_waiting, load.num_decoding) == (544, 1, 1)
+    assert load.num_free_blocks == (1 << 40) - 35 and router.index.pending_blocks("d1") == dict.fromkeys(hashes, 1)
+    assert not router.record_remote_placement("y", "d9", hashes, 544)  # in no pool here
