@@ -136,6 +136,19 @@ class TransferCounters(msgspec.Struct, frozen=True, kw_only=True):
     num_failures: int  # refused, timed out, or lease expired
     num_fallbacks: int  # requests a decode worker recomputed instead of importing their KV
     seconds: SecondsHistogramSnapshot  # one request's KV, first byte to acknowledgement
+    # of bytes_sent / bytes_received, those staged in shared memory on one host (the rest went as frames)
+    bytes_sent_shared_memory: int = 0
+    bytes_received_shared_memory: int = 0
+
+    def bytes_by_path(self) -> list[tuple[str, str, int]]:
+        """(end, path, bytes) for tristage:kv_transfer_path_bytes_total: end "sent" or "received",
+        path "shared_memory" or "frames"."""
+        return [
+            ("sent", "shared_memory", self.bytes_sent_shared_memory),
+            ("sent", "frames", self.bytes_sent - self.bytes_sent_shared_memory),
+            ("received", "shared_memory", self.bytes_received_shared_memory),
+            ("received", "frames", self.bytes_received - self.bytes_received_shared_memory),
+        ]
 
 
 class EncodeStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -48,6 +48,7 @@ class WorkerSnapshot:
     kv_transfer_fallbacks: int = 0  # recomputed by a decode worker
     kv_transfer_seconds_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound s, cumulative count)
     kv_transfer_seconds_sum: float = 0.0
+    kv_transfer_bytes_by_path: tuple[tuple[str, str, int], ...] = ()  # (end, path, bytes): TransferCounters
     # encode workers (zero elsewhere)
     encode_seconds_buckets: tuple[tuple[float, int], ...] = ()  # one batch of images through the tower
     encode_seconds_sum: float = 0.0

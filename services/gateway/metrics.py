@@ -16,6 +16,7 @@ vLLM's names where the meaning matches, so existing dashboards work:
     vllm:prefix_cache_queries / _hits (tokens), vllm:num_preemptions        per worker (counters)
     tristage:kv_transfer_bytes_total / _failures_total / _fallbacks_total     per worker (counters)
     tristage:kv_transfer_seconds        histogram  per worker: one request's KV, first byte to last
+    tristage:kv_transfer_path_bytes_total  per worker, end (sent, received) and path (shared_memory, frames)
     tristage:encode_latency_seconds     histogram  per encode worker: one batch of images through the tower
     tristage:embedding_cache_queries_total / _hits_total, tristage:embedding_transfer_bytes_total
                                         counters   per encode worker
@@ -161,6 +162,11 @@ class _WorkerCollector(Collector):
         transfer_seconds = HistogramMetricFamily(
             "tristage:kv_transfer_seconds", "One request's KV transfer.", labels=_WORKER_LABELS
         )
+        transfer_path_bytes = CounterMetricFamily(
+            "tristage:kv_transfer_path_bytes",
+            "KV bytes by end (sent, received) and path (shared_memory on one host, frames over ZeroMQ).",
+            labels=(*_WORKER_LABELS, "end", "path"),
+        )
         encode_latency = HistogramMetricFamily(
             "tristage:encode_latency_seconds",
             "One batch of images through the vision tower.",
@@ -188,6 +194,8 @@ class _WorkerCollector(Collector):
             counters["transfer_bytes"].add_metric(labels, worker.kv_transfer_bytes)
             counters["transfer_failures"].add_metric(labels, worker.kv_transfer_failures)
             counters["transfer_fallbacks"].add_metric(labels, worker.kv_transfer_fallbacks)
+            for end, path, num_bytes in worker.kv_transfer_bytes_by_path:
+                transfer_path_bytes.add_metric([*labels, end, path], num_bytes)
             if worker.kv_transfer_seconds_buckets:
                 buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.kv_transfer_seconds_buckets]
                 transfer_seconds.add_metric(labels, buckets, worker.kv_transfer_seconds_sum)
@@ -200,6 +208,7 @@ class _WorkerCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
         yield transfer_seconds
+        yield transfer_path_bytes
         yield encode_latency
         yield from encode.values()
         yield from self._cluster_metrics()

@@ -109,6 +109,8 @@ class EngineActor:
         counters = TransferCounters(
             bytes_sent=transfer.bytes_sent,
             bytes_received=transfer.bytes_received,
+            bytes_sent_shared_memory=transfer.bytes_sent_shared_memory,
+            bytes_received_shared_memory=transfer.bytes_received_shared_memory,
             num_transfers_completed=transfer.transfers_completed,
             num_failures=transfer.failures,
             num_fallbacks=transfer.fallbacks,

@@ -202,6 +202,8 @@ class KVReceiver:
                 self.engine.import_kv(header.request_id, layer, group[offset])
                 entry.layers_done.add(layer)
         self.stats.bytes_received += data.numel()
+        if header.staging is not None:
+            self.stats.bytes_received_shared_memory += data.numel()
         if len(entry.layers_done) < layout.num_layers:
             return None
         del self._imports[header.request_id]

@@ -140,6 +140,8 @@ class KVSender:
                 group = shipment.groups.popleft()
                 self._send_group(sockets, group.header, None if group.header.staging else group.payload)
                 self.stats.bytes_sent += group.payload.numel()
+                if group.header.staging is not None:
+                    self.stats.bytes_sent_shared_memory += group.payload.numel()
             if not shipment.groups and shipment.holds_blocks:
                 self.engine.release_kv(shipment.transfer.request_id)  # the bytes are in staging now
                 shipment.holds_blocks = False

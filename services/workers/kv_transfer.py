@@ -61,6 +61,9 @@ class TransferStats:
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    # of those, the bytes that went through shared-memory staging on one host (the rest: frames)
+    bytes_sent_shared_memory: int = 0
+    bytes_received_shared_memory: int = 0
     transfers_completed: int = 0
     failures: int = 0  # refused, timed out, or lease expired
     fallbacks: int = 0  # decode recomputed the prompt instead

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 MAX_WORKERS_PER_HOST = 64
 
 LABELS = ["model_name", "stage", "worker"]
+PATH_BYTES_HELP = "KV bytes by end (sent, received) and path (shared_memory on one host, frames over ZeroMQ)."
 
 
 class WorkerCollector(Collector):
@@ -59,6 +60,10 @@ def _scheduler_families(scheduler: SchedulerStats, values: list[str]) -> Iterato
 
 def _transfer_families(transfer: TransferCounters, values: list[str]) -> Iterator[Metric]:
     yield _counter("tristage:kv_transfer_bytes", "KV bytes sent to decode workers.", values, transfer.bytes_sent)
+    by_path = CounterMetricFamily("tristage:kv_transfer_path_bytes", PATH_BYTES_HELP, labels=[*LABELS, "end", "path"])
+    for end, path, num_bytes in transfer.bytes_by_path():
+        by_path.add_metric([*values, end, path], num_bytes)
+    yield by_path
     yield _counter(
         "tristage:kv_transfer_failures", "KV transfers refused, timed out or unacked.", values, transfer.num_failures
     )

@@ -117,5 +117,11 @@ def test_metrics_show_transfers_and_router_decisions(cluster):
     text = httpx.get(proc.base_url + "/metrics").text
     assert metric(text, "tristage:kv_transfer_bytes_total") > 0
     assert metric(text, "tristage:kv_transfer_seconds_count") > 0
+    # both ends count, by path: prefill and decode share this host, so the bytes went through shared memory
+    shared = set()
+    for labels, value in re.findall(r"^tristage:kv_transfer_path_bytes_total\{([^}]*)\} (\S+)$", text, re.M):
+        if 'path="shared_memory"' in labels and float(value) > 0:
+            shared.add(re.search(r'end="(\w+)"', labels).group(1))
+    assert shared == {"sent", "received"}, [line for line in text.splitlines() if "path_bytes" in line]
     assert metric(text, "tristage:router_decisions_total") > 0
     assert "tristage:router_predicted_hit_tokens_total" in text and "tristage:request_migrations_total" in text

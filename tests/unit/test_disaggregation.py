@@ -217,6 +217,19 @@ def test_a_decode_worker_that_cannot_read_the_staging_file_is_sent_frames_from_t
         cluster.close()
 
 
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_kv_bytes_are_counted_at_both_ends_by_path(llama_dir, delivery):
+    cluster = Cluster(llama_dir, delivery=delivery)
+    try:
+        cluster.generate(prompts_with_shared_prefix()[:2], max_tokens=4)
+        sent, received = cluster.prefill.transfer_stats, cluster.decode.transfer_stats
+        assert received.bytes_received == sent.bytes_sent > 0
+        shared_bytes = sent.bytes_sent if delivery == "shared memory" else 0
+        assert sent.bytes_sent_shared_memory == received.bytes_received_shared_memory == shared_bytes
+    finally:
+        cluster.close()
+
+
 def _unreadable(name, offset, nbytes):
     raise ValueError(f"staging buffer {name} is not on this host")
 
