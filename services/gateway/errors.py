@@ -12,6 +12,9 @@ Status -> type (as OpenAI's API answers):
     429 rate_limit_error                admission refused (code rate_limit_exceeded), with Retry-After
     500 server_error                    anything unexpected (never caused by input)
     503 server_error                    backend not ready (code service_unavailable), with Retry-After
+
+A worker's RequestError is answered the same way: the type follows its status, and the worker's own
+label (service_unavailable, internal_error) becomes the code, in a stream's error event too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from services.gateway.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {429: "rate_limit_error"}
+OPENAI_ERROR_TYPES = frozenset({"invalid_request_error", "rate_limit_error", "server_error"})
 
 
 def error_type(status: int) -> str:
@@ -64,8 +68,14 @@ class ApiError(Exception):
         return cls(400, exc.message, param=exc.param, code=getattr(exc, "code", None))
 
     @classmethod
-    def from_request_error(cls, error: RequestError) -> ApiError:
-        return cls(error.status, error.message, param=error.param, type=error.type)
+    def from_request_error(cls, error: RequestError, retry_after_s: int | None = None) -> ApiError:
+        """A worker's or the cluster's refusal in OpenAI's terms: the type follows the status (a worker's
+        own label, e.g. "service_unavailable", becomes the code), and a 429 or 503 says when to retry."""
+        code = None if error.type in OPENAI_ERROR_TYPES else error.type
+        headers = (
+            {"Retry-After": str(retry_after_s)} if retry_after_s is not None and error.status in (429, 503) else None
+        )
+        return cls(error.status, error.message, param=error.param, code=code, headers=headers)
 
     def body(self) -> dict:
         return ErrorResponse(error=self.info).model_dump()

@@ -315,7 +315,7 @@ class GenerationService:
         usage = UsageCounter()
 
         async def collect() -> None:
-            while (item := await _next_delta(generation)) is not None:
+            while (item := await _next_delta(generation, self._config.retry_after_s)) is not None:
                 first_choice, delta = item
                 usage.add(first_choice, delta)
                 for completion in delta.completions:
@@ -328,17 +328,18 @@ class GenerationService:
     async def _stream(
         self, http_request: Request, request: GenerationRequest, generation: Generation, formatter: Formatter
     ) -> Response:
-        first = await until_disconnected(http_request, _next_delta(generation))
+        first = await until_disconnected(http_request, _next_delta(generation, self._config.retry_after_s))
         events = _stream_events(first, generation, formatter, request.include_usage)
         return _EventStream(events, on_close=generation.close, headers={"X-Request-Id": formatter.header.request_id})
 
 
-async def _next_delta(generation: Generation):
-    """The next delta; a backend refusal becomes the ApiError it describes."""
+async def _next_delta(generation: Generation, retry_after_s: int | None = None):
+    """The next delta; a backend refusal becomes the ApiError it describes (with Retry-After, given
+    `retry_after_s`, when it is a 429 or 503 answered before the response starts)."""
     try:
         return await generation.next_delta()
     except RequestFailed as exc:
-        raise ApiError.from_request_error(exc.error) from exc
+        raise ApiError.from_request_error(exc.error, retry_after_s) from exc
 
 
 async def _stream_events(

@@ -504,6 +504,46 @@ def test_sync_client_completion_stream(client):
     assert text == _word(0) * 4
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cluster_refusal_is_answered_in_openai_terms_with_retry_after(served, http, stream):
+    _, backend, _ = served
+    backend.fail_with = RequestError(
+        request_id="x",
+        message="no worker can take this request now; retry later",
+        type="service_unavailable",
+        status=503,
+    )
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": stream}
+    reply = http.post("/v1/completions", json=body)
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+    assert reply.json()["error"] == {
+        "message": "no worker can take this request now; retry later",
+        "type": "server_error",
+        "param": None,
+        "code": "service_unavailable",
+    }
+
+
+def test_a_worker_error_mid_stream_has_openai_s_type_and_the_worker_s_label_as_code(served, http):
+    _, backend, _ = served
+    backend.fail_after_steps = 2
+    backend.mid_stream_error = RequestFailed(
+        RequestError(request_id="x", message="worker w stopped; retry", type="service_unavailable", status=503)
+    )
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        payloads = sse_payloads(response)
+    assert payloads[-2] == {
+        "error": {
+            "message": "worker w stopped; retry",
+            "type": "server_error",
+            "param": None,
+            "code": "service_unavailable",
+        }
+    }
+
+
 def test_error_mid_stream(served, http, client):
     _, backend, _ = served
     backend.fail_after_steps = 2
