@@ -77,7 +77,6 @@ class EngineWorker:
             raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
         self.engine = engine
         self.name = name
-        self.role = role
         self.host_id = host_identity()
         self._context = zmq.Context(io_threads=KV_STREAMS if role != "colocated" else 1)
         self._input = configure(self._context.socket(zmq.PULL))

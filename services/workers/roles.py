@@ -110,7 +110,6 @@ class Resumed:
     request: GenerateRequest
     kv_imported: bool
     multi_modal: MultiModalInputs | None = None
-    reason: str = ""  # why it is recomputed
 
 
 class DecodeRole:
@@ -150,7 +149,7 @@ class DecodeRole:
         for resume in resumes:  # recompute here: the stream continues after the tokens already sent
             self.stats.fallbacks += 1
             logger.warning("recomputing %s: %s", resume.transfer.request_id, resume.reason)
-            resumed.append(Resumed(resume.transfer.request, False, resume.multi_modal, resume.reason))
+            resumed.append(Resumed(resume.transfer.request, False, resume.multi_modal))
         return resumed
 
     def abort(self, request_id: str) -> None:
