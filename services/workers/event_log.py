@@ -9,6 +9,12 @@ having seen every batch.
 
     batches:  [seq 40][seq 41] ... [seq 40 + MAX_BATCHES - 1]     (older ones dropped)
 
+Bounded twice: by batches (MAX_BATCHES) and by what they hold (MAX_ENTRIES block hashes and token ids
+in all), because a batch's size follows the prompts: 4,096 batches of long prompts' BlockStored
+events held tens of MiB of Python ints, and a worker's memory grew for minutes before the batch
+bound stopped it. An entry costs about 36 bytes (an int and its list slot), so MAX_ENTRIES is
+about 9 MiB; a router that falls further behind than that reads a snapshot instead.
+
 Thread safety: the loop thread appends and publishes; Ray's threads read. One lock guards the deque
 and the next number.
 """
@@ -24,15 +30,27 @@ from services.common.control import KVEventReplay, KVEventSnapshot, KVEventsRepl
 from services.common.kv_events import KVEvent, KVEventBatch
 
 MAX_BATCHES = 4096
+MAX_ENTRIES = 262_144  # block hashes plus token ids held by all retained batches
+
+
+def _num_entries(batch: KVEventBatch) -> int:
+    return sum(len(getattr(e, "block_hashes", ())) + len(getattr(e, "token_ids", ())) for e in batch.events)
 
 
 class KVEventLog:
     def __init__(
-        self, snapshot: Callable[[], list[int]], max_batches: int = MAX_BATCHES, clock: Callable[[], float] = time.time
+        self,
+        snapshot: Callable[[], list[int]],
+        max_batches: int = MAX_BATCHES,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = MAX_ENTRIES,
     ) -> None:
         self._snapshot = snapshot  # the cached block hashes, as of now
         self._clock = clock  # a batch's `ts`: seconds since the epoch, as vLLM stamps it
-        self._batches: deque[KVEventBatch] = deque(maxlen=max_batches)  # numbered _next_seq - len .. _next_seq - 1
+        self._max_batches, self._max_entries = max_batches, max_entries
+        self._batches: deque[KVEventBatch] = deque()  # numbered _next_seq - len .. _next_seq - 1
+        self._entries: deque[int] = deque()  # _num_entries of each batch, in step with _batches
+        self.num_entries = 0  # their sum: invariant <= max_entries unless one batch alone is larger
         self._next_seq = 0
         self._lock = threading.Lock()
 
@@ -44,9 +62,19 @@ class KVEventLog:
     def append(self, events: list[KVEvent]) -> None:
         if not events:
             return
+        batch = KVEventBatch(ts=self._clock(), events=events)
+        entries = _num_entries(batch)
         with self._lock:
-            self._batches.append(KVEventBatch(ts=self._clock(), events=events))
+            self._batches.append(batch)
+            self._entries.append(entries)
+            self.num_entries += entries
             self._next_seq += 1
+            # drop the oldest until both bounds hold; the newest batch always stays
+            while len(self._batches) > 1 and (
+                len(self._batches) > self._max_batches or self.num_entries > self._max_entries
+            ):
+                self._batches.popleft()
+                self.num_entries -= self._entries.popleft()
 
     def read(self, next_seq: int | None) -> KVEventsReply:
         """The batches from `next_seq` on (none when the reader is up to date), or a snapshot when the
