@@ -12,6 +12,7 @@ import sys
 import time
 
 from services.engine.config import DTYPES, EngineConfig
+from services.gateway.hosts import default_allowed_hosts
 from services.gateway.images import ImagePolicy
 
 
@@ -97,7 +98,13 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         gateway_options={
             "max_queued_requests": args.max_queued_requests,
+            "max_queued_sequences": args.max_queued_sequences,
             "max_queued_tokens": args.max_queued_tokens,
+            "max_queued_prompt_bytes": args.max_queued_prompt_mib * 2**20,
+            "max_connections": args.max_connections,
+            "header_read_timeout_s": args.header_read_timeout_s,
+            "keep_alive_timeout_s": args.keep_alive_timeout_s,
+            "allowed_hosts": allowed_hosts_from(args.allowed_hosts, args.host),
             "image_policy": ImagePolicy(allowed_hosts=tuple(args.image_url_allow_host)),
             "image_reference_cache_bytes": args.image_reference_cache_mib * 2**20,
             "body_read_timeout_s": args.body_read_timeout_s,
@@ -106,6 +113,13 @@ def _serve(args: argparse.Namespace) -> int:
         },
     )
     return serve.run(config)
+
+
+def allowed_hosts_from(arg: str | None, bind_host: str) -> tuple[str, ...] | None:
+    """--allowed-hosts as a tuple; without it, the loopback names when binding loopback, else any host."""
+    if arg is None:
+        return default_allowed_hosts(bind_host)
+    return tuple(name.strip() for name in arg.split(",") if name.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,8 +198,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted API key (repeatable; default: $TRISTAGE_API_KEYS, else no auth)",
     )
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    srv.add_argument("--max-queued-requests", type=int, default=256)
-    srv.add_argument("--max-queued-tokens", type=int, default=262144)
+    srv.add_argument(
+        "--max-queued-requests", type=int, default=256, help="requests waiting for their first token (429 above)"
+    )
+    srv.add_argument(
+        "--max-queued-sequences",
+        type=int,
+        default=1024,
+        help="sequences (n x prompts) waiting for their first token (429 above; default 1024)",
+    )
+    srv.add_argument(
+        "--max-queued-tokens", type=int, default=262144, help="prompt tokens waiting for their first token"
+    )
+    srv.add_argument(
+        "--max-queued-prompt-mib",
+        type=int,
+        default=16,
+        help="MiB of prompt text admitted and waiting to be tokenized (429 above; default 16)",
+    )
+    srv.add_argument(
+        "--max-connections",
+        type=int,
+        default=2048,
+        help="HTTP connections served at once; one more gets a 503 with Retry-After and is closed (default 2048)",
+    )
+    srv.add_argument(
+        "--header-read-timeout-s",
+        type=float,
+        default=10.0,
+        help="seconds a request head may take to arrive before its connection is closed (default 10)",
+    )
+    srv.add_argument(
+        "--keep-alive-timeout-s",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default 5)",
+    )
+    srv.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host header names accepted ('*.example.com' for subdomains, '*' any); "
+        "others get 400. Default: with a loopback --host, only localhost, 127.0.0.1 and [::1] (a web "
+        "page could otherwise drive a local server through DNS rebinding); any host otherwise",
+    )
     srv.add_argument(
         "--body-read-timeout-s",
         type=float,

@@ -196,6 +196,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.gateway.app import create_app
     from services.gateway.cluster import ClusterBackend
     from services.gateway.config import GatewayConfig
+    from services.gateway.http_server import uvicorn_options
     from services.workers.actor import resolve_bind_host
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
@@ -223,6 +224,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
             port=config.port,
             log_level="warning",
             timeout_graceful_shutdown=int(config.drain_timeout_s) + 5,
+            **uvicorn_options(app),  # connection cap, request-head and keep-alive timeouts
         ),
         backend,
         config.drain_timeout_s,

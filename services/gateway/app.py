@@ -11,8 +11,13 @@ Routes:
 
 Every /v1 route requires `Authorization: Bearer KEY` when `config.api_keys` is not empty (and so do
 /metrics, /openapi.json and /docs with `config.protect_metrics_and_docs`); the key is compared in
-constant time with every configured key. Every error, from any layer, is answered in OpenAI's shape
-(services.gateway.errors).
+constant time with every configured key. With `config.allowed_hosts`, a request naming another host
+gets 400 before anything else (services.gateway.hosts). Every error, from any layer, is answered in
+OpenAI's shape (services.gateway.errors).
+
+Connection limits live in the HTTP server, not here: run the app under uvicorn with
+`services.gateway.http_server.uvicorn_options(app)`, which counts connections against
+`app.state.connections`.
 
 The app owns the tokenizer threads (services.gateway.tokenizer_pool): a few, each with its own
 tokenizer, so long prompts stay off the event loop and cannot hold every core.
@@ -26,18 +31,22 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway.admission import AdmissionController
 from services.gateway.backend import Backend, WorkerSnapshot
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, install_error_handlers
+from services.gateway.hosts import HostCheckMiddleware
+from services.gateway.http_server import ConnectionCap
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.protocol import ModelCard, ModelList
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from services.gateway.serving import GenerationService
 from services.gateway.tokenizer_pool import TokenizerPool
 
@@ -93,8 +102,15 @@ def _auth_error(message: str) -> ApiError:
 
 
 def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
-    admission = AdmissionController(config.max_queued_requests, config.max_queued_tokens)
+    admission = AdmissionController(
+        config.max_queued_requests,
+        config.max_queued_tokens,
+        config.max_queued_sequences,
+        config.max_queued_prompt_bytes,
+    )
     metrics = GatewayMetrics(config.served_model_name, admission)
+    connections = ConnectionCap(config.max_connections, on_refused=lambda: metrics.count_rejection("connections"))
+    metrics.track_connections(connections)
     tokenizers = TokenizerPool(backend.tokenizer, backend.processor, config.tokenizer_threads)
     service = GenerationService(config, backend, admission, metrics, tokenizers)
     created = int(time.time())
@@ -105,11 +121,17 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
         tokenizers.shutdown()
 
     app = FastAPI(title="tristage", lifespan=lifespan)
+    app.state.config = config
     app.state.admission = admission
     app.state.metrics = metrics
+    app.state.connections = connections
     install_error_handlers(app)
     protected_paths = METRICS_AND_DOCS_PATHS if config.protect_metrics_and_docs else frozenset()
     app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys, protected_paths=protected_paths)
+    if config.allowed_hosts is not None:  # added last: runs first
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
+
+    _document_request_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -146,6 +168,31 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
         return Response(content=metrics.render(snapshot, backend.cluster_stats()), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _document_request_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+    """The generation routes read their bodies themselves (strict parsing, every error a 400 in
+    OpenAI's shape, never FastAPI's 422), so FastAPI cannot see their schemas: add each body's schema
+    to /openapi.json, for clients' code generators and for the fuzzing in
+    tests/integration/test_schemathesis.py."""
+    build_default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build_default()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in bodies.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _snapshot(backend: Backend, timeout_s: float) -> list[WorkerSnapshot]:

@@ -14,11 +14,29 @@ class GatewayConfig:
     served_model_name: str  # the only `model` value requests may name; listed by /v1/models
     api_keys: tuple[str, ...] = ()  # accepted bearer keys on /v1 routes; empty: no authentication
 
-    # Admission. A request is queued from the moment it is admitted until its first token arrives
-    # (or it ends); a new request that would push either total past its limit is refused with 429.
+    # Admission (services.gateway.admission). A request is queued from the moment it is admitted until
+    # its first token arrives (or it ends); a new request that would push a total past its limit is
+    # refused with 429, unless nothing else holds any of that budget.
     max_queued_requests: int = 256  # requests
+    # sequences (n x prompts) of the queued requests; the default fits the largest request allowed,
+    # max_prompts_per_request x max_n, and four times max_queued_requests' worth of n=1 requests
+    max_queued_sequences: int = 1024
     max_queued_tokens: int = 262144  # prompt tokens of the queued requests
+    # UTF-8 bytes of prompt text admitted and not yet tokenized (what waits for the tokenizer threads);
+    # the default equals max_body_bytes, so a largest request passes alone, and is ~10x the text a full
+    # token budget holds, so it binds only on prompts far beyond what the tokens would admit
+    max_queued_prompt_bytes: int = 16 * MIB
     retry_after_s: int = 1  # seconds, sent in Retry-After with 429 and 503
+
+    # HTTP server (services.gateway.http_server): connections served at once (one past the cap gets a
+    # 503 with Retry-After and is closed), seconds a request head may take to arrive, and seconds an
+    # idle keep-alive connection is kept
+    max_connections: int = 2048
+    header_read_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    # Host header names accepted (services.gateway.hosts): None accepts any; `tristage serve` passes
+    # the loopback names when it binds a loopback address (DNS rebinding)
+    allowed_hosts: tuple[str, ...] | None = None
 
     max_body_bytes: int = 16 * MIB  # request body limit in bytes (413 above it)
     # seconds the whole body may take to arrive; a client stalled mid-upload gets 408 and its
@@ -48,7 +66,10 @@ class GatewayConfig:
             raise ValueError("api_keys must not contain an empty key")
         for name in (
             "max_queued_requests",
+            "max_queued_sequences",
             "max_queued_tokens",
+            "max_queued_prompt_bytes",
+            "max_connections",
             "max_body_bytes",
             "max_n",
             "max_prompts_per_request",
@@ -60,5 +81,14 @@ class GatewayConfig:
             raise ValueError("image_reference_cache_bytes must be >= 0")
         if self.retry_after_s < 0:
             raise ValueError("retry_after_s must be >= 0")
-        if min(self.abort_timeout_s, self.snapshot_timeout_s, self.body_read_timeout_s) <= 0:
-            raise ValueError("abort_timeout_s, snapshot_timeout_s and body_read_timeout_s must be positive")
+        for name in (
+            "abort_timeout_s",
+            "snapshot_timeout_s",
+            "body_read_timeout_s",
+            "header_read_timeout_s",
+            "keep_alive_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.allowed_hosts is not None and not all(self.allowed_hosts):
+            raise ValueError("allowed_hosts must not contain an empty name")

@@ -26,7 +26,10 @@ vLLM's names where the meaning matches, so existing dashboards work:
     tristage:router_load_imbalance      gauge      busiest / least busy prefill worker by load cost
     tristage:admission_rejections_total counter    by reason ("requests", "tokens", "not_ready")
     tristage:gateway_requests_in_flight gauge      admitted and not yet ended
-    tristage:gateway_queued_requests / _queued_prompt_tokens   gauges: waiting for their first token
+    tristage:gateway_queued_requests / _queued_sequences / _queued_prompt_tokens
+                                        gauges     waiting for their first token
+    tristage:gateway_queued_prompt_bytes gauge     prompt text admitted and not yet tokenized
+    tristage:gateway_open_connections   gauge      HTTP connections served (counted against max_connections)
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from services.gateway.admission import AdmissionController
 from services.gateway.backend import ClusterStats, WorkerSnapshot
+from services.gateway.http_server import ConnectionCap
 
 TTFT_BUCKETS_S = (
     0.001,
@@ -304,13 +308,30 @@ class GatewayMetrics:
             "Prompt tokens of the requests waiting for their first token.",
             "num_queued_tokens",
         )
+        self._gauge(
+            admission,
+            "tristage:gateway_queued_sequences",
+            "Sequences (n x prompts) of the requests waiting for their first token.",
+            "num_queued_sequences",
+        )
+        self._gauge(
+            admission,
+            "tristage:gateway_queued_prompt_bytes",
+            "UTF-8 bytes of prompt text admitted and not yet tokenized.",
+            "num_queued_prompt_bytes",
+        )
         self._workers = _WorkerCollector(model_name)
         self.registry.register(self._workers)
         ProcessCollector(registry=self.registry)
 
-    def _gauge(self, admission: AdmissionController, name: str, documentation: str, attribute: str) -> None:
+    def track_connections(self, connections: ConnectionCap) -> None:
+        self._gauge(connections, "tristage:gateway_open_connections", "HTTP connections served at once.", "num_open")
+
+    def _gauge(
+        self, source: AdmissionController | ConnectionCap, name: str, documentation: str, attribute: str
+    ) -> None:
         gauge = Gauge(name, documentation, ("model_name",), registry=self.registry)
-        gauge.labels(self._model_name).set_function(lambda: getattr(admission, attribute))
+        gauge.labels(self._model_name).set_function(lambda: getattr(source, attribute))
 
     def observe_first_token(self, ttft_s: float) -> None:
         self._ttft.observe(ttft_s)

@@ -14,6 +14,7 @@ max_tokens must fit. When it is not given the backend generates up to the contex
 `check_before_tokenizing` runs on the event loop before admission and refuses, cheaply, what can
 never fit: max_tokens or min_tokens past the context, token ids out of the vocabulary, and text
 whose length alone proves it is too many tokens (services.gateway.length_bound).
+`num_sequences` and `prompt_text_bytes` measure, as cheaply, what admission counts before tokenizing.
 """
 
 from __future__ import annotations
@@ -200,10 +201,7 @@ def tokenize_completion(
 ) -> list[list[int]]:
     """One list of token ids per prompt of the batch."""
     prompts = _prompt_items(request.prompt)
-    if not prompts:
-        raise InvalidRequestError("prompt must not be empty", param="prompt")
-    if len(prompts) > max_prompts:
-        raise InvalidRequestError(f"prompt may hold at most {max_prompts} prompts, not {len(prompts)}", param="prompt")
+    check_num_prompts(request, max_prompts)
     token_id_lists = []
     for item in prompts:
         token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
@@ -212,6 +210,44 @@ def tokenize_completion(
         check_prompt(token_ids, request.effective_max_tokens(), limits, param="prompt")
         token_id_lists.append(token_ids)
     return token_id_lists
+
+
+def check_num_prompts(request: ChatCompletionRequest | CompletionRequest, max_prompts: int) -> None:
+    """A /v1/completions batch holds 1 .. max_prompts prompts (a chat is always one)."""
+    if isinstance(request, ChatCompletionRequest):
+        return
+    num_prompts = len(_prompt_items(request.prompt))
+    if num_prompts == 0:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if num_prompts > max_prompts:
+        raise InvalidRequestError(f"prompt may hold at most {max_prompts} prompts, not {num_prompts}", param="prompt")
+
+
+def num_sequences(request: ChatCompletionRequest | CompletionRequest) -> int:
+    """The sequences the engines run for the request: n per prompt."""
+    num_prompts = 1 if isinstance(request, ChatCompletionRequest) else len(_prompt_items(request.prompt))
+    return num_prompts * request.num_choices_per_prompt
+
+
+def prompt_text_bytes(request: ChatCompletionRequest | CompletionRequest) -> int:
+    """UTF-8 bytes of the text the tokenizer will read: every message's text parts, or the batch's
+    string prompts (token-id prompts need no tokenizing)."""
+    if isinstance(request, ChatCompletionRequest):
+        texts = [text for message in request.messages for text in _text_parts(message)]
+    else:
+        texts = [item for item in _prompt_items(request.prompt) if isinstance(item, str)]
+    return sum(_utf8_len(text) for text in texts)
+
+
+def _text_parts(message: ChatMessage) -> list[str]:
+    if isinstance(message.content, str):
+        return [message.content]
+    return [part.text for part in message.content or () if part.type == "text" and isinstance(part.text, str)]
+
+
+def _utf8_len(text: str) -> int:
+    # isascii() reads a flag of the string (no scan): the common case costs nothing
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

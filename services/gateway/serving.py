@@ -1,8 +1,9 @@
 """The two generation endpoints, from HTTP request to HTTP response.
 
     Content-Type (415) -> read body (413; 408 past the read timeout) -> parse (400) -> model (404)
-      -> field checks and prompt length bound (400) -> backend ready (503)
-      -> admit (429) -> tokenize in a tokenizer thread (400) -> admit prompt tokens (429)
+      -> field checks, number of prompts and prompt length bound (400) -> backend ready (503)
+      -> admit the request, its sequences (n x prompts) and prompt bytes (429)
+      -> tokenize in a tokenizer thread (400) -> trade the prompt bytes for prompt tokens (429)
       -> start the engine requests -> first delta (RequestFailed: its own status)
       -> stream SSE, or collect and answer JSON
 
@@ -30,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.common.errors import InvalidRequestError
 from services.common.images import ValidatedImages
-from services.gateway.admission import AdmissionController, AdmissionRejected
+from services.gateway.admission import AdmissionController, AdmissionRejected, AdmissionTicket
 from services.gateway.backend import Backend, PromptImage, RequestFailed
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, ClientGone, internal_error, parse_error
@@ -42,7 +43,10 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompts import (
     ModelLimits,
     check_before_tokenizing,
+    check_num_prompts,
     image_sources,
+    num_sequences,
+    prompt_text_bytes,
     to_sampling_spec,
     tokenize_chat,
     tokenize_chat_with_images,
@@ -195,13 +199,13 @@ class GenerationService:
         arrival = Arrival(request_id=f"{id_prefix}-{uuid.uuid4().hex}", arrival_s=time.monotonic())
         request = await self._parse(http_request, schema)
         self._check(request)
-        ticket = self._admit()
+        ticket = self._admit(request)
         generation: Generation | None = None
         handed_over = False
         try:
             prompts, images = await self._tokenize(request, http_request.headers.get("authorization"))
             try:
-                ticket.add_prompt_tokens(sum(len(p) for p in prompts))
+                ticket.tokenized(sum(len(p) for p in prompts))
             except AdmissionRejected as exc:
                 raise self._rejected(exc) from exc
             generation = Generation(
@@ -243,6 +247,7 @@ class GenerationService:
             raise ApiError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
         try:
             request.check(self._config.max_n)
+            check_num_prompts(request, self._config.max_prompts_per_request)
             check_before_tokenizing(request, self._limits)
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
@@ -258,9 +263,9 @@ class GenerationService:
     def _retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self._config.retry_after_s)}
 
-    def _admit(self):
+    def _admit(self, request: GenerationRequest) -> AdmissionTicket:
         try:
-            return self._admission.admit()
+            return self._admission.admit(num_sequences(request), prompt_text_bytes(request))
         except AdmissionRejected as exc:
             raise self._rejected(exc) from exc
 

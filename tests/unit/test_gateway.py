@@ -34,6 +34,7 @@ from services.common.messages import (
 from services.gateway.app import create_app
 from services.gateway.backend import ClusterStats, RequestFailed, WorkerSnapshot
 from services.gateway.config import GatewayConfig
+from services.gateway.http_server import uvicorn_options
 from services.gateway.tokenizer_pool import TokenizerPool
 
 MODEL = "fake-model"
@@ -162,12 +163,15 @@ class RecordingTokenizer:
 
 @contextlib.contextmanager
 def running_server(app) -> Iterator[str]:
-    """Serve `app` under uvicorn on a free loopback port in a background thread; yields the base URL."""
+    """Serve `app` under uvicorn, with the connection limits `tristage serve` applies, on a free loopback
+    port in a background thread; yields the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, **uvicorn_options(app))
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -191,7 +195,14 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
 
 def counters_are_zero(app) -> bool:
     admission = app.state.admission
-    return (admission.num_queued_requests, admission.num_queued_tokens, admission.num_in_flight) == (0, 0, 0)
+    counters = (
+        admission.num_queued_requests,
+        admission.num_queued_sequences,
+        admission.num_queued_prompt_bytes,
+        admission.num_queued_tokens,
+        admission.num_in_flight,
+    )
+    return counters == (0, 0, 0, 0, 0)
 
 
 # ----------------------------------------------------------------------------------------------
