@@ -76,6 +76,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """A cluster that starts its own Ray runs under services.supervisor (nothing outlives the command,
+    SIGKILL included; Ray bound to loopback with a loopback data plane). Joined to a Ray cluster, the
+    actors are the cluster's and must outlive this gateway: no supervisor."""
+    from services.supervisor import local_ray_environ, supervise
+
+    if args.ray_address is not None:
+        return _run_server(args)
+    return supervise(lambda: _run_server(args), local_ray_environ(args.data_plane_host))
+
+
+def _run_server(args: argparse.Namespace) -> int:
     from services import serve
 
     config = serve.ServeConfig(

@@ -4,6 +4,14 @@ start Ray (or join --ray-address) -> start the worker pool, wait for every model
 -> start the gateway -> print the URL once /ready answers -> serve
 SIGTERM / Ctrl-C -> stop accepting, let requests in flight finish for up to `drain_timeout_s`,
 end the rest with a clear error -> stop the pool -> stop Ray (when this process started it)
+
+Starting its own Ray, `tristage serve` runs this under services.supervisor: a watchdog process kills
+whatever outlives it (Ray's agents ignore SIGTERM and outlive the raylet), SIGKILL of the command
+included. With a loopback data plane (the default) Ray is started bound to loopback too
+(supervisor.local_ray_environ): GCS, raylet, object manager, the workers' gRPC servers, the agents
+and the autoscaler's metrics all listen on 127.0.0.1. With another --data-plane-host this Ray build
+binds its C++ gRPC servers (GCS, raylet, object manager, workers) and the autoscaler's metrics to
+every interface, as it has no option for one address; only its agents bind to the node's address.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     embedding_address: str | None = None  # prefill / colocated workers of a vision-language model
     metrics_port: int | None = None  # the worker's own /metrics, when it serves one
     engine: EngineFacts | None = None  # None: an encode worker (a vision tower, no engine)
+    num_restarts: int = 0  # Ray restarts of this worker so far (services.workers.restarts)
 
 
 # ----------------------------------------------------------------------------------------------

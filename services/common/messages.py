@@ -145,9 +145,9 @@ class KVTransfer(msgspec.Struct, tag="kv_transfer", tag_field="kind", kw_only=Tr
 
 
 class StagingRef(msgspec.Struct, frozen=True, kw_only=True):
-    """Bytes in a prefill worker's shared-memory staging file on the decode worker's own host."""
+    """Bytes in a prefill worker's shared-memory staging buffer on the decode worker's own host."""
 
-    name: str  # a file name in /dev/shm (checked against the staging naming pattern, never a path)
+    name: str  # the buffer's reference name (services.workers.kv_staging: checked against its pattern, never a path)
     offset: int
     nbytes: int
 

@@ -66,6 +66,8 @@ class ClusterStats:
     predicted_hit_tokens: int = 0
     observed_hit_tokens: int = 0
     load_imbalance: float = 1.0
+    # (stage, worker) -> (restarts so far, crash-looping now): services.gateway.worker_restarts
+    worker_restarts: dict[tuple[str, str], tuple[int, bool]] = field(default_factory=dict)
 
 
 class Backend(Protocol):

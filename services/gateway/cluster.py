@@ -79,6 +79,7 @@ from services.common.messages import (
     WorkerInbound,
 )
 from services.gateway.backend import ClusterStats, PromptImage, RequestFailed, WorkerSnapshot
+from services.gateway.worker_restarts import WorkerRestarts
 from services.gateway.worker_state import KVEventFeed, worker_load, worker_snapshot
 from services.router import Router, RouteRequest
 from services.router.router import NoWorkerAvailable
@@ -164,6 +165,9 @@ class ClusterBackend:
         self._state_codec = StateCodec()
         self._replays: set[asyncio.Task] = set()  # KV event replays in flight (kept referenced until done)
         self.num_migrations = 0  # requests moved off a dead worker (tristage:request_migrations_total)
+        self.restarts = WorkerRestarts()  # tristage:worker_restarts_total, tristage:worker_crash_looping
+        for w in workers:
+            self.restarts.add_worker(w.name, w.stage)
         self._streams: dict[str, _Stream] = {}
         self._inbound = MessageCodec(OutputBatch)
         self._outbound = MessageCodec(WorkerInbound)
@@ -396,6 +400,7 @@ class ClusterBackend:
         except Exception as exc:  # RayActorError, timeout: the worker is gone or stuck
             if link.alive:
                 logger.error("worker %s is down: %s", link.handle.name, exc)
+                self.restarts.on_down(link.handle.name, f"{type(exc).__name__}: {exc}")
                 link.alive = False
                 self.router.remove_worker(link.handle.name)
                 if link.kv_feed is not None:
@@ -403,6 +408,7 @@ class ClusterBackend:
                 await self._migrate_streams(link)
             return
         link.last_info_at = time.monotonic()
+        self.restarts.on_info(link.handle.name, info.num_restarts, link.last_info_at)
         if info.input_address != link.address:  # restarted by Ray: a new process with new sockets
             logger.info("worker %s is back at %s", link.handle.name, info.input_address)
             link.socket.close(linger=0)  # reconnect first: the new process may take its own requests back
@@ -617,6 +623,7 @@ class ClusterBackend:
             predicted_hit_tokens=stats.predicted_hit_tokens,
             observed_hit_tokens=stats.observed_hit_tokens,
             load_imbalance=stats.load_imbalance,
+            worker_restarts=self.restarts.snapshot(time.monotonic()),
         )
 
 

@@ -24,7 +24,11 @@ vLLM's names where the meaning matches, so existing dashboards work:
     tristage:router_decisions_total     counter    by policy and reason
     tristage:router_predicted_hit_tokens_total / _observed_hit_tokens_total   counters
     tristage:router_load_imbalance      gauge      busiest / least busy prefill worker by load cost
-    tristage:admission_rejections_total counter    by reason ("requests", "tokens", "not_ready")
+    tristage:worker_restarts_total      counter    per worker: Ray restarts of it so far
+    tristage:worker_crash_looping       gauge      per worker: 1 while it restarted CRASH_LOOP_RESTARTS times
+                                                   within WINDOW_S (services.common.restarts), else 0
+    tristage:admission_rejections_total counter    by reason ("requests", "sequences", "bytes", "tokens",
+                                                   "not_ready", "connections": refused past max_connections)
     tristage:gateway_requests_in_flight gauge      admitted and not yet ended
     tristage:gateway_queued_requests / _queued_sequences / _queued_prompt_tokens
                                         gauges     waiting for their first token
@@ -250,6 +254,21 @@ class _WorkerCollector(Collector):
         )
         imbalance.add_metric(model, cluster.load_imbalance)
         yield from (migrations, decisions, predicted, observed, imbalance)
+        yield from self._restart_metrics(cluster)
+
+    def _restart_metrics(self, cluster: ClusterStats) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "tristage:worker_restarts", "Ray restarts of the worker so far.", labels=_WORKER_LABELS
+        )
+        crash_looping = GaugeMetricFamily(
+            "tristage:worker_crash_looping",
+            "1 while the worker restarts too often (services.common.restarts), else 0.",
+            labels=_WORKER_LABELS,
+        )
+        for (stage, worker), (num_restarts, looping) in sorted(cluster.worker_restarts.items()):
+            restarts.add_metric([self._model_name, stage, worker], num_restarts)
+            crash_looping.add_metric([self._model_name, stage, worker], float(looping))
+        yield from (restarts, crash_looping)
 
 
 class GatewayMetrics:

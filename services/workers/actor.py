@@ -26,6 +26,7 @@ from services.common.control import (
 from services.engine import EngineConfig, LLMEngine
 from services.workers.engine_worker import EngineWorker
 from services.workers.kv_staging import host_identity
+from services.workers.restarts import back_off_if_restarted
 
 
 def resolve_bind_host(host: str) -> str:
@@ -51,6 +52,7 @@ class EngineActor:
         kv_staging_bytes: int | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+        self.num_restarts = back_off_if_restarted(name)  # before the model loads: a crash loop waits here
         self.name, self.stage = name, stage
         bind_host = resolve_bind_host(bind_host)
         self.engine = LLMEngine(engine_config)
@@ -100,6 +102,7 @@ class EngineActor:
             kv_address=worker.kv_address,
             embedding_address=worker.embedding_address,
             metrics_port=self.metrics_port,
+            num_restarts=self.num_restarts,
             engine=facts,
         )
 
@@ -158,6 +161,7 @@ class EncodeActor:
         from services.workers.encode_worker import EncodeWorker
 
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+        self.num_restarts = back_off_if_restarted(name)
         bind_host = resolve_bind_host(bind_host)
         if engine_config.model is None:  # the embedded default model is text-only
             raise ValueError("an encode worker needs a vision-language model directory")
@@ -181,6 +185,7 @@ class EncodeActor:
             input_address=self.worker.input_address,
             state_address=self.worker.state_address,
             metrics_port=self.metrics_port,
+            num_restarts=self.num_restarts,
         )
 
     def stats(self) -> WorkerStats:

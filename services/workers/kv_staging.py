@@ -7,13 +7,25 @@ socket and the decode worker copies the bytes from the same memory straight to i
 same-host fast path, with ZeroMQ carrying control only. Across hosts the region's bytes go out as
 raw ZeroMQ frames. Either way the region stays taken until the decode worker's ack (or the lease).
 
-    /dev/shm/tristage-kv-<pid>-<random>   capacity_bytes, pinned for DMA when a GPU is there
+    memfd "tristage-kv-<random>"   capacity_bytes, pinned for DMA when a GPU is there
     | region r1 (request a) | free | region r2 (request b) |      free      |
       ^ offset, nbytes: first fit, aligned to ALIGN_BYTES; freed on ack, neighbours merged
 
 Invariants: a region is written only by its prefill worker and only before its reference is sent;
-a decode worker reads a region only between that reference and its ack. The file is created
-0600 (same user only) and removed on close; files of dead processes are removed at start.
+a decode worker reads a region only between that reference and its ack.
+
+No file, so nothing to leave behind: the buffer is an anonymous shared-memory file (memfd_create),
+never linked in /dev/shm. Its memory lives exactly as long as some process holds it (the prefill
+worker's descriptor, a decode worker's mapping), so even SIGKILL of every process frees it. A
+decode worker maps it through the prefill worker's descriptor, `/proc/<pid>/fd/<fd>` (the kernel
+allows that to processes of the same user, as it allowed the 0600 file before), and checks that
+the descriptor it opened is this buffer by its random name before mapping a byte. An unlinked
+/dev/shm file could not be shared like this after the fact: decode workers map lazily (at their
+first transfer from a prefill worker, again after a restart, and any decode worker added later),
+so "unlink once both ends have mapped it" never has a moment when every reader is known.
+
+    reference name  tristage-kv-<pid>-<fd>-<16 hex>     (on the wire: StagingRef.name)
+    opened as       /proc/<pid>/fd/<fd>, which must link to "/memfd:tristage-kv-<16 hex> (deleted)"
 
 Tunables (defaults):
     ALIGN_BYTES = 4096              region alignment (pages)
@@ -35,8 +47,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 ALIGN_BYTES = 4096
-SHM_DIR = Path("/dev/shm")
-_NAME_PATTERN = re.compile(r"^tristage-kv-(\d+)-[0-9a-f]{16}$")
+_MEMFD_PREFIX = "tristage-kv-"
+_NAME_PATTERN = re.compile(r"^tristage-kv-(\d{1,10})-(\d{1,10})-([0-9a-f]{16})$")  # pid, fd, token
 
 
 class ExtentAllocator:
@@ -82,24 +94,23 @@ class ExtentAllocator:
 
 
 class StagingBuffer:
-    """The prefill side: a shared-memory file this process writes KV into."""
+    """The prefill side: an anonymous shared-memory file this process writes KV into."""
 
     def __init__(self, capacity_bytes: int, pin: bool) -> None:
-        remove_stale_files()
-        self.name = f"tristage-kv-{os.getpid()}-{secrets.token_hex(8)}"
-        self.path = SHM_DIR / self.name
+        token = secrets.token_hex(8)
         self.capacity_bytes = capacity_bytes
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = os.memfd_create(_MEMFD_PREFIX + token, os.MFD_CLOEXEC)
         try:
-            # reserve the pages now: on a too-small tmpfs this fails cleanly, where a sparse file would
+            os.fchmod(self._fd, 0o600)
+            # reserve the pages now: past the memory limit this fails cleanly, where a sparse file would
             # fault (SIGBUS) on first touch
-            os.posix_fallocate(fd, 0, capacity_bytes)
+            os.posix_fallocate(self._fd, 0, capacity_bytes)
         except OSError:
-            os.close(fd)
-            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
             raise
-        os.close(fd)
-        self.tensor = torch.from_file(str(self.path), shared=True, size=capacity_bytes, dtype=torch.uint8)
+        self.name = f"{_MEMFD_PREFIX}{os.getpid()}-{self._fd}-{token}"  # what a StagingRef carries
+        self.path = Path(f"/proc/{os.getpid()}/fd/{self._fd}")  # how another process of this host opens it
+        self.tensor = torch.from_file(f"/proc/self/fd/{self._fd}", shared=True, size=capacity_bytes, dtype=torch.uint8)
         self._unpin = pin_host_memory(self.tensor) if pin else None
         self.allocator = ExtentAllocator(capacity_bytes)
 
@@ -107,21 +118,24 @@ class StagingBuffer:
         return self.tensor[offset : offset + nbytes]
 
     def close(self) -> None:
+        """Give up this process's hold: the memory goes once no decode worker maps it either."""
         if self._unpin is not None:
             self._unpin()
             self._unpin = None
-        self.path.unlink(missing_ok=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class StagingReader:
-    """The decode side: maps prefill workers' staging files by name, read-only in effect."""
+    """The decode side: maps prefill workers' staging buffers by reference name, read-only in effect."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self._maps: dict[str, tuple[torch.Tensor, Callable[[], None] | None]] = {}
 
     def view(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
-        """The bytes [offset, offset + nbytes) of staging file `name`. ValueError if the reference is bad."""
+        """The bytes [offset, offset + nbytes) of staging buffer `name`. ValueError if the reference is bad."""
         if not _NAME_PATTERN.match(name):  # names come off a socket: never a path
             raise ValueError(f"not a staging buffer name: {name!r}")
         if name not in self._maps:
@@ -140,18 +154,44 @@ class StagingReader:
         self._maps.clear()
 
     def _map(self, name: str) -> None:
-        # a prefill worker that restarted left its old file behind: drop maps whose file is gone
-        for old in [n for n in self._maps if not (SHM_DIR / n).exists()]:
+        # a prefill worker that restarted has a new buffer: drop the maps of buffers whose holder is gone
+        for old in [n for n in self._maps if not _holder_alive(n)]:
             _, unpin = self._maps.pop(old)
             if unpin is not None:
                 unpin()
-        path = SHM_DIR / name
+        fd = _open_buffer(name)
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ValueError(f"staging buffer {name} is not on this host") from None
-        tensor = torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+            size = os.fstat(fd).st_size
+            tensor = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=size, dtype=torch.uint8)
+        finally:
+            os.close(fd)  # the mapping keeps the memory
         self._maps[name] = (tensor, pin_host_memory(tensor) if self.pin else None)
+
+
+def _open_buffer(name: str) -> int:
+    """A descriptor of the buffer `name` names, checked to be that buffer (not a reused pid or fd)."""
+    match = _NAME_PATTERN.match(name)
+    assert match is not None
+    pid, fd, token = match.groups()
+    try:
+        opened = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # no such process or descriptor here (another host, or gone), or not ours to open
+        raise ValueError(f"staging buffer {name} is not on this host") from None
+    if os.readlink(f"/proc/self/fd/{opened}") != f"/memfd:{_MEMFD_PREFIX}{token} (deleted)":
+        os.close(opened)
+        raise ValueError(f"staging buffer {name} is not on this host")
+    return opened
+
+
+def _holder_alive(name: str) -> bool:
+    """The prefill worker that made buffer `name` still holds it."""
+    match = _NAME_PATTERN.match(name)
+    assert match is not None
+    pid, fd, token = match.groups()
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"/memfd:{_MEMFD_PREFIX}{token} (deleted)"
+    except OSError:
+        return False
 
 
 def pin_host_memory(tensor: torch.Tensor) -> Callable[[], None] | None:
@@ -170,28 +210,6 @@ def pin_host_memory(tensor: torch.Tensor) -> Callable[[], None] | None:
         )
         return None
     return lambda: cudart.cudaHostUnregister(pointer)
-
-
-def remove_stale_files() -> None:
-    """Remove staging files left by processes that no longer run (a worker killed before its close)."""
-    try:
-        entries = list(SHM_DIR.iterdir())
-    except OSError:
-        return
-    for path in entries:
-        match = _NAME_PATTERN.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def host_identity() -> str:

@@ -1,8 +1,11 @@
 """Pools of engine actors: start them with their resource share, wait until they serve, stop them.
 
 A pool asks Ray for `num_gpus` per actor on CUDA (one GPU each by default) and one CPU otherwise.
-Ray restarts a dead actor (`max_restarts`); its new process binds new addresses, which the
-gateway picks up from the next `info()` call (a services.common.control.WorkerInfo).
+Ray restarts a dead actor however often it dies (`max_restarts=-1`: a worker lost for good would
+leave the service short for its whole life); its new process binds new addresses, which the
+gateway picks up from the next `info()` call (a services.common.control.WorkerInfo). A restarted
+actor backs off before it loads its model when it restarted recently, and a worker that restarts
+too often is reported as crash-looping (services.workers.restarts, services.common.restarts).
 
 Shared pools (a Ray cluster that several gateway replicas join): actors are named
 `<stage>-<i>` in the RAY_NAMESPACE namespace and detached, so the first gateway creates them, the
@@ -31,7 +34,7 @@ from services.common.control import WorkerInfo
 from services.engine import EngineConfig
 from services.workers.actor import EncodeActor, EngineActor
 
-MAX_ACTOR_RESTARTS = 3
+MAX_ACTOR_RESTARTS = -1  # Ray's "restart without limit"
 RAY_NAMESPACE = "tristage"
 RESOURCE_WAIT_S = 120.0  # how long a pool waits for the cluster to offer what it needs
 RESOURCE_POLL_S = 1.0

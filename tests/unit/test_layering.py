@@ -43,7 +43,7 @@ ALLOWED_LAYERS = {
         "services.gateway",
     ),
 }
-TOP_LEVEL_MODULES = ("services", "services.cli", "services.serve")
+TOP_LEVEL_MODULES = ("services", "services.cli", "services.serve", "services.supervisor")
 
 
 @dataclass(frozen=True)
