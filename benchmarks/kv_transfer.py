@@ -40,7 +40,9 @@ ENGINE = dict(
 DELIVERIES = ("shared memory", "frames", "plain")
 
 
-def decode_worker(model_dir: str, ready, stop) -> None:
+def decode_worker(model_dir: str, ready, stop, peers, registered) -> None:
+    """The decode worker, in its own process; it connects only to the addresses the sender registers
+    through `peers` (as a gateway does over Ray), each acknowledged on `registered`."""
     import threading
 
     from services.engine import LLMEngine
@@ -52,6 +54,13 @@ def decode_worker(model_dir: str, ready, stop) -> None:
     ready.put((worker.input_address, worker.kv_address, worker.host_id))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
+
+    def register() -> None:
+        while True:
+            worker.peers.register(peers.get())
+            registered.put(True)
+
+    threading.Thread(target=register, daemon=True).start()
     stop.wait()
     worker.stop()
     thread.join(10)
@@ -69,11 +78,11 @@ def main() -> None:
     import torch
 
     ctx = mp.get_context("spawn")
-    ready, stop = ctx.Queue(), ctx.Event()
+    ready, stop, peers, registered = ctx.Queue(), ctx.Event(), ctx.Queue(), ctx.Queue()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = "1"  # the child's GPU; the parent keeps cuda:0
-    child = ctx.Process(target=decode_worker, args=(model_dir, ready, stop))
+    child = ctx.Process(target=decode_worker, args=(model_dir, ready, stop, peers, registered))
     child.start()
     if visible is None:
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -82,7 +91,7 @@ def main() -> None:
     try:
         target = ready.get(timeout=600)
         results = {
-            delivery: run_sender(model_dir, target, delivery, args.prompt_tokens, args.repeats)
+            delivery: run_sender(model_dir, target, delivery, args.prompt_tokens, args.repeats, (peers, registered))
             for delivery in DELIVERIES
         }
     finally:
@@ -100,12 +109,21 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_tokens: int, repeats: int) -> dict:
+def run_sender(
+    model_dir: str, target: tuple[str, str, str], delivery: str, num_tokens: int, repeats: int, registration
+) -> dict:
     import zmq
 
     from services.common.channels import bind, configure
     from services.common.codec import MessageCodec
-    from services.common.messages import GenerateRequest, KVTarget, KVTransfer, SamplingSpec, WorkerInbound
+    from services.common.messages import (
+        DataPlanePeers,
+        GenerateRequest,
+        KVTarget,
+        KVTransfer,
+        SamplingSpec,
+        WorkerInbound,
+    )
     from services.engine import LLMEngine, SamplingParams
     from services.workers.kv_sender import KVSender
     from services.workers.kv_staging import host_identity
@@ -119,6 +137,9 @@ def run_sender(model_dir: str, target: tuple[str, str, str], delivery: str, num_
     ack_to = bind(acks, "tcp://127.0.0.1:0")
     outputs = configure(context.socket(zmq.PULL))
     reply_to = bind(outputs, "tcp://127.0.0.1:0")
+    peers, registered = registration  # the decode worker acks and streams only where it was told to
+    peers.put(DataPlanePeers(reply_address=reply_to, input_addresses=[ack_to]))
+    registered.get(timeout=60)
     stats = TransferStats()
     staging = None if delivery == "plain" else open_staging(2**30 if cuda else 64 * 2**20, pin=cuda)
     host_id = host_identity()

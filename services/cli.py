@@ -101,6 +101,8 @@ def _run_server(args: argparse.Namespace) -> int:
         num_encode=args.encode,
         router_policy=args.router_policy,
         data_plane_host=args.data_plane_host,
+        data_plane_auth=args.data_plane_auth,
+        cluster_secret=_cluster_secret(args.cluster_secret_file),
         stage_resources=args.ray_address is not None,
         worker_metrics_port=args.worker_metrics_port,
         kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
@@ -131,6 +133,18 @@ def allowed_hosts_from(arg: str | None, bind_host: str) -> tuple[str, ...] | Non
     if arg is None:
         return default_allowed_hosts(bind_host)
     return tuple(name.strip() for name in arg.split(",") if name.strip())
+
+
+def _cluster_secret(secret_file: str | None):
+    """The data plane's cluster secret as given: --cluster-secret-file, else $TRISTAGE_CLUSTER_SECRET."""
+    import os
+
+    from services.common.security import load_cluster_secret
+
+    try:
+        return load_cluster_secret(os.environ, secret_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tristage serve: {exc}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-plane-host",
         default="127.0.0.1",
         help="address ZeroMQ sockets bind to; 'auto' = this Ray node's IP (multi-host)",
+    )
+    srv.add_argument(
+        "--data-plane-auth",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="CURVE authentication between gateway and workers on ZeroMQ (keys derived from the cluster "
+        "secret); auto (default): on unless --data-plane-host is loopback",
+    )
+    srv.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        help="file holding the cluster secret (default: $TRISTAGE_CLUSTER_SECRET; without either, a run "
+        "that starts its own Ray makes one, and one joining --ray-address with authentication on refuses)",
     )
     srv.add_argument(
         "--kv-staging-mib",

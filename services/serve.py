@@ -29,6 +29,7 @@ import httpx
 import ray
 import uvicorn
 
+from services.common.security import ClusterSecret, ClusterSecretMissing, DataPlaneAuth, resolve_cluster_secret
 from services.engine import EngineConfig
 from services.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
 
@@ -54,6 +55,9 @@ class ServeConfig:
     worker_metrics_port: int | None = None  # workers serve their own /metrics from this port on
     ray_address: str | None = None  # join this Ray cluster instead of starting one
     data_plane_host: str = "127.0.0.1"  # where workers and gateway bind their ZeroMQ sockets
+    # CURVE on the data plane (services.common.security): "auto" = on unless data_plane_host is loopback
+    data_plane_auth: DataPlaneAuth = "auto"
+    cluster_secret: ClusterSecret | None = None  # given ($TRISTAGE_CLUSTER_SECRET or a file); None: none given
     kv_staging_bytes: int | None = None  # per prefill worker: shared-memory staging for outgoing KV (0: off;
     # None: 1 GiB on a GPU, 64 MiB on the CPU)
     api_keys: tuple[str, ...] = ()
@@ -76,6 +80,7 @@ def run(config: ServeConfig) -> int:
     name = config.served_model_name or (
         DEFAULT_MODEL_NAME if config.engine.model is None else os.path.basename(os.path.normpath(model_dir))
     )
+    config = replace(config, cluster_secret=_data_plane_secret(config))  # before Ray: refuse early
     started_ray = _start_ray(config)
     # joined to a Ray cluster, the pools belong to it: every gateway replica attaches to the same
     # named actors, and none stops them on its way out
@@ -105,6 +110,7 @@ def run(config: ServeConfig) -> int:
                     metrics_port=config.worker_metrics_port,
                     kv_staging_bytes=config.kv_staging_bytes,
                     shared=shared,
+                    cluster_secret=config.cluster_secret,
                 )
             except PoolUnplaceable as exc:
                 raise SystemExit(f"tristage serve: {exc}") from exc
@@ -119,6 +125,23 @@ def run(config: ServeConfig) -> int:
             ray.shutdown()
     logger.info("stopped")
     return 0
+
+
+def _data_plane_secret(config: ServeConfig) -> ClusterSecret | None:
+    """The secret the data plane's CURVE keys come from, or None when authentication is off (a random one
+    for this run when it starts its own Ray and none was given). Never logged."""
+    try:
+        secret = resolve_cluster_secret(
+            config.data_plane_auth,
+            config.data_plane_host,
+            config.cluster_secret,
+            joining=config.ray_address is not None,
+        )
+    except (ClusterSecretMissing, ValueError) as exc:
+        raise SystemExit(f"tristage serve: {exc}") from exc
+    origin = "given" if secret is config.cluster_secret else "made for this run"
+    logger.info("data-plane authentication: %s", f"CURVE, cluster secret {origin}" if secret else "off")
+    return secret
 
 
 def _is_vision_language(model_dir: str) -> bool:
@@ -216,6 +239,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
         bind_host=resolve_bind_host(config.data_plane_host),
         router_policy=config.router_policy,
         processor=processor,
+        cluster_secret=config.cluster_secret,
     )
     await backend.start()
     gateway_config = GatewayConfig(

@@ -1,8 +1,18 @@
-"""ZeroMQ sockets for the data plane: bound to configured addresses only, bounded message sizes.
+"""ZeroMQ sockets for the data plane: bound to configured addresses only, bounded message sizes,
+optionally authenticated.
 
 Addresses are ZeroMQ endpoints. `tcp://HOST:0` binds a free port on HOST (loopback by default,
 never every interface unless the configuration says so); the socket's real endpoint is returned so
 it can be handed to peers through the control plane (Ray).
+
+Authentication (services.common.security): `bind` makes a socket a CURVE server and `connect` a
+CURVE client when given the cluster's keys; None keeps them plain. The binding side is always the
+server, so the side that names an address (and may be told a wrong one) is the one that must prove
+it belongs to the cluster, and every listening socket refuses strangers.
+
+Size limits: `configure` sets each socket's largest inbound frame (ZMQ_MAXMSGSIZE: a peer that sends
+more is disconnected before the frame is buffered). Each receiving socket passes the largest frame
+its messages can legitimately have; the reason for each limit sits where the socket is made.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from typing import TypeVar
 import zmq
 
 from services.common.codec import MAX_HEADER_BYTES, DecodeError, MessageCodec
+from services.common.security import CurveKeys, curve_client, curve_server
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +35,23 @@ SocketT = TypeVar("SocketT", bound=zmq.Socket[object])  # a blocking or an async
 T = TypeVar("T")
 
 
-def bind(socket: zmq.Socket[object], address: str) -> str:
-    """Bind `socket` to `address` (port 0 means any free port); return the endpoint actually bound."""
+def bind(socket: zmq.Socket[object], address: str, keys: CurveKeys | None = None) -> str:
+    """Bind `socket` to `address` (port 0 means any free port), as a CURVE server when given the cluster's
+    `keys`; return the endpoint actually bound."""
+    curve_server(socket, keys)
     if address.startswith("tcp://") and address.endswith(":0"):
         host = address[len("tcp://") : -len(":0")]
         port = socket.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
     socket.bind(address)
     return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect(socket: SocketT, address: str, keys: CurveKeys | None = None) -> SocketT:
+    """Connect `socket` to `address`, as a CURVE client when given the cluster's `keys`."""
+    curve_client(socket, keys)
+    socket.connect(address)
+    return socket
 
 
 def configure(socket: SocketT, max_message_bytes: int = MAX_HEADER_BYTES) -> SocketT:

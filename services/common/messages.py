@@ -12,6 +12,11 @@ Prefill -> decode:  KVTransfer (the request to go on with and the KV layout), th
                     frame per layer group, or a shared-memory reference on one host) until every
                     layer is sent
 Decode -> prefill:  KVAck (the KV is in place, or refused: prefill may free its blocks)
+
+Four of these name an address the receiver connects to (GenerateRequest.reply_to, KVTarget.kv_address,
+KVTransfer.ack_to, EncodeRequest.deliver_to). A worker connects only to addresses a gateway registered
+with it over Ray (DataPlanePeers, a Ray call: the control plane is authenticated, the data plane may
+not be); a message naming any other is dropped, never followed.
 """
 
 from __future__ import annotations
@@ -53,6 +58,18 @@ class KVTarget(msgspec.Struct, frozen=True, kw_only=True):
     # the decode worker's host (services.workers.kv_staging.host_identity): equal to the prefill
     # worker's, the KV bytes stay in shared memory and only references cross the socket
     host_id: str = ""
+
+
+class DataPlanePeers(msgspec.Struct, frozen=True, kw_only=True):
+    """What one gateway registers with every worker over Ray (services.workers.peers.PeerRegistry): the
+    addresses a worker may connect to on the data plane, as the gateway's WorkerInfo list has them.
+    Sent again whenever a worker's addresses change (Ray restarted it), so a worker always knows its
+    peers' current processes."""
+
+    reply_address: str  # this gateway's results socket: GenerateRequest.reply_to
+    input_addresses: list[str] = []  # engine workers' input sockets: KVTransfer.ack_to (prefill's)
+    kv_addresses: list[str] = []  # decode workers' KV sockets: KVTarget.kv_address
+    embedding_addresses: list[str] = []  # prefill / colocated embedding sockets: EncodeRequest.deliver_to
 
 
 class ImageRef(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

@@ -20,6 +20,15 @@ socket and read by one task, feeds the router as things happen on the worker:
     admitted         a request this gateway sent: the router's in-flight estimate is acknowledged (the
                      worker's stats that follow count it); one another gateway sent: Router.record_remote_placement
 
+Data-plane trust (services.common.security, services.workers.peers): with the cluster's secret every
+socket pair is CURVE-authenticated (this gateway's results socket is a CURVE server vetted by its own
+ZAP handler; its PUSH and SUB sockets are clients). Workers connect only to addresses a gateway
+registered with them over Ray: at start this gateway registers its results address and every
+worker's addresses (DataPlanePeers) with each worker, again with all of them whenever a worker comes
+back with new addresses, and with any worker whose last registration is out of date at its next
+health check; on close it withdraws them. A worker that refuses this gateway's CURVE handshake (a
+different cluster secret) is avoided by placement like a quiet one, and the cause is logged.
+
 A worker whose stream has been silent for STATE_STALE_S (it heartbeats every second) is polled over
 Ray by the health task instead, as every worker was before the stream existed.
 
@@ -52,9 +61,10 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from services.common.block_hash import MultiModalSpan
-from services.common.channels import bind, configure, tcp_address
+from services.common.channels import bind, configure, connect, tcp_address
 from services.common.codec import DecodeError, MessageCodec
 from services.common.control import (
     STATE_TOPICS,
@@ -69,6 +79,7 @@ from services.common.control import (
 from services.common.kv_events import KVEventBatch
 from services.common.messages import (
     AbortRequest,
+    DataPlanePeers,
     EncodeRequest,
     GenerateRequest,
     KVTarget,
@@ -78,6 +89,7 @@ from services.common.messages import (
     SamplingSpec,
     WorkerInbound,
 )
+from services.common.security import CLUSTER_SECRET_ENV, ClusterSecret, derive_keys, start_authenticator
 from services.gateway.backend import ClusterStats, PromptImage, RequestFailed, WorkerSnapshot
 from services.gateway.worker_restarts import WorkerRestarts
 from services.gateway.worker_state import KVEventFeed, worker_load, worker_snapshot
@@ -90,6 +102,13 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
 STATS_TIMEOUT_S = 2.0
 STATE_STALE_S = 3.0  # a worker's stream silent this long (three missed heartbeats): poll it over Ray
+REGISTER_TIMEOUT_S = 5.0  # a worker's answer to register_peers / unregister_gateway
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,  # the server could not open our HELLO: another server key
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,  # the server's ZAP handler refused our client key
+)
+HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(HANDSHAKE_FAILURES)
 
 
 @dataclass(eq=False)
@@ -104,6 +123,8 @@ class _WorkerLink:
     last_state_at: float = float("-inf")  # monotonic time of its last state message
     last_info_at: float = field(default_factory=time.monotonic)  # ... and of its last answer to info()
     kv_feed: KVEventFeed | None = None  # engine workers: their KV events into the router's index
+    registered: DataPlanePeers | None = None  # what this worker process last accepted from register_peers
+    handshake_refused: bool = False  # its state socket refused our CURVE handshake (another cluster secret)
 
     @property
     def streaming(self) -> bool:
@@ -115,6 +136,12 @@ class _WorkerLink:
         """Neither its state stream (a heartbeat a second) nor Ray's info() has heard from it for
         STATE_STALE_S: stopped or stuck, or only slow; the health check has not decided yet."""
         return time.monotonic() - max(self.last_state_at, self.last_info_at) >= STATE_STALE_S
+
+    @property
+    def unreachable(self) -> bool:
+        """Placement should avoid it: quiet, or its data plane refuses this gateway (answering over Ray
+        proves nothing about the sockets requests travel on)."""
+        return self.quiet or self.handshake_refused
 
 
 @dataclass(eq=False)
@@ -139,7 +166,10 @@ class ClusterBackend:
         health_interval_s: float = 1.0,
         router_policy: str = "preble",
         processor=None,
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
+        """`cluster_secret`: authenticate the data plane with the keys derived from it (None: plain sockets);
+        the workers must have been started with the same one."""
         if not workers:
             raise ValueError("a cluster needs at least one worker")
         self.model_name = model_name
@@ -149,8 +179,12 @@ class ClusterBackend:
         self.max_model_len = min(e.max_model_len for e in engines)
         self.vocab_size = min(e.vocab_size for e in engines)
         self._context = zmq.asyncio.Context()
+        self._keys = derive_keys(cluster_secret) if cluster_secret is not None else None
+        self._authenticator = start_authenticator(self._context, self._keys, "gateway")  # before any bind
+        # OutputBatch: one engine step's deltas for this gateway's requests (a token or a few each, with
+        # their logprobs); far below the codec's header limit, which is what the socket allows
         self._results = configure(self._context.socket(zmq.PULL))
-        self.reply_to = bind(self._results, tcp_address(bind_host))
+        self.reply_to = bind(self._results, tcp_address(bind_host), self._keys)
         self._links = [self._connect(w, w.address) for w in workers]
         self._encoders = [link for link in self._links if link.handle.stage == "encode"]
         self._by_name = {link.handle.name: link for link in self._links}
@@ -178,6 +212,8 @@ class ClusterBackend:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        # first: a worker drops every request whose reply_to it was not told about over Ray
+        await self._register_all()
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="receive"),
             asyncio.create_task(self._health_loop(), name="health"),
@@ -192,9 +228,12 @@ class ClusterBackend:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await asyncio.gather(*(self._unregister(link) for link in self._links))
         for link in self._links:
             link.socket.close(linger=0)
         self._results.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.close()
         self._context.term()
 
     def is_ready(self) -> bool:
@@ -355,10 +394,10 @@ class ClusterBackend:
             if not link.alive or link.kv_feed is None:  # down: out of the router already; encoders: not judged
                 continue
             name, suspended = link.handle.name, link.handle.name in self.router.suspended
-            if link.quiet and not suspended:
+            if link.unreachable and not suspended:
                 logger.warning("worker %s has gone quiet: placement avoids it until it is heard from", name)
                 self.router.suspend_worker(name)
-            elif not link.quiet and suspended:
+            elif not link.unreachable and suspended:
                 logger.info("worker %s is heard from again: placement uses it", name)
                 self.router.resume_worker(name)
 
@@ -415,12 +454,18 @@ class ClusterBackend:
             fresh = self._connect(link.handle, info.input_address)
             link.socket, link.address = fresh.socket, fresh.address
             link.handle.info = info
+            # the new process knows no address, and every other worker must learn its new ones (acks, KV),
+            # before a request goes to it or through it
+            link.registered = None
+            await self._register_all()
             await self._migrate_streams(link)
             if link.kv_feed is not None:  # a new process: its cache starts empty, its batches from 0
                 link.kv_feed.reset()
         if info.state_address != link.state_address:
             link.handle.info = info
             self._subscribe(link)
+        if link.registered != self._peers():  # an earlier registration failed, or a peer moved since
+            await self._register(link, self._peers())
         if not link.alive:
             logger.info("worker %s is up again: placement uses it", link.handle.name)
             self.router.add_worker(link.handle.name, link.handle.stage)
@@ -453,11 +498,16 @@ class ClusterBackend:
 
     async def _state_loop(self, link: _WorkerLink, address: str) -> None:
         """The one reader of one SUB socket: decode each message and feed the router. Never blocks the loop."""
+        # frames [topic, seq, payload]: the payload is the largest, bounded by StateCodec's limit (a step's
+        # KV events, a long prompt's block hashes, an encoder's cached hashes all stay far below it)
         socket = configure(self._context.socket(zmq.SUB), self._state_codec.max_payload_bytes)
         for topic in STATE_TOPICS:
             socket.setsockopt(zmq.SUBSCRIBE, topic)
+        watch = None
+        if self._keys is not None:  # a CURVE handshake can fail: say why, once, and avoid the worker
+            watch = asyncio.create_task(self._watch_handshakes(link, socket.get_monitor_socket(HANDSHAKE_EVENTS)))
         try:
-            socket.connect(address)
+            connect(socket, address, self._keys)
             while True:
                 frames = await socket.recv_multipart()
                 try:
@@ -469,7 +519,33 @@ class ClusterBackend:
                     link.last_state_at = time.monotonic()
                     self._on_state(link, message)
         finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+                socket.disable_monitor()
             socket.close(linger=0)
+
+    async def _watch_handshakes(self, link: _WorkerLink, monitor: zmq.asyncio.Socket) -> None:
+        """Follow the CURVE handshakes of a worker's state socket: one that fails means the worker holds
+        another cluster secret (or is not ours), so its sockets will never carry our requests either."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    link.handshake_refused = False
+                elif event in HANDSHAKE_FAILURES and not link.handshake_refused:
+                    link.handshake_refused = True
+                    logger.error(
+                        "worker %s refuses this gateway's data-plane handshake at %s: its cluster secret differs "
+                        "from this gateway's (%s, or --cluster-secret-file). Placement avoids it; give every "
+                        "gateway of the cluster the secret its workers were started with",
+                        link.handle.name,
+                        link.state_address,
+                        CLUSTER_SECRET_ENV,
+                    )
+        finally:
+            monitor.close(linger=0)
 
     def _on_state(self, link: _WorkerLink, message: StateMessage) -> None:
         body = message.body
@@ -598,9 +674,40 @@ class ClusterBackend:
                 )
 
     def _connect(self, handle: WorkerHandle, address: str) -> _WorkerLink:
-        socket = configure(self._context.socket(zmq.PUSH))
-        socket.connect(address)
+        # a PUSH socket receives nothing: its inbound limit is moot (the worker's input socket has the one)
+        socket = connect(configure(self._context.socket(zmq.PUSH)), address, self._keys)
         return _WorkerLink(handle, socket, address)
+
+    # ------------------------------------------------------------------ peer registration (Ray)
+
+    def _peers(self) -> DataPlanePeers:
+        """This gateway's results address and every worker's addresses, as the last info() calls gave them."""
+        infos = [link.handle.info for link in self._links]
+        return DataPlanePeers(
+            reply_address=self.reply_to,
+            input_addresses=[i.input_address for i in infos if i.stage != "encode"],
+            kv_addresses=[i.kv_address for i in infos if i.kv_address is not None],
+            embedding_addresses=[i.embedding_address for i in infos if i.embedding_address is not None],
+        )
+
+    async def _register_all(self) -> None:
+        peers = self._peers()
+        await asyncio.gather(*(self._register(link, peers) for link in self._links if link.alive))
+
+    async def _register(self, link: _WorkerLink, peers: DataPlanePeers) -> None:
+        """Tell one worker where it may connect; a failure is retried at its next health check."""
+        try:
+            await asyncio.wait_for(link.handle.actor.register_peers.remote(peers), REGISTER_TIMEOUT_S)
+        except Exception as exc:  # gone or stuck: the health check decides; registration follows it back
+            logger.warning("could not register this gateway's addresses with worker %s: %s", link.handle.name, exc)
+            return
+        link.registered = peers
+
+    async def _unregister(self, link: _WorkerLink) -> None:
+        if link.registered is None:
+            return
+        with contextlib.suppress(Exception):  # a worker that cannot be told forgets us when its table fills
+            await asyncio.wait_for(link.handle.actor.unregister_gateway.remote(self.reply_to), REGISTER_TIMEOUT_S)
 
     # ------------------------------------------------------------------ metrics
 

@@ -5,6 +5,11 @@ travel over the worker's ZeroMQ sockets. The actor is threaded (`max_concurrency
 never waits behind the engine loop. Its answers are the typed structs of services.common.control
 (msgspec Structs, which Ray pickles like any class of an importable module); the same stats and the
 KV events also leave as they happen on the worker's state socket (WorkerInfo.state_address).
+
+Data-plane trust, set up over Ray: the cluster secret comes as a constructor argument (Ray keeps it
+with the actor's creation task, so a restarted process gets it again; it never enters an environment
+variable or a log line), and each gateway registers the addresses the worker may connect to
+(`register_peers`, again whenever a worker's addresses change) and withdraws them when it goes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from services.common.control import (
     WorkerInfo,
     WorkerStats,
 )
+from services.common.messages import DataPlanePeers
+from services.common.security import ClusterSecret, derive_keys
 from services.engine import EngineConfig, LLMEngine
 from services.workers.engine_worker import EngineWorker
 from services.workers.kv_staging import host_identity
@@ -50,7 +57,9 @@ class EngineActor:
         model_name: str = "model",
         metrics_port: int | None = None,
         kv_staging_bytes: int | None = None,
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
+        """`cluster_secret`: authenticate the data plane with the keys derived from it (None: plain)."""
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
         self.num_restarts = back_off_if_restarted(name)  # before the model loads: a crash loop waits here
         self.name, self.stage = name, stage
@@ -71,6 +80,7 @@ class EngineActor:
             kv_staging_bytes=kv_staging_bytes,
             image_encoder=image_encoder,
             worker_stats=self.stats,
+            keys=derive_keys(cluster_secret) if cluster_secret is not None else None,
         )
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
@@ -128,6 +138,13 @@ class EngineActor:
             next_kv_event_seq=self.worker.kv_events.next_seq,
         )
 
+    def register_peers(self, peers: DataPlanePeers) -> None:
+        """A gateway's addresses and its view of the other workers': where this worker may connect."""
+        self.worker.peers.register(peers)
+
+    def unregister_gateway(self, reply_address: str) -> None:
+        self.worker.peers.unregister(reply_address)
+
     def kv_events(self, next_seq: int | None) -> KVEventsReply:
         """KV cache event batches from `next_seq` on, or a snapshot (see services.workers.event_log)."""
         return self.worker.kv_events.read(next_seq)
@@ -156,7 +173,12 @@ class EncodeActor:
     """
 
     def __init__(
-        self, engine_config: EngineConfig, name: str, bind_host: str = "127.0.0.1", metrics_port: int | None = None
+        self,
+        engine_config: EngineConfig,
+        name: str,
+        bind_host: str = "127.0.0.1",
+        metrics_port: int | None = None,
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
         from services.workers.encode_worker import EncodeWorker
 
@@ -169,7 +191,8 @@ class EncodeActor:
         self.model_dir = engine_config.model
         self.host_id = host_identity()
         self.encoder = _image_encoder(engine_config, self.model_dir)
-        self.worker = EncodeWorker(self.encoder, tcp_address(bind_host), name, worker_stats=self.stats)
+        keys = derive_keys(cluster_secret) if cluster_secret is not None else None
+        self.worker = EncodeWorker(self.encoder, tcp_address(bind_host), name, worker_stats=self.stats, keys=keys)
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)
         self._thread.start()
         self.metrics_port = None
@@ -190,6 +213,13 @@ class EncodeActor:
 
     def stats(self) -> WorkerStats:
         return WorkerStats(name=self.name, stage="encode", alive=self._thread.is_alive(), encode=self.worker.stats())
+
+    def register_peers(self, peers: DataPlanePeers) -> None:
+        """A gateway's view of the workers: the embedding sockets this encoder may deliver to."""
+        self.worker.peers.register(peers)
+
+    def unregister_gateway(self, reply_address: str) -> None:
+        self.worker.peers.unregister(reply_address)
 
     def embedding_cache(self) -> EmbeddingCacheSnapshot:
         """The embedding cache's contents. The loop may change the cache meanwhile (this runs on Ray's

@@ -28,6 +28,10 @@ two counts, images queued and images in the tower, are the encoder's waiting and
 (services.common.control.EncodeStats), published on the worker's state socket with its embedding
 cache's contents (services.workers.state_publisher).
 
+Trust: an EncodeRequest's `deliver_to` must be an embedding socket a gateway registered over Ray
+(services.workers.peers); one naming any other address is dropped, never connected to. With the
+cluster's CURVE keys, the input and state sockets are CURVE servers and the outbox's sockets clients.
+
 Failure policy: a malformed message is logged and dropped; an image that cannot be encoded gets an
 error embedding (the prefill worker fails that request); an unexpected exception while encoding
 fails that batch's images and the loop goes on. AbortRequest drops the request's work received but
@@ -38,7 +42,8 @@ Tunables (defaults):
     max_batch_images = 64        EncodeRequests taken per loop turn (one tower batch)
     max_queued_images = 2 x max_batch_images   EncodeRequests received and waiting for the tower
     EMBEDDING_SEND_HWM = 8       messages queued in ZeroMQ per destination before a send fails
-    MAX_EMBEDDING_MESSAGE_BYTES = 1 GiB   largest embedding frame (the receiving side's limit)
+    input socket limit = the codec's header limit (64 MiB): an EncodeRequest's frame is an image's encoded
+                         bytes, which the gateway caps far lower (20 MiB by default)
 """
 
 from __future__ import annotations
@@ -53,11 +58,13 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from services.common.channels import bind, configure, drain
+from services.common.channels import bind, configure, connect, drain
 from services.common.codec import MessageCodec
 from services.common.control import EncodeStats, WorkerStats
 from services.common.messages import AbortRequest, EncodeRequest, EncoderInbound, ImageEmbedding
+from services.common.security import CurveKeys, start_authenticator
 from services.workers.encoder import ImageEncoder
+from services.workers.peers import PeerRegistry
 from services.workers.state_publisher import StatePublisher
 from services.workers.wire import MAX_EMBEDDING_MESSAGE_BYTES, embedding_frame
 
@@ -93,10 +100,13 @@ class Outbox:
         context: zmq.Context,
         send_hwm: int = EMBEDDING_SEND_HWM,
         max_message_bytes: int = MAX_EMBEDDING_MESSAGE_BYTES,
+        keys: CurveKeys | None = None,
     ) -> None:
+        """`keys`: the cluster's CURVE keys (destinations' embedding sockets are CURVE servers then)."""
         self._context = context
         self.send_hwm = send_hwm
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = max_message_bytes  # a PUSH socket receives nothing: moot, kept for symmetry
+        self._keys = keys
         self._sockets: dict[str, zmq.Socket] = {}
         self._queues: dict[str, deque[_Outgoing]] = {}
         self.num_bytes = 0  # waiting here
@@ -155,7 +165,7 @@ class Outbox:
             socket = configure(self._context.socket(zmq.PUSH), self.max_message_bytes)
             socket.setsockopt(zmq.SNDHWM, self.send_hwm)
             try:
-                socket.connect(address)
+                connect(socket, address, self._keys)
             except zmq.ZMQError:
                 socket.close(linger=0)
                 raise
@@ -184,7 +194,11 @@ class EncodeWorker:
         max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
         max_queued_images: int | None = None,
         worker_stats: Callable[[], WorkerStats] | None = None,
+        keys: CurveKeys | None = None,
+        peers: PeerRegistry | None = None,
     ) -> None:
+        """`keys`: the cluster's CURVE keys (None: plain sockets); `peers`: the embedding sockets it may
+        deliver to, filled by gateways over Ray (None: a registry of its own, empty until registered)."""
         if max_batch_images < 1:
             raise ValueError("max_batch_images must be at least 1")
         self.encoder = encoder
@@ -194,12 +208,14 @@ class EncodeWorker:
         self.max_queued_images = max(max_queued_images or 2 * max_batch_images, max_batch_images)
         self._queue: deque[tuple[EncodeRequest, bytes]] = deque()  # received, waiting for the tower
         self._num_images_in_flight = 0  # in the tower now (read by other threads)
+        self.peers = peers if peers is not None else PeerRegistry(name)
         self._context = zmq.Context()
+        self._authenticator = start_authenticator(self._context, keys, name)  # before any socket binds
         self._input = configure(self._context.socket(zmq.PULL))
         # a short queue in this process, so requests we do not take back up to the gateway
         self._input.setsockopt(zmq.RCVHWM, max_batch_images)
-        self.input_address = bind(self._input, input_address)
-        self._outbox = Outbox(self._context)
+        self.input_address = bind(self._input, input_address, keys)
+        self._outbox = Outbox(self._context, keys=keys)
         self._inbound: MessageCodec[EncodeRequest | AbortRequest] = MessageCodec(EncoderInbound)
         self._outbound: MessageCodec[ImageEmbedding] = MessageCodec(ImageEmbedding)
         self._stop = threading.Event()
@@ -213,6 +229,7 @@ class EncodeWorker:
                 None,
                 worker_stats,
                 embedding_cache=encoder.cache,
+                keys=keys,
             )
             if worker_stats is not None
             else None
@@ -261,6 +278,8 @@ class EncodeWorker:
         for message, frames in drain(self._input, self._inbound, self.name):
             if isinstance(message, AbortRequest):
                 self._abort(message.request_id)
+            elif not self.peers.allows("embedding", message.deliver_to, message.request_id):
+                continue  # not even an error goes back: that would connect to the address
             elif len(frames) != 2:
                 self.num_requests_received += 1
                 self._post(
@@ -352,4 +371,6 @@ class EncodeWorker:
             self.publisher.close()
         self._outbox.close()
         self._input.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.close()
         self._context.term()

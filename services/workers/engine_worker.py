@@ -14,11 +14,17 @@ RequestTable; everything else keyed by request id and told when a request leaves
     ImageIntake                 services.workers.image_intake    embeddings in, requests parked for them
     PrefillRole | DecodeRole    services.workers.roles           KV out (sender, staging, leases) / KV in
     KVEventLog                  services.workers.event_log       the prefix cache's events, for routers
+    PeerRegistry                services.workers.peers           the addresses it may connect to
 
 A colocated worker serves prompt and every token; a prefill worker hands a request that names a
 `kv_target` off after its first token; a decode worker also takes KV on its own socket. The loop
 owns the engine; nothing else touches it. Control-plane calls (stats, health) come from other
 threads and only read counters.
+
+Trust: the worker connects only to addresses a gateway registered over Ray (`peers`): a request
+whose reply_to (or, handed off, whose KV target) is not registered is dropped before it is admitted.
+With the cluster's CURVE `keys`, every socket it binds is a CURVE server vetted by this context's ZAP
+handler, and every socket it connects is a CURVE client (services.common.security).
 
 Failure policy: a request the engine refuses gets a RequestError (400 with the parameter named);
 an unexpected error inside a step fails every request in flight with a 500-class error and frees
@@ -39,6 +45,7 @@ from services.common.codec import MessageCodec
 from services.common.control import WorkerStats
 from services.common.errors import InvalidRequestError
 from services.common.messages import AbortRequest, EncodeRequest, GenerateRequest, KVAck, RequestError, WorkerInbound
+from services.common.security import CurveKeys, start_authenticator
 from services.engine import LLMEngine
 from services.engine.multimodal import MultiModalInputs
 from services.engine.outputs import Handoff
@@ -46,6 +53,7 @@ from services.workers.event_log import KVEventLog
 from services.workers.image_intake import ImageIntake
 from services.workers.kv_staging import host_identity
 from services.workers.kv_transfer import KV_STREAMS, TransferStats, engine_layout
+from services.workers.peers import PeerRegistry
 from services.workers.request_table import Reply, ReplySender, RequestRecord, RequestTable
 from services.workers.roles import DecodeRole, PrefillRole, Resumed
 from services.workers.state_publisher import StatePublisher
@@ -72,20 +80,30 @@ class EngineWorker:
         kv_staging_bytes: int | None = None,
         image_encoder=None,
         worker_stats: Callable[[], WorkerStats] | None = None,
+        keys: CurveKeys | None = None,
+        peers: PeerRegistry | None = None,
     ) -> None:
+        """`keys`: the cluster's CURVE keys (None: plain sockets); `peers`: the addresses it may connect
+        to, filled by gateways over Ray (None: a registry of its own, empty until registered)."""
         if role not in ROLES:
             raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
         self.engine = engine
         self.name = name
         self.host_id = host_identity()
+        self.peers = peers if peers is not None else PeerRegistry(name)
         self._context = zmq.Context(io_threads=KV_STREAMS if role != "colocated" else 1)
+        self._authenticator = start_authenticator(self._context, keys, name)  # before any socket binds
+        # GenerateRequests (a prompt of up to max_model_len ids and the request's strings), aborts, acks
+        # and a colocated worker's EncodeRequests (image bytes): the codec's header limit covers them all
         self._input = configure(self._context.socket(zmq.PULL))
-        self.input_address = bind(self._input, input_address)
+        self.input_address = bind(self._input, input_address, keys)
         any_port = self.input_address.rsplit(":", 1)[0] + ":0"  # more sockets on the same host
         self.transfer_stats = TransferStats()
         self.requests = RequestTable()
-        self._replies = ReplySender(self._context, name)
-        self.images = ImageIntake(engine, self._context, None if role == "decode" else any_port, name, image_encoder)
+        self._replies = ReplySender(self._context, name, keys)
+        self.images = ImageIntake(
+            engine, self._context, None if role == "decode" else any_port, name, image_encoder, keys=keys
+        )
         layout = engine_layout(engine, model_name)
         self.prefill_role = (
             PrefillRole(
@@ -97,6 +115,7 @@ class EngineWorker:
                 self.transfer_stats,
                 lease_s=kv_lease_s,
                 staging_bytes=kv_staging_bytes,
+                keys=keys,
             )
             if role == "prefill"
             else None
@@ -110,6 +129,8 @@ class EngineWorker:
                 self.transfer_stats,
                 timeout_s=kv_timeout_s,
                 image_inputs=self.images.transfer_inputs,
+                peers=self.peers,
+                keys=keys,
             )
             if role == "decode"
             else None
@@ -120,7 +141,13 @@ class EngineWorker:
         # the state socket: KV events, `worker_stats` and admitted requests as they happen (None: no socket)
         self.publisher = (
             StatePublisher(
-                self._context, any_port, name, self.kv_events, worker_stats, block_size=engine.kv_cache.block_size
+                self._context,
+                any_port,
+                name,
+                self.kv_events,
+                worker_stats,
+                block_size=engine.kv_cache.block_size,
+                keys=keys,
             )
             if worker_stats is not None
             else None
@@ -178,14 +205,25 @@ class EngineWorker:
         return replies
 
     def _accept(self, message: GenerateRequest) -> list[Reply]:
+        hands_off = self.prefill_role is not None and PrefillRole.hands_off(message)
+        if not self._addresses_registered(message, hands_off):
+            return []
         if self.publisher is not None:
             self.publisher.admitted(message)
-        hands_off = self.prefill_role is not None and PrefillRole.hands_off(message)
         self.requests.add(RequestRecord(message, hands_off=hands_off))
         if message.images:  # it starts once its images' embeddings are in (_start_ready)
             error = self.images.park(message)
             return [error] if error is not None else []
         return self._add(message)
+
+    def _addresses_registered(self, message: GenerateRequest, hands_off: bool) -> bool:
+        """Whether every address the request makes this worker connect to was registered over Ray: its
+        reply_to, and the decode worker's KV socket when this worker ships its KV there."""
+        request_id = message.request_id
+        if not self.peers.allows("reply", message.reply_to, request_id):
+            return False
+        target = message.kv_target
+        return not hands_off or target is None or self.peers.allows("kv", target.kv_address, request_id)
 
     def _resume(self, resumed: Resumed) -> list[Reply]:
         """A decode worker goes on with a request prefill handed off: with its KV, or recomputing it."""
@@ -284,4 +322,6 @@ class EngineWorker:
         if self.publisher is not None:
             self.publisher.close()
         self._input.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.close()
         self._context.term()

@@ -14,6 +14,9 @@ arrived yet or not (the reason waits for it, bounded: MAX_EARLY_FAILURES); a mal
 message is logged and dropped; a parked request whose embeddings do not arrive within the inbox's
 timeout fails with a 503 the client may retry. The worker's loop is the one owner: no locks.
 
+The embedding socket is a CURVE server when the worker has the cluster's keys (encoders connect to
+it), and accepts frames no larger than one image of the model can need (`max_embedding_frame_bytes`).
+
 Tunables: MultiModalInbox's capacity_bytes and timeout_s; MAX_EARLY_FAILURES = 4096.
 """
 
@@ -36,22 +39,40 @@ from services.common.messages import (
     KVTransfer,
     RequestError,
 )
+from services.common.security import CurveKeys
 from services.engine import LLMEngine
 from services.engine.multimodal import MultiModalInputs
 from services.workers.multimodal_inbox import MultiModalInbox
-from services.workers.wire import MAX_EMBEDDING_MESSAGE_BYTES, dtype_name, embedding_from_frame, rows_from_frame
+from services.workers.wire import dtype_name, embedding_from_frame, rows_from_frame
 
 logger = logging.getLogger(__name__)
 
 MAX_EARLY_FAILURES = 4096  # encode failures kept for requests that have not arrived yet (oldest dropped)
+# an ImageEmbedding header: ids, a content hash, and with `error` the encoder's reason (a short text)
+EMBEDDING_HEADER_ROOM_BYTES = 2**20
+
+
+def max_embedding_frame_bytes(engine: LLMEngine) -> int:
+    """The largest frame the embedding socket can legitimately receive (its ZMQ_MAXMSGSIZE): one image's
+    rows, [num_rows, hidden_size] in the engine dtype (the only dtype accepted), where num_rows, the
+    image's placeholder tokens, lie inside the context (at most max_model_len); or the header."""
+    row_bytes = engine.runner.model.spec.hidden_size * engine.runner.dtype.itemsize
+    return max(engine.max_model_len * row_bytes, EMBEDDING_HEADER_ROOM_BYTES)
 
 
 class ImageIntake:
     def __init__(
-        self, engine: LLMEngine, context: zmq.Context, bind_address: str | None, name: str, image_encoder=None
+        self,
+        engine: LLMEngine,
+        context: zmq.Context,
+        bind_address: str | None,
+        name: str,
+        image_encoder=None,
+        *,
+        keys: CurveKeys | None = None,
     ) -> None:
         """`bind_address` ("tcp://host:0"), or None: no embedding socket (a decode worker); a text-only
-        model binds none either."""
+        model binds none either. `keys`: the cluster's CURVE keys (None: a plain socket)."""
         self.name = name
         self.image_encoder = image_encoder
         self._hidden_size = engine.runner.model.spec.hidden_size
@@ -64,8 +85,8 @@ class ImageIntake:
         self.socket: zmq.Socket | None = None
         self.address: str | None = None
         if bind_address is not None and not self._text_only:
-            self.socket = configure(context.socket(zmq.PULL), MAX_EMBEDDING_MESSAGE_BYTES)
-            self.address = bind(self.socket, bind_address)
+            self.socket = configure(context.socket(zmq.PULL), max_embedding_frame_bytes(engine))
+            self.address = bind(self.socket, bind_address, keys)
 
     @property
     def busy(self) -> bool:

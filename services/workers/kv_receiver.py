@@ -3,6 +3,11 @@
 It reserves blocks when a transfer opens, writes each arriving layer group into its own paged
 cache (on a side stream), starts the request once every layer's copy is done and acks; a transfer
 that is refused, malformed or late becomes a Resume: the request is recomputed here instead.
+
+A transfer names two addresses this side connects to: its `ack_to` (the prefill worker's input) and
+its request's `reply_to` (the gateway that streams it). Both must be in the worker's PeerRegistry
+(services.workers.peers): a transfer naming any other is dropped whole (no blocks reserved, no ack,
+no connection), and its layer groups with it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from services.common.channels import configure
+from services.common.channels import configure, connect
 from services.common.codec import MessageCodec
 from services.common.errors import InvalidRequestError
 from services.common.messages import KVAck, KVInbound, KVLayers, KVLayout, KVTransfer, WorkerInbound
+from services.common.security import CurveKeys
 from services.engine import LLMEngine
 from services.engine.multimodal import MultiModalInputs
 from services.workers.kv_staging import StagingReader
 from services.workers.kv_transfer import MAX_EARLY_BYTES, TransferStats, after_compute, copies_done, side_stream
+from services.workers.peers import PeerRegistry
 from services.workers.wire import sampling_params
 
 logger = logging.getLogger(__name__)
@@ -67,7 +74,12 @@ class KVReceiver:
         *,
         pin_staging: bool = False,
         image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None] | None = None,
+        peers: PeerRegistry | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
+        """`peers`: the addresses acks and tokens may go to (None: the caller vouches for every transfer's
+        addresses, as a test wiring both ends by hand does; a worker always passes its registry);
+        `keys`: the cluster's CURVE keys for the ack sockets (None: plain)."""
         self.engine = engine
         self.layout = layout
         self.timeout_s = timeout_s
@@ -75,6 +87,8 @@ class KVReceiver:
         self.socket = socket
         self.staging = StagingReader(pin=pin_staging)
         self._image_inputs = image_inputs  # a transfer's image frames -> the engine's inputs
+        self._peers = peers
+        self._keys = keys
         self._context = context
         self._acks: dict[str, zmq.Socket] = {}
         self._imports: dict[str, _Import] = {}
@@ -97,6 +111,9 @@ class KVReceiver:
                 break
             message = self._codec.decode(frames)
             if isinstance(message, KVTransfer):
+                if not self._addresses_registered(message):
+                    self._refuse_early(message.request_id)  # its groups are dropped too, now and later
+                    continue
                 resume = self._open(message, frames[1:])
                 if resume is not None:
                     resumes.append(resume)
@@ -139,6 +156,15 @@ class KVReceiver:
         for socket in self._acks.values():
             socket.close(linger=0)
         self.staging.close()
+
+    def _addresses_registered(self, transfer: KVTransfer) -> bool:
+        """Whether the ack and the tokens of `transfer` may go where it says (each refusal is counted)."""
+        if self._peers is None:
+            return True
+        request_id = transfer.request_id
+        return self._peers.allows("ack", transfer.ack_to, request_id) and self._peers.allows(
+            "reply", transfer.request.reply_to, request_id
+        )
 
     def _open(self, transfer: KVTransfer, frames: list) -> Resume | None:
         if transfer.request_id in self._closed:  # the same id again (a migrated request): a new transfer
@@ -265,9 +291,8 @@ class KVReceiver:
         if not accepted:
             self.stats.failures += 1
         socket = self._acks.get(transfer.ack_to)
-        if socket is None:
-            socket = configure(self._context.socket(zmq.PUSH))
-            socket.connect(transfer.ack_to)
+        if socket is None:  # ack_to passed _addresses_registered when the transfer opened
+            socket = connect(configure(self._context.socket(zmq.PUSH)), transfer.ack_to, self._keys)
             self._acks[transfer.ack_to] = socket
         ack = KVAck(
             request_id=transfer.request_id, accepted=accepted, message=message, staging_unreadable=staging_unreadable

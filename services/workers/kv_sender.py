@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from services.common.channels import configure
+from services.common.channels import configure, connect
 from services.common.codec import MessageCodec
 from services.common.messages import KVAck, KVInbound, KVLayers, KVLayout, KVTarget, KVTransfer, StagingRef
+from services.common.security import CurveKeys
 from services.engine import LLMEngine
 from services.workers.kv_staging import StagingBuffer
 from services.workers.kv_transfer import (
     KV_STREAMS,
     LAYERS_PER_MESSAGE,
-    MAX_KV_MESSAGE_BYTES,
     TransferStats,
     after_compute,
     copies_done,
@@ -68,6 +68,10 @@ class KVSender:
     called every loop turn, sends each layer group once its copy is done, and frees the request's
     GPU blocks as soon as all of its groups are staged. Without room in the staging buffer (or with
     staging off), a request goes out the plain way: copied to the host and sent inside `send`.
+
+    It connects to the `kv_address` of each target it is given: its owner checks that address against
+    the worker's PeerRegistry first (EngineWorker, when the request arrives). `keys`: the cluster's
+    CURVE keys (decode workers' KV sockets are CURVE servers then).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class KVSender:
         staging: StagingBuffer | None = None,
         host_id: str = "",
         num_streams: int = KV_STREAMS,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.engine = engine
         self.layout = layout
@@ -91,6 +96,7 @@ class KVSender:
         self.staging = staging
         self.host_id = host_id
         self.num_streams = num_streams
+        self._keys = keys
         self._context = context
         self._sockets: dict[str, list[zmq.Socket]] = {}
         self._shipments: dict[str, _Shipment] = {}
@@ -243,8 +249,7 @@ class KVSender:
         if address not in self._sockets:
             sockets = []
             for _ in range(self.num_streams):
-                socket = configure(self._context.socket(zmq.PUSH), MAX_KV_MESSAGE_BYTES)
-                socket.connect(address)
-                sockets.append(socket)
+                # a PUSH socket receives nothing: its inbound limit is moot (the decode side's is the one)
+                sockets.append(connect(configure(self._context.socket(zmq.PUSH)), address, self._keys))
             self._sockets[address] = sockets
         return self._sockets[address]

@@ -34,7 +34,8 @@ Tunables (defaults):
     KV_STREAMS = 4             connections per decode worker for frames
     lease_s = 30.0             longest a prefill worker holds a request's KV without an ack
     timeout_s = 10.0           longest a decode worker waits for a transfer before recomputing
-    MAX_KV_MESSAGE_BYTES = 4 GiB   largest frame a decode worker accepts
+    max_kv_frame_bytes(engine)     largest frame a decode worker's KV socket accepts: what the
+                                   model's largest legitimate message needs (see there), not more
     MAX_EARLY_BYTES = 2 GiB    groups a decode worker keeps while their KVTransfer is still on the way
 """
 
@@ -45,13 +46,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.common.codec import MAX_HEADER_BYTES
 from services.common.histogram import SecondsHistogram
 from services.common.messages import KVLayout
 from services.engine import LLMEngine
 
 LAYERS_PER_MESSAGE = 4
 KV_STREAMS = 4
-MAX_KV_MESSAGE_BYTES = 4 * 2**30
 MAX_EARLY_BYTES = 2 * 2**30
 
 
@@ -80,6 +81,28 @@ def engine_layout(engine: LLMEngine, model_name: str) -> KVLayout:
         head_dim=spec.head_dim,
         dtype=engine.config.dtype,
     )
+
+
+def max_kv_frame_bytes(engine: LLMEngine) -> int:
+    """The largest frame a KV socket can legitimately carry between two workers of this model (the
+    decode worker's ZMQ_MAXMSGSIZE: libzmq checks each frame, and drops a peer that sends a larger one
+    before buffering it). The largest of:
+
+        a KVLayers frame   min(LAYERS_PER_MESSAGE, num_layers) layers of one request, each
+                           [2, num_blocks, block_size, num_kv_heads, head_dim] in the KV dtype, for a
+                           request of max_model_len tokens: num_blocks = ceil(max_model_len / block_size)
+        an image frame     one of a KVTransfer's embeddings: its placeholder rows lie inside the context,
+                           so at most max_model_len rows of hidden_size in the engine dtype
+        a header           any message header: the codec refuses one above MAX_HEADER_BYTES anyway (a
+                           KVTransfer's carries up to max_model_len token ids and the request's strings)
+    """
+    spec, config = engine.runner.model.spec, engine.config
+    itemsize = engine.runner.dtype.itemsize
+    num_blocks = -(-engine.max_model_len // config.block_size)
+    layers_per_frame = min(LAYERS_PER_MESSAGE, spec.num_layers)
+    layer_group_bytes = layers_per_frame * 2 * num_blocks * config.block_size * spec.num_kv_heads * spec.head_dim
+    image_bytes = engine.max_model_len * spec.hidden_size
+    return max(layer_group_bytes * itemsize, image_bytes * itemsize, MAX_HEADER_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import ray
 from ray.actor import ActorProxy
 
 from services.common.control import WorkerInfo
+from services.common.security import ClusterSecret
 from services.engine import EngineConfig
 from services.workers.actor import EncodeActor, EngineActor
 
@@ -72,6 +73,7 @@ def start_pool(
     metrics_port: int | None = None,
     kv_staging_bytes: int | None = None,
     shared: bool = False,
+    cluster_secret: ClusterSecret | None = None,
 ) -> list[WorkerHandle]:
     """Start `count` actors (or, `shared`, attach to those already running under the same names) and
     block until every one has loaded its model (raises if one fails)."""
@@ -95,10 +97,14 @@ def start_pool(
             options.update(name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True)
         if stage == "encode":
             encode_remote = ray.remote(EncodeActor).options(**options)
-            actors.append((name, _handle(encode_remote.remote(engine_config, name, bind_host))))
+            encode_proxy = encode_remote.remote(engine_config, name, bind_host, cluster_secret=cluster_secret)
+            actors.append((name, _handle(encode_proxy)))
             continue
         remote = ray.remote(EngineActor).options(**options)
-        proxy = remote.remote(engine_config, name, stage, bind_host, model_name, metrics_port, kv_staging_bytes)
+        # the data plane's secret goes as a constructor argument: Ray keeps it for restarts, no env var shows it
+        proxy = remote.remote(
+            engine_config, name, stage, bind_host, model_name, metrics_port, kv_staging_bytes, cluster_secret
+        )
         actors.append((name, _handle(proxy)))
     infos = ray.get([actor.info.remote() for _, actor in actors])
     return [WorkerHandle(name, stage, actor, info) for (name, actor), info in zip(actors, infos)]

@@ -4,7 +4,9 @@ A record lives from the GenerateRequest's arrival (or a KV transfer's completion
 worker) until the request's last delta or error is sent, its abort, or its handoff to a decode
 worker; every other manager keys its own state by request id and is told when a request leaves.
 Each request names the output socket (`reply_to`) of the gateway that sent it, so one worker
-serves any number of gateway replicas.
+serves any number of gateway replicas. Invariant: a record enters the table only after its reply_to
+passed the worker's PeerRegistry (services.workers.peers), so ReplySender connects only to results
+sockets a gateway registered over Ray.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 
 import zmq
 
-from services.common.channels import configure
+from services.common.channels import configure, connect
 from services.common.codec import MessageCodec
 from services.common.messages import GenerateRequest, OutputBatch, RequestDelta, RequestError
+from services.common.security import CurveKeys
 from services.engine.multimodal import MultiModalInputs
 
 Reply = RequestDelta | RequestError
@@ -60,9 +63,10 @@ class RequestTable:
 class ReplySender:
     """One OutputBatch per gateway per loop turn; a request's record leaves with its last reply."""
 
-    def __init__(self, context: zmq.Context, worker_name: str) -> None:
+    def __init__(self, context: zmq.Context, worker_name: str, keys: CurveKeys | None = None) -> None:
         self._context = context
         self._worker_name = worker_name
+        self._keys = keys  # the gateways' results sockets are CURVE servers when the cluster has keys
         self._sockets: dict[str, zmq.Socket] = {}  # reply_to address -> PUSH socket
         self._codec = MessageCodec(OutputBatch)
 
@@ -84,7 +88,6 @@ class ReplySender:
     def _socket(self, address: str) -> zmq.Socket:
         socket = self._sockets.get(address)
         if socket is None:
-            socket = configure(self._context.socket(zmq.PUSH))
-            socket.connect(address)
+            socket = connect(configure(self._context.socket(zmq.PUSH)), address, self._keys)
             self._sockets[address] = socket
         return socket

@@ -22,13 +22,15 @@ import zmq
 from services.common.channels import bind, configure
 from services.common.codec import DecodeError
 from services.common.messages import GenerateRequest, KVAck, KVLayout, KVTransfer
+from services.common.security import CurveKeys
 from services.engine import LLMEngine
 from services.engine.multimodal import MultiModalInputs
 from services.engine.outputs import Handoff
 from services.workers.kv_receiver import KVReceiver
 from services.workers.kv_sender import KVSender
 from services.workers.kv_staging import StagingBuffer
-from services.workers.kv_transfer import MAX_KV_MESSAGE_BYTES, TransferStats
+from services.workers.kv_transfer import TransferStats, max_kv_frame_bytes
+from services.workers.peers import PeerRegistry
 from services.workers.request_table import RequestRecord
 from services.workers.wire import embedding_frame
 
@@ -52,6 +54,7 @@ class PrefillRole:
         *,
         lease_s: float,
         staging_bytes: int | None,
+        keys: CurveKeys | None = None,
     ) -> None:
         cuda = engine.runner.device.type == "cuda"
         if staging_bytes is None:
@@ -59,7 +62,9 @@ class PrefillRole:
         self.staging = open_staging(staging_bytes, pin=cuda)
         self.stats = stats
         self._ack_to = ack_to
-        self.sender = KVSender(engine, context, layout, ack_to, lease_s, stats, staging=self.staging, host_id=host_id)
+        self.sender = KVSender(
+            engine, context, layout, ack_to, lease_s, stats, staging=self.staging, host_id=host_id, keys=keys
+        )
 
     @staticmethod
     def hands_off(message: GenerateRequest) -> bool:
@@ -125,13 +130,27 @@ class DecodeRole:
         *,
         timeout_s: float,
         image_inputs: Callable[[KVTransfer, list], MultiModalInputs | None],
+        peers: PeerRegistry,
+        keys: CurveKeys | None = None,
     ) -> None:
+        """`peers`: where acks and tokens may go; `keys`: the cluster's CURVE keys (the KV socket is a
+        CURVE server, the ack sockets clients), None: plain sockets."""
         self.stats = stats
-        self.socket = configure(context.socket(zmq.PULL), MAX_KV_MESSAGE_BYTES)
-        self.address = bind(self.socket, bind_address)
+        # prefill workers of the same model send nothing larger than max_kv_frame_bytes (see there)
+        self.socket = configure(context.socket(zmq.PULL), max_kv_frame_bytes(engine))
+        self.address = bind(self.socket, bind_address, keys)
         cuda = engine.runner.device.type == "cuda"
         self.receiver = KVReceiver(
-            engine, context, self.socket, layout, timeout_s, stats, pin_staging=cuda, image_inputs=image_inputs
+            engine,
+            context,
+            self.socket,
+            layout,
+            timeout_s,
+            stats,
+            pin_staging=cuda,
+            image_inputs=image_inputs,
+            peers=peers,
+            keys=keys,
         )
 
     @property

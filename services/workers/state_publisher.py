@@ -22,6 +22,8 @@ stats message whose next_kv_event_seq is past what it applied, asks the worker f
 Ray; stats are superseded by the next; a lost admitted request leaves another gateway's in-flight
 estimate to expire.
 
+The PUB socket is a CURVE server when the worker has the cluster's keys: only members read it.
+
 Ownership: one thread, the worker's loop, calls publish / admitted / close, and so runs the `stats`
 callable; the socket has no other user.
 
@@ -53,6 +55,7 @@ from services.common.control import (
     WorkerStats,
 )
 from services.common.messages import GenerateRequest
+from services.common.security import CurveKeys
 from services.workers.event_log import KVEventLog
 
 logger = logging.getLogger(__name__)
@@ -86,10 +89,12 @@ class StatePublisher:
         min_stats_interval_s: float = MIN_STATS_INTERVAL_S,
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        keys: CurveKeys | None = None,
     ) -> None:
         """`bind_address` is a ZeroMQ endpoint on the configured host (`tcp://HOST:0`: a free port);
         `block_size` (tokens per KV block) is needed to hash admitted requests; `kv_events` is None
-        for an encode worker, which gives its `embedding_cache` instead."""
+        for an encode worker, which gives its `embedding_cache` instead; `keys` are the cluster's
+        CURVE keys (None: a plain socket)."""
         self.worker = worker
         self.min_stats_interval_s = min_stats_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -99,8 +104,9 @@ class StatePublisher:
         self._embedding_cache = embedding_cache
         self._clock = clock
         self._codec = StateCodec()
+        # a PUB socket receives nothing but subscriptions: the default limit is far above any of those
         self._socket = configure(context.socket(zmq.PUB))
-        self.address = bind(self._socket, bind_address)
+        self.address = bind(self._socket, bind_address, keys)
         # batches appended before the publisher existed are not streamed: readers replay them over Ray
         self._next_kv_seq = kv_events.next_seq if kv_events is not None else 0
         self._seqs = {STATS_TOPIC: 0, ADMITTED_TOPIC: 0, EMBEDDING_CACHE_TOPIC: 0}  # next number per topic

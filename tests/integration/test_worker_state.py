@@ -39,7 +39,7 @@ from services.common.control import (
     WorkerInfo,
     WorkerStats,
 )
-from services.common.messages import AbortRequest, GenerateRequest, SamplingSpec, WorkerInbound
+from services.common.messages import AbortRequest, DataPlanePeers, GenerateRequest, SamplingSpec, WorkerInbound
 from services.serve import _use_ray_auth_token
 from services.workers.pool import RAY_NAMESPACE
 from tests.integration.cluster import ServeProcess
@@ -181,6 +181,8 @@ def test_a_backlogged_worker_reports_its_queue_within_a_second_and_both_policies
     backlogged, other = workers
     replies = ReplySink()
     reply_to = replies.address
+    for link in workers:  # as another gateway does: its results address, registered over Ray
+        ray.get(ray.get_actor(link.info.name).register_peers.remote(DataPlanePeers(reply_address=reply_to)))
     vocab_size = backlogged.info.engine.vocab_size
     rng = random.Random(0)
 

@@ -79,6 +79,24 @@ def test_every_ray_process_shares_one_auth_token(compose):
         assert services[name]["image"] == "tristage:cpu"
 
 
+def test_the_gateway_authenticates_the_data_plane_with_one_kept_cluster_secret(compose):
+    """CURVE on ZeroMQ: the gateway takes $TRISTAGE_CLUSTER_SECRET, else one random secret made once and kept in
+    the ray-auth volume (so actors started before a gateway restart still match), and turns authentication on."""
+    gateway = compose["services"]["gateway"]
+    command = " ".join(gateway["command"])
+    assert gateway["environment"]["TRISTAGE_CLUSTER_SECRET"] == "${TRISTAGE_CLUSTER_SECRET:-}"
+    assert "--data-plane-auth on" in command
+    secret_file = "/home/tristage/.ray/tristage_cluster_secret"
+    assert f"secret_file={secret_file}" in command and "ray-auth:/home/tristage/.ray" in gateway["volumes"]
+    made, exported, served = (
+        command.index("head -c 32 /dev/urandom"),
+        command.index("export TRISTAGE_CLUSTER_SECRET="),
+        command.index("exec tristage serve"),
+    )
+    assert made < exported < served
+    assert "umask 077" in command  # the file is readable by its owner only
+
+
 def test_only_api_grafana_and_prometheus_are_published_on_loopback(compose):
     published = {}
     for name, service in compose["services"].items():

@@ -188,7 +188,8 @@ def test_default_is_one_colocated_gpu_worker_behind_the_gateway():
     assert container["image"] == "tristage:0.1.0-cuda"
     assert not any(e["name"] == "TRISTAGE_API_KEYS" for e in container["env"])
     assert not [d for d in docs if d["kind"] in ("Ingress", "HTTPRoute", "HorizontalPodAutoscaler")]
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-ray-auth"]
+    secrets = [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"]
+    assert secrets == [f"{FULLNAME}-cluster-secret", f"{FULLNAME}-ray-auth"]
 
 
 def test_every_ray_process_authenticates_with_the_release_token():
@@ -205,9 +206,38 @@ def test_every_ray_process_authenticates_with_the_release_token():
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-ray-auth", "key": "token"}
     docs = render({"ray": {"authToken": {"existingSecret": "ray-token", "existingSecretKey": "t"}}})
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-cluster-secret"]
     env = {e["name"]: e for e in gateway_container(docs)["env"]}
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ray-token", "key": "t"}
+
+
+def test_the_gateway_gets_the_data_plane_cluster_secret():
+    """CURVE on the ZeroMQ data plane: every gateway replica reads one cluster secret (made by the chart and kept
+    across upgrades, or the operator's Secret) and hands it to the actors it starts; the Ray pods get no copy."""
+    docs = render(DISAGGREGATED)
+    secret = find(docs, "Secret", f"{FULLNAME}-cluster-secret")
+    assert len(base64.b64decode(secret["data"]["cluster-secret"])) == 64
+    container = gateway_container(docs)
+    assert flag(container["args"], "--data-plane-auth") == "auto"  # on: --data-plane-host auto is not loopback
+    env = {e["name"]: e for e in container["env"]}
+    key_ref = {"name": f"{FULLNAME}-cluster-secret", "key": "cluster-secret"}
+    assert env["TRISTAGE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == key_ref
+    cluster = find(docs, "RayCluster")
+    ray_containers = [cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    ray_containers += [g["template"]["spec"]["containers"][0] for g in cluster["spec"]["workerGroupSpecs"]]
+    assert not [e for c in ray_containers for e in c["env"] if e["name"] == "TRISTAGE_CLUSTER_SECRET"]
+
+    docs = render({"dataPlane": {"auth": "on", "clusterSecret": {"existingSecret": "mine", "existingSecretKey": "s"}}})
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-ray-auth"]
+    container = gateway_container(docs)
+    assert flag(container["args"], "--data-plane-auth") == "on"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRISTAGE_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "s"}
+
+    docs = render({"dataPlane": {"auth": "off"}})
+    assert flag(gateway_container(docs)["args"], "--data-plane-auth") == "off"
+    assert not [e for e in gateway_container(docs)["env"] if e["name"] == "TRISTAGE_CLUSTER_SECRET"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-ray-auth"]
 
 
 def test_ray_dashboard_is_not_exposed():
@@ -295,7 +325,8 @@ def test_api_keys_from_chart_secret_or_existing_secret():
     key_ref = env["TRISTAGE_API_KEYS"]["valueFrom"]["secretKeyRef"]
     assert key_ref == {"name": secret["metadata"]["name"], "key": "api-keys"}
     docs = render(SCENARIOS["existing-secret"])
-    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == [f"{FULLNAME}-ray-auth"]
+    secrets = [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"]
+    assert secrets == [f"{FULLNAME}-cluster-secret", f"{FULLNAME}-ray-auth"]
     env = {e["name"]: e for e in gateway_container(docs)["env"]}
     assert env["TRISTAGE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "llm-keys", "key": "keys"}
 

@@ -13,6 +13,7 @@ import zmq
 from services.common.channels import bind, configure
 from services.common.codec import MessageCodec
 from services.common.messages import (
+    DataPlanePeers,
     GenerateRequest,
     KVTarget,
     KVTransfer,
@@ -69,6 +70,13 @@ class Cluster:
         self.ctx = zmq.Context()
         self.results = configure(self.ctx.socket(zmq.PULL))
         self.reply_to = bind(self.results, "tcp://127.0.0.1:0")
+        peers = DataPlanePeers(  # as the gateway registers them over Ray
+            reply_address=self.reply_to,
+            input_addresses=[self.prefill.input_address, self.decode.input_address],
+            kv_addresses=[self.decode.kv_address],
+        )
+        for worker in (self.prefill, self.decode):
+            worker.peers.register(peers)
         self.to_prefill = configure(self.ctx.socket(zmq.PUSH))
         self.to_prefill.connect(self.prefill.input_address)
         # frames: the decode worker looks like another host's, so the bytes cross the socket

@@ -13,7 +13,7 @@ import zmq
 from services.common.channels import bind, configure
 from services.common.codec import MessageCodec
 from services.common.control import EMBEDDING_CACHE_TOPIC, STATE_TOPICS, STATS_TOPIC, StateCodec, WorkerStats
-from services.common.messages import EncodeRequest, EncoderInbound, ImageRef
+from services.common.messages import DataPlanePeers, EncodeRequest, EncoderInbound, ImageRef
 from services.workers.encode_worker import EncodeWorker
 from services.workers.encoder import EmbeddingCache, EncodeStats
 
@@ -61,6 +61,7 @@ def test_images_in_the_tower_and_queued_are_pushed_before_each_tower_call():
     state.connect(worker.state_address)
     embeddings = configure(ctx.socket(zmq.PULL))
     deliver_to = bind(embeddings, "tcp://127.0.0.1:0")
+    worker.peers.register(DataPlanePeers(reply_address="gateway", embedding_addresses=[deliver_to]))
     requests = configure(ctx.socket(zmq.PUSH))
     requests.connect(worker.input_address)
     codec, state_codec = MessageCodec(EncoderInbound), StateCodec()

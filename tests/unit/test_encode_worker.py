@@ -22,6 +22,7 @@ from services.common.codec import DecodeError, MessageCodec
 from services.common.images import ImageLimits, decode_image_bytes, encoded_content_hash
 from services.common.messages import (
     AbortRequest,
+    DataPlanePeers,
     EmbeddingInbound,
     EncodeRequest,
     EncoderInbound,
@@ -77,6 +78,8 @@ class Link:
         if receive_hwm is not None:
             self.embeddings.setsockopt(zmq.RCVHWM, receive_hwm)
         self.deliver_to = bind(self.embeddings, deliver_to)
+        # as the gateway registers it over Ray: the one embedding socket the worker may deliver to
+        self.worker.peers.register(DataPlanePeers(reply_address="gateway", embedding_addresses=[self.deliver_to]))
         self.requests = configure(self.ctx.socket(zmq.PUSH))
         self.requests.connect(self.worker.input_address)
         self._codec = MessageCodec(EncoderInbound)

@@ -9,6 +9,7 @@ from services.common.channels import bind, configure
 from services.common.codec import MessageCodec
 from services.common.messages import (
     AbortRequest,
+    DataPlanePeers,
     GenerateRequest,
     OutputBatch,
     RequestError,
@@ -28,6 +29,7 @@ def worker_link(llama_dir):
     ctx = zmq.Context()
     results = configure(ctx.socket(zmq.PULL))
     reply_to = bind(results, "tcp://127.0.0.1:0")
+    worker.peers.register(DataPlanePeers(reply_address=reply_to))  # as the gateway does over Ray
     requests = configure(ctx.socket(zmq.PUSH))
     requests.connect(worker.input_address)
     yield engine, requests, results, reply_to

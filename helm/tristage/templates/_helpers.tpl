@@ -117,3 +117,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       name: {{ include "tristage.rayAuthSecretName" . }}
       key: {{ if .Values.ray.authToken.existingSecret }}{{ .Values.ray.authToken.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
+
+{{- define "tristage.clusterSecretName" -}}
+{{- .Values.dataPlane.clusterSecret.existingSecret | default (printf "%s-cluster-secret" (include "tristage.fullname" .)) -}}
+{{- end }}
+
+{{/* The data plane's cluster secret for a container running `tristage serve` (none with auth off). */}}
+{{- define "tristage.clusterSecretEnv" -}}
+{{- if ne .Values.dataPlane.auth "off" }}
+- name: TRISTAGE_CLUSTER_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tristage.clusterSecretName" . }}
+      key: {{ if .Values.dataPlane.clusterSecret.existingSecret }}{{ .Values.dataPlane.clusterSecret.existingSecretKey }}{{ else }}cluster-secret{{ end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,144 @@
+"""ClusterBackend's side of data-plane trust: it registers its results address and every worker's addresses
+with each worker over Ray (again when a worker comes back with new ones), withdraws them on close, and a
+worker whose sockets refuse its CURVE handshake (another cluster secret) is avoided and named in the log.
+
+Real ZeroMQ over loopback, no Ray: each worker's actor is a fake that records the calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import zmq
+import zmq.asyncio
+
+from services.common.channels import bind, configure, tcp_address
+from services.common.control import EngineFacts, WorkerInfo
+from services.common.messages import DataPlanePeers
+from services.common.security import ClusterSecret, ZapAuthenticator, derive_keys
+from services.gateway.cluster import ClusterBackend
+from services.workers.pool import WorkerHandle
+
+FACTS = EngineFacts(max_model_len=256, vocab_size=512, device="cpu", dtype="float32", block_size=4, num_kv_blocks=100)
+SECRET = ClusterSecret(b"the gateway's cluster secret....")
+
+
+class _Method:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args):
+        return self._fn(*args)
+
+
+class FakeActor:
+    """info() answers with the worker's current addresses; register_peers / unregister_gateway are recorded."""
+
+    def __init__(self, info: WorkerInfo) -> None:
+        self.worker_info = info
+        self.registered: list[DataPlanePeers] = []
+        self.unregistered: list[str] = []
+        self.info = _Method(self._info)
+        self.stats = _Method(self._fail)
+        self.register_peers = _Method(self._register)
+        self.unregister_gateway = _Method(self._unregister)
+
+    async def _info(self) -> WorkerInfo:
+        return self.worker_info
+
+    async def _fail(self):
+        raise RuntimeError("no stats here")
+
+    async def _register(self, peers: DataPlanePeers) -> None:
+        self.registered.append(peers)
+
+    async def _unregister(self, reply_address: str) -> None:
+        self.unregistered.append(reply_address)
+
+
+def fake_worker(name: str, stage: str, port: int, state_address: str | None = None) -> WorkerHandle:
+    info = WorkerInfo(
+        name=name,
+        stage=stage,
+        pid=1,
+        host_id="h",
+        model_dir="m",
+        input_address=tcp_address(port=port),  # nobody listens: the gateway's PUSH connects lazily
+        state_address=state_address or tcp_address(port=port + 1),
+        kv_address=tcp_address(port=port + 2) if stage == "decode" else None,
+        engine=FACTS,
+    )
+    return WorkerHandle(name, stage, FakeActor(info), info)
+
+
+def _link(backend: ClusterBackend, name: str):
+    return next(link for link in backend._links if link.handle.name == name)
+
+
+def test_every_worker_learns_the_gateway_and_its_peers_and_again_after_a_restart():
+    async def scenario():
+        prefill, decode = fake_worker("prefill-0", "prefill", 41000), fake_worker("decode-0", "decode", 41010)
+        backend = ClusterBackend([prefill, decode], model_name="m", tokenizer=None, health_interval_s=3600)
+        await backend.start()
+        try:
+            expected = DataPlanePeers(
+                reply_address=backend.reply_to,
+                input_addresses=[tcp_address(port=41000), tcp_address(port=41010)],
+                kv_addresses=[tcp_address(port=41012)],
+            )
+            assert prefill.actor.registered == decode.actor.registered == [expected]
+
+            # Ray restarted the prefill worker: a new process at new addresses. Both workers hear of it (the
+            # decode worker acks to the new address) before any request is sent there.
+            restarted = fake_worker("prefill-0", "prefill", 42000).info
+            prefill.actor.worker_info = restarted
+            await backend._check(_link(backend, "prefill-0"))
+            moved = DataPlanePeers(
+                reply_address=backend.reply_to,
+                input_addresses=[tcp_address(port=42000), tcp_address(port=41010)],
+                kv_addresses=[tcp_address(port=41012)],
+            )
+            assert prefill.actor.registered[-1] == decode.actor.registered[-1] == moved
+            num_calls = len(decode.actor.registered)
+            await backend._check(_link(backend, "decode-0"))  # up to date: no call
+            assert len(decode.actor.registered) == num_calls
+        finally:
+            await backend.close()
+        assert prefill.actor.unregistered == decode.actor.unregistered == [backend.reply_to]
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_with_another_cluster_secret_is_avoided_and_the_cause_logged(caplog):
+    """The worker's state socket is a CURVE server with another secret's keys: the gateway's handshake fails."""
+
+    async def scenario():
+        context = zmq.Context()
+        other_keys = derive_keys(ClusterSecret(b"a different cluster's secret...."))
+        authenticator = ZapAuthenticator(context, other_keys, "worker")
+        state = configure(context.socket(zmq.PUB))
+        state_address = bind(state, tcp_address(), other_keys)
+        prefill = fake_worker("prefill-0", "prefill", 43000, state_address=state_address)
+        decode = fake_worker("decode-0", "decode", 43010)
+        backend = ClusterBackend(
+            [prefill, decode], model_name="m", tokenizer=None, health_interval_s=3600, cluster_secret=SECRET
+        )
+        await backend.start()
+        try:
+            link = _link(backend, "prefill-0")
+            for _ in range(100):
+                if link.handshake_refused:
+                    break
+                await asyncio.sleep(0.05)
+            assert link.handshake_refused and link.unreachable and not link.quiet
+            backend._suspend_quiet_workers()
+            assert backend.router.suspended == {"prefill-0"}
+            assert any("TRISTAGE_CLUSTER_SECRET" in r.message and "prefill-0" in r.message for r in caplog.records)
+        finally:
+            await backend.close()
+            state.close(linger=0)
+            authenticator.close()
+            context.term()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
