@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import logging
 import os
 import select
@@ -51,6 +50,8 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from services.common.security import is_loopback
 
 logger = logging.getLogger("tristage.supervisor")
 
@@ -69,15 +70,6 @@ RAY_SINGLE_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 def local_ray_environ(data_plane_host: str) -> dict[str, str]:
     """The environment for a Ray this process starts: bound to loopback when the data plane is."""
     return dict(RAY_SINGLE_NODE_ENV) if is_loopback(data_plane_host) else {}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "auto", a host name
-        return False
 
 
 def supervise(run_server: Callable[[], int], environ: Mapping[str, str] | None = None) -> int:

@@ -21,10 +21,9 @@ address they reach (the kubelet sends the pod's IP).
 
 from __future__ import annotations
 
-import ipaddress
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common.security import is_loopback
 from services.gateway.errors import ApiError
 
 LOOPBACK_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -33,19 +32,9 @@ PROBE_PATHS = frozenset({"/health", "/ready"})
 
 def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:
     """The loopback names when `bind_host` is a loopback address or name, else None (any Host)."""
-    if not _is_loopback(bind_host):
+    if not is_loopback(host_name(bind_host)):
         return None
     return tuple(dict.fromkeys((*LOOPBACK_HOST_NAMES, host_name(bind_host))))
-
-
-def _is_loopback(host: str) -> bool:
-    name = host_name(host)
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(value: str) -> str:
