@@ -438,8 +438,12 @@ class ClusterBackend:
             info = await asyncio.wait_for(link.handle.actor.info.remote(), HEALTH_TIMEOUT_S)
         except Exception as exc:  # RayActorError, timeout: the worker is gone or stuck
             if link.alive:
-                logger.error("worker %s is down: %s", link.handle.name, exc)
-                self.restarts.on_down(link.handle.name, f"{type(exc).__name__}: {exc}")
+                # a timeout's text is empty: say what did not happen instead (a cut link, a stopped process)
+                reason = (
+                    f"{type(exc).__name__}: {exc}" if str(exc) else f"no answer to info() in {HEALTH_TIMEOUT_S:g} s"
+                )
+                logger.error("worker %s is down: %s", link.handle.name, reason)
+                self.restarts.on_down(link.handle.name, reason)
                 link.alive = False
                 self.router.remove_worker(link.handle.name)
                 if link.kv_feed is not None:
