@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +34,16 @@ from pathlib import Path
 # until the parent closes our stdin (the test ended, or died)
 _INIT = r"""
 import os, select, signal, socket, subprocess, sys
-name, shm_size = sys.argv[1], sys.argv[2]
+name, shm_size, stash, keep = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 socket.sethostname(name)
+# paths under /tmp this host must still see (the Python environment and the code, as a real host has
+# them installed): the old /tmp is bound to `stash` first, each kept path bound back over the new tmpfs
+subprocess.run(["mount", "--bind", "/tmp", stash], check=True)
 for target in ("/dev/shm", "/tmp"):
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={shm_size},mode=1777", "tmpfs", target], check=True)
+for path in keep:
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "--bind", stash + path[len("/tmp"):], path], check=True)
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 print("ready", flush=True)
 while True:
@@ -58,6 +65,13 @@ for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, te
     if device != "lo":
         subprocess.run(["ip", "link", "del", device], capture_output=True)
 """
+
+
+def _paths_under_tmp() -> list[str]:
+    """The Python environment and this checkout, where they live under /tmp (a fresh clone in CI may)."""
+    paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, Path(__file__).resolve().parents[2])}
+    return sorted(p for p in paths if p.startswith("/tmp/"))
+
 
 LINK_PREFIX = "tsh"  # our end of a pair: tsh<pid of the test process>; its end: tsn<pid>
 SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")  # unlikely to be in use; a free /30 is taken from it
@@ -126,6 +140,7 @@ class SimulatedHost:
         self.pid = 0  # the namespace's init, as this (root) namespace numbers it
         self._tmpfs_size = tmpfs_size
         self.children: list[subprocess.Popen] = []
+        self._stash: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -142,9 +157,10 @@ class SimulatedHost:
 
     def _start(self) -> None:
         _remove_stale_links()
+        self._stash = tempfile.mkdtemp(prefix="tristage-host-tmp-", dir="/var/tmp")  # a mount point inside only
         self._holder = subprocess.Popen(
             ["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
-            + [sys.executable, "-c", _INIT, self.hostname, self._tmpfs_size],
+            + [sys.executable, "-c", _INIT, self.hostname, self._tmpfs_size, self._stash, *_paths_under_tmp()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -199,6 +215,9 @@ class SimulatedHost:
         for child in self.children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(10)
+        if self._stash is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._stash)  # empty out here: the bind mount was the namespace's alone
         # the namespace's end goes with the namespace, and ours with it; delete it ourselves all the same
         if _run(["ip", "link", "show", self.link]).returncode == 0:
             _run(["ip", "link", "del", self.link])
