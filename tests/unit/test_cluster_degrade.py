@@ -13,7 +13,7 @@ import zmq.asyncio
 
 from services.common.channels import bind, tcp_address
 from services.common.codec import MessageCodec
-from services.common.control import EngineFacts, WorkerInfo
+from services.common.control import WorkerInfo
 from services.common.messages import (
     AbortRequest,
     CompletionDelta,
@@ -25,34 +25,7 @@ from services.common.messages import (
 )
 from services.gateway.cluster import STATE_STALE_S, ClusterBackend
 from services.workers.pool import WorkerHandle
-
-FACTS = EngineFacts(max_model_len=256, vocab_size=512, device="cpu", dtype="float32", block_size=4, num_kv_blocks=100)
-
-
-class _Method:
-    def __init__(self, fn):
-        self._fn = fn
-
-    def remote(self, *args):
-        return self._fn(*args)
-
-
-class FakeActor:
-    """info() answers while `alive`, else raises (a dead actor); stats() always raises (no poll)."""
-
-    def __init__(self, info: WorkerInfo) -> None:
-        self.alive = True
-        self.info = _Method(self._info)
-        self.stats = _Method(self._fail)
-        self._worker_info = info
-
-    async def _info(self) -> WorkerInfo:
-        if not self.alive:
-            raise RuntimeError("actor died")
-        return self._worker_info
-
-    async def _fail(self):
-        raise RuntimeError("no stats here")
+from tests.unit.cluster_fakes import FACTS, FakeActor
 
 
 class FakeWorker:

@@ -13,47 +13,14 @@ import zmq
 import zmq.asyncio
 
 from services.common.channels import bind, configure, tcp_address
-from services.common.control import EngineFacts, WorkerInfo
+from services.common.control import WorkerInfo
 from services.common.messages import DataPlanePeers
 from services.common.security import ClusterSecret, ZapAuthenticator, derive_keys
 from services.gateway.cluster import ClusterBackend
 from services.workers.pool import WorkerHandle
+from tests.unit.cluster_fakes import FACTS, FakeActor
 
-FACTS = EngineFacts(max_model_len=256, vocab_size=512, device="cpu", dtype="float32", block_size=4, num_kv_blocks=100)
 SECRET = ClusterSecret(b"the gateway's cluster secret....")
-
-
-class _Method:
-    def __init__(self, fn):
-        self._fn = fn
-
-    def remote(self, *args):
-        return self._fn(*args)
-
-
-class FakeActor:
-    """info() answers with the worker's current addresses; register_peers / unregister_gateway are recorded."""
-
-    def __init__(self, info: WorkerInfo) -> None:
-        self.worker_info = info
-        self.registered: list[DataPlanePeers] = []
-        self.unregistered: list[str] = []
-        self.info = _Method(self._info)
-        self.stats = _Method(self._fail)
-        self.register_peers = _Method(self._register)
-        self.unregister_gateway = _Method(self._unregister)
-
-    async def _info(self) -> WorkerInfo:
-        return self.worker_info
-
-    async def _fail(self):
-        raise RuntimeError("no stats here")
-
-    async def _register(self, peers: DataPlanePeers) -> None:
-        self.registered.append(peers)
-
-    async def _unregister(self, reply_address: str) -> None:
-        self.unregistered.append(reply_address)
 
 
 def fake_worker(name: str, stage: str, port: int, state_address: str | None = None) -> WorkerHandle:
