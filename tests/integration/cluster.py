@@ -81,6 +81,16 @@ class ServeProcess:
             os.killpg(self.sid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def serving(*args: str, cache_dir: Path, env: dict | None = None) -> Iterator[ServeProcess]:
+    """`tristage serve ARGS` for the length of a `with` (a fixture's body): on the way out it drains on
+    SIGTERM, must exit 0, and must leave no process of its session behind."""
+    proc = ServeProcess(*args, cache_dir=cache_dir, env=env)
+    yield proc
+    assert proc.stop() == 0
+    assert proc.leftover_processes() == []
+
+
 def _processes_in_session(sid: int) -> list[str]:
     found = []
     for entry in Path("/proc").iterdir():

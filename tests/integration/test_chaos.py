@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.cluster import ServeProcess, actor_pid, metric, wait_until_idle, wait_until_ready
+from tests.integration.cluster import ServeProcess, actor_pid, metric, serving, wait_until_idle, wait_until_ready
 
 MODEL = "tristage-tiny"
 NUM_CLIENTS = 4
@@ -29,12 +29,10 @@ BACK_TIMEOUT_S = 90.0  # a killed actor restarts and reloads the tiny model
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    proc = ServeProcess(
+    with serving(
         "--mode", "disaggregated", "--prefill", "1", "--decode", "1", cache_dir=tmp_path_factory.mktemp("cache")
-    )
-    yield proc
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    ) as proc:
+        yield proc
 
 
 def _closed_loop(base_url: str, until: float, client_id: int, statuses: list[int]) -> None:

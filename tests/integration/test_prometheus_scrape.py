@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.cluster import ServeProcess, free_port
+from tests.integration.cluster import free_port, serving
 from tests.unit.test_deploy_dashboards import (
     COMMITTED,
     dashboard_expressions,
@@ -144,7 +144,7 @@ def send_load(base_url: str) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # A queue of two requests, so that a burst of concurrent requests meets admission's limit.
-    proc = ServeProcess(
+    with serving(
         "--replicas",
         "1",
         "--max-queued-requests",
@@ -152,10 +152,8 @@ def server(tmp_path_factory):
         "--drain-timeout",
         "5",
         cache_dir=tmp_path_factory.mktemp("cache"),
-    )
-    yield proc
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    ) as proc:
+        yield proc
 
 
 def test_every_dashboard_query_runs_in_prometheus(server, tmp_path):

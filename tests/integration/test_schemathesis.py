@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.integration.cluster import ServeProcess, wait_until_idle
+from tests.integration.cluster import serving, wait_until_idle
 
 MODEL = "tristage-tiny"
 FUZZ_EXAMPLES = int(os.environ.get("TRISTAGE_FUZZ_EXAMPLES", "60"))
@@ -33,10 +33,9 @@ OPENAI_ERROR_TYPES = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    proc = ServeProcess("--mode", "colocated", cache_dir=tmp_path_factory.mktemp("cache"))
-    yield proc
-    wait_until_idle(proc.base_url)  # nothing a fuzzed request started is left running or holding KV
-    assert proc.stop() == 0
+    with serving("--mode", "colocated", cache_dir=tmp_path_factory.mktemp("cache")) as proc:
+        yield proc
+        wait_until_idle(proc.base_url)  # nothing a fuzzed request started is left running or holding KV
 
 
 def _operations(base_url: str) -> list[schemathesis.APIOperation]:

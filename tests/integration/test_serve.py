@@ -11,14 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.cluster import ServeProcess, wait_until_idle
+from tests.integration.cluster import ServeProcess, serving, wait_until_idle
 
 MODEL = "tristage-tiny"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServeProcess(
+    with serving(
         "--mode",
         "colocated",
         "--replicas",
@@ -28,10 +28,8 @@ def server(tmp_path_factory):
         "--drain-timeout",
         "10",
         cache_dir=tmp_path_factory.mktemp("cache"),
-    )
-    yield proc
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

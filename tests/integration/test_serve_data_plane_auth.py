@@ -21,7 +21,7 @@ from services.common.messages import GenerateRequest, SamplingSpec, WorkerInboun
 from services.common.security import ClusterSecret, derive_keys
 from services.engine import LLM, SamplingParams
 from services.engine.default_model import default_model_path
-from tests.integration.cluster import ServeProcess, metric, wait_until_idle
+from tests.integration.cluster import ServeProcess, metric, serving, wait_until_idle
 
 MODEL = "tristage-tiny"
 SECRET = "integration-test cluster secret, 0123456789abcdef"
@@ -36,7 +36,7 @@ HANDSHAKE_EVENTS = (
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    proc = ServeProcess(
+    with serving(
         "--mode",
         "disaggregated",
         "--prefill",
@@ -47,10 +47,8 @@ def cluster(tmp_path_factory):
         "on",
         cache_dir=cache,
         env={"TRISTAGE_CLUSTER_SECRET": SECRET},
-    )
-    yield proc, cache
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    ) as proc:
+        yield proc, cache
     assert not [line for line in proc.log if SECRET in line], "the cluster secret reached the log"
 
 

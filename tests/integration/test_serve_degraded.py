@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.cluster import ServeProcess, actor_pid, metric
+from tests.integration.cluster import actor_pid, metric, serving
 
 MODEL = "tristage-tiny"
 NUM_CLIENTS = 4
@@ -21,12 +21,10 @@ PROBE_AFTER_S = 3.5  # after the worker goes quiet (3 s), before the health chec
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    proc = ServeProcess(
+    with serving(
         "--mode", "disaggregated", "--prefill", "1", "--decode", "1", cache_dir=tmp_path_factory.mktemp("cache")
-    )
-    yield proc
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    ) as proc:
+        yield proc
 
 
 def _complete(client: httpx.Client, i: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from services.engine import LLM, SamplingParams
 from services.engine.default_model import default_model_path
-from tests.integration.cluster import ServeProcess, actor_pid, metric, wait_until_idle, wait_until_ready
+from tests.integration.cluster import actor_pid, metric, serving, wait_until_idle, wait_until_ready
 
 MODEL = "tristage-tiny"
 
@@ -18,12 +18,10 @@ MODEL = "tristage-tiny"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    proc = ServeProcess(
+    with serving(
         "--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--router-policy", "preble", cache_dir=cache
-    )
-    yield proc, cache
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    ) as proc:
+        yield proc, cache
 
 
 def test_disaggregated_greedy_output_equals_colocated(cluster):

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.cluster import ServeProcess
+from tests.integration.cluster import ServeProcess, serving
 
 MODEL = "tristage-tiny"
 RUN_MARK_ENV = "TRISTAGE_TEST_RUN"  # every process of the cluster inherits it: found however it was re-parented
@@ -126,10 +126,8 @@ def test_sigkill_of_serve_leaves_no_process_and_no_file_and_it_listened_on_loopb
 
 @pytest.fixture
 def colocated(tmp_path):
-    proc = ServeProcess("--mode", "colocated", "--replicas", "2", cache_dir=tmp_path)
-    yield proc
-    assert proc.stop() == 0
-    assert proc.leftover_processes() == []
+    with serving("--mode", "colocated", "--replicas", "2", cache_dir=tmp_path) as proc:
+        yield proc
 
 
 def test_a_worker_killed_four_times_is_restarted_each_time_and_reported_crash_looping(colocated):
