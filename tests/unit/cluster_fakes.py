@@ -10,6 +10,22 @@ from services.common.messages import DataPlanePeers
 FACTS = EngineFacts(max_model_len=256, vocab_size=512, device="cpu", dtype="float32", block_size=4, num_kv_blocks=100)
 
 
+def fake_info(name: str, stage: str, input_address: str, state_address: str, kv_address: str | None) -> WorkerInfo:
+    """A worker's WorkerInfo as its actor would report it (encode workers have no engine)."""
+    engine = FACTS if stage != "encode" else None
+    return WorkerInfo(
+        name=name,
+        stage=stage,
+        pid=1,
+        host_id="h",
+        model_dir="m",
+        input_address=input_address,
+        state_address=state_address,
+        kv_address=kv_address,
+        engine=engine,
+    )
+
+
 class RemoteMethod:
     def __init__(self, fn):
         self._fn = fn

@@ -13,7 +13,6 @@ import zmq.asyncio
 
 from services.common.channels import bind, tcp_address
 from services.common.codec import MessageCodec
-from services.common.control import WorkerInfo
 from services.common.messages import (
     AbortRequest,
     CompletionDelta,
@@ -25,24 +24,15 @@ from services.common.messages import (
 )
 from services.gateway.cluster import STATE_STALE_S, ClusterBackend
 from services.workers.pool import WorkerHandle
-from tests.unit.cluster_fakes import FACTS, FakeActor
+from tests.unit.cluster_fakes import FakeActor, fake_info
 
 
 class FakeWorker:
     def __init__(self, context: zmq.asyncio.Context, name: str, stage: str) -> None:
         self.inbox = context.socket(zmq.PULL)
         address = bind(self.inbox, tcp_address())
-        info = WorkerInfo(
-            name=name,
-            stage=stage,
-            pid=1,
-            host_id="h",
-            model_dir="m",
-            input_address=address,
-            state_address=tcp_address(port=1),  # nobody publishes: the stream stays silent
-            kv_address=address if stage == "decode" else None,
-            engine=FACTS if stage != "encode" else None,
-        )
+        # nobody publishes on the state address: the stream stays silent
+        info = fake_info(name, stage, address, tcp_address(port=1), address if stage == "decode" else None)
         self.actor = FakeActor(info)
         self.handle = WorkerHandle(name, stage, self.actor, info)
         self._codec = MessageCodec(WorkerInbound)

@@ -13,27 +13,22 @@ import zmq
 import zmq.asyncio
 
 from services.common.channels import bind, configure, tcp_address
-from services.common.control import WorkerInfo
 from services.common.messages import DataPlanePeers
 from services.common.security import ClusterSecret, ZapAuthenticator, derive_keys
 from services.gateway.cluster import ClusterBackend
 from services.workers.pool import WorkerHandle
-from tests.unit.cluster_fakes import FACTS, FakeActor
+from tests.unit.cluster_fakes import FakeActor, fake_info
 
 SECRET = ClusterSecret(b"the gateway's cluster secret....")
 
 
 def fake_worker(name: str, stage: str, port: int, state_address: str | None = None) -> WorkerHandle:
-    info = WorkerInfo(
-        name=name,
-        stage=stage,
-        pid=1,
-        host_id="h",
-        model_dir="m",
-        input_address=tcp_address(port=port),  # nobody listens: the gateway's PUSH connects lazily
-        state_address=state_address or tcp_address(port=port + 1),
-        kv_address=tcp_address(port=port + 2) if stage == "decode" else None,
-        engine=FACTS,
+    info = fake_info(
+        name,
+        stage,
+        tcp_address(port=port),  # nobody listens: the gateway's PUSH connects lazily
+        state_address or tcp_address(port=port + 1),
+        tcp_address(port=port + 2) if stage == "decode" else None,
     )
     return WorkerHandle(name, stage, FakeActor(info), info)
 
