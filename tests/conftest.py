@@ -17,6 +17,26 @@ import pytest
 from services.engine.default_model import build_model_dir, build_tokenizer
 from tests.vlm_models import VLM_FAMILIES, build_vlm_dir
 
+
+def _let_the_interpreter_loop_to_loaded_bounds() -> None:
+    """A kernel loop `range(0, n)` with `n` loaded from memory: compiled Triton runs it, but the
+    interpreter turns `n` into a Python int through `int(array)`, which numpy 2 refuses for its
+    one-element arrays. Take the element instead (interpreter only; compiled kernels are untouched)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_let_the_interpreter_loop_to_loaded_bounds()
+
 # Tiny random models of every supported family, each stressing one difference between them.
 TINY_MODEL_VARIANTS = {
     "llama": (

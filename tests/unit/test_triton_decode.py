@@ -159,3 +159,15 @@ def test_rejects_mismatched_heads():
 def test_tuning_rejects_partition_not_multiple_of_tile():
     with pytest.raises(ValueError):
         DecodeTuning(partition_size=32, tile_tokens=64)
+
+
+@pytest.mark.parametrize("max_programs", [1, 24, 200])
+def test_a_capped_grid_spreads_long_sequences_over_longer_partitions(monkeypatch, max_programs):
+    """A graph sized for a huge context (max_seq_len far past every length) with the program cap
+    binding: each sequence takes fewer, longer partitions and the result is unchanged."""
+    from services.engine.attention import triton_decode
+
+    monkeypatch.setattr(triton_decode, "MAX_PROGRAMS", max_programs)
+    inputs = make_inputs(SEQ_LENS, 8, 2, 64, 16, torch.float32, seed=5)
+    inputs["max_seq_len"] = 100_000
+    check_against_reference(inputs, SMALL_TUNING, TOLERANCE[torch.float32])

@@ -6,12 +6,19 @@ kernel's job is to read each K and V row once at close to full bandwidth.
 
 Algorithm (Flash-Decoding, Dao et al. 2023; online softmax from Milakov & Gimelshein 2018):
 
-    sequence i, tokens 0 .. seq_len-1, cut into partitions of PARTITION_SIZE tokens:
+    sequence i, tokens 0 .. seq_len-1, cut into partitions of S tokens:
 
     | partition 0 | partition 1 | ... | partition P-1 (partly filled) |
     |tile|tile|...|
 
-    P = cdiv(seq_len, PARTITION_SIZE) partitions; a tile is TILE_TOKENS tokens
+    S = max(PARTITION_SIZE, cdiv(seq_len, G) rounded up to whole tiles), P = cdiv(seq_len, S) <= G,
+    where G is the grid's partitions per (sequence, kv head): cdiv(max_seq_len, PARTITION_SIZE), but
+    at most MAX_PROGRAMS programs in all. A tile is TILE_TOKENS tokens.
+
+    Why G is capped: a captured graph is sized for the model's whole context (128k tokens for
+    Llama-3.1), and a grid of cdiv(128k, 512) partitions x 256 sequences x 8 kv heads is half a
+    million programs that nearly all exit at once, yet their launch cost 10+ ms a decode step.
+    With the cap a long sequence takes longer partitions instead of more of them.
 
     token t -> k_cache[block_tables[i, t // block_size], t % block_size, kv_head, :]
 
@@ -25,20 +32,21 @@ Algorithm (Flash-Decoding, Dao et al. 2023; online softmax from Milakov & Gimels
    partitions that exist for that sequence's length, rescales each partial output and sum by
    exp2(partition max - global max), and divides the summed outputs by the summed sums.
 
-Every loop has a compile-time trip count (a partition's tiles; the padded partition count in
-chunks), with masks covering the ragged ends: masked loads move no data, and Triton's
-interpreter, which runs the CPU tests, cannot loop to a bound read at run time.
+A partition's tile loop runs to a bound read at run time (its length); the reduction's to the
+padded partition count, in chunks. Masks cover the ragged ends: masked loads move no data. (Triton's
+interpreter, which runs the CPU tests, needs the patch in tests/conftest.py for run-time bounds.)
 
-When `max_seq_len` fits in one partition, the first kernel normalises and writes `out` itself and
-the second is not launched (the only branch; it depends on the host-side bound alone).
+When G is 1, the first kernel normalises and writes `out` itself and the second is not launched
+(the only branch; it depends on host-side values alone).
 
 Rows with seq_len == 0 have no partition: their sum is 0 and the output is written as zeros.
 The grid and the float32 workspace depend only on (num_seqs, num_heads, head_dim, max_seq_len),
 and nothing reads device values on the host, so the call can be captured in a CUDA graph.
 
 Tunables (module constants, gathered in `DEFAULT_TUNING`):
-    PARTITION_SIZE = 512    tokens per split-K partition; smaller gives more programs at small
-                            batch, larger gives less reduction work
+    PARTITION_SIZE = 512    fewest tokens of a split-K partition; smaller gives more programs at
+                            small batch, larger gives less reduction work
+    MAX_PROGRAMS = 16384    cap on partition programs (sequences x kv heads x G)
     TILE_TOKENS = 64        tokens per loop step (one K tile and one V tile in flight per stage)
     NUM_WARPS = 4           warps of a partition program
     NUM_STAGES = 2          software-pipelining depth of the K/V tile loads
@@ -72,6 +80,7 @@ NUM_STAGES = 2
 REDUCE_NUM_WARPS = 4
 REDUCE_CHUNK_PARTITIONS = 16
 MIN_GROUP_ROWS = 16
+MAX_PROGRAMS = 16384
 
 _LOG2_E = 1.4426950408889634
 
@@ -103,6 +112,14 @@ def _token_offsets(block_table_row_ptr, tokens, token_mask, BLOCK_SIZE: tl.const
     """Element offset of each token's (block, slot) in a cache laid out [block, slot, ...]."""
     block_ids = tl.load(block_table_row_ptr + tokens // BLOCK_SIZE, mask=token_mask, other=0)
     return block_ids.to(tl.int64), tokens % BLOCK_SIZE
+
+
+@triton.jit
+def _split_tokens(seq_len, max_num_partitions, PARTITION_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr):
+    """Tokens per partition of one sequence: at least PARTITION_SIZE, and few enough that its
+    partitions fit the grid's max_num_partitions (a multiple of TILE_TOKENS)."""
+    spread = tl.cdiv(tl.cdiv(seq_len, max_num_partitions), TILE_TOKENS) * TILE_TOKENS
+    return tl.maximum(spread, PARTITION_SIZE)
 
 
 @triton.jit
@@ -144,8 +161,9 @@ def _partition_kernel(
     kv_head = tl.program_id(1)
     partition_idx = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq_idx)
-    start_token = partition_idx * PARTITION_SIZE
-    end_token = tl.minimum(start_token + PARTITION_SIZE, seq_len)
+    split_tokens = _split_tokens(seq_len, max_num_partitions, PARTITION_SIZE, TILE_TOKENS)
+    start_token = partition_idx * split_tokens
+    end_token = tl.minimum(start_token + split_tokens, seq_len)
 
     if not DIRECT_OUTPUT:  # noqa: SIM102 (a constexpr branch, compiled away; one `and` would mix it with a tensor)
         if start_token >= seq_len:
@@ -166,8 +184,8 @@ def _partition_kernel(
     sum_exp = tl.zeros([GROUP_ROWS], tl.float32)
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM_PADDED], tl.float32)
     block_table_row_ptr = block_tables_ptr + seq_idx.to(tl.int64) * stride_table_seq
-    # A fixed trip count; tiles past end_token are fully masked and load nothing.
-    for tile_idx in range(PARTITION_SIZE // TILE_TOKENS):
+    # The last tile may run past end_token: its masked rows load nothing.
+    for tile_idx in range(0, tl.cdiv(end_token - start_token, TILE_TOKENS)):
         tile_start = start_token + tile_idx * TILE_TOKENS
         tokens = tile_start + tl.arange(0, TILE_TOKENS)
         token_mask = tokens < end_token
@@ -215,13 +233,14 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,
     PARTITION_SIZE: tl.constexpr,
+    TILE_TOKENS: tl.constexpr,
     PARTITIONS_PADDED: tl.constexpr,
     CHUNK_PARTITIONS: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
     q_head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq_idx)
-    num_partitions = tl.cdiv(seq_len, PARTITION_SIZE)
+    num_partitions = tl.cdiv(seq_len, _split_tokens(seq_len, max_num_partitions, PARTITION_SIZE, TILE_TOKENS))
     first_row = (seq_idx.to(tl.int64) * num_q_heads + q_head) * max_num_partitions
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_mask = dims < HEAD_DIM
@@ -279,7 +298,7 @@ def paged_decode_attention(
         return
     group_size = num_q_heads // num_kv_heads
     head_dim_padded = triton.next_power_of_2(head_dim)
-    max_num_partitions = max(1, triton.cdiv(max_seq_len, tuning.partition_size))
+    max_num_partitions = grid_partitions(num_seqs, num_kv_heads, max_seq_len, tuning)
     direct_output = max_num_partitions == 1
 
     partial_acc, partial_max, partial_sum = _workspace(
@@ -339,10 +358,18 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         HEAD_DIM_PADDED=head_dim_padded,
         PARTITION_SIZE=tuning.partition_size,
+        TILE_TOKENS=tuning.tile_tokens,
         PARTITIONS_PADDED=partitions_padded,
         CHUNK_PARTITIONS=min(REDUCE_CHUNK_PARTITIONS, partitions_padded),
         num_warps=tuning.reduce_num_warps,
     )
+
+
+def grid_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, tuning: DecodeTuning = DEFAULT_TUNING) -> int:
+    """The grid's partitions per (sequence, kv head): enough for max_seq_len in partition_size pieces,
+    but at most MAX_PROGRAMS programs in all (each sequence then spreads its tokens over them)."""
+    wanted = max(1, triton.cdiv(max_seq_len, tuning.partition_size))
+    return max(1, min(wanted, MAX_PROGRAMS // max(1, num_seqs * num_kv_heads)))
 
 
 def _workspace(
