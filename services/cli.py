@@ -27,6 +27,18 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument(
+        "--mixed-cuda-graph-max-tokens",
+        type=int,
+        default=512,
+        help="steps mixing prefill and decode up to this many tokens replay a CUDA graph; 0: run them eagerly",
+    )
+    parser.add_argument(
+        "--prefill-attention",
+        choices=["varlen", "sdpa"],
+        default="varlen",
+        help="eager prefill chunks: one varlen Triton launch for all (default) or one SDPA call each",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -41,6 +53,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        mixed_cuda_graph_max_tokens=args.mixed_cuda_graph_max_tokens,
+        varlen_prefill_attention=args.prefill_attention == "varlen",
     )
 
 

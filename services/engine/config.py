@@ -39,6 +39,11 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA, reference on CPU
     enable_cuda_graphs: bool = True  # capture decode batches on CUDA
     max_cuda_graph_batch_size: int = 256
+    # Steps that mix prefill chunks with decodes, up to this many tokens, replay a graph captured for
+    # the next larger multiple of 64 tokens (the varlen kernel attends every sequence); 0: run eagerly
+    mixed_cuda_graph_max_tokens: int = 512
+    # Eager steps attend all their prefill chunks in one varlen Triton launch; False: one SDPA call each
+    varlen_prefill_attention: bool = True
     seed: int = 0  # dummy weights and unseeded sampling
 
     def resolved(self) -> EngineConfig:
@@ -75,5 +80,7 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.mixed_cuda_graph_max_tokens < 0:
+            raise ValueError("mixed_cuda_graph_max_tokens must be >= 0 (0 turns mixed-step graphs off)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")

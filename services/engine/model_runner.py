@@ -7,9 +7,18 @@ captured CUDA graphs. Per step:
     forward (eager, or a captured graph for decode-only batches)
     compute_logits(hidden[rows to sample])
 
-CUDA graphs: decode-only batches up to `max_cuda_graph_batch_size` rows run a graph captured for
-the next larger size in `CUDA_GRAPH_BATCH_SIZES`; padding rows point at the padding block (0) with
-sequence length 0, so they write only there and read nothing.
+CUDA graphs, two kinds, sharing one memory pool and one set of static input buffers:
+  * decode: decode-only batches up to `max_cuda_graph_batch_size` rows run a graph captured for the
+    next larger size in `CUDA_GRAPH_BATCH_SIZES` (the split-K decode kernel); padding rows point at
+    the padding block (0) with sequence length 0, so they write only there and read nothing.
+  * mixed: a step with prefill chunks and at most `mixed_cuda_graph_max_tokens` tokens runs a graph
+    captured for the next multiple of `MIXED_GRAPH_TOKEN_STEP` tokens and `max_num_seqs` sequences,
+    whose attention is one varlen kernel over every sequence (decodes too). Padding tokens write the
+    padding block and belong to no sequence; padding sequences have no tokens and no tiles.
+  Without graphs a mixed step runs eagerly: ~20 kernel launches a layer plus the attention.
+
+Inputs travel in one pinned host buffer per integer width and one copy each (`_InputStaging`),
+instead of one pinned allocation and copy per array.
 
 Image requests add two inputs, both for prompt positions only:
   * embedding overrides: the rows of this step's tokens that are an image's placeholder tokens take
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -30,7 +40,8 @@ from typing import cast
 import numpy as np
 import torch
 
-from services.engine.attention.backends import AttentionMetadata, create_attention
+from services.engine.attention.backends import AttentionMetadata, VarlenInputs, create_attention
+from services.engine.attention.tiles import build_tile_map, max_num_tiles, tokens_per_tile
 from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from services.engine.models import load_model
 from services.engine.models.llama import DecoderLayer, DecoderLM, EmbeddingOverrides
@@ -39,21 +50,36 @@ from services.engine.scheduler import ScheduledBatch
 logger = logging.getLogger(__name__)
 
 CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8] + list(range(16, 513, 16))
+MIXED_GRAPH_TOKEN_STEP = 64  # mixed graphs are captured every this many tokens: padding < 64 tokens
 
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens] rotary positions, or [3, num_tokens] with M-RoPE prompt chunks
-    metadata: AttentionMetadata
-    sample_indices: torch.Tensor  # [num_sampled] rows of the hidden states to sample from
+    """One step's inputs as host arrays; `execute` sends them to the device for the path it takes."""
+
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] rotary positions, or [3, num_tokens] with M-RoPE prompt chunks
+    slot_mapping: np.ndarray  # [num_tokens] int64, flat cache slot of each token
+    block_table: np.ndarray  # [num_seqs, width] int32
+    seq_lens: np.ndarray  # [num_seqs] int32, context after this step
+    query_start_loc: np.ndarray  # [num_seqs + 1] int32
+    num_decode_seqs: int  # leading sequences with one new token
+    sample_rows: np.ndarray  # [num_sampled] int64 rows of the hidden states to sample from
     sampled_requests: list  # the requests those rows belong to
     embedding_overrides: EmbeddingOverrides | None = None  # image rows of this step's tokens
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
     def graph_compatible(self) -> bool:
-        """Plain token embeddings and one row of positions: what a captured decode graph takes."""
-        return self.embedding_overrides is None and self.positions.dim() == 1
+        """Plain token embeddings and one row of positions: what a captured graph takes."""
+        return self.embedding_overrides is None and self.positions.ndim == 1
 
 
 class ModelRunner:
@@ -85,9 +111,21 @@ class ModelRunner:
         self.attention = create_attention(config.attention_backend, self.kv_cache, spec.head_dim**-0.5)
         self.max_model_len = self._max_model_len()
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self._graphs: dict[int, _DecodeGraph] = {}
-        if self.device.type == "cuda" and config.enable_cuda_graphs:
-            self._capture_decode_graphs()
+        self._staging = _InputStaging(self.device)
+        # the varlen kernel: eager prefill chunks (unless SDPA is asked for) and every mixed graph
+        use_triton = config.attention_backend == "triton"
+        self._varlen_eager = use_triton and config.varlen_prefill_attention
+        self._varlen_block_q = tokens_per_tile(spec.num_heads, spec.num_kv_heads) if use_triton else 0
+        use_graphs = self.device.type == "cuda" and config.enable_cuda_graphs
+        self._max_graph_seqs = config.max_num_seqs
+        self._mixed_graph_sizes = _mixed_graph_sizes(
+            min(config.mixed_cuda_graph_max_tokens, config.max_num_batched_tokens) if use_graphs and use_triton else 0
+        )
+        self._graphs: dict[int, _CapturedStep] = {}
+        self._mixed_graphs: dict[int, _CapturedStep] = {}
+        self.steps_by_path: Counter[str] = Counter()  # decode_graph | mixed_graph | eager: which path ran
+        if use_graphs:
+            self._capture_graphs()
 
     # ------------------------------------------------------------------ sizing
 
@@ -228,23 +266,17 @@ class ModelRunner:
         slots = table[rows, positions // bs].astype(np.int64) * bs + positions % bs
         is_single = np.asarray(batch.num_new_tokens) == 1
         num_decode_seqs = int(np.argmin(is_single)) if not is_single.all() else num_seqs
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=_to_device(slots, dev),
-            block_tables=_to_device(table, dev),
-            seq_lens=_to_device(seq_lens, dev),
-            num_decode_seqs=num_decode_seqs,
-            query_start_loc=query_start_loc.tolist(),
-            seq_lens_host=seq_lens.tolist(),
-            max_seq_len=int(seq_lens.max()),
-        )
         has_images = any(r.multi_modal is not None for r in batch.requests)
         rotary_positions = _rotary_positions(batch, positions, query_start_loc) if has_images else positions
         return StepInputs(
-            input_ids=_to_device(ids, dev),
-            positions=_to_device(rotary_positions, dev),
-            metadata=meta,
-            sample_indices=_to_device(np.asarray(sample_rows, dtype=np.int64), dev),
+            input_ids=ids,
+            positions=rotary_positions,
+            slot_mapping=slots,
+            block_table=table,
+            seq_lens=seq_lens,
+            query_start_loc=query_start_loc.astype(np.int32),
+            num_decode_seqs=num_decode_seqs,
+            sample_rows=np.asarray(sample_rows, dtype=np.int64),
             sampled_requests=sampled,
             embedding_overrides=self._embedding_overrides(batch, query_start_loc) if has_images else None,
         )
@@ -270,16 +302,53 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]]) -> tuple[torch.Tensor, list]:
         """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order)."""
         inputs = self.prepare_inputs(batch, block_ids)
-        num_seqs = len(batch.requests)
-        decode_only = inputs.metadata.num_decode_seqs == num_seqs and inputs.graph_compatible
-        graph = self._graph_for(num_seqs) if decode_only else None
+        graph = self._graph_for_step(inputs)
+        tile_map = self._tile_map(inputs, graph)
+        arrays = [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.sample_rows]
+        arrays += [inputs.block_table, inputs.seq_lens, inputs.query_start_loc, *tile_map]
+        ids, positions, slots, sample_rows, table, seq_lens, query_start_loc, *tiles = self._staging.upload(arrays)
         if graph is not None:
-            hidden = graph.replay(inputs)
+            self.steps_by_path["mixed_graph" if graph.num_tiles else "decode_graph"] += 1
+            hidden = graph.replay(ids, positions, slots, table, seq_lens, query_start_loc, tiles)
         else:
-            self.attention.metadata = inputs.metadata
-            hidden = self.model(inputs.input_ids, inputs.positions, self.attention, inputs.embedding_overrides)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+            self.steps_by_path["eager"] += 1
+            varlen = VarlenInputs(query_start_loc, tiles[0], tiles[1]) if tiles else None
+            self.attention.metadata = AttentionMetadata(
+                slot_mapping=slots,
+                block_tables=table,
+                seq_lens=seq_lens,
+                num_decode_seqs=inputs.num_decode_seqs,
+                query_start_loc=inputs.query_start_loc.tolist(),
+                seq_lens_host=inputs.seq_lens.tolist(),
+                max_seq_len=int(inputs.seq_lens.max()),
+                varlen=varlen,
+            )
+            hidden = self.model(ids, positions, self.attention, inputs.embedding_overrides)
+        logits = self.model.compute_logits(hidden[sample_rows])
         return logits, inputs.sampled_requests
+
+    def _graph_for_step(self, inputs: StepInputs) -> _CapturedStep | None:
+        """The captured graph this step replays, if any: decode-only, else mixed, else none (eager)."""
+        if not inputs.graph_compatible:
+            return None
+        if inputs.num_decode_seqs == inputs.num_seqs:
+            return self._graph_for(inputs.num_seqs)
+        if inputs.num_seqs > self._max_graph_seqs:
+            return None
+        for size in self._mixed_graph_sizes:
+            if size >= inputs.num_tokens:
+                return self._mixed_graphs[size]
+        return None
+
+    def _tile_map(self, inputs: StepInputs, graph: _CapturedStep | None) -> list[np.ndarray]:
+        """The varlen kernel's tile map for this step's path: none for a decode graph or SDPA prefill."""
+        if graph is not None:
+            if graph.num_tiles == 0:
+                return []
+            return list(build_tile_map(inputs.query_start_loc, 0, self._varlen_block_q, graph.num_tiles))
+        if not self._varlen_eager or inputs.num_decode_seqs == inputs.num_seqs:
+            return []
+        return list(build_tile_map(inputs.query_start_loc, inputs.num_decode_seqs, self._varlen_block_q))
 
     # ------------------------------------------------------------------ KV export / import
 
@@ -302,53 +371,101 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ CUDA graphs
 
-    def _graph_for(self, num_seqs: int) -> _DecodeGraph | None:
+    def _graph_for(self, num_seqs: int) -> _CapturedStep | None:
+        """The decode graph for a decode-only batch of num_seqs rows."""
         for size in CUDA_GRAPH_BATCH_SIZES:
             if size >= num_seqs and size in self._graphs:
                 return self._graphs[size]
         return None
 
-    def _capture_decode_graphs(self) -> None:
+    def _decode_graph_sizes(self) -> list[int]:
         limit = min(self.config.max_cuda_graph_batch_size, self.config.max_num_seqs)
         sizes = [s for s in CUDA_GRAPH_BATCH_SIZES if s <= limit]
         if limit not in sizes and limit < CUDA_GRAPH_BATCH_SIZES[-1]:
             sizes.append(next(s for s in CUDA_GRAPH_BATCH_SIZES if s >= limit))
-        buffers = _GraphBuffers(max(sizes), self.max_blocks_per_seq, self.device)
+        return sizes
+
+    def _capture_graphs(self) -> None:
+        decode_sizes = self._decode_graph_sizes()
+        mixed_sizes = self._mixed_graph_sizes
+        max_seqs = max([*decode_sizes, self._max_graph_seqs if mixed_sizes else 0])
+        max_tokens = max([*decode_sizes, *mixed_sizes])
+        max_tiles = max_num_tiles(max(mixed_sizes), max_seqs, self._varlen_block_q) if mixed_sizes else 0
+        buffers = _GraphBuffers(max_tokens, max_seqs, self.max_blocks_per_seq, max_tiles, self.device)
         pool = torch.cuda.graph_pool_handle()
         start = time.perf_counter()
-        for size in sorted(sizes, reverse=True):  # largest first so smaller ones reuse its memory pool
-            self._graphs[size] = _DecodeGraph(self.model, self.attention, buffers, size, self.max_model_len, pool)
-        logger.info("captured %d decode CUDA graphs in %.1f s", len(sizes), time.perf_counter() - start)
+        # largest first, mixed before decode, so smaller ones reuse the pool's memory
+        for size in sorted(mixed_sizes, reverse=True):
+            num_tiles = max_num_tiles(size, self._max_graph_seqs, self._varlen_block_q)
+            self._mixed_graphs[size] = _CapturedStep(
+                self.model, self.attention, buffers, size, self._max_graph_seqs, num_tiles, self.max_model_len, pool
+            )
+        for size in sorted(decode_sizes, reverse=True):
+            self._graphs[size] = _CapturedStep(
+                self.model, self.attention, buffers, size, size, 0, self.max_model_len, pool
+            )
+        logger.info(
+            "captured %d decode and %d mixed-step CUDA graphs in %.1f s",
+            len(decode_sizes),
+            len(mixed_sizes),
+            time.perf_counter() - start,
+        )
 
 
 class _GraphBuffers:
     """Static inputs shared by every captured graph (a graph reads fixed addresses)."""
 
-    def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-
-
-class _DecodeGraph:
     def __init__(
-        self, model: DecoderLM, attention, buffers: _GraphBuffers, batch_size: int, max_model_len: int, pool
+        self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, max_tiles: int, device: torch.device
     ) -> None:
-        self.buffers, self.batch_size = buffers, batch_size
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(max_tokens, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
+        self.tile_seqs = torch.full((max_tiles,), -1, dtype=torch.int32, device=device)
+        self.tile_token_starts = torch.zeros(max_tiles, dtype=torch.int32, device=device)
+
+
+class _CapturedStep:
+    """One captured forward pass over `num_tokens` tokens of at most `num_seqs` sequences.
+
+    Decode graphs (num_tiles == 0): one token per sequence, the split-K decode kernel, num_tokens ==
+    num_seqs. Mixed graphs: every sequence through the varlen kernel over a tile map of num_tiles.
+    """
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        attention,
+        buffers: _GraphBuffers,
+        num_tokens: int,
+        num_seqs: int,
+        num_tiles: int,
+        max_model_len: int,
+        pool,
+    ) -> None:
+        self.buffers, self.num_tokens, self.num_seqs, self.num_tiles = buffers, num_tokens, num_seqs, num_tiles
         b = buffers
+        varlen = None
+        if num_tiles:
+            varlen = VarlenInputs(
+                b.query_start_loc[: num_seqs + 1], b.tile_seqs[:num_tiles], b.tile_token_starts[:num_tiles], True
+            )
         self.metadata = AttentionMetadata(
-            slot_mapping=b.slot_mapping[:batch_size],
-            block_tables=b.block_tables[:batch_size],
-            seq_lens=b.seq_lens[:batch_size],
-            num_decode_seqs=batch_size,
-            query_start_loc=list(range(batch_size + 1)),
-            seq_lens_host=[1] * batch_size,
+            slot_mapping=b.slot_mapping[:num_tokens],
+            block_tables=b.block_tables[:num_seqs],
+            seq_lens=b.seq_lens[:num_seqs],
+            num_decode_seqs=0 if num_tiles else num_seqs,
+            query_start_loc=list(range(num_seqs + 1)),  # host copies: unused by the captured kernels
+            seq_lens_host=[1] * num_seqs,
             max_seq_len=max_model_len,
+            varlen=varlen,
         )
         self.attention, self.model = attention, model
-        b.seq_lens[:batch_size].fill_(1)
+        if not num_tiles:
+            b.seq_lens[:num_seqs].fill_(1)
         for _ in range(2):  # warm up (Triton compiles, cuBLAS picks kernels) outside the capture
             self._run()
         torch.cuda.synchronize()
@@ -359,22 +476,91 @@ class _DecodeGraph:
 
     def _run(self) -> torch.Tensor:
         self.attention.metadata = self.metadata
-        n = self.batch_size
+        n = self.num_tokens
         return self.model(self.buffers.input_ids[:n], self.buffers.positions[:n], self.attention)
 
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
-        b, n = self.buffers, inputs.input_ids.shape[0]
-        meta = inputs.metadata
-        b.input_ids[:n].copy_(inputs.input_ids)
-        b.positions[:n].copy_(inputs.positions)
-        b.slot_mapping[:n].copy_(meta.slot_mapping)
-        b.slot_mapping[n : self.batch_size].zero_()  # padding rows write into the padding block
-        b.seq_lens[:n].copy_(meta.seq_lens)
-        b.seq_lens[n : self.batch_size].zero_()
-        width = meta.block_tables.shape[1]
-        b.block_tables[:n, :width].copy_(meta.block_tables)
+    def replay(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        tile_map: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Copy this step's inputs into the static buffers and replay; the hidden states of its tokens."""
+        b, n, num_seqs = self.buffers, input_ids.shape[0], seq_lens.shape[0]
+        b.input_ids[:n].copy_(input_ids)
+        b.positions[:n].copy_(positions)
+        b.slot_mapping[:n].copy_(slot_mapping)
+        b.slot_mapping[n : self.num_tokens].zero_()  # padding tokens write into the padding block
+        b.seq_lens[:num_seqs].copy_(seq_lens)
+        b.seq_lens[num_seqs : self.num_seqs].zero_()  # padding rows of a decode graph read nothing
+        b.block_tables[:num_seqs, : block_table.shape[1]].copy_(block_table)
+        if self.num_tiles:
+            b.input_ids[n : self.num_tokens].zero_()
+            b.positions[n : self.num_tokens].zero_()
+            b.query_start_loc[: num_seqs + 1].copy_(query_start_loc)
+            b.tile_seqs[: self.num_tiles].copy_(tile_map[0])  # padded with -1: no sequence
+            b.tile_token_starts[: self.num_tiles].copy_(tile_map[1])
         self.graph.replay()
         return self.hidden[:n]
+
+
+class _InputStaging:
+    """A step's integer arrays packed into one pinned host buffer per dtype and sent in one copy each.
+
+    Returns device views in the arrays' shapes. Invariant: a host buffer is rewritten only after the
+    copy out of it has finished (an event), so a host running ahead of the GPU never changes bytes
+    still in flight. On the CPU the arrays are simply wrapped.
+    """
+
+    INITIAL_ELEMENTS = 1 << 16
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._host: dict[torch.dtype, torch.Tensor] = {}
+        self._device: dict[torch.dtype, torch.Tensor] = {}
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        if self._copied is None:
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        self._copied.synchronize()
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, array in enumerate(arrays):
+            by_dtype.setdefault(_TORCH_DTYPES[array.dtype.type], []).append(index)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(arrays)
+        for dtype, indices in by_dtype.items():
+            total = sum(arrays[i].size for i in indices)
+            host, dev = self._buffers(dtype, total)
+            host_np, offset = host.numpy(), 0
+            for i in indices:
+                size = arrays[i].size
+                host_np[offset : offset + size] = arrays[i].ravel()
+                offset += size
+            dev[:total].copy_(host[:total], non_blocking=True)
+            offset = 0
+            for i in indices:
+                size = arrays[i].size
+                out[i] = dev[offset : offset + size].view(arrays[i].shape)
+                offset += size
+        self._copied.record()
+        return out
+
+    def _buffers(self, dtype: torch.dtype, num_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+        host = self._host.get(dtype)
+        if host is None or host.numel() < num_elements:
+            size = max(self.INITIAL_ELEMENTS, 2 * num_elements)
+            # queued kernels may still read the old device buffer: safe, because the caching allocator
+            # hands its memory out again only to work queued after them on this one stream
+            self._host[dtype] = torch.empty(size, dtype=dtype, pin_memory=True)
+            self._device[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+        return self._host[dtype], self._device[dtype]
+
+
+_TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}
 
 
 def _rotary_positions(batch: ScheduledBatch, positions: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray:
@@ -401,6 +587,14 @@ def _rotary_positions(batch: ScheduledBatch, positions: np.ndarray, query_start_
     for lo, start, count, mrope_positions in prompt_chunks:
         rotary_3d[:, lo : lo + count] = mrope_positions[:, start : start + count].numpy()
     return rotary_3d
+
+
+def _mixed_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts mixed graphs are captured for: every MIXED_GRAPH_TOKEN_STEP up to max_tokens."""
+    if max_tokens <= 0:
+        return []
+    step = MIXED_GRAPH_TOKEN_STEP
+    return list(range(step, -(-max_tokens // step) * step + 1, step))
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

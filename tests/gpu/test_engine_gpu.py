@@ -68,3 +68,41 @@ def test_bfloat16_fast_path_tracks_transformers(llama_dir):
         # bf16: every token we chose is (near) the top of transformers' distribution at that step
         gap = ref.max(dim=-1).values - ref.gather(1, chosen[:, None]).squeeze(1)
         assert gap.max().item() < 0.1
+
+
+def test_mixed_step_graphs_equal_the_eager_path(llama_dir):
+    """Steps mixing prefill chunks (chunked, after prefix hits, recomputing after preemption) with
+    decodes: captured mixed graphs give the eager varlen path's and the plain SDPA path's tokens."""
+    shared = prompts([40], seed=4)[0]["prompt_token_ids"]
+    batch = [{"prompt_token_ids": shared + p["prompt_token_ids"]} for p in prompts([5, 70, 33, 2, 90, 17], seed=5)]
+    common = dict(
+        device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=96, num_kv_blocks=24, max_model_len=200
+    )
+    graphs = LLM(llama_dir, **common)
+    varlen = LLM(llama_dir, mixed_cuda_graph_max_tokens=0, **common)
+    sdpa = LLM(llama_dir, mixed_cuda_graph_max_tokens=0, varlen_prefill_attention=False, **common)
+    expected = [o.outputs[0].token_ids for o in greedy(sdpa, batch, max_tokens=40)]
+    assert [o.outputs[0].token_ids for o in greedy(varlen, batch, max_tokens=40)] == expected
+    assert [o.outputs[0].token_ids for o in greedy(graphs, batch, max_tokens=40)] == expected
+    paths = graphs.engine.runner.steps_by_path
+    assert paths["mixed_graph"] > 0 and paths["decode_graph"] > 0, paths
+    assert varlen.engine.runner.steps_by_path["mixed_graph"] == 0
+    stats = graphs.engine.scheduler_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+    for llm in (graphs, varlen, sdpa):
+        assert llm.engine.num_free_blocks() == llm.engine.num_usable_blocks()
+
+
+def test_mixed_step_graphs_keep_seeded_sampling_and_logprobs(llama_dir):
+    batch = prompts([3, 50, 20, 64], seed=6)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True, logprobs=2)
+    common = dict(device="cuda", dtype="float32", max_num_batched_tokens=64)
+    graphs = LLM(llama_dir, **common).generate(batch, params)
+    eager = LLM(llama_dir, mixed_cuda_graph_max_tokens=0, varlen_prefill_attention=False, **common).generate(
+        batch, params
+    )
+    for g, e in zip(graphs, eager):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        for g_step, e_step in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
+            for tid, lp in e_step.items():
+                assert g_step[tid].logprob == pytest.approx(lp.logprob, abs=1e-3)

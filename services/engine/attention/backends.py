@@ -15,8 +15,10 @@ blocks another sequence of the same step writes (a prefix-cache hit on a block b
 Backends (chosen by `EngineConfig.attention_backend`):
   * `reference`: every sequence gathered and attended in plain torch, the way transformers' eager
     attention computes (scores in the model dtype, softmax in float32). CPU and GPU.
-  * `triton`: decodes by the Triton paged-decode kernel (split-K), prefill chunks by
-    `scaled_dot_product_attention` (fused flash / cuDNN kernels). GPU; checked against `reference`.
+  * `triton`: decodes by the Triton paged-decode kernel (split-K); prefill chunks by the varlen
+    Triton kernel in one launch when the metadata carries its inputs (`varlen`; a captured mixed
+    step sends every sequence, decodes included, that way), else one `scaled_dot_product_attention`
+    call per chunk (fused flash / cuDNN kernels). GPU; checked against `reference`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ class AttentionMetadata:
     query_start_loc: list[int]  # host, [num_seqs + 1], offsets of each sequence's tokens
     seq_lens_host: list[int]
     max_seq_len: int  # bound on seq_lens (fixed for CUDA graphs: it sizes the decode grid)
+    # The varlen kernel's inputs (triton backend): every sequence from num_decode_seqs on, one launch.
+    # None: the prefill chunks go through one SDPA call each.
+    varlen: VarlenInputs | None = None
+
+
+@dataclass
+class VarlenInputs:
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, on the device
+    tile_seqs: torch.Tensor  # [num_tiles] int32 (triton_varlen.build_tile_map), -1 past the step's tiles
+    tile_token_starts: torch.Tensor  # [num_tiles] int32
+    zero_fill: bool = False  # tokens outside every sequence (a graph's padding) get zeros, not garbage
 
 
 class PagedAttention:
@@ -114,14 +127,16 @@ class TritonAttention(PagedAttention):
 
     def __init__(self, kv_cache: torch.Tensor, scale: float) -> None:
         super().__init__(kv_cache, scale)
-        from services.engine.attention import triton_decode
+        from services.engine.attention import triton_decode, triton_varlen
 
         self._decode = triton_decode.paged_decode_attention
+        self._varlen = triton_varlen.varlen_paged_attention
         self._small_batch_tuning = triton_decode.DecodeTuning(partition_size=self.SMALL_BATCH_PARTITION_TOKENS)
         self._default_tuning = triton_decode.DEFAULT_TUNING
 
     def _attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
+        varlen = meta.varlen
+        out = torch.zeros_like(q) if varlen is not None and varlen.zero_fill else torch.empty_like(q)
         nd = meta.num_decode_seqs
         if nd:
             tuning = self._small_batch_tuning if nd <= self.SMALL_BATCH_SEQS else self._default_tuning
@@ -136,6 +151,20 @@ class TritonAttention(PagedAttention):
                 meta.max_seq_len,
                 tuning=tuning,
             )
+        if varlen is not None:
+            self._varlen(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                varlen.query_start_loc,
+                varlen.tile_seqs,
+                varlen.tile_token_starts,
+                self.scale,
+                out,
+            )
+            return out
         for i in range(nd, len(meta.seq_lens_host)):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             seq_len = meta.seq_lens_host[i]
