@@ -45,6 +45,22 @@ PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded as left context for the first
 _REPLACEMENT_CHAR = "\ufffd"
 
 
+def decode_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: list[int], skip_special_tokens: bool) -> str:
+    """`tokenizer.decode(token_ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)`.
+
+    A fast tokenizer's Rust backend is called directly: with clean-up off, transformers' own decode
+    returns the backend's text unchanged after some microseconds of Python per call, and the engine
+    makes two calls per request per step (tests/unit/test_detokenizer.py checks they agree).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    # cast: one sequence decodes to a str; transformers annotates decode as str | list[str] (no overloads)
+    return cast(
+        str, tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+    )
+
+
 class _WindowDecoder:
     """Token ids in, newly completed text out (the prefix-offset / read-offset method)."""
 
@@ -86,13 +102,7 @@ class _WindowDecoder:
         self._read_offset = len(self._token_ids)
 
     def _decode(self, token_ids: list[int]) -> str:
-        # cast: one sequence decodes to a str; transformers annotates decode as str | list[str] (no overloads)
-        return cast(
-            str,
-            self._tokenizer.decode(
-                token_ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
-            ),
-        )
+        return decode_tokens(self._tokenizer, token_ids, self._skip_special_tokens)
 
 
 class _StopStringMatcher:

@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -37,7 +37,7 @@ from services.common.control import KVTierStats, SchedulerStats
 from services.common.errors import InvalidRequestError
 from services.engine.config import EngineConfig
 from services.engine.default_model import default_model_path
-from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.detokenizer import IncrementalDetokenizer, decode_tokens
 from services.engine.kv_cache.manager import KVCacheManager
 from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import read_model_config
@@ -257,9 +257,9 @@ class LLMEngine:
         request.output_token_ids.append(token_id)
         child.delta_token_ids.append(token_id)
         if logprobs is not None:
-            # cast: one sequence decodes to a str; transformers annotates decode as str | list[str] (no overloads)
             entry = {
-                tid: Logprob(lp, rank, cast(str, self.tokenizer.decode([tid]))) for tid, (lp, rank) in logprobs.items()
+                tid: Logprob(lp, rank, decode_tokens(self.tokenizer, [tid], skip_special_tokens=False))
+                for tid, (lp, rank) in logprobs.items()
             }
             request.output_logprobs.append(logprobs)
             child.logprobs.append(entry)

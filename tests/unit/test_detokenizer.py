@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.detokenizer import IncrementalDetokenizer, decode_tokens
 from services.engine.sampling_params import SamplingParams
 
 EOS = "<|endoftext|>"
@@ -192,3 +192,15 @@ def test_skip_special_tokens(tokenizer, skip_special_tokens, expected):
     detok, deltas, _ = run(tokenizer, output_ids, SamplingParams(skip_special_tokens=skip_special_tokens))
     assert detok.output_text == "".join(deltas) == expected
     assert expected == tokenizer.decode(output_ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_the_fast_decode_equals_transformers_decode(tokenizer, skip_special_tokens):
+    """decode_tokens calls the Rust backend directly; it must give transformers' text, special tokens
+    and split characters included."""
+    rng = random.Random(3)
+    vocab = len(tokenizer)
+    for _ in range(300):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 10))]
+        expected = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        assert decode_tokens(tokenizer, ids, skip_special_tokens) == expected
