@@ -23,7 +23,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import httpx
 import ray
@@ -115,7 +117,7 @@ def run(config: ServeConfig) -> int:
             except PoolUnplaceable as exc:
                 raise SystemExit(f"tristage serve: {exc}") from exc
         _check_layouts(workers, model_dir)
-        asyncio.run(_serve_http(config, workers, model_dir, name, vision_language))
+        _run_event_loop(_serve_http(config, workers, model_dir, name, vision_language))
     finally:
         if workers and not shared:
             stop_pool(workers)
@@ -274,6 +276,16 @@ def _processor(model_dir: str):
     from services.engine.multimodal import MultiModalProcessor
 
     return MultiModalProcessor.from_model_dir(model_dir)
+
+
+def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the gateway on uvloop's event loop where it is installed (a dependency off Windows), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 class _DrainingServer(uvicorn.Server):
