@@ -251,17 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     srv.add_argument(
-        "--max-queued-requests", type=int, default=256, help="requests waiting for their first token (429 above)"
+        "--max-queued-requests", type=int, default=4096, help="requests waiting for their first token (429 above)"
     )
     srv.add_argument(
         "--max-queued-sequences",
         type=int,
-        default=1024,
-        help="sequences (n x prompts) waiting for their first token (429 above; default 1024)",
+        default=16384,
+        help="sequences (n x prompts) waiting for their first token (429 above; default 16384)",
     )
-    srv.add_argument(
-        "--max-queued-tokens", type=int, default=262144, help="prompt tokens waiting for their first token"
-    )
+    srv.add_argument("--max-queued-tokens", type=int, default=2**21, help="prompt tokens waiting for their first token")
     srv.add_argument(
         "--max-queued-prompt-mib",
         type=int,

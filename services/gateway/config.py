@@ -17,11 +17,13 @@ class GatewayConfig:
     # Admission (services.gateway.admission). A request is queued from the moment it is admitted until
     # its first token arrives (or it ends); a new request that would push a total past its limit is
     # refused with 429, unless nothing else holds any of that budget.
-    max_queued_requests: int = 256  # requests
+    # The defaults queue a burst of thousands of requests (a batch job, a benchmark at rate inf) rather
+    # than refuse it: 2M prompt tokens is about a minute of prefill for an 8B model on one H100.
+    max_queued_requests: int = 4096  # requests
     # sequences (n x prompts) of the queued requests; the default fits the largest request allowed,
     # max_prompts_per_request x max_n, and four times max_queued_requests' worth of n=1 requests
-    max_queued_sequences: int = 1024
-    max_queued_tokens: int = 262144  # prompt tokens of the queued requests
+    max_queued_sequences: int = 16384
+    max_queued_tokens: int = 2**21  # prompt tokens of the queued requests
     # UTF-8 bytes of prompt text admitted and not yet tokenized (what waits for the tokenizer threads);
     # the default equals max_body_bytes, so a largest request passes alone, and is ~10x the text a full
     # token budget holds, so it binds only on prompts far beyond what the tokens would admit
