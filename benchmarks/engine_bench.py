@@ -89,10 +89,11 @@ def _time(fn, repeats: int) -> float:
 # ------------------------------------------------------------------ our engine
 
 
-def bench_ours(model_dir: str, tiny: bool) -> dict:
-    from services.engine import LLMEngine, SamplingParams
+def build_engine(model_dir: str):
+    """The engine every part of `ours` measures: dummy weights, up to 256 sequences, no prefix caching."""
+    from services.engine import LLMEngine
 
-    engine = LLMEngine(
+    return LLMEngine(
         model=model_dir,
         load_format="dummy",
         max_num_seqs=256,
@@ -100,9 +101,20 @@ def bench_ours(model_dir: str, tiny: bool) -> dict:
         max_model_len=8192,
         enable_prefix_caching=False,
     )
+
+
+def weight_bytes_read_per_step(model) -> int:
+    """Parameter bytes one decode step reads: all but the embedding table, of which it reads a few rows."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def bench_ours(model_dir: str, tiny: bool) -> dict:
+    from services.engine import SamplingParams
+
+    engine = build_engine(model_dir)
     model = engine.runner.model
     spec = model.spec
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    weight_bytes = weight_bytes_read_per_step(model)
     kv_bytes_per_token = engine.runner.kv_bytes_per_token
     result = {
         "weight_bytes_read_per_step": weight_bytes,
@@ -112,7 +124,7 @@ def bench_ours(model_dir: str, tiny: bool) -> dict:
         "decode": {},
     }
     for batch in (1, 64, 256):
-        step_s, forward_s = _decode_step_time(engine, batch, SamplingParams, spec.vocab_size, tiny)
+        step_s, forward_s = decode_step_time(engine, batch, SamplingParams, spec.vocab_size, tiny)
         result["decode"][str(batch)] = {
             "step_s": step_s,
             "graph_forward_s": forward_s,
@@ -125,7 +137,8 @@ def bench_ours(model_dir: str, tiny: bool) -> dict:
     return result
 
 
-def _decode_step_time(engine, batch: int, SamplingParams, vocab: int, tiny: bool) -> float:
+def decode_step_time(engine, batch: int, SamplingParams, vocab: int, tiny: bool) -> tuple[float, float | None]:
+    """Median step time and graph-replay time of `batch` requests decoding at a 1k-token context."""
     num_steps = 30 if not tiny else 5
     params = SamplingParams(temperature=0, max_tokens=num_steps + 20, ignore_eos=True)
     for i in range(batch):
@@ -148,6 +161,52 @@ def _decode_step_time(engine, batch: int, SamplingParams, vocab: int, tiny: bool
         engine.abort_request(f"d{batch}-{i}")
     assert engine.num_free_blocks() == engine.num_usable_blocks()
     return statistics.median(times), forward_s
+
+
+MIXED_DECODES, MIXED_CHUNK_TOKENS = 240, 256
+
+
+def mixed_step_times(engine, SamplingParams, vocab: int, tiny: bool) -> dict[str, float]:
+    """Median time of a step mixing MIXED_DECODES decodes (1k context) with one MIXED_CHUNK_TOKENS-token
+    prompt, on each path the runner has: "graph" (a captured mixed step), "varlen" (eager, one varlen
+    attention launch for the prompt) and "sdpa" (eager, SDPA for the prompt: the plain path).
+
+    Paths are switched through the runner's own fields, for this measurement only.
+    """
+    runner = engine.runner
+    num_decodes, chunk = (MIXED_DECODES, MIXED_CHUNK_TOKENS) if not tiny else (8, 32)
+    num_steps = 20 if not tiny else 3
+    params = SamplingParams(temperature=0, max_tokens=1_000, ignore_eos=True)  # outlasts every path's steps
+    for i in range(num_decodes):
+        engine.add_request(f"m-{i}", prompt_ids(CONTEXT_TOKENS, vocab, seed=i), params)
+    scheduler = engine.scheduler
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running) or scheduler.waiting:
+        engine.step()
+    saved = runner._mixed_graph_sizes, runner._varlen_eager
+    paths = {"graph": (saved[0], True), "varlen": ([], True), "sdpa": ([], False)}
+    if not saved[0]:
+        del paths["graph"]
+    if engine.config.attention_backend != "triton":
+        paths = {"sdpa": ([], False)}
+    result = {}
+    one_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for name, (sizes, varlen) in paths.items():
+        runner._mixed_graph_sizes, runner._varlen_eager = sizes, varlen
+        times = []
+        for step in range(num_steps + 3):  # 3 to warm up
+            engine.add_request(f"m-{name}-{step}", prompt_ids(chunk, vocab, seed=10_000 + step), one_token)
+            sync()
+            start = time.perf_counter()
+            engine.step()  # the decodes and the whole new prompt, which ends after its first token
+            sync()
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times[3:])
+        print(f"ours: mixed step ({num_decodes} decodes + a {chunk}-token prompt), {name}: {result[name] * 1e3:.2f} ms")
+    runner._mixed_graph_sizes, runner._varlen_eager = saved
+    for i in range(num_decodes):
+        engine.abort_request(f"m-{i}")
+    assert engine.num_free_blocks() == engine.num_usable_blocks()
+    return result
 
 
 def _graph_replay_time(engine, batch: int) -> float | None:
