@@ -30,7 +30,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mixed-cuda-graph-max-tokens",
         type=int,
-        default=512,
+        default=2048,
         help="steps mixing prefill and decode up to this many tokens replay a CUDA graph; 0: run them eagerly",
     )
     parser.add_argument(

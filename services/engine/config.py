@@ -41,7 +41,7 @@ class EngineConfig:
     max_cuda_graph_batch_size: int = 256
     # Steps that mix prefill chunks with decodes, up to this many tokens, replay a graph captured for
     # the next larger multiple of 64 tokens (the varlen kernel attends every sequence); 0: run eagerly
-    mixed_cuda_graph_max_tokens: int = 512
+    mixed_cuda_graph_max_tokens: int = 2048
     # Eager steps attend all their prefill chunks in one varlen Triton launch; False: one SDPA call each
     varlen_prefill_attention: bool = True
     seed: int = 0  # dummy weights and unseeded sampling

@@ -12,9 +12,10 @@ CUDA graphs, two kinds, sharing one memory pool and one set of static input buff
     next larger size in `CUDA_GRAPH_BATCH_SIZES` (the split-K decode kernel); padding rows point at
     the padding block (0) with sequence length 0, so they write only there and read nothing.
   * mixed: a step with prefill chunks and at most `mixed_cuda_graph_max_tokens` tokens runs a graph
-    captured for the next multiple of `MIXED_GRAPH_TOKEN_STEP` tokens and `max_num_seqs` sequences,
-    whose attention is one varlen kernel over every sequence (decodes too). Padding tokens write the
-    padding block and belong to no sequence; padding sequences have no tokens and no tiles.
+    captured for the next multiple of `MIXED_GRAPH_TOKEN_STEP` tokens and `max_num_seqs` sequences:
+    the decode kernel over its leading decodes (their count a device value) and one varlen launch
+    over the prefill chunks. Padding tokens write the padding block and belong to no sequence;
+    padding sequences have no tokens and no tiles.
   Without graphs a mixed step runs eagerly: ~20 kernel launches a layer plus the attention.
 
 Inputs travel in one pinned host buffer per integer width and one copy each (`_InputStaging`),
@@ -304,12 +305,15 @@ class ModelRunner:
         inputs = self.prepare_inputs(batch, block_ids)
         graph = self._graph_for_step(inputs)
         tile_map = self._tile_map(inputs, graph)
+        num_decode_seqs = np.array([inputs.num_decode_seqs], dtype=np.int32)
         arrays = [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.sample_rows]
-        arrays += [inputs.block_table, inputs.seq_lens, inputs.query_start_loc, *tile_map]
-        ids, positions, slots, sample_rows, table, seq_lens, query_start_loc, *tiles = self._staging.upload(arrays)
+        arrays += [inputs.block_table, inputs.seq_lens, inputs.query_start_loc, num_decode_seqs, *tile_map]
+        ids, positions, slots, sample_rows, table, seq_lens, query_start_loc, num_decodes, *tiles = (
+            self._staging.upload(arrays)
+        )
         if graph is not None:
             self.steps_by_path["mixed_graph" if graph.num_tiles else "decode_graph"] += 1
-            hidden = graph.replay(ids, positions, slots, table, seq_lens, query_start_loc, tiles)
+            hidden = graph.replay(ids, positions, slots, table, seq_lens, query_start_loc, num_decodes, tiles)
         else:
             self.steps_by_path["eager"] += 1
             varlen = VarlenInputs(query_start_loc, tiles[0], tiles[1]) if tiles else None
@@ -345,7 +349,8 @@ class ModelRunner:
         if graph is not None:
             if graph.num_tiles == 0:
                 return []
-            return list(build_tile_map(inputs.query_start_loc, 0, self._varlen_block_q, graph.num_tiles))
+            first_seq = inputs.num_decode_seqs  # the decodes go to the decode kernel
+            return list(build_tile_map(inputs.query_start_loc, first_seq, self._varlen_block_q, graph.num_tiles))
         if not self._varlen_eager or inputs.num_decode_seqs == inputs.num_seqs:
             return []
         return list(build_tile_map(inputs.query_start_loc, inputs.num_decode_seqs, self._varlen_block_q))
@@ -426,6 +431,7 @@ class _GraphBuffers:
         self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
         self.tile_seqs = torch.full((max_tiles,), -1, dtype=torch.int32, device=device)
         self.tile_token_starts = torch.zeros(max_tiles, dtype=torch.int32, device=device)
+        self.num_decode_seqs = torch.zeros(1, dtype=torch.int32, device=device)
 
 
 class _CapturedStep:
@@ -451,7 +457,12 @@ class _CapturedStep:
         varlen = None
         if num_tiles:
             varlen = VarlenInputs(
-                b.query_start_loc[: num_seqs + 1], b.tile_seqs[:num_tiles], b.tile_token_starts[:num_tiles], True
+                b.query_start_loc[: num_seqs + 1],
+                b.tile_seqs[:num_tiles],
+                b.tile_token_starts[:num_tiles],
+                zero_fill=True,
+                decode_rows=min(num_tokens, num_seqs),
+                num_decode_seqs=b.num_decode_seqs,
             )
         self.metadata = AttentionMetadata(
             slot_mapping=b.slot_mapping[:num_tokens],
@@ -487,6 +498,7 @@ class _CapturedStep:
         block_table: torch.Tensor,
         seq_lens: torch.Tensor,
         query_start_loc: torch.Tensor,
+        num_decode_seqs: torch.Tensor,
         tile_map: list[torch.Tensor],
     ) -> torch.Tensor:
         """Copy this step's inputs into the static buffers and replay; the hidden states of its tokens."""
@@ -502,6 +514,7 @@ class _CapturedStep:
             b.input_ids[n : self.num_tokens].zero_()
             b.positions[n : self.num_tokens].zero_()
             b.query_start_loc[: num_seqs + 1].copy_(query_start_loc)
+            b.num_decode_seqs.copy_(num_decode_seqs)
             b.tile_seqs[: self.num_tiles].copy_(tile_map[0])  # padded with -1: no sequence
             b.tile_token_starts[: self.num_tiles].copy_(tile_map[1])
         self.graph.replay()

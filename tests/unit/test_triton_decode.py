@@ -171,3 +171,18 @@ def test_a_capped_grid_spreads_long_sequences_over_longer_partitions(monkeypatch
     inputs = make_inputs(SEQ_LENS, 8, 2, 64, 16, torch.float32, seed=5)
     inputs["max_seq_len"] = 100_000
     check_against_reference(inputs, SMALL_TUNING, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("tuning", [SMALL_TUNING, DEFAULT_TUNING])
+def test_num_rows_limits_the_call_to_the_leading_rows(tuning):
+    """A captured mixed step: only its leading decodes, counted on the device, are written."""
+    inputs = make_inputs(SEQ_LENS, 8, 2, 64, 16, torch.float32, seed=6)
+    count = 3
+    paged_decode_attention(**inputs, tuning=tuning, num_rows=torch.tensor([count], dtype=torch.int32))
+    out = inputs["out"]
+    assert out[count:].isnan().all()
+    ref = reference_decode_attention(
+        inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_tables"], inputs["seq_lens"], inputs["scale"]
+    )
+    assert relative_error(out[1:count], ref[1:count]) < TOLERANCE[torch.float32]
+    assert (out[0] == 0).all()  # SEQ_LENS[0] == 0: a padding row

@@ -16,9 +16,9 @@ Backends (chosen by `EngineConfig.attention_backend`):
   * `reference`: every sequence gathered and attended in plain torch, the way transformers' eager
     attention computes (scores in the model dtype, softmax in float32). CPU and GPU.
   * `triton`: decodes by the Triton paged-decode kernel (split-K); prefill chunks by the varlen
-    Triton kernel in one launch when the metadata carries its inputs (`varlen`; a captured mixed
-    step sends every sequence, decodes included, that way), else one `scaled_dot_product_attention`
-    call per chunk (fused flash / cuDNN kernels). GPU; checked against `reference`.
+    Triton kernel in one launch when the metadata carries its inputs (`varlen`; in a captured mixed
+    step the number of decodes is a device value), else one `scaled_dot_product_attention` call per
+    chunk (fused flash / cuDNN kernels). GPU; checked against `reference`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class VarlenInputs:
     tile_seqs: torch.Tensor  # [num_tiles] int32 (triton_varlen.build_tile_map), -1 past the step's tiles
     tile_token_starts: torch.Tensor  # [num_tiles] int32
     zero_fill: bool = False  # tokens outside every sequence (a graph's padding) get zeros, not garbage
+    # A captured mixed step: its leading decodes go to the decode kernel over the first `decode_rows`
+    # rows, limited on the device to `num_decode_seqs` ([1] int32); the tile map starts after them.
+    decode_rows: int = 0
+    num_decode_seqs: torch.Tensor | None = None
 
 
 class PagedAttention:
@@ -152,6 +156,20 @@ class TritonAttention(PagedAttention):
                 tuning=tuning,
             )
         if varlen is not None:
+            if varlen.num_decode_seqs is not None and varlen.decode_rows:
+                rows = varlen.decode_rows
+                self._decode(
+                    q[:rows],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[:rows],
+                    meta.seq_lens[:rows],
+                    self.scale,
+                    out[:rows],
+                    meta.max_seq_len,
+                    tuning=self._default_tuning,
+                    num_rows=varlen.num_decode_seqs,
+                )
             self._varlen(
                 q,
                 k_cache,

@@ -129,6 +129,7 @@ def _partition_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    num_rows_ptr,  # with LIMIT_ROWS: rows from this device count on are not this call's
     out_ptr,
     partial_acc_ptr,
     partial_max_ptr,
@@ -156,10 +157,14 @@ def _partition_kernel(
     TILE_TOKENS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DIRECT_OUTPUT: tl.constexpr,
+    LIMIT_ROWS: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     partition_idx = tl.program_id(2)
+    if LIMIT_ROWS:  # noqa: SIM102 (a constexpr branch, compiled away)
+        if seq_idx >= tl.load(num_rows_ptr):
+            return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     split_tokens = _split_tokens(seq_len, max_num_partitions, PARTITION_SIZE, TILE_TOKENS)
     start_token = partition_idx * split_tokens
@@ -226,6 +231,7 @@ def _reduce_kernel(
     partial_max_ptr,
     partial_sum_ptr,
     seq_lens_ptr,
+    num_rows_ptr,
     stride_out_seq,
     stride_out_head,
     num_q_heads,
@@ -236,9 +242,13 @@ def _reduce_kernel(
     TILE_TOKENS: tl.constexpr,
     PARTITIONS_PADDED: tl.constexpr,
     CHUNK_PARTITIONS: tl.constexpr,
+    LIMIT_ROWS: tl.constexpr,
 ):
     seq_idx = tl.program_id(0)
     q_head = tl.program_id(1)
+    if LIMIT_ROWS:  # noqa: SIM102 (a constexpr branch, compiled away)
+        if seq_idx >= tl.load(num_rows_ptr):
+            return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     num_partitions = tl.cdiv(seq_len, _split_tokens(seq_len, max_num_partitions, PARTITION_SIZE, TILE_TOKENS))
     first_row = (seq_idx.to(tl.int64) * num_q_heads + q_head) * max_num_partitions
@@ -285,10 +295,13 @@ def paged_decode_attention(
     max_seq_len: int,
     *,
     tuning: DecodeTuning = DEFAULT_TUNING,
+    num_rows: torch.Tensor | None = None,
 ) -> None:
     """Write softmax(q·Kᵀ·scale)·V over each sequence's paged KV into `out`.
 
     `max_seq_len` is a host-side upper bound of `seq_lens`; it sizes the grid and the workspace.
+    `num_rows` (a one-element int32 device tensor) limits the call to the first rows, leaving the
+    others unwritten: a captured mixed step's decodes, whose count changes from step to step.
     Never synchronises with the device, so the call can be captured in a CUDA graph.
     """
     num_seqs, num_q_heads, head_dim = q.shape
@@ -310,6 +323,7 @@ def paged_decode_attention(
         v_cache,
         block_tables,
         seq_lens,
+        seq_lens if num_rows is None else num_rows,
         out,
         partial_acc,
         partial_max,
@@ -338,6 +352,7 @@ def paged_decode_attention(
         # exact float32 products for float32 inputs; 16-bit inputs ignore the setting
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DIRECT_OUTPUT=direct_output,
+        LIMIT_ROWS=num_rows is not None,
         num_warps=tuning.num_warps,
         num_stages=tuning.num_stages,
     )
@@ -351,6 +366,7 @@ def paged_decode_attention(
         partial_max,
         partial_sum,
         seq_lens,
+        seq_lens if num_rows is None else num_rows,
         out.stride(0),
         out.stride(1),
         num_q_heads,
@@ -361,6 +377,7 @@ def paged_decode_attention(
         TILE_TOKENS=tuning.tile_tokens,
         PARTITIONS_PADDED=partitions_padded,
         CHUNK_PARTITIONS=min(REDUCE_CHUNK_PARTITIONS, partitions_padded),
+        LIMIT_ROWS=num_rows is not None,
         num_warps=tuning.reduce_num_warps,
     )
 
