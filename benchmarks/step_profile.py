@@ -1,18 +1,20 @@
 """Where an engine step's time goes under continuous load: the offline engine in a closed loop.
 
 `--concurrency` requests of `--input-len` prompt / `--output-len` output tokens are kept in flight (a
-finished one is replaced at once, as a closed-loop client does); every step is cut into its phases,
-with a device synchronisation at each cut so GPU work is charged to the phase that queued it:
+finished one is replaced at once, as a closed-loop client does). After one generation's worth of
+warm-up steps it reports requests per second and the mean step time; with `--no-overlap-outputs` it
+then also cuts each step into the engine's phases, with a device synchronisation after the launch
+so GPU work is charged to it:
 
-    schedule   the scheduler picks the batch
-    execute    inputs built and sent, the forward (graph or eager), logits
-    sample     sampling and the device-to-host copy of the tokens
-    process    tokens appended, detokenized, stops checked, outputs built
+    launch    schedule, inputs built and sent, the forward (graph or eager), sampling queued
+    collect   tokens to the host, appended, stops applied
+    finish    detokenized, outputs built
 
-Steps are grouped by the path they took (decode graph, mixed graph, eager). The synchronisations
-remove what little overlap the engine has, so the sum is an upper bound of an unprofiled step.
+grouped by the path the step took (decode graph, mixed graph, eager). With overlap (the default)
+`finish` of one step runs while the next step's forward does, so it has no phase of its own.
 
     python benchmarks/step_profile.py --out results/step_profile.json
+    python benchmarks/step_profile.py --no-overlap-outputs   # the plain order, and its phases
     python benchmarks/step_profile.py --tiny      # a tiny config on CPU, to check the script
 """
 
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_models import LLAMA_31_8B, TINY, write_model_dir
 from benchmarks.engine_bench import prompt_ids, sync
 
-PHASES = ("schedule", "execute", "sample", "process")
+PHASES = ("launch", "collect", "finish")
 
 
 def profile(model_dir: str, concurrency: int, input_len: int, output_len: int, num_steps: int, extra: dict) -> dict:
@@ -49,62 +51,64 @@ def profile(model_dir: str, concurrency: int, input_len: int, output_len: int, n
         engine.add_request(f"r{next_id}", prompt_ids(input_len, vocab, seed=next_id), params)
         next_id += 1
 
+    def closed_loop(steps: int, phases: dict[str, dict[str, list[float]]] | None) -> tuple[int, float]:
+        """Run `steps` steps, replacing finished requests; (requests finished, seconds)."""
+        runner, finished = engine.runner, 0
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            before = dict(runner.steps_by_path)
+            if phases is None:
+                outputs = engine.step()
+            else:  # the engine's own phases, in the order of a step without overlap, each one synced
+                t0 = time.perf_counter()
+                engine._launch()
+                sync()
+                t1 = time.perf_counter()
+                collected = engine._collect()
+                t2 = time.perf_counter()
+                outputs = engine._finish(collected)
+                t3 = time.perf_counter()
+                path = next((p for p, n in runner.steps_by_path.items() if n != before.get(p, 0)), "idle")
+                for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
+                    phases[path][phase].append(seconds)
+            done = sum(1 for o in outputs if o.finished)
+            finished += done
+            for _ in range(done):
+                add()
+        sync()
+        return finished, time.perf_counter() - start
+
     for _ in range(concurrency):
         add()
-    runner, scheduler = engine.runner, engine.scheduler
+    closed_loop(output_len, None)  # one full generation first: arrivals are spread by then
+    finished, seconds = closed_loop(num_steps, None)
     by_path: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    tokens_by_path: dict[str, list[int]] = defaultdict(list)
-    warm_steps = output_len  # one full generation before measuring: arrivals are spread by then
-    wall_start = 0.0
-    finished_measured = 0
-    for step in range(warm_steps + num_steps):
-        if step == warm_steps:
-            sync()
-            wall_start, finished_measured = time.perf_counter(), 0
-        before = dict(runner.steps_by_path)
-        t0 = time.perf_counter()
-        batch = scheduler.schedule()
-        t1 = time.perf_counter()
-        logits, sampled = runner.execute(batch, engine.kv_cache.block_ids)
-        sync()
-        t2 = time.perf_counter()
-        for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += num_new
-        result = engine.sampler(logits, sampled) if sampled else None
-        t3 = time.perf_counter()
-        outputs = engine._process(sampled, result) if result is not None else []
-        t4 = time.perf_counter()
-        path = next(p for p, n in runner.steps_by_path.items() if n != before.get(p, 0))
-        if step >= warm_steps:
-            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                by_path[path][phase].append(seconds)
-            tokens_by_path[path].append(sum(batch.num_new_tokens))
-        done = sum(1 for o in outputs if o.finished)
-        finished_measured += done if step >= warm_steps else 0
-        for _ in range(done):
-            add()
-    sync()
-    wall_s = time.perf_counter() - wall_start
-    summary: dict = {"requests_per_s": finished_measured / wall_s, "steps": num_steps, "paths": {}}
-    for path, phases in by_path.items():
-        summary["paths"][path] = {
-            "steps": len(phases["execute"]),
-            "mean_tokens": statistics.mean(tokens_by_path[path]),
-            **{f"{phase}_ms": statistics.mean(phases[phase]) * 1e3 for phase in PHASES},
-        }
+    if not engine.config.overlap_outputs:
+        closed_loop(num_steps, by_path)
+    summary: dict = {"requests_per_s": finished / seconds, "step_ms": seconds / num_steps * 1e3, "steps": num_steps}
+    summary["paths"] = {
+        path: {"steps": len(phases["launch"]), **{f"{p}_ms": statistics.mean(phases[p]) * 1e3 for p in PHASES}}
+        for path, phases in by_path.items()
+    }
     return summary
 
 
 def report(summary: dict) -> str:
     lines = [
-        f"closed loop: {summary['requests_per_s']:.1f} req/s over {summary['steps']} profiled steps",
-        "| path | steps | mean tokens | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms |",
-        "|---|---|---|" + "---|" * (len(PHASES) + 1),
+        f"closed loop: {summary['requests_per_s']:.1f} req/s, {summary['step_ms']:.2f} ms a step "
+        f"over {summary['steps']} steps"
     ]
-    for path, row in sorted(summary["paths"].items()):
-        total = sum(row[f"{p}_ms"] for p in PHASES)
-        cells = " | ".join(f"{row[f'{p}_ms']:.2f}" for p in PHASES)
-        lines.append(f"| {path} | {row['steps']} | {row['mean_tokens']:.0f} | {cells} | {total:.2f} |")
+    if summary["paths"]:
+        lines += [
+            "phases (synced, without overlap):",
+            "| path | steps | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms |",
+            "|---|---|" + "---|" * (len(PHASES) + 1),
+        ]
+        for path, row in sorted(summary["paths"].items()):
+            total = sum(row[f"{p}_ms"] for p in PHASES)
+            cells = " | ".join(f"{row[f'{p}_ms']:.2f}" for p in PHASES)
+            lines.append(f"| {path} | {row['steps']} | {cells} | {total:.2f} |")
     return "\n".join(lines)
 
 
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--mixed-cuda-graph-max-tokens", type=int, default=None)
     parser.add_argument("--prefill-attention", choices=["varlen", "sdpa"], default=None)
+    parser.add_argument("--no-overlap-outputs", action="store_true", help="and profile the phases of a step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     extra: dict = {}
@@ -124,6 +129,8 @@ def main() -> None:
         extra["mixed_cuda_graph_max_tokens"] = args.mixed_cuda_graph_max_tokens
     if args.prefill_attention is not None:
         extra["varlen_prefill_attention"] = args.prefill_attention == "varlen"
+    if args.no_overlap_outputs:
+        extra["overlap_outputs"] = False
     if args.tiny:
         args.concurrency, args.input_len, args.output_len, args.steps = 8, 16, 8, 20
     model_dir = write_model_dir(TINY if args.tiny else LLAMA_31_8B)

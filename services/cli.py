@@ -39,6 +39,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         default="varlen",
         help="eager prefill chunks: one varlen Triton launch for all (default) or one SDPA call each",
     )
+    parser.add_argument(
+        "--no-overlap-outputs",
+        action="store_true",
+        help="build a step's outputs before launching the next step (default: while it runs)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -55,6 +60,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         mixed_cuda_graph_max_tokens=args.mixed_cuda_graph_max_tokens,
         varlen_prefill_attention=args.prefill_attention == "varlen",
+        overlap_outputs=not args.no_overlap_outputs,
     )
 
 

@@ -44,6 +44,8 @@ class EngineConfig:
     mixed_cuda_graph_max_tokens: int = 2048
     # Eager steps attend all their prefill chunks in one varlen Triton launch; False: one SDPA call each
     varlen_prefill_attention: bool = True
+    # Launch the next step before detokenizing and building this one's outputs (LLMEngine.step)
+    overlap_outputs: bool = True
     seed: int = 0  # dummy weights and unseeded sampling
 
     def resolved(self) -> EngineConfig:

@@ -45,7 +45,7 @@ from services.engine.multimodal.inputs import MultiModalInputs, check_multimodal
 from services.engine.multimodal.spec import VisionLanguageSpec
 from services.engine.outputs import CompletionOutput, Handoff, Logprob, RequestOutput, StepOutputs
 from services.engine.request import Request, RequestStatus
-from services.engine.sampler import Sampler, SamplerOutput
+from services.engine.sampler import PendingSample, Sampler, TokenLogprobs
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 
@@ -64,6 +64,17 @@ class _Child:
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # all positions so far
+    # sampled, not yet detokenized (text and logprob tokens): `_detokenize` takes them
+    undecoded_token_ids: list[int] = field(default_factory=list)
+    undecoded_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class _Collected:
+    """A finished step's requests, tokens appended and stops applied, before their outputs are built."""
+
+    parents: list[_Parent]
+    handoffs: list[Handoff]
 
 
 @dataclass(eq=False)
@@ -95,6 +106,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, self.model_dir)
         self._children: dict[str, _Child] = {}
         self._parents: dict[str, _Parent] = {}
+        self._in_flight: PendingSample | None = None  # the step launched and not yet collected
 
     # ------------------------------------------------------------------ requests in
 
@@ -228,48 +240,100 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> StepOutputs:
+        """Run one step; returns the outputs of the requests it advanced.
+
+        A step is launched (schedule, run the model, queue the sampling on the device), collected
+        (wait for the tokens, append them, apply every stop the scheduler must know of) and finished
+        (detokenize, build the outputs). With `overlap_outputs` a call collects the step the previous
+        call launched, launches the next one, and finishes the collected one while the device runs:
+        detokenizing, building outputs and whatever the caller does with them (a worker sends them)
+        overlap the next step's forward. The next step is scheduled only after the previous one was
+        collected, so both orders schedule the same batches and give the same tokens; stop strings
+        are found at collection (their text is decoded there), so they also end a request before
+        the next step is scheduled.
+        """
+        if not self.config.overlap_outputs:
+            self._launch()
+            return self._finish(self._collect())
+        collected = self._collect()
+        self._launch()
+        return self._finish(collected)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
+
+    def _launch(self) -> None:
         batch = self.scheduler.schedule()
         if batch.empty:
-            return StepOutputs()
+            return
         logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
-        if not sampled:
-            return StepOutputs()
-        return self._process(sampled, self.sampler(logits, sampled))
+        if sampled:
+            self._in_flight = self.sampler.sample(logits, sampled)
 
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
-
-    def _process(self, requests: list[Request], result: SamplerOutput) -> StepOutputs:
+    def _collect(self) -> _Collected | None:
+        pending, self._in_flight = self._in_flight, None
+        if pending is None:
+            return None
+        result = pending.resolve()
         touched: dict[str, _Parent] = {}
         handoffs = []
-        for request, token_id, logprobs in zip(requests, result.token_ids, result.logprobs):
+        for request, token_id, logprobs in zip(pending.requests, result.token_ids, result.logprobs):
+            if request.finished:  # aborted while its step ran: its blocks are already free
+                continue
             child = self._children[request.request_id]
-            self._append_token(child, token_id, logprobs)
+            self._accept_token(child, token_id, logprobs)
             touched[child.parent.request_id] = child.parent
             if request.handed_off:
                 handoffs.append(Handoff(request.request_id, list(request.output_token_ids)))
-        return StepOutputs([self._make_output(parent) for parent in touched.values()], handoffs)
+        return _Collected(list(touched.values()), handoffs)
 
-    def _append_token(self, child: _Child, token_id: int, logprobs: dict[int, tuple[float, int]] | None) -> None:
+    def _finish(self, collected: _Collected | None) -> StepOutputs:
+        if collected is None:
+            return StepOutputs()
+        for parent in collected.parents:
+            for child in parent.children:
+                self._detokenize(child)
+        return StepOutputs([self._make_output(parent) for parent in collected.parents], collected.handoffs)
+
+    def _accept_token(self, child: _Child, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        """Append a sampled token and end the request if a stop applies (its text is decoded now only
+        when it has stop strings to look for)."""
         request = child.request
         request.output_token_ids.append(token_id)
         child.delta_token_ids.append(token_id)
+        child.undecoded_token_ids.append(token_id)
         if logprobs is not None:
+            request.output_logprobs.append(logprobs)
+            child.undecoded_logprobs.append(logprobs)
+        stop_string = self._detokenize(child) if request.sampling_params.stop else None
+        status = self._check_stop(request, token_id, stop_string)
+        if status is not None:
+            self.scheduler.finish(request, status)
+            if status is not RequestStatus.FINISHED_HANDOFF:  # held-back text goes on with the decode worker
+                self._detokenize(child)
+
+    def _detokenize(self, child: _Child) -> str | None:
+        """Decode the child's new tokens (and its logprob entries' tokens); the stop string matched, if any.
+
+        A child that finished (not handed off) also releases the text held back for stop strings."""
+        stop_string = None
+        if child.undecoded_token_ids:
+            stop_string = child.detokenizer.update(child.undecoded_token_ids)
+            child.undecoded_token_ids = []
+        for logprobs in child.undecoded_logprobs:
             entry = {
                 tid: Logprob(lp, rank, decode_tokens(self.tokenizer, [tid], skip_special_tokens=False))
                 for tid, (lp, rank) in logprobs.items()
             }
-            request.output_logprobs.append(logprobs)
             child.logprobs.append(entry)
             child.delta_logprobs.append(entry)
-        stop_string = child.detokenizer.update([token_id])
-        status = self._check_stop(request, token_id, stop_string)
-        if status is not None:
-            if status is not RequestStatus.FINISHED_HANDOFF:  # held-back text goes on with the decode worker
-                child.detokenizer.finish()
-            self.scheduler.finish(request, status)
+        child.undecoded_logprobs = []
+        request = child.request
+        if request.finished and request.status is not RequestStatus.FINISHED_HANDOFF:
+            child.detokenizer.finish()
+        return stop_string
 
     def _check_stop(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
         params = request.sampling_params

@@ -66,15 +66,31 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        return self.sample(logits, requests).resolve()
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> PendingSample:
+        """Queue the sampling on the logits' device; nothing waits for it until `resolve()`."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), "one logits row per request"
         logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab_size]
         raw = _raw_logprobs(logits, requests)
         _mask_stops_before_min_tokens(logits, requests)
         _apply_penalties(logits, requests)
         token_ids = _sample(logits, requests)  # [num_rows]
+        return PendingSample(token_ids, _logprob_tensors(raw, token_ids, requests), list(requests))
+
+
+@dataclass
+class PendingSample:
+    """A step's sampled tokens (and logprobs) still on the device."""
+
+    token_ids: torch.Tensor  # [num_rows]
+    logprobs: _LogprobTensors | None
+    requests: list[Request]
+
+    def resolve(self) -> SamplerOutput:
+        """Copy to the host (waits for the device) and build the per-row results."""
         return SamplerOutput(
-            token_ids=token_ids.tolist(),
-            logprobs=_collect_logprobs(raw, token_ids, requests),
+            token_ids=self.token_ids.tolist(), logprobs=_collect_logprobs(self.logprobs, self.requests)
         )
 
 
@@ -90,13 +106,25 @@ def _raw_logprobs(logits: torch.Tensor, requests: Sequence[Request]) -> _RawLogp
     return _RawLogprobs(rows, torch.log_softmax(logits[row_index], dim=-1))
 
 
-def _collect_logprobs(
+@dataclass
+class _LogprobTensors:
+    """The logprobs a step returns, gathered on the device: one row per asking request."""
+
+    rows: list[int]  # batch rows that asked for logprobs
+    sampled_ids: torch.Tensor  # [n]
+    sampled_logprobs: torch.Tensor  # [n]
+    sampled_ranks: torch.Tensor  # [n]
+    top_ids: torch.Tensor  # [n, max_top], by logprob, descending
+    top_logprobs: torch.Tensor  # [n, max_top]
+    top_ranks: torch.Tensor  # [n, max_top]
+
+
+def _logprob_tensors(
     raw: _RawLogprobs | None, token_ids: torch.Tensor, requests: Sequence[Request]
-) -> list[TokenLogprobs | None]:
-    """Top-k tokens and the sampled token per asking row; one device→host copy per tensor."""
-    result: list[TokenLogprobs | None] = [None] * len(requests)
+) -> _LogprobTensors | None:
+    """Top-k tokens and the sampled token per asking row, computed on the device."""
     if raw is None:
-        return result
+        return None
     logprobs = raw.logprobs  # [n, vocab_size]
     sampled_ids = token_ids[_index(raw.rows, logprobs.device)].unsqueeze(1)  # [n, 1]
     sampled_logprobs = logprobs.gather(1, sampled_ids)  # [n, 1]
@@ -106,16 +134,25 @@ def _collect_logprobs(
     # Sorted descending, every value strictly above top[j] sits in top[:j], so counting within
     # the top-k list gives the rank over the whole vocabulary.
     top_ranks = 1 + (top_logprobs.unsqueeze(1) > top_logprobs.unsqueeze(2)).sum(dim=-1)  # [n, max_top]
-
-    columns = zip(
-        sampled_ids.squeeze(1).tolist(),
-        sampled_logprobs.squeeze(1).tolist(),
-        sampled_ranks.tolist(),
-        top_ids.tolist(),
-        top_logprobs.tolist(),
-        top_ranks.tolist(),
+    return _LogprobTensors(
+        raw.rows, sampled_ids.squeeze(1), sampled_logprobs.squeeze(1), sampled_ranks, top_ids, top_logprobs, top_ranks
     )
-    for row, (sampled_id, sampled_lp, sampled_rank, ids, lps, ranks) in zip(raw.rows, columns):
+
+
+def _collect_logprobs(tensors: _LogprobTensors | None, requests: Sequence[Request]) -> list[TokenLogprobs | None]:
+    """The per-row entries, None for rows that asked for none; one device→host copy per tensor."""
+    result: list[TokenLogprobs | None] = [None] * len(requests)
+    if tensors is None:
+        return result
+    columns = zip(
+        tensors.sampled_ids.tolist(),
+        tensors.sampled_logprobs.tolist(),
+        tensors.sampled_ranks.tolist(),
+        tensors.top_ids.tolist(),
+        tensors.top_logprobs.tolist(),
+        tensors.top_ranks.tolist(),
+    )
+    for row, (sampled_id, sampled_lp, sampled_rank, ids, lps, ranks) in zip(tensors.rows, columns):
         num_top = requests[row].sampling_params.logprobs or 0
         entry = {tid: (lp, rank) for tid, lp, rank in zip(ids[:num_top], lps[:num_top], ranks[:num_top])}
         entry[sampled_id] = (sampled_lp, sampled_rank)

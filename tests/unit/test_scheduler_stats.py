@@ -9,8 +9,16 @@ from services.engine import LLMEngine, SamplingParams
 
 @pytest.fixture
 def engine(llama_dir):
-    # one running request at a time, 32 tokens a step, 8-token blocks
-    return LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=64, max_num_batched_tokens=32, max_num_seqs=1)
+    # one running request at a time, 32 tokens a step, 8-token blocks; each step's stops are applied
+    # before step() returns (with overlapped outputs they would be at the next call)
+    return LLMEngine(
+        model=llama_dir,
+        block_size=8,
+        num_kv_blocks=64,
+        max_num_batched_tokens=32,
+        max_num_seqs=1,
+        overlap_outputs=False,
+    )
 
 
 def load(engine):
