@@ -329,17 +329,7 @@ def paged_decode_attention(
         partial_max,
         partial_sum,
         scale * _LOG2_E,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        *paged_strides(q, k_cache, v_cache, block_tables, out),
         num_q_heads,
         max_num_partitions,
         GROUP_SIZE=group_size,
@@ -379,6 +369,22 @@ def paged_decode_attention(
         CHUNK_PARTITIONS=min(REDUCE_CHUNK_PARTITIONS, partitions_padded),
         LIMIT_ROWS=num_rows is not None,
         num_warps=tuning.reduce_num_warps,
+    )
+
+
+def paged_strides(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor
+) -> tuple[int, ...]:
+    """The strides the paged kernels take, in their order: q's token and head, each cache's block,
+    slot and head, the block table's row, out's token and head (the last dimensions are unit)."""
+    return (
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
     )
 
 

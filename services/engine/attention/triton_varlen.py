@@ -50,6 +50,7 @@ from services.engine.attention.tiles import (
     max_num_tiles,
     tokens_per_tile,
 )
+from services.engine.attention.triton_decode import paged_strides
 
 _LOG2_E = 1.4426950408889634
 
@@ -188,17 +189,7 @@ def varlen_paged_attention(
         tile_token_starts,
         out,
         scale * _LOG2_E,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
+        *paged_strides(q, k_cache, v_cache, block_tables, out),
         GROUP_SIZE=num_q_heads // num_kv_heads,
         GROUP_ROWS=rows_per_token,
         BLOCK_Q=block_q,
