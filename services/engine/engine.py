@@ -1,6 +1,11 @@
 """The engine: one step at a time over a scheduler, a model runner and a sampler.
 
-    step():  schedule -> run the model -> sample -> append tokens, detokenize, check stops -> outputs
+    launch:   schedule -> run the model -> queue the sampling on the device
+    collect:  wait for the tokens -> append them -> apply stops (the next launch needs them)
+    finish:   detokenize -> outputs
+
+    step() without overlap_outputs:  launch N, collect N, finish N
+    step() with overlap_outputs:     collect N-1, launch N, finish N-1 (while N runs on the device)
 
 It is a library with no threads, sockets or Ray: workers wrap it and drive `step()` in their own
 loop. The step-level API a worker needs:
