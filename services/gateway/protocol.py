@@ -4,7 +4,8 @@ Requests are parsed strictly, as OpenAI's API does: a string is never taken for 
 boolean, NaN and infinities are refused, and ranges match OpenAI's (temperature [0, 2], top_p (0, 1],
 penalties [-2, 2], top_logprobs [0, 20]). Fields OpenAI has and we do not act on are either
 accepted and ignored (`user`, `metadata`, `store`, ...: unknown fields are ignored) or refused when
-they would change the answer (`echo`, `suffix`, `logit_bias`, `tools`, non-text `response_format`).
+they would change the answer (`echo`, `suffix`, `logit_bias`, `tools`, non-text `response_format`,
+and the fields of other servers in REFUSED_FIELDS: vLLM's guided decoding, `prompt_logprobs`, ...).
 Checks that involve two fields or the deployment (`n` against max_n, `top_logprobs` without
 `logprobs`) live in `check()`, which raises InvalidRequestError naming the field; those against the
 model (lengths against max_model_len, token ids against the vocabulary) in
@@ -37,6 +38,44 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1  # static cap on counts and token ids (context lengths and vocabularies fit)
 
 _REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+# the generation bodies keep unknown fields (model_extra), so check() can refuse REFUSED_FIELDS by name
+_GENERATION_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+# Fields that vLLM (or OpenAI) clients send and that would change the answer, which tristage does not act
+# on yet: refused with a 400 naming the field, never silently ignored (a client moving from vLLM would
+# otherwise get unconstrained text where it asked for JSON). name -> (values that change nothing, why).
+# Any other unknown field (`metadata`, `store`, `service_tier`, `priority`, ...) leaves the answer alone.
+_UNSET: tuple[Any, ...] = (None, False, "", [], {})
+REFUSED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    **{
+        name: (_UNSET, "structured outputs (vLLM's guided decoding) are not supported yet")
+        for name in (
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "guided_decoding_backend",
+            "guided_whitespace_pattern",
+            "structured_outputs",
+        )
+    },
+    "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet"),
+    "allowed_token_ids": (_UNSET, "allowed_token_ids is not supported"),
+    "bad_words": (_UNSET, "bad_words is not supported"),
+    "logits_processors": (_UNSET, "logits_processors is not supported"),
+    "use_beam_search": (_UNSET, "beam search is not supported"),
+    "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported"),
+    "chat_template": (_UNSET, "a per-request chat_template is not supported"),
+    "chat_template_kwargs": (_UNSET, "chat_template_kwargs is not supported"),
+    "continue_final_message": (_UNSET, "continue_final_message is not supported"),
+    "add_generation_prompt": ((None, True), "add_generation_prompt may only be true"),
+    "documents": (_UNSET, "documents are not supported"),
+    "functions": (_UNSET, "functions are not supported by this model"),
+    "function_call": ((None, "none", "auto"), "function_call is not supported by this model"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), 'only modalities ["text"] is supported'),
+    "web_search_options": ((None,), "web search is not supported"),
+}
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]  # n, best_of, max_tokens: then against max_n / the model
@@ -52,7 +91,7 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = _REQUEST_CONFIG
+    model_config = _GENERATION_CONFIG
 
     model: str
     n: Count | None = None
@@ -99,6 +138,10 @@ class _GenerationRequest(BaseModel):
 
     def check(self, max_n: int) -> None:
         """Checks across fields or against the deployment; raises InvalidRequestError."""
+        for name, value in (self.model_extra or {}).items():
+            if name in REFUSED_FIELDS:
+                harmless, message = REFUSED_FIELDS[name]
+                _require(any(value == h and type(value) is type(h) for h in harmless), name, message)
         _require(self.num_choices_per_prompt <= max_n, "n", f"n must be at most {max_n}")
         _require(
             self.stream_options is None or bool(self.stream),

@@ -860,3 +860,19 @@ def test_tokenizer_threads_each_have_their_own_tokenizer(hf_tokenizer):
         pool.shutdown()
     assert id(hf_tokenizer) in (first_id, second_id) and first_id != second_id  # the original, and a copy
     assert first_ids == second_ids == hf_tokenizer.encode("Say hello")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("guided_json", None),
+        ("prompt_logprobs", None),
+        ("add_generation_prompt", True),
+        ("modalities", ["text"]),
+        ("metadata", {"a": "b"}),  # other unknown fields leave the answer alone: accepted
+        ("service_tier", "auto"),
+    ],
+)
+def test_refusable_fields_at_their_harmless_values_and_other_unknown_fields_are_accepted(http, field, value):
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], field: value}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200

@@ -193,6 +193,14 @@ CASES = [
     Case("stop_not_string", {"stop": 5}, 400, BAD, "stop"),
     Case("logit_bias", {"logit_bias": {"50": 10}}, 400, BAD, "logit_bias"),
     Case("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, BAD, "tools"),
+    # other servers' fields that would change the answer: refused by name, never ignored
+    Case("guided_json", {"guided_json": {"type": "object"}}, 400, BAD, "guided_json"),
+    Case("guided_choice", {"guided_choice": ["yes", "no"]}, 400, BAD, "guided_choice", path=COMPLETIONS),
+    Case("structured_outputs", {"structured_outputs": {"regex": "[a-z]+"}}, 400, BAD, "structured_outputs"),
+    Case("prompt_logprobs", {"prompt_logprobs": 0}, 400, BAD, "prompt_logprobs", path=COMPLETIONS),
+    Case("add_generation_prompt_false", {"add_generation_prompt": False}, 400, BAD, "add_generation_prompt"),
+    Case("audio_modality", {"modalities": ["text", "audio"]}, 400, BAD, "modalities"),
+    Case("functions", {"functions": [{"name": "f"}]}, 400, BAD, "functions"),
     # vLLM's extras
     Case("top_k_below_minus_one", {"top_k": -2}, 400, BAD, "top_k"),
     Case("min_p_high", {"min_p": 1.5}, 400, BAD, "min_p"),
