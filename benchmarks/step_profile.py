@@ -65,7 +65,7 @@ def profile(model_dir: str, concurrency: int, input_len: int, output_len: int, n
                 engine._launch()
                 sync()
                 t1 = time.perf_counter()
-                collected = engine._collect()
+                collected = engine._collect(engine._take_in_flight())
                 t2 = time.perf_counter()
                 outputs = engine._finish(collected)
                 t3 = time.perf_counter()

@@ -44,6 +44,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build a step's outputs before launching the next step (default: while it runs)",
     )
+    parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="also launch the next step before collecting this one's tokens (experimental: not yet measured)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -61,6 +66,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         mixed_cuda_graph_max_tokens=args.mixed_cuda_graph_max_tokens,
         varlen_prefill_attention=args.prefill_attention == "varlen",
         overlap_outputs=not args.no_overlap_outputs,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -46,6 +46,9 @@ class EngineConfig:
     varlen_prefill_attention: bool = True
     # Launch the next step before detokenizing and building this one's outputs (LLMEngine.step)
     overlap_outputs: bool = True
+    # ... and before collecting this one's tokens: the next step's decodes take them from the device.
+    # Off until measured on a GPU (issue 12); needs overlap_outputs.
+    async_scheduling: bool = False
     seed: int = 0  # dummy weights and unseeded sampling
 
     def resolved(self) -> EngineConfig:
@@ -82,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.async_scheduling and not self.overlap_outputs:
+            raise ValueError("async_scheduling needs overlap_outputs")
         if self.mixed_cuda_graph_max_tokens < 0:
             raise ValueError("mixed_cuda_graph_max_tokens must be >= 0 (0 turns mixed-step graphs off)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -50,7 +50,7 @@ from services.engine.multimodal.inputs import MultiModalInputs, check_multimodal
 from services.engine.multimodal.spec import VisionLanguageSpec
 from services.engine.outputs import CompletionOutput, Handoff, Logprob, RequestOutput, StepOutputs
 from services.engine.request import Request, RequestStatus
-from services.engine.sampler import PendingSample, Sampler, TokenLogprobs
+from services.engine.sampler import PendingSample, Sampler, TokenLogprobs, needs_history
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 
@@ -256,36 +256,61 @@ class LLMEngine:
         collected, so both orders schedule the same batches and give the same tokens; stop strings
         are found at collection (their text is decoded there), so they also end a request before
         the next step is scheduled.
+
+        With `async_scheduling` as well, a call launches the next step before collecting the one in
+        flight, so collection and scheduling overlap the device too: the next step's decodes take
+        their input tokens from the device (`Request.num_pending_tokens`). A request its step in flight
+        ends by a stop is then computed one step too many, and that token is dropped at collection;
+        one its length or a handoff ends is not scheduled again. The batches can differ from the other
+        orders' (a finished request frees its blocks and seat a step later), the tokens cannot. While a
+        running request's sampling reads its earlier tokens (penalties), steps are not launched ahead.
         """
         if not self.config.overlap_outputs:
             self._launch()
-            return self._finish(self._collect())
-        collected = self._collect()
+            return self._finish(self._collect(self._take_in_flight()))
+        if self.config.async_scheduling and self._in_flight is not None and self._can_launch_ahead():
+            in_flight = self._take_in_flight()
+            self._launch(in_flight)
+            return self._finish(self._collect(in_flight))
+        collected = self._collect(self._take_in_flight())
         self._launch()
         return self._finish(collected)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
-    def _launch(self) -> None:
+    def _take_in_flight(self) -> PendingSample | None:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _can_launch_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the one in flight is collected: not while a
+        running request's sampling reads its earlier tokens themselves (penalties)."""
+        return not any(needs_history(r.sampling_params) for r in self.scheduler.running)
+
+    def _launch(self, in_flight: PendingSample | None = None) -> None:
+        """Schedule and run a step, its sampling queued on the device. With `in_flight` (asynchronous
+        scheduling) that step is not collected yet: its tokens are pending, and inputs of this one."""
         batch = self.scheduler.schedule()
         if batch.empty:
             return
-        logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids)
+        logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids, in_flight)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
         if sampled:
             self._in_flight = self.sampler.sample(logits, sampled)
+            for request in sampled:
+                request.num_pending_tokens += 1
 
-    def _collect(self) -> _Collected | None:
-        pending, self._in_flight = self._in_flight, None
+    def _collect(self, pending: PendingSample | None) -> _Collected | None:
         if pending is None:
             return None
         result = pending.resolve()
         touched: dict[str, _Parent] = {}
         handoffs = []
         for request, token_id, logprobs in zip(pending.requests, result.token_ids, result.logprobs):
-            if request.finished:  # aborted while its step ran: its blocks are already free
+            request.num_pending_tokens -= 1
+            if request.finished:  # aborted, or stopped by the step before, while this one ran: dropped
                 continue
             child = self._children[request.request_id]
             self._accept_token(child, token_id, logprobs)

@@ -35,7 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -46,6 +46,7 @@ from services.engine.attention.tiles import build_tile_map, max_num_tiles, token
 from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from services.engine.models import load_model
 from services.engine.models.llama import DecoderLayer, DecoderLM, EmbeddingOverrides
+from services.engine.sampler import PendingSample
 from services.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class StepInputs:
     sample_rows: np.ndarray  # [num_sampled] int64 rows of the hidden states to sample from
     sampled_requests: list  # the requests those rows belong to
     embedding_overrides: EmbeddingOverrides | None = None  # image rows of this step's tokens
+    # rows whose input token is still on the device (asynchronous scheduling), and their requests
+    pending_rows: list[int] = field(default_factory=list)
+    pending_requests: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -245,6 +249,7 @@ class ModelRunner:
         positions = np.empty(num_tokens, dtype=np.int64)
         seq_lens = np.empty(num_seqs, dtype=np.int32)
         sample_rows, sampled = [], []
+        pending_rows, pending_requests = [], []
         for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
             blocks = block_ids(req.request_id)
@@ -252,15 +257,20 @@ class ModelRunner:
             lo, hi = query_start_loc[i], query_start_loc[i + 1]
             if num_new == 1:
                 prompt_len = req.num_prompt_tokens  # one token: index it without concatenating the lists
-                ids[lo] = (
-                    req.prompt_token_ids[start] if start < prompt_len else req.output_token_ids[start - prompt_len]
-                )
+                if start >= req.num_tokens:  # sampled by the step in flight: it comes from the device
+                    ids[lo] = 0
+                    pending_rows.append(int(lo))
+                    pending_requests.append(req)
+                elif start < prompt_len:
+                    ids[lo] = req.prompt_token_ids[start]
+                else:
+                    ids[lo] = req.output_token_ids[start - prompt_len]
                 positions[lo] = start
             else:
                 ids[lo:hi] = req.all_token_ids[start:end]
                 positions[lo:hi] = np.arange(start, end)
             seq_lens[i] = end
-            if end == req.num_tokens:
+            if end == req.num_tokens_with_pending:
                 sample_rows.append(hi - 1)
                 sampled.append(req)
         rows = np.repeat(np.arange(num_seqs), batch.num_new_tokens)
@@ -280,6 +290,8 @@ class ModelRunner:
             sample_rows=np.asarray(sample_rows, dtype=np.int64),
             sampled_requests=sampled,
             embedding_overrides=self._embedding_overrides(batch, query_start_loc) if has_images else None,
+            pending_rows=pending_rows,
+            pending_requests=pending_requests,
         )
 
     def _embedding_overrides(self, batch: ScheduledBatch, query_start_loc: np.ndarray) -> EmbeddingOverrides | None:
@@ -300,17 +312,28 @@ class ModelRunner:
     # ------------------------------------------------------------------ execution
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]]) -> tuple[torch.Tensor, list]:
-        """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order)."""
+    def execute(
+        self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]], in_flight: PendingSample | None = None
+    ) -> tuple[torch.Tensor, list]:
+        """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order).
+
+        `in_flight`: the step launched before this one and not yet collected (asynchronous scheduling),
+        whose sampled tokens are the inputs of this step's decodes past their known tokens.
+        """
         inputs = self.prepare_inputs(batch, block_ids)
         graph = self._graph_for_step(inputs)
         tile_map = self._tile_map(inputs, graph)
         num_decode_seqs = np.array([inputs.num_decode_seqs], dtype=np.int32)
         arrays = [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.sample_rows]
+        arrays += [*self._pending_inputs(inputs, in_flight)]
         arrays += [inputs.block_table, inputs.seq_lens, inputs.query_start_loc, num_decode_seqs, *tile_map]
-        ids, positions, slots, sample_rows, table, seq_lens, query_start_loc, num_decodes, *tiles = (
+        ids, positions, slots, sample_rows, pending_rows, in_flight_rows, table, seq_lens, query_start_loc, *rest = (
             self._staging.upload(arrays)
         )
+        num_decodes, *tiles = rest
+        if inputs.pending_rows:
+            assert in_flight is not None
+            ids.index_copy_(0, pending_rows, in_flight.token_ids.index_select(0, in_flight_rows))
         if graph is not None:
             self.steps_by_path["mixed_graph" if graph.num_tiles else "decode_graph"] += 1
             hidden = graph.replay(ids, positions, slots, table, seq_lens, query_start_loc, num_decodes, tiles)
@@ -330,6 +353,16 @@ class ModelRunner:
             hidden = self.model(ids, positions, self.attention, inputs.embedding_overrides)
         logits = self.model.compute_logits(hidden[sample_rows])
         return logits, inputs.sampled_requests
+
+    @staticmethod
+    def _pending_inputs(inputs: StepInputs, in_flight: PendingSample | None) -> tuple[np.ndarray, np.ndarray]:
+        """(this step's rows whose token is on the device, the rows of the step in flight that sampled them)."""
+        if not inputs.pending_rows:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        if in_flight is None:
+            raise RuntimeError("a step's input token is pending but no step is in flight")
+        sampled_rows = [in_flight.row_of(r) for r in inputs.pending_requests]
+        return np.asarray(inputs.pending_rows, dtype=np.int64), np.asarray(sampled_rows, dtype=np.int64)
 
     def _graph_for_step(self, inputs: StepInputs) -> _CapturedStep | None:
         """The captured graph this step replays, if any: decode-only, else mixed, else none (eager)."""

@@ -9,6 +9,11 @@ Token accounting (the scheduler's only view of progress):
 `num_tokens - num_computed_tokens` (capped by the chunk budget); when a step's chunk reaches
 `num_tokens`, the model's last logits are sampled and one token is appended. Preemption resets
 `num_computed_tokens` to 0 and the request recomputes prompt plus output from scratch.
+
+With asynchronous scheduling the next step is scheduled while the last one's tokens are still on the
+device: `num_pending_tokens` counts them (sampled, not yet appended), and the scheduler works from
+`num_tokens_with_pending`. A pending token is the input of the next step's decode, taken from the
+device; it joins `output_token_ids` when its step is collected.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class Request:
     # one entry per output token when logprobs were asked: {token_id: (logprob, rank)}
     output_logprobs: list[dict[int, tuple[float, int]]] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # sampled on the device by a launched step, not yet appended
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on first scheduling (for metrics)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -96,6 +102,17 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return self.num_tokens + self.num_pending_tokens
+
+    @property
+    def certain_to_finish(self) -> bool:
+        """Its pending token will end it whatever that token is: its length, or a prefill-only handoff."""
+        if not self.num_pending_tokens:
+            return False
+        return self.prefill_only or self.num_output_tokens + self.num_pending_tokens >= self.max_output_tokens
 
     @property
     def num_output_tokens(self) -> int:

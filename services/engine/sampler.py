@@ -79,18 +79,47 @@ class Sampler:
         return PendingSample(token_ids, _logprob_tensors(raw, token_ids, requests), list(requests))
 
 
-@dataclass
-class PendingSample:
-    """A step's sampled tokens (and logprobs) still on the device."""
+def needs_history(params: SamplingParams) -> bool:
+    """Sampling reads the request's earlier tokens themselves (not just their count): penalties."""
+    return _needs_penalties(params)
 
-    token_ids: torch.Tensor  # [num_rows]
-    logprobs: _LogprobTensors | None
-    requests: list[Request]
+
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on their way to the host.
+
+    The copies start at once, on the device's stream right after the sampling, and an event marks
+    their end: `resolve()` waits for this step alone, not for a step queued after it (asynchronous
+    scheduling launches the next step before collecting this one). `token_ids` stays on the device
+    for the next step's inputs.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: _LogprobTensors | None, requests: list[Request]) -> None:
+        self.token_ids = token_ids  # [num_rows], on the device
+        self.requests = requests
+        self._rows = {id(r): row for row, r in enumerate(requests)}
+        self._logprobs = logprobs
+        self._copied: torch.cuda.Event | None = None
+        if token_ids.device.type == "cuda":
+            self._host_token_ids = token_ids.to("cpu", non_blocking=True)
+            if logprobs is not None:
+                self._logprobs = _LogprobTensors(
+                    logprobs.rows, *(t.to("cpu", non_blocking=True) for t in _tensor_fields(logprobs))
+                )
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host_token_ids = token_ids
+
+    def row_of(self, request: Request) -> int:
+        """The batch row a request's token was sampled in."""
+        return self._rows[id(request)]
 
     def resolve(self) -> SamplerOutput:
-        """Copy to the host (waits for the device) and build the per-row results."""
+        """The tokens and logprobs on the host (waits for this step's copies)."""
+        if self._copied is not None:
+            self._copied.synchronize()
         return SamplerOutput(
-            token_ids=self.token_ids.tolist(), logprobs=_collect_logprobs(self.logprobs, self.requests)
+            token_ids=self._host_token_ids.tolist(), logprobs=_collect_logprobs(self._logprobs, self.requests)
         )
 
 
@@ -117,6 +146,10 @@ class _LogprobTensors:
     top_ids: torch.Tensor  # [n, max_top], by logprob, descending
     top_logprobs: torch.Tensor  # [n, max_top]
     top_ranks: torch.Tensor  # [n, max_top]
+
+
+def _tensor_fields(t: _LogprobTensors) -> tuple[torch.Tensor, ...]:
+    return (t.sampled_ids, t.sampled_logprobs, t.sampled_ranks, t.top_ids, t.top_logprobs, t.top_ranks)
 
 
 def _logprob_tensors(
@@ -169,7 +202,7 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: Sequence[Reque
     token_ids: list[int] = []
     for row, request in enumerate(requests):
         params = request.sampling_params
-        if len(request.output_token_ids) >= params.min_tokens:
+        if request.num_output_tokens + request.num_pending_tokens >= params.min_tokens:
             continue
         stop_ids = list(params.stop_token_ids)
         if request.eos_token_id is not None:

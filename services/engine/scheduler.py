@@ -87,10 +87,11 @@ class Scheduler:
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         order = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)  # decodes first
-        pending = list(order)
+        # a request its step in flight will end (asynchronous scheduling) gets no more work
+        pending = [r for r in order if not r.certain_to_finish]
         while pending and budget > 0:
             request = pending.pop(0)
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate_slots(request, num_new):
                 if not pending:  # only itself left to preempt: wait for others to finish
                     num_new = 0
@@ -107,8 +108,8 @@ class Scheduler:
         preempted_now = set(id(r) for r in batch.preempted)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if id(request) in preempted_now:
-                break  # a request preempted in this step waits at least one step
+            if id(request) in preempted_now or request.num_pending_tokens:
+                break  # preempted in this step, or its token of a step in flight not in yet: it waits
             computed = self.kv_cache.get_computed_blocks(request)
             num_computed = len(computed) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_computed, budget)

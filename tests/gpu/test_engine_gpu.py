@@ -106,3 +106,25 @@ def test_mixed_step_graphs_keep_seeded_sampling_and_logprobs(llama_dir):
         for g_step, e_step in zip(g.outputs[0].logprobs, e.outputs[0].logprobs):
             for tid, lp in e_step.items():
                 assert g_step[tid].logprob == pytest.approx(lp.logprob, abs=1e-3)
+
+
+def test_asynchronous_scheduling_gives_the_plain_order_s_tokens_on_the_gpu(llama_dir):
+    """Decode inputs gathered from the step in flight on the device, through decode and mixed graphs,
+    with chunked prefill, prefix hits, preemption, stop strings and seeded sampling."""
+    shared = prompts([40], seed=8)[0]["prompt_token_ids"]
+    batch = [{"prompt_token_ids": shared + p["prompt_token_ids"]} for p in prompts([5, 70, 33, 2, 90, 17], seed=9)]
+    common = dict(
+        device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=96, num_kv_blocks=24, max_model_len=200
+    )
+    plain = LLM(llama_dir, overlap_outputs=False, **common)
+    fast = LLM(llama_dir, async_scheduling=True, **common)
+    for params in (
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=30, stop=["a"], logprobs=2),
+    ):
+        expected = plain.generate(batch, params)
+        got = fast.generate(batch, params)
+        for e, g in zip(expected, got):
+            assert (g.outputs[0].token_ids, g.outputs[0].text) == (e.outputs[0].token_ids, e.outputs[0].text)
+    assert fast.engine.scheduler_stats().num_preemptions > 0
+    assert fast.engine.num_free_blocks() == fast.engine.num_usable_blocks()

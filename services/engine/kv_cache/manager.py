@@ -99,7 +99,8 @@ class KVCacheManager:
         num_missing = cdiv(num_tokens_after, self.block_size) - len(blocks)
         if num_missing > 0:
             self._append(blocks, ids, self.pool.allocate(num_missing))
-        self._cache_full_blocks(request, num_tokens_after)
+        # a pending token (asynchronous scheduling) is not known yet: its block is cached once it is
+        self._cache_full_blocks(request, min(num_tokens_after, request.num_tokens))
         return True
 
     def allocate_for_import(self, request: Request, num_tokens: int) -> list[int] | None:
