@@ -4,16 +4,21 @@ Routes:
 
     POST /v1/chat/completions, POST /v1/completions    generation (services.gateway.serving)
     GET  /v1/models                                    the served model
+    GET  /v1/models/{model}                            its card; 404 (model_not_found) for any other id
+    POST /tokenize, POST /detokenize                   vLLM's tokenizer routes (services.gateway.tokenize)
+    GET  /version                                      {"version": tristage's package version}
     GET  /health                                       200 while the process serves (liveness)
     GET  /ready                                        200 while the backend can serve a request (some
                                                        engine worker alive: Backend.is_ready), else 503
     GET  /metrics                                      Prometheus text
 
-Every /v1 route requires `Authorization: Bearer KEY` when `config.api_keys` is not empty (and so do
-/metrics, /openapi.json and /docs with `config.protect_metrics_and_docs`); the key is compared in
-constant time with every configured key. With `config.allowed_hosts`, a request naming another host
-gets 400 before anything else (services.gateway.hosts). Every error, from any layer, is answered in
-OpenAI's shape (services.gateway.errors).
+Every /v1 route, /tokenize and /detokenize require `Authorization: Bearer KEY` when `config.api_keys`
+is not empty (and so do /metrics, /openapi.json and /docs with `config.protect_metrics_and_docs`); the
+key is compared in constant time with every configured key. (vLLM leaves its tokenizer routes open;
+here they use the tokenizer threads that generation needs, so only a key holder may.) /version,
+/health and /ready stay open. With `config.allowed_hosts`, a request naming another host gets 400
+before anything else (services.gateway.hosts). Every error, from any layer, is answered in OpenAI's
+shape (services.gateway.errors).
 
 Connection limits live in the HTTP server, not here: run the app under uvicorn with
 `services.gateway.http_server.uvicorn_options(app)`, which counts connections against
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -46,8 +52,19 @@ from services.gateway.errors import ApiError, install_error_handlers
 from services.gateway.hosts import HostCheckMiddleware
 from services.gateway.http_server import ConnectionCap
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from services.gateway.serving import GenerationService
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from services.gateway.serving import GenerationService, model_not_found
+from services.gateway.tokenize import TokenizationService
 from services.gateway.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
@@ -55,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 # FastAPI's documentation routes and Prometheus' scrape path (protect_metrics_and_docs)
 METRICS_AND_DOCS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})  # outside /v1, keyed like it
 
 
 class ApiKeyMiddleware:
@@ -113,7 +131,9 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     metrics.track_connections(connections)
     tokenizers = TokenizerPool(backend.tokenizer, backend.processor, config.tokenizer_threads)
     service = GenerationService(config, backend, admission, metrics, tokenizers)
-    created = int(time.time())
+    tokenization = TokenizationService(config, backend, admission, metrics, tokenizers)
+    card = ModelCard(id=config.served_model_name, created=int(time.time()), max_model_len=backend.max_model_len)
+    tristage_version = package_version()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,12 +146,20 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     app.state.metrics = metrics
     app.state.connections = connections
     install_error_handlers(app)
-    protected_paths = METRICS_AND_DOCS_PATHS if config.protect_metrics_and_docs else frozenset()
+    protected_paths = TOKENIZER_PATHS | (METRICS_AND_DOCS_PATHS if config.protect_metrics_and_docs else frozenset())
     app.add_middleware(ApiKeyMiddleware, api_keys=config.api_keys, protected_paths=protected_paths)
     if config.allowed_hosts is not None:  # added last: runs first
         app.add_middleware(HostCheckMiddleware, allowed_hosts=config.allowed_hosts)
 
-    _document_request_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest})
+    _document_request_bodies(
+        app,
+        {
+            "/v1/chat/completions": (ChatCompletionRequest,),
+            "/v1/completions": (CompletionRequest,),
+            "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest),
+            "/detokenize": (DetokenizeRequest,),
+        },
+    )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -143,9 +171,25 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=config.served_model_name, created=created, max_model_len=backend.max_model_len)]
-        )
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{model:path}")  # :path: a served name may hold slashes ("org/model")
+    async def model_card(model: str) -> ModelCard:
+        if model != card.id:
+            raise model_not_found(model)
+        return card
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(request: Request) -> Response:
+        return await tokenization.tokenize(request)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(request: Request) -> Response:
+        return await tokenization.detokenize(request)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tristage_version}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -170,11 +214,11 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     return app
 
 
-def _document_request_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
-    """The generation routes read their bodies themselves (strict parsing, every error a 400 in
-    OpenAI's shape, never FastAPI's 422), so FastAPI cannot see their schemas: add each body's schema
-    to /openapi.json, for clients' code generators and for the fuzzing in
-    tests/integration/test_schemathesis.py."""
+def _document_request_bodies(app: FastAPI, bodies: dict[str, tuple[type[BaseModel], ...]]) -> None:
+    """The generation and tokenizer routes read their bodies themselves (strict parsing, every error a
+    400 in OpenAI's shape, never FastAPI's 422), so FastAPI cannot see their schemas: add each body's
+    schema (any of several shapes, as /tokenize's) to /openapi.json, for clients' code generators and
+    for the fuzzing in tests/integration/test_schemathesis.py."""
     build_default = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -182,17 +226,28 @@ def _document_request_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -
             return app.openapi_schema
         schema = build_default()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in bodies.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
+        for path, models in bodies.items():
+            refs = []
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                refs.append({"$ref": f"#/components/schemas/{model.__name__}"})
             schema["paths"][path]["post"]["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                "content": {"application/json": {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}},
             }
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def package_version() -> str:
+    """tristage's version, as installed (a source checkout is installed too, editable)."""
+    try:
+        return importlib.metadata.version("tristage")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def _snapshot(backend: Backend, timeout_s: float) -> list[WorkerSnapshot]:

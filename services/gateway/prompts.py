@@ -157,18 +157,28 @@ def template_messages(messages: list[ChatMessage], image_placeholder: str | None
 
 
 def tokenize_chat(tokenizer, request: ChatCompletionRequest, limits: ModelLimits) -> list[int]:
-    messages = template_messages(request.messages)
+    token_ids = render_chat(tokenizer, request.messages, add_generation_prompt=True, tokenize=True)
+    assert isinstance(token_ids, list)
+    check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
+    return token_ids
+
+
+def render_chat(tokenizer, messages, *, add_generation_prompt: bool, tokenize: bool) -> list[int] | str:
+    """A text model's chat through its template: token ids, or the text when `tokenize` is false.
+
+    The one call every route makes (/v1/chat/completions, /tokenize), so their ids agree."""
     try:
-        token_ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        rendered = tokenizer.apply_chat_template(
+            template_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=tokenize,
+            **({"return_dict": False} if tokenize else {}),
         )
     except jinja2.TemplateError as exc:  # the template refused these messages (e.g. role order)
         raise InvalidRequestError(
             f"The chat template could not render these messages: {exc}", param="messages"
         ) from exc
-    token_ids = list(token_ids)
-    check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
-    return token_ids
+    return list(rendered) if tokenize else rendered
 
 
 def tokenize_chat_with_images(

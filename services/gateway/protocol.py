@@ -19,14 +19,14 @@ clamps it to the vocabulary (services.engine.sampler._effective_top_k).
 
 vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
 stop_token_ids, cache_salt, skip_special_tokens, include_stop_str_in_output) are accepted as vLLM
-accepts them.
+accepts them, and so are vLLM's /tokenize and /detokenize bodies (services.gateway.tokenize).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_serializer
 
 from services.common.errors import InvalidRequestError
 
@@ -138,10 +138,7 @@ class _GenerationRequest(BaseModel):
 
     def check(self, max_n: int) -> None:
         """Checks across fields or against the deployment; raises InvalidRequestError."""
-        for name, value in (self.model_extra or {}).items():
-            if name in REFUSED_FIELDS:
-                harmless, message = REFUSED_FIELDS[name]
-                _require(any(value == h and type(value) is type(h) for h in harmless), name, message)
+        _refuse_fields(self.model_extra, REFUSED_FIELDS)
         _require(self.num_choices_per_prompt <= max_n, "n", f"n must be at most {max_n}")
         _require(
             self.stream_options is None or bool(self.stream),
@@ -252,6 +249,72 @@ class CompletionRequest(_GenerationRequest):
 def _require(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(message, param=param)
+
+
+def _refuse_fields(extra: dict[str, Any] | None, refused: dict[str, tuple[tuple[Any, ...], str]]) -> None:
+    """Refuse, by name, each unknown field in `refused` whose value is not one of its harmless ones."""
+    for name, value in (extra or {}).items():
+        if name in refused:
+            harmless, message = refused[name]
+            _require(any(value == h and type(value) is type(h) for h in harmless), name, message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization: vLLM's /tokenize and /detokenize
+
+# vLLM's TokenizeChatRequest fields that would change the tokens, which tristage does not act on
+TOKENIZE_CHAT_REFUSED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    **{
+        name: REFUSED_FIELDS[name]
+        for name in ("chat_template", "chat_template_kwargs", "continue_final_message", "documents")
+    },
+    "tools": (_UNSET, "tools are not supported by this model"),
+    "mm_processor_kwargs": (_UNSET, "mm_processor_kwargs is not supported"),
+    "prompt": ((None,), "give either 'prompt' or 'messages', not both"),
+}
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """A prompt to tokenize as /v1/completions tokenizes a string prompt."""
+
+    model_config = _REQUEST_CONFIG
+    model: str | None = None  # None: the served model (as in vLLM)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """Messages to render with the chat template and tokenize as /v1/chat/completions does."""
+
+    model_config = _GENERATION_CONFIG  # unknown fields kept, so check() can refuse vLLM's by name
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template holds the special tokens already
+    return_token_strs: bool | None = False
+
+    def check(self) -> None:
+        _refuse_fields(self.model_extra, TOKENIZE_CHAT_REFUSED_FIELDS)
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+_JSON_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
+
+
+def parse_tokenize_request(body: bytes) -> TokenizeRequest:
+    """A body with `messages` is a chat, any other a prompt (vLLM's two shapes). Chosen by that key
+    rather than by a union, so an error names the body's own field, never a union member; raises
+    pydantic's ValidationError."""
+    fields = _JSON_OBJECT.validate_json(body)
+    schema: type[TokenizeRequest] = TokenizeChatRequest if "messages" in fields else TokenizeCompletionRequest
+    return schema.model_validate(fields)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _REQUEST_CONFIG
+    model: str | None = None
+    tokens: list[TokenId]  # then against the vocabulary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,6 +428,17 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tristage"
     max_model_len: int | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):

@@ -122,6 +122,29 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_json(http_request: Request, config: GatewayConfig, parse: Callable[[bytes], T]) -> T:
+    """The body, declared JSON (415), read within the limits (413, 408) and parsed by `parse`, off the
+    event loop when large; a pydantic ValidationError becomes a 400 naming the field."""
+    check_json_content_type(http_request)
+    body = await read_body(http_request, config.max_body_bytes, config.body_read_timeout_s)
+    try:
+        if len(body) <= PARSE_INLINE_MAX_BYTES:
+            return parse(body)
+        return await asyncio.to_thread(parse, body)
+    except ValidationError as exc:
+        raise parse_error(exc) from exc
+
+
+def admission_refused(exc: AdmissionRejected, metrics: GatewayMetrics, retry_after_s: int) -> ApiError:
+    """A refused admission as the client sees it: 429 with Retry-After, counted by the full budget."""
+    metrics.count_rejection(exc.reason)
+    return ApiError(429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -233,18 +256,11 @@ class GenerationService:
                 ticket.release()
 
     async def _parse(self, http_request: Request, schema: type[GenerationRequest]) -> GenerationRequest:
-        check_json_content_type(http_request)
-        body = await read_body(http_request, self._config.max_body_bytes, self._config.body_read_timeout_s)
-        try:
-            if len(body) <= PARSE_INLINE_MAX_BYTES:
-                return schema.model_validate_json(body)
-            return await asyncio.to_thread(schema.model_validate_json, body)
-        except ValidationError as exc:
-            raise parse_error(exc) from exc
+        return await read_json(http_request, self._config, schema.model_validate_json)
 
     def _check(self, request: GenerationRequest) -> None:
         if request.model != self._config.served_model_name:
-            raise ApiError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+            raise model_not_found(request.model)
         try:
             request.check(self._config.max_n)
             check_num_prompts(request, self._config.max_prompts_per_request)
@@ -270,8 +286,7 @@ class GenerationService:
             raise self._rejected(exc) from exc
 
     def _rejected(self, exc: AdmissionRejected) -> ApiError:
-        self._metrics.count_rejection(exc.reason)
-        return ApiError(429, str(exc), code="rate_limit_exceeded", headers=self._retry_after())
+        return admission_refused(exc, self._metrics, self._config.retry_after_s)
 
     async def _tokenize(
         self, request: GenerationRequest, credential: str | None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import socket
 import threading
@@ -159,6 +160,14 @@ class RecordingTokenizer:
     def encode(self, *args, **kwargs):
         self.threads.append(threading.current_thread().name)
         return self._tokenizer.encode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self._tokenizer.decode(*args, **kwargs)
+
+    def convert_ids_to_tokens(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        return self._tokenizer.convert_ids_to_tokens(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -876,3 +885,104 @@ def test_tokenizer_threads_each_have_their_own_tokenizer(hf_tokenizer):
 def test_refusable_fields_at_their_harmless_values_and_other_unknown_fields_are_accepted(http, field, value):
     body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], field: value}
     assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM's /tokenize, /detokenize and /version; /v1/models/{model}
+
+
+def test_tokenize_a_prompt_as_completions_tokenize_it(served, http, hf_tokenizer):
+    _, backend, _ = served
+    backend.tokenizer.threads.clear()
+    reply = http.post("/tokenize", json={"model": MODEL, "prompt": "one two three"})
+    assert reply.status_code == 200, reply.text
+    tokens = hf_tokenizer.encode("one two three")
+    assert reply.json() == {"count": len(tokens), "max_model_len": 256, "tokens": tokens, "token_strs": None}
+    http.post("/v1/completions", json={"model": MODEL, "prompt": "one two three", "max_tokens": 1})
+    assert backend.requests[-1][1] == tokens  # what the generation path tokenized
+    with_strs = http.post("/tokenize", json={"prompt": "one two three", "return_token_strs": True}).json()
+    assert with_strs["tokens"] == tokens  # no model: the served one, as in vLLM
+    assert with_strs["token_strs"] == hf_tokenizer.convert_ids_to_tokens(tokens)
+    assert all(name.startswith("tokenizer_") for name in backend.tokenizer.threads)  # never on the event loop
+
+
+def test_tokenize_messages_as_the_chat_tokenizes_them(served, http, client, hf_tokenizer):
+    _, backend, _ = served
+    reply = http.post("/tokenize", json={"model": MODEL, "messages": CHAT})
+    assert reply.status_code == 200, reply.text
+    tokenized = reply.json()
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
+    assert tokenized["count"] == chat.usage.prompt_tokens == len(tokenized["tokens"])
+    assert tokenized["tokens"] == backend.requests[-1][1]
+    without_prompt = http.post("/tokenize", json={"messages": CHAT, "add_generation_prompt": False}).json()
+    assert without_prompt["tokens"] == hf_tokenizer.apply_chat_template(
+        CHAT, add_generation_prompt=False, tokenize=True, return_dict=False
+    )
+    assert without_prompt["count"] < tokenized["count"]
+    rendered = hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    special = http.post("/tokenize", json={"messages": CHAT, "add_special_tokens": True}).json()
+    assert special["tokens"] == hf_tokenizer.encode(rendered, add_special_tokens=True)
+
+
+def test_tokenize_refuses_the_image_parts_of_a_vision_language_model(hf_tokenizer):
+    backend = FakeBackend(hf_tokenizer)
+    backend.processor = object()  # never called: image parts are refused before tokenizing
+    with running_server(create_app(GatewayConfig(served_model_name=MODEL), backend)) as base_url:
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+        reply = httpx.post(base_url + "/tokenize", json={"messages": messages})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    assert "/tokenize does not take image_url parts" in reply.json()["error"]["message"]
+
+
+def test_detokenize_round_trip(http):
+    text = "Say hello, then stop."
+    tokens = http.post("/tokenize", json={"model": MODEL, "prompt": text}).json()["tokens"]
+    reply = http.post("/detokenize", json={"model": MODEL, "tokens": tokens})
+    assert reply.status_code == 200 and reply.json() == {"prompt": text}
+    assert http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
+def test_tokenize_waits_for_admission_like_a_prompt(served, http, monkeypatch):
+    app, _, _ = served
+    monkeypatch.setattr(app.state.admission, "max_queued_requests", 0)  # full
+    refused = http.post("/tokenize", json={"model": MODEL, "prompt": "hi"})
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert http.post("/detokenize", json={"tokens": [1]}).status_code == 200  # no text to tokenize
+
+
+def test_version_is_the_package_s_and_public(served):
+    reply = httpx.get(served[2] + "/version")  # no key
+    assert reply.status_code == 200 and reply.json() == {"version": importlib.metadata.version("tristage")}
+
+
+def test_model_card(client, http):
+    [listed] = client.models.list().data
+    assert client.models.retrieve(MODEL) == listed
+    for name in ("nope", "org/fake-model"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(name)
+        assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+    assert http.get("/v1/models/org/fake-model").json()["error"]["message"] == (
+        "The model `org/fake-model` does not exist."
+    )
+
+
+def test_tokenizer_bodies_are_in_the_openapi_schema(http):
+    schema = http.get("/openapi.json").json()
+
+    def body(path: str) -> dict:
+        return schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    ref = "#/components/schemas/"
+    assert body("/tokenize") == {
+        "anyOf": [{"$ref": ref + "TokenizeCompletionRequest"}, {"$ref": ref + "TokenizeChatRequest"}]
+    }
+    assert body("/detokenize") == {"$ref": ref + "DetokenizeRequest"}
+    components = schema["components"]["schemas"]
+    assert components["TokenizeCompletionRequest"]["required"] == ["prompt"]
+    assert components["TokenizeChatRequest"]["required"] == ["messages"]
+    assert components["DetokenizeRequest"]["required"] == ["tokens"]
+    assert {"TokenizeResponse", "DetokenizeResponse", "ChatMessage"} <= set(components)
+    assert {"/version", "/v1/models/{model}"} <= set(schema["paths"])

@@ -98,6 +98,18 @@ def _message(content) -> Callable[[Target], dict]:
     return _chat_with(messages=[{"role": "user", "content": content}])
 
 
+def _tokenize(**fields) -> Callable[[Target], dict]:
+    return lambda t: {"model": t.model, "prompt": "Hello", **fields}
+
+
+def _tokenize_chat(**fields) -> Callable[[Target], dict]:
+    return lambda t: {"model": t.model, "messages": [{"role": "user", "content": "Hello"}], **fields}
+
+
+def _detokenize(**fields) -> Callable[[Target], dict]:
+    return lambda t: {"model": t.model, "tokens": [1, 2], **fields}
+
+
 def _too_large(target: Target) -> bytes:
     filler = b"a" * (target.max_body_bytes + 1024)
     return b'{"model": "' + target.model.encode() + b'", "messages": [{"role": "user", "content": "' + filler + b'"}]}'
@@ -107,6 +119,8 @@ BAD = "invalid_request_error"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+TOKENIZE = "/tokenize"
+DETOKENIZE = "/detokenize"
 
 CASES = [
     # body and JSON
@@ -278,6 +292,111 @@ CASES = [
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     ),
     Case("content_type_latin1", {}, 415, BAD, None, headers={"Content-Type": "application/json; charset=latin-1"}),
+    # /tokenize (a prompt or messages), /detokenize, /v1/models/{model}
+    Case("tokenize_bad_json", lambda t: b'{"prompt": ', 400, BAD, None, path=TOKENIZE),
+    Case("tokenize_json_not_object", lambda t: b'["Hello"]', 400, BAD, None, path=TOKENIZE),
+    Case("tokenize_missing_prompt", lambda t: {"model": t.model}, 400, BAD, "prompt", path=TOKENIZE),
+    Case("tokenize_prompt_token_ids", _tokenize(prompt=[1, 2]), 400, BAD, "prompt", path=TOKENIZE),
+    Case("tokenize_prompt_null", _tokenize(prompt=None), 400, BAD, "prompt", path=TOKENIZE),
+    Case("tokenize_model_not_string", _tokenize(model=123), 400, BAD, "model", path=TOKENIZE),
+    Case(
+        "tokenize_unknown_model",
+        _tokenize(model="no-such-model"),
+        404,
+        BAD,
+        "model",
+        path=TOKENIZE,
+        code="model_not_found",
+    ),
+    Case(
+        "tokenize_add_special_tokens_string",
+        _tokenize(add_special_tokens="yes"),
+        400,
+        BAD,
+        "add_special_tokens",
+        path=TOKENIZE,
+    ),
+    Case(
+        "tokenize_return_token_strs_int", _tokenize(return_token_strs=1), 400, BAD, "return_token_strs", path=TOKENIZE
+    ),
+    Case("tokenize_missing_key", _tokenize(), 401, BAD, None, path=TOKENIZE, auth="none", code="invalid_api_key"),
+    Case("tokenize_wrong_method", None, 405, BAD, None, path=TOKENIZE, method="GET"),
+    Case(
+        "tokenize_content_type_text", _tokenize(), 415, BAD, None, path=TOKENIZE, headers={"Content-Type": "text/plain"}
+    ),
+    Case("tokenize_empty_messages", _tokenize_chat(messages=[]), 400, BAD, "messages", path=TOKENIZE),
+    Case("tokenize_messages_not_list", _tokenize_chat(messages="Hello"), 400, BAD, "messages", path=TOKENIZE),
+    Case(
+        "tokenize_unknown_role",
+        _tokenize_chat(messages=[{"role": "robot", "content": "Hi"}]),
+        400,
+        BAD,
+        "messages",
+        path=TOKENIZE,
+    ),
+    Case(
+        "tokenize_user_content_missing",
+        _tokenize_chat(messages=[{"role": "user"}]),
+        400,
+        BAD,
+        "messages",
+        path=TOKENIZE,
+    ),
+    Case(
+        "tokenize_image_part",
+        _tokenize_chat(messages=[{"role": "user", "content": [IMAGE]}]),
+        400,
+        BAD,
+        "messages",
+        path=TOKENIZE,
+    ),
+    Case(
+        "tokenize_add_generation_prompt_string",
+        _tokenize_chat(add_generation_prompt="yes"),
+        400,
+        BAD,
+        "add_generation_prompt",
+        path=TOKENIZE,
+    ),
+    Case("tokenize_chat_template", _tokenize_chat(chat_template="{{ x }}"), 400, BAD, "chat_template", path=TOKENIZE),
+    Case(
+        "tokenize_continue_final_message",
+        _tokenize_chat(continue_final_message=True),
+        400,
+        BAD,
+        "continue_final_message",
+        path=TOKENIZE,
+    ),
+    Case("tokenize_prompt_and_messages", _tokenize_chat(prompt="Hello"), 400, BAD, "prompt", path=TOKENIZE),
+    Case("detokenize_bad_json", lambda t: b'{"tokens": [1,', 400, BAD, None, path=DETOKENIZE),
+    Case("detokenize_missing_tokens", lambda t: {"model": t.model}, 400, BAD, "tokens", path=DETOKENIZE),
+    Case("detokenize_tokens_not_list", _detokenize(tokens="1 2"), 400, BAD, "tokens", path=DETOKENIZE),
+    Case("detokenize_token_string", _detokenize(tokens=["1"]), 400, BAD, "tokens", path=DETOKENIZE),
+    Case("detokenize_token_float", _detokenize(tokens=[1.5]), 400, BAD, "tokens", path=DETOKENIZE),
+    Case("detokenize_token_bool", _detokenize(tokens=[True]), 400, BAD, "tokens", path=DETOKENIZE),
+    Case("detokenize_token_negative", _detokenize(tokens=[1, -1]), 400, BAD, "tokens", path=DETOKENIZE),
+    Case(
+        "detokenize_token_out_of_vocab",
+        _detokenize(tokens=[1, 10**9]),
+        400,
+        BAD,
+        "tokens",
+        path=DETOKENIZE,
+        message="out of the vocabulary",
+    ),
+    Case("detokenize_token_huge", _detokenize(tokens=[10**23]), 400, BAD, "tokens", path=DETOKENIZE),
+    Case(
+        "detokenize_unknown_model",
+        _detokenize(model="no-such-model"),
+        404,
+        BAD,
+        "model",
+        path=DETOKENIZE,
+        code="model_not_found",
+    ),
+    Case("detokenize_missing_key", _detokenize(), 401, BAD, None, path=DETOKENIZE, auth="none"),
+    Case("model_card_unknown", None, 404, BAD, "model", path="/v1/models/no-such-model", method="GET"),
+    Case("model_card_wrong_key", None, 401, BAD, None, path="/v1/models/no-such-model", method="GET", auth="wrong"),
 ]
 
 # Every number of both request schemas, at +-10**23: far past int64 (msgpack's limit) and every
