@@ -48,6 +48,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
 
 class KVTarget(msgspec.Struct, frozen=True, kw_only=True):

@@ -73,6 +73,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), "one logits row per request"
         logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab_size]
         raw = _raw_logprobs(logits, requests)
+        _apply_logit_bias(logits, requests)
         _mask_stops_before_min_tokens(logits, requests)
         _apply_penalties(logits, requests)
         token_ids = _sample(logits, requests)  # [num_rows]
@@ -195,6 +196,21 @@ def _collect_logprobs(tensors: _LogprobTensors | None, requests: Sequence[Reques
 
 # ---------------------------------------------------------------------------------------------
 # Phases 2 and 3: logit processors, in place on [num_rows, vocab_size]
+
+
+def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
+    """Add each request's logit_bias (OpenAI's: added to the logits before sampling, greedy included)."""
+    rows: list[int] = []
+    token_ids: list[int] = []
+    biases: list[float] = []
+    for row, request in enumerate(requests):
+        for token_id, bias in (request.sampling_params.logit_bias or {}).items():
+            rows.append(row)
+            token_ids.append(token_id)
+            biases.append(bias)
+    if rows:
+        bias_values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        logits.index_put_((_index(rows, logits.device), _index(token_ids, logits.device)), bias_values, accumulate=True)
 
 
 def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None:

@@ -32,6 +32,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs besides the sampled token (0..20)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,6 +84,14 @@ class SamplingParams:
             all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
             "stop_token_ids",
             f"stop_token_ids must be token ids in [0, {vocab_size})",
+        )
+        _check(
+            all(
+                isinstance(t, int) and 0 <= t < vocab_size and -100.0 <= b <= 100.0
+                for t, b in (self.logit_bias or {}).items()
+            ),
+            "logit_bias",
+            f"logit_bias must map token ids in [0, {vocab_size}) to values in [-100, 100]",
         )
 
 

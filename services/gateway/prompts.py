@@ -69,6 +69,7 @@ def to_sampling_spec(request: ChatCompletionRequest | CompletionRequest) -> Samp
         min_tokens=request.min_tokens or 0,
         logprobs=request.num_logprobs,
         skip_special_tokens=_or(request.skip_special_tokens, True),
+        logit_bias={int(t): b for t, b in request.logit_bias.items()} if request.logit_bias else None,
     )
 
 
@@ -361,4 +362,9 @@ def check_stop_token_ids(request: ChatCompletionRequest | CompletionRequest, voc
     if bad is not None:
         raise InvalidRequestError(
             f"stop_token_ids: token id {bad} is out of the vocabulary [0, {vocab_size})", param="stop_token_ids"
+        )
+    bad_key = next((key for key in request.logit_bias or {} if int(key) >= vocab_size), None)
+    if bad_key is not None:
+        raise InvalidRequestError(
+            f"logit_bias: token id {bad_key} is out of the vocabulary [0, {vocab_size})", param="logit_bias"
         )

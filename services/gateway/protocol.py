@@ -4,7 +4,7 @@ Requests are parsed strictly, as OpenAI's API does: a string is never taken for 
 boolean, NaN and infinities are refused, and ranges match OpenAI's (temperature [0, 2], top_p (0, 1],
 penalties [-2, 2], top_logprobs [0, 20]). Fields OpenAI has and we do not act on are either
 accepted and ignored (`user`, `metadata`, `store`, ...: unknown fields are ignored) or refused when
-they would change the answer (`echo`, `suffix`, `logit_bias`, `tools`, non-text `response_format`,
+they would change the answer (`echo`, `suffix`, `tools`, non-text `response_format`,
 and the fields of other servers in REFUSED_FIELDS: vLLM's guided decoding, `prompt_logprobs`, ...).
 Checks that involve two fields or the deployment (`n` against max_n, `top_logprobs` without
 `logprobs`) live in `check()`, which raises InvalidRequestError naming the field; those against the
@@ -34,6 +34,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16  # the engine's limit (services.engine.sampling_params)
 MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids entries; far more than any real use, small on the wire
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI allows 300; far more than any use, small on the wire
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1  # static cap on counts and token ids (context lengths and vocabularies fit)
 
@@ -105,8 +106,10 @@ class _GenerationRequest(BaseModel):
     frequency_penalty: Penalty | None = None
     max_tokens: Count | None = None
     user: str | None = None  # accepted, ignored
-    # refused unless empty; bounded anyway so no value is ever too large to carry
-    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    # token id (a string of digits, as OpenAI's) -> bias; ids checked against the vocabulary before tokenizing
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS_ENTRIES
+    )
 
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # the sampler clamps it to the vocabulary
@@ -152,7 +155,11 @@ class _GenerationRequest(BaseModel):
             f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, not {len(stop)}",
         )
         _require(all(stop), "stop", "stop sequences must not be empty")
-        _require(not self.logit_bias, "logit_bias", "logit_bias is not supported")
+        _require(
+            all(key.isascii() and key.isdigit() and len(key) <= 10 for key in self.logit_bias or {}),
+            "logit_bias",
+            "logit_bias keys must be token ids (strings of digits)",
+        )
         max_tokens = self.effective_max_tokens()
         _require(
             max_tokens is None or (self.min_tokens or 0) <= max_tokens,

@@ -284,3 +284,15 @@ def test_a_resumed_request_streams_exactly_the_rest_of_the_text(engine, start):
         assert tokens[:cut] + rest_tokens == tokens
         assert "".join(deltas[:cut]) + "".join(rest_text) == full_text, cut
     assert_idle(engine)
+
+
+def test_logit_bias_is_honoured_and_checked(engine):
+    favourite = 123
+    params = SamplingParams(max_tokens=5, logit_bias={favourite: 100.0}, **GREEDY)
+    engine.add_request("biased", prompt(7), params)
+    finals = run_to_end(engine)
+    assert finals["biased"].outputs[0].token_ids == [favourite] * 5
+    with pytest.raises(InvalidRequestError) as refused:
+        engine.add_request("bad", prompt(7), SamplingParams(logit_bias={10**6: 1.0}))
+    assert refused.value.param == "logit_bias"
+    assert_idle(engine)

@@ -322,6 +322,7 @@ def test_sampling_fields_reach_the_backend(client, served):
         logprobs=True,
         top_logprobs=3,
         user="u1",
+        logit_bias={"50": 10, "7": -100},
         extra_body={
             "top_k": 5,
             "min_p": 0.1,
@@ -353,6 +354,7 @@ def test_sampling_fields_reach_the_backend(client, served):
         min_tokens=2,
         logprobs=3,
         skip_special_tokens=False,
+        logit_bias={50: 10.0, 7: -100.0},
     )
     assert salt == "tenant-a"
 

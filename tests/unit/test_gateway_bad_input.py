@@ -205,7 +205,9 @@ CASES = [
     Case("stop_too_many", {"stop": [f"s{i}" for i in range(17)]}, 400, BAD, "stop"),
     Case("stop_empty_string", {"stop": [""]}, 400, BAD, "stop"),
     Case("stop_not_string", {"stop": 5}, 400, BAD, "stop"),
-    Case("logit_bias", {"logit_bias": {"50": 10}}, 400, BAD, "logit_bias"),
+    Case("logit_bias_key_not_a_token_id", {"logit_bias": {"fifty": 10}}, 400, BAD, "logit_bias"),
+    Case("logit_bias_key_negative", {"logit_bias": {"-5": 10}}, 400, BAD, "logit_bias"),
+    Case("logit_bias_key_out_of_vocabulary", {"logit_bias": {"99999999": 10}}, 400, BAD, "logit_bias"),
     Case("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, BAD, "tools"),
     # other servers' fields that would change the answer: refused by name, never ignored
     Case("guided_json", {"guided_json": {"type": "object"}}, 400, BAD, "guided_json"),

@@ -216,3 +216,16 @@ def test_temperature_sharpens_the_distribution():
     token_ids = Sampler()(logits_from_probs([0.4, 0.6], num_draws), requests).token_ids
     # p ∝ [0.4^4, 0.6^4] = [0.165, 0.835]
     assert sum(token_ids) / num_draws == pytest.approx(0.835, abs=0.03)
+
+
+def test_logit_bias_moves_greedy_and_random_choices_but_not_the_reported_logprobs():
+    logits = torch.randn(2, VOCAB_SIZE, generator=torch.Generator().manual_seed(9))
+    favourite = int(logits[0].argmin())
+    forced = make_request(SamplingParams(temperature=0.0, logit_bias={favourite: 100.0}, logprobs=0))
+    banned_top = int(logits[1].argmax())
+    banned = make_request(SamplingParams(temperature=1.0, seed=4, logit_bias={banned_top: -100.0}))
+    out = Sampler()(logits, [forced, banned])
+    assert out.token_ids[0] == favourite
+    assert out.token_ids[1] != banned_top
+    raw = torch.log_softmax(logits[0], dim=-1)[favourite].item()
+    assert out.logprobs[0][favourite][0] == pytest.approx(raw, abs=1e-5)  # logprobs are of the raw logits
