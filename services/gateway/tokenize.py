@@ -19,6 +19,7 @@ instead of holding every tokenizer thread while chats wait.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -45,25 +46,18 @@ from services.gateway.serving import admission_refused, model_not_found, read_js
 from services.gateway.tokenizer_pool import TokenizerPool
 
 
+@dataclass(frozen=True)
 class TokenizationService:
     """Serves /tokenize and /detokenize with the tokenizer threads the generation routes use."""
 
-    def __init__(
-        self,
-        config: GatewayConfig,
-        backend: Backend,
-        admission: AdmissionController,
-        metrics: GatewayMetrics,
-        tokenizers: TokenizerPool,
-    ) -> None:
-        self._config = config
-        self._backend = backend
-        self._admission = admission
-        self._metrics = metrics
-        self._tokenizers = tokenizers
+    config: GatewayConfig
+    backend: Backend
+    admission: AdmissionController
+    metrics: GatewayMetrics
+    tokenizers: TokenizerPool
 
     async def tokenize(self, http_request: Request) -> Response:
-        request = await read_json(http_request, self._config, parse_tokenize_request)
+        request = await read_json(http_request, self.config, parse_tokenize_request)
         self._check_model(request.model)
         try:
             if isinstance(request, TokenizeChatRequest):
@@ -73,33 +67,33 @@ class TokenizationService:
             raise ApiError.invalid(exc) from exc
         ticket = self._admit(_text_bytes(request))
         try:
-            token_ids, token_strs = await self._tokenizers.run_with_tokenizer(tokenize_request, request)
+            token_ids, token_strs = await self.tokenizers.run_with_tokenizer(tokenize_request, request)
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
         finally:
             ticket.release()
         response = TokenizeResponse(
-            count=len(token_ids), max_model_len=self._backend.max_model_len, tokens=token_ids, token_strs=token_strs
+            count=len(token_ids), max_model_len=self.backend.max_model_len, tokens=token_ids, token_strs=token_strs
         )
         return _json(response)
 
     async def detokenize(self, http_request: Request) -> Response:
-        request = await read_json(http_request, self._config, DetokenizeRequest.model_validate_json)
+        request = await read_json(http_request, self.config, DetokenizeRequest.model_validate_json)
         self._check_model(request.model)
         try:
-            text = await self._tokenizers.run_with_tokenizer(detokenize_request, request, self._backend.vocab_size)
+            text = await self.tokenizers.run_with_tokenizer(detokenize_request, request, self.backend.vocab_size)
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
         return _json(DetokenizeResponse(prompt=text))
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self._config.served_model_name:
+        if model is not None and model != self.config.served_model_name:
             raise model_not_found(model)
 
     def _check_no_images(self, request: TokenizeChatRequest) -> None:
         """A vision-language model's image parts expand to rows known only once the image is loaded:
         not here yet. (A text model refuses them while rendering, as its chats do.)"""
-        if self._backend.processor is None:
+        if self.backend.processor is None:
             return
         for index, message in enumerate(request.messages):
             if isinstance(message.content, list) and any(part.type == "image_url" for part in message.content):
@@ -109,9 +103,9 @@ class TokenizationService:
 
     def _admit(self, num_text_bytes: int) -> AdmissionTicket:
         try:
-            return self._admission.admit(num_sequences=0, num_prompt_bytes=num_text_bytes)
+            return self.admission.admit(num_sequences=0, num_prompt_bytes=num_text_bytes)
         except AdmissionRejected as exc:
-            raise admission_refused(exc, self._metrics, self._config.retry_after_s) from exc
+            raise admission_refused(exc, self.metrics, self.config.retry_after_s) from exc
 
 
 # ----------------------------------------------------------------------------------------------
