@@ -126,7 +126,7 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
         config.max_queued_sequences,
         config.max_queued_prompt_bytes,
     )
-    metrics = GatewayMetrics(config.served_model_name, admission)
+    metrics = GatewayMetrics(config.served_model_name, admission, backend.max_model_len)
     connections = ConnectionCap(config.max_connections, on_refused=lambda: metrics.count_rejection("connections"))
     metrics.track_connections(connections)
     tokenizers = TokenizerPool(backend.tokenizer, backend.processor, config.tokenizer_threads)

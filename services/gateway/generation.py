@@ -40,6 +40,15 @@ class BackendStreamEnded(Exception):
     """The backend's iterator stopped before a delta with `finished`."""
 
 
+@dataclass
+class _Tally:
+    """One engine request's tokens and times, for its metrics when it ends."""
+
+    first_token_s: float
+    last_token_s: float
+    tokens_by_completion: dict[int, int]
+
+
 @dataclass(frozen=True)
 class Arrival:
     request_id: str
@@ -77,6 +86,7 @@ class Generation:
         self._held: tuple[int, RequestDelta | BaseException] | None = None  # taken while merging, not merged
         self._pumps: list[asyncio.Task] = []
         self._last_token_s: float | None = None
+        self._tallies: dict[str, _Tally] = {}
         self._closed = False
 
     @property
@@ -88,6 +98,8 @@ class Generation:
         return not self._unfinished
 
     def start(self) -> None:
+        for prompt in self._prompts:
+            self._metrics.observe_params(self._sampling.n, self._sampling.max_tokens, len(prompt))
         for prompt_index, request_id in enumerate(self.engine_request_ids):
             self._pumps.append(asyncio.create_task(self._pump(prompt_index, request_id)))
 
@@ -128,6 +140,7 @@ class Generation:
             item = merge_deltas(item, waiting)
         if item.finished:
             self._unfinished.discard(self.engine_request_ids[prompt_index])
+            self._observe_request(item.request_id, len(self._prompts[prompt_index]))
         return prompt_index * self._sampling.n, item
 
     def _observe(self, delta: RequestDelta) -> None:
@@ -145,6 +158,20 @@ class Generation:
         for completion in delta.completions:
             if completion.finish_reason is not None:
                 self._metrics.count_success(completion.finish_reason)
+        tally = self._tallies.setdefault(delta.request_id, _Tally(now, now, {}))
+        if num_tokens:
+            tally.last_token_s = now
+        for completion in delta.completions:
+            counts = tally.tokens_by_completion
+            counts[completion.index] = counts.get(completion.index, 0) + len(completion.token_ids)
+
+    def _observe_request(self, request_id: str, num_prompt_tokens: int) -> None:
+        tally = self._tallies.pop(request_id, None)
+        if tally is None:
+            return
+        longest = max(tally.tokens_by_completion.values(), default=0)
+        tpot_s = (tally.last_token_s - tally.first_token_s) / (longest - 1) if longest > 1 else None
+        self._metrics.observe_request(num_prompt_tokens, sum(tally.tokens_by_completion.values()), tpot_s)
 
     async def close(self) -> None:
         """Release everything this request holds. Idempotent; safe to call while being cancelled."""

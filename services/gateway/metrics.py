@@ -97,6 +97,23 @@ ITL_BUCKETS_S = (
     5.0,
     10.0,
 )
+# a request's mean time per output token (vllm:request_time_per_output_token_seconds), vLLM's buckets
+REQUEST_TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def one_two_five_buckets(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for token counts)."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > limit:
+                return tuple(buckets)
+            buckets.append(step * scale)
+        scale *= 10
+
+
 E2E_BUCKETS_S = (
     0.1,
     0.25,
@@ -272,9 +289,35 @@ class _WorkerCollector(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, model_name: str, admission: AdmissionController) -> None:
+    def __init__(self, model_name: str, admission: AdmissionController, max_model_len: int) -> None:
         self.registry = CollectorRegistry()
+        self.max_model_len = max_model_len
         labels = ("model_name",)
+        token_buckets = one_two_five_buckets(max_model_len)
+
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        # per engine request (a prompt and its n completions), as vLLM's V1 front end observes them
+        self._request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "A request's prompt tokens.", token_buckets
+        )
+        self._request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "A request's generated tokens.", token_buckets
+        )
+        self._request_tpot = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "A request's mean time per output token after the first.",
+            REQUEST_TPOT_BUCKETS_S,
+        )
+        self._params_n = histogram("vllm:request_params_n", "A request's n.", PARAMS_N_BUCKETS)
+        self._params_max_tokens = histogram(
+            "vllm:request_params_max_tokens", "A request's max_tokens (the context left when unset).", token_buckets
+        )
+        # the same observations as vllm:inter_token_latency_seconds under the name vLLM's stock dashboard plots
+        self._legacy_tpot = histogram(
+            "vllm:time_per_output_token_seconds", "Time between two steps of a request (legacy name).", ITL_BUCKETS_S
+        )
         self._ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time to first token.",
@@ -357,6 +400,19 @@ class GatewayMetrics:
 
     def observe_inter_token(self, latency_s: float) -> None:
         self._itl.observe(latency_s)
+        self._legacy_tpot.observe(latency_s)
+
+    def observe_params(self, n: int, max_tokens: int | None, num_prompt_tokens: int) -> None:
+        self._params_n.observe(n)
+        left = self.max_model_len - num_prompt_tokens  # what an unset max_tokens allows
+        self._params_max_tokens.observe(max_tokens if max_tokens is not None else left)
+
+    def observe_request(self, num_prompt_tokens: int, num_generation_tokens: int, tpot_s: float | None) -> None:
+        """One engine request ended: its prompt, its completions' tokens, its mean time per output token."""
+        self._request_prompt_tokens.observe(num_prompt_tokens)
+        self._request_generation_tokens.observe(num_generation_tokens)
+        if tpot_s is not None:
+            self._request_tpot.observe(tpot_s)
 
     def observe_finished(self, e2e_s: float) -> None:
         self._e2e.observe(e2e_s)

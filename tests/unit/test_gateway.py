@@ -766,6 +766,28 @@ def test_metrics(served, client, http):
     assert 'tristage:gateway_requests_in_flight{model_name="fake-model"} 0.0' in text
 
 
+def test_per_request_histograms(served, client, http):
+    """vLLM V1's per-request histograms: one observation per engine request, n and max_tokens as asked."""
+    before = http.get("/metrics").text
+    client.completions.create(model=MODEL, prompt=["one two", "three"], max_tokens=4, n=2)
+    text = http.get("/metrics").text
+
+    def count(name: str, page: str) -> float:
+        line = next((row for row in page.splitlines() if row.startswith(f"{name}_count")), None)
+        return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+    for name, added in (
+        ("vllm:request_prompt_tokens", 2),  # two prompts: two engine requests
+        ("vllm:request_generation_tokens", 2),
+        ("vllm:request_time_per_output_token_seconds", 2),  # 4 tokens each: a mean after the first
+        ("vllm:request_params_n", 2),
+        ("vllm:request_params_max_tokens", 2),
+    ):
+        assert count(name, text) - count(name, before) == added, name
+    assert 'vllm:request_params_n_bucket{le="2.0",model_name="fake-model"}' in text
+    assert "vllm:time_per_output_token_seconds_bucket" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # Hardening: bounds, cheap length check, Content-Type, body timeout, protected metrics and docs
 

@@ -71,7 +71,7 @@ def generation(backend, prompts) -> Generation:
         SamplingSpec(max_tokens=4),
         None,
         admission.admit(len(prompts)),
-        GatewayMetrics("m", admission),
+        GatewayMetrics("m", admission, max_model_len=256),
         abort_timeout_s=1.0,
     )
 
