@@ -115,6 +115,10 @@ class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     num_preemptions: int  # total
     prefix_cache_queried_tokens: int  # total prompt tokens looked up in the prefix cache
     prefix_cache_hit_tokens: int  # total of those found there
+    # finished requests' phases in this engine (vllm:request_<phase>_time_seconds): "queue" (arrival to
+    # first step), "prefill" (first step to first token), "decode" (first token to the end),
+    # "inference" (first step to the end)
+    phase_seconds: dict[str, SecondsHistogramSnapshot] = msgspec.field(default_factory=dict)
 
     @property
     def device_kv(self) -> KVTierStats:

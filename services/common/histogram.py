@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.control import SecondsHistogramSnapshot
@@ -35,3 +36,16 @@ class SecondsHistogram:
     def snapshot(self) -> SecondsHistogramSnapshot:
         """The buckets and sum as the control plane carries them (services.common.control)."""
         return SecondsHistogramSnapshot(buckets=self.cumulative(), sum_s=self.sum_s)
+
+
+def prometheus_buckets(buckets: Sequence[tuple[float, int]]) -> list[tuple[str, int]]:
+    """Cumulative (upper bound, count) pairs as a Prometheus histogram family takes them ("+Inf" last)."""
+    return [("+Inf" if bound == float("inf") else str(bound), count) for bound, count in buckets]
+
+
+PHASE_METRICS = {  # SchedulerStats.phase_seconds -> (vLLM's metric, its help)
+    "queue": ("vllm:request_queue_time_seconds", "Arrival at the engine to its first step."),
+    "prefill": ("vllm:request_prefill_time_seconds", "First step to the first token."),
+    "decode": ("vllm:request_decode_time_seconds", "First token to the end."),
+    "inference": ("vllm:request_inference_time_seconds", "First step to the end."),
+}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +41,7 @@ from transformers import AutoTokenizer
 
 from services.common.control import KVTierStats, SchedulerStats
 from services.common.errors import InvalidRequestError
+from services.common.histogram import SecondsHistogram
 from services.engine.config import EngineConfig
 from services.engine.default_model import default_model_path
 from services.engine.detokenizer import IncrementalDetokenizer, decode_tokens
@@ -55,6 +57,12 @@ from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+PHASES = ("queue", "prefill", "decode", "inference")  # SchedulerStats.phase_seconds
+# vLLM's buckets for request latencies (seconds)
+REQUEST_LATENCY_BUCKETS_S = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0
+)  # fmt: skip
 
 # text, token ids, or {"prompt_token_ids": [...], "prompt": optional text}
 Prompt = str | Sequence[int] | dict[str, Any]
@@ -112,6 +120,7 @@ class LLMEngine:
         self._children: dict[str, _Child] = {}
         self._parents: dict[str, _Parent] = {}
         self._in_flight: PendingSample | None = None  # the step launched and not yet collected
+        self.phase_seconds = {phase: SecondsHistogram(REQUEST_LATENCY_BUCKETS_S) for phase in PHASES}
 
     # ------------------------------------------------------------------ requests in
 
@@ -295,8 +304,11 @@ class LLMEngine:
         if batch.empty:
             return
         logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids, in_flight)
+        now = time.monotonic()
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
+            if request.scheduled_s is None:
+                request.scheduled_s = now
         if sampled:
             self._in_flight = self.sampler.sample(logits, sampled)
             for request in sampled:
@@ -334,6 +346,8 @@ class LLMEngine:
         request.output_token_ids.append(token_id)
         child.delta_token_ids.append(token_id)
         child.undecoded_token_ids.append(token_id)
+        if request.first_token_s is None:
+            request.first_token_s = time.monotonic()
         if logprobs is not None:
             request.output_logprobs.append(logprobs)
             child.undecoded_logprobs.append(logprobs)
@@ -341,8 +355,19 @@ class LLMEngine:
         status = self._check_stop(request, token_id, stop_string)
         if status is not None:
             self.scheduler.finish(request, status)
+            self._observe_phases(request)
             if status is not RequestStatus.FINISHED_HANDOFF:  # held-back text goes on with the decode worker
                 self._detokenize(child)
+
+    def _observe_phases(self, request: Request) -> None:
+        """A request ended here (not aborted): how long it waited, prefilled, decoded and ran."""
+        end, scheduled, first = time.monotonic(), request.scheduled_s, request.first_token_s
+        if scheduled is None or first is None:
+            return
+        self.phase_seconds["queue"].observe(scheduled - request.arrival_time_s)
+        self.phase_seconds["prefill"].observe(first - scheduled)
+        self.phase_seconds["decode"].observe(end - first)
+        self.phase_seconds["inference"].observe(end - scheduled)
 
     def _detokenize(self, child: _Child) -> str | None:
         """Decode the child's new tokens (and its logprob entries' tokens); the stop string matched, if any.
@@ -525,6 +550,7 @@ class LLMEngine:
             num_preemptions=scheduler.num_preemptions_total,
             prefix_cache_queried_tokens=kv_cache.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=kv_cache.prefix_cache_hit_tokens,
+            phase_seconds={phase: histogram.snapshot() for phase, histogram in self.phase_seconds.items()},
         )
 
     def num_free_blocks(self) -> int:

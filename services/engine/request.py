@@ -72,6 +72,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    scheduled_s: float | None = None  # time.monotonic() when a step first took it
+    first_token_s: float | None = None  # ... when its first token here was collected
     # block hashes of this request's full blocks, extended as blocks fill (see kv_cache.manager)
     block_hashes: list[int] = field(default_factory=list)
     # keep KV blocks after finishing, until the engine is told to release them (KV export)

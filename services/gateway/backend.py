@@ -42,6 +42,8 @@ class WorkerSnapshot:
     num_preemptions: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
+    # finished requests' phases (SchedulerStats.phase_seconds): (phase, cumulative buckets, sum s)
+    phase_seconds: tuple[tuple[str, tuple[tuple[float, int], ...], float], ...] = ()
     # KV transfer (disaggregated workers; zero elsewhere)
     kv_transfer_bytes: int = 0  # sent by a prefill worker
     kv_transfer_failures: int = 0

@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.common.histogram import PHASE_METRICS, prometheus_buckets
 from services.gateway.admission import AdmissionController
 from services.gateway.backend import ClusterStats, WorkerSnapshot
 from services.gateway.http_server import ConnectionCap
@@ -208,8 +209,14 @@ class _WorkerCollector(Collector):
                 "tristage:embedding_transfer_bytes", "Embedding bytes sent to prefill workers.", labels=_WORKER_LABELS
             ),
         }
+        phases = {
+            phase: HistogramMetricFamily(name, documentation, labels=_WORKER_LABELS)
+            for phase, (name, documentation) in PHASE_METRICS.items()
+        }
         for worker in self.snapshot:
             labels = [self._model_name, worker.stage, worker.worker]
+            for phase, buckets, sum_s in worker.phase_seconds:
+                phases[phase].add_metric(labels, prometheus_buckets(buckets), sum_s)
             gauges["running"].add_metric(labels, worker.num_running)
             gauges["waiting"].add_metric(labels, worker.num_waiting)
             gauges["kv"].add_metric(labels, worker.kv_cache_usage)
@@ -222,16 +229,19 @@ class _WorkerCollector(Collector):
             for end, path, num_bytes in worker.kv_transfer_bytes_by_path:
                 transfer_path_bytes.add_metric([*labels, end, path], num_bytes)
             if worker.kv_transfer_seconds_buckets:
-                buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.kv_transfer_seconds_buckets]
-                transfer_seconds.add_metric(labels, buckets, worker.kv_transfer_seconds_sum)
+                transfer_seconds.add_metric(
+                    labels, prometheus_buckets(worker.kv_transfer_seconds_buckets), worker.kv_transfer_seconds_sum
+                )
             if worker.stage == "encode":
-                buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in worker.encode_seconds_buckets]
-                encode_latency.add_metric(labels, buckets, worker.encode_seconds_sum)
+                encode_latency.add_metric(
+                    labels, prometheus_buckets(worker.encode_seconds_buckets), worker.encode_seconds_sum
+                )
                 encode["queries"].add_metric(labels, worker.embedding_cache_queries)
                 encode["hits"].add_metric(labels, worker.embedding_cache_hits)
                 encode["bytes"].add_metric(labels, worker.embedding_bytes_sent)
         yield from gauges.values()
         yield from counters.values()
+        yield from phases.values()
         yield transfer_seconds
         yield transfer_path_bytes
         yield encode_latency

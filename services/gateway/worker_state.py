@@ -148,6 +148,11 @@ def worker_snapshot(stats: WorkerStats) -> WorkerSnapshot:
         num_preemptions=scheduler.num_preemptions if scheduler else 0,
         prefix_cache_queried_tokens=scheduler.prefix_cache_queried_tokens if scheduler else 0,
         prefix_cache_hit_tokens=scheduler.prefix_cache_hit_tokens if scheduler else 0,
+        phase_seconds=tuple(
+            (phase, tuple(snapshot.buckets), snapshot.sum_s) for phase, snapshot in scheduler.phase_seconds.items()
+        )
+        if scheduler
+        else (),
     )
     if transfer is not None:
         snapshot = replace(

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from services.common.control import SchedulerStats, TransferCounters, WorkerStats
+from services.common.histogram import PHASE_METRICS, prometheus_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ def _scheduler_families(scheduler: SchedulerStats, values: list[str]) -> Iterato
         "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", values, scheduler.prefix_cache_hit_tokens
     )
     yield _counter("vllm:num_preemptions", "Requests preempted by the worker.", values, scheduler.num_preemptions)
+    for phase, snapshot in scheduler.phase_seconds.items():
+        name, documentation = PHASE_METRICS[phase]
+        family = HistogramMetricFamily(name, documentation, labels=LABELS)
+        family.add_metric(values, prometheus_buckets(snapshot.buckets), snapshot.sum_s)
+        yield family
 
 
 def _transfer_families(transfer: TransferCounters, values: list[str]) -> Iterator[Metric]:
@@ -71,8 +77,7 @@ def _transfer_families(transfer: TransferCounters, values: list[str]) -> Iterato
         "tristage:kv_transfer_fallbacks", "Requests recomputed instead of imported.", values, transfer.num_fallbacks
     )
     seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.", labels=LABELS)
-    buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in transfer.seconds.buckets]
-    seconds.add_metric(values, buckets, transfer.seconds.sum_s)
+    seconds.add_metric(values, prometheus_buckets(transfer.seconds.buckets), transfer.seconds.sum_s)
     yield seconds
 
 

@@ -296,3 +296,16 @@ def test_logit_bias_is_honoured_and_checked(engine):
         engine.add_request("bad", prompt(7), SamplingParams(logit_bias={10**6: 1.0}))
     assert refused.value.param == "logit_bias"
     assert_idle(engine)
+
+
+def test_finished_requests_phases_are_counted_and_aborted_ones_are_not(llama_dir):
+    engine = LLMEngine(model=llama_dir, block_size=8, num_kv_blocks=64, max_num_batched_tokens=32)
+    engine.add_request("done", prompt(20), SamplingParams(max_tokens=4, **GREEDY))
+    engine.add_request("gone", prompt(9, 300), SamplingParams(max_tokens=50, **GREEDY))
+    engine.step()
+    engine.abort_request("gone")
+    run_to_end(engine)
+    phases = engine.scheduler_stats().phase_seconds
+    assert sorted(phases) == ["decode", "inference", "prefill", "queue"]
+    assert all(phases[p].count == 1 for p in phases)  # "done" alone
+    assert phases["inference"].sum_s >= phases["decode"].sum_s >= 0

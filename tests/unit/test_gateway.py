@@ -141,6 +141,7 @@ class FakeBackend:
                 num_preemptions=4,
                 prefix_cache_queried_tokens=100,
                 prefix_cache_hit_tokens=40,
+                phase_seconds=(("queue", ((0.3, 2), (float("inf"), 3)), 1.5),),
             )
         ]
 
@@ -761,6 +762,8 @@ def test_metrics(served, client, http):
     labels = 'model_name="fake-model",stage="decode",worker="decode-0"'
     assert f"vllm:prefix_cache_hits_total{{{labels}}} 40.0" in text
     assert f"vllm:kv_cache_usage_perc{{{labels}}} 0.25" in text
+    assert f'vllm:request_queue_time_seconds_bucket{{le="0.3",{labels}}} 2.0' in text
+    assert f"vllm:request_queue_time_seconds_count{{{labels}}} 3.0" in text
     assert 'tristage:request_migrations_total{model_name="fake-model"} 1.0' in text
     assert 'tristage:router_decisions_total{model_name="fake-model",policy="preble",reason="explore"} 2.0' in text
     assert 'tristage:gateway_requests_in_flight{model_name="fake-model"} 0.0' in text
