@@ -90,6 +90,10 @@ HISTOGRAMS = (
     "vllm:e2e_request_latency_seconds",
     "tristage:kv_transfer_seconds",
     "tristage:encode_latency_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
+    "vllm:request_inference_time_seconds",
 )
 METRICS = COUNTERS + GAUGES + HISTOGRAMS
 
@@ -278,6 +282,16 @@ def prefill() -> list[TimeSeries]:
             valueMin=0,
             valueMax=1,
         ),
+        panel(
+            "Queue and prefill time",
+            "Per request on the prefill (or colocated) workers: arrival to first step, and first step to "
+            "first token, p50 and p99 by stage.",
+            "s",
+            target(quantile(0.5, "vllm:request_queue_time_seconds", workers, "le, stage"), "queue p50 {{stage}}"),
+            target(quantile(0.99, "vllm:request_queue_time_seconds", workers, "le, stage"), "queue p99 {{stage}}"),
+            target(quantile(0.5, "vllm:request_prefill_time_seconds", workers, "le, stage"), "prefill p50 {{stage}}"),
+            target(quantile(0.99, "vllm:request_prefill_time_seconds", workers, "le, stage"), "prefill p99 {{stage}}"),
+        ),
     ]
 
 
@@ -316,6 +330,20 @@ def decode() -> list[TimeSeries]:
             "Tokens generated per second.",
             "short",
             target(f"sum({rate('vllm:generation_tokens_total')})", "tokens"),
+        ),
+        panel(
+            "Decode and inference time",
+            "Per request on the decode (or colocated) workers: first token to the end, and first step to "
+            "the end, p50 and p99 by stage.",
+            "s",
+            target(quantile(0.5, "vllm:request_decode_time_seconds", workers, "le, stage"), "decode p50 {{stage}}"),
+            target(quantile(0.99, "vllm:request_decode_time_seconds", workers, "le, stage"), "decode p99 {{stage}}"),
+            target(
+                quantile(0.5, "vllm:request_inference_time_seconds", workers, "le, stage"), "inference p50 {{stage}}"
+            ),
+            target(
+                quantile(0.99, "vllm:request_inference_time_seconds", workers, "le, stage"), "inference p99 {{stage}}"
+            ),
         ),
     ]
 

@@ -52,6 +52,10 @@ REQUIRED_METRICS = {
     "tristage:embedding_cache_queries_total",
     "tristage:embedding_transfer_bytes_total",
     "tristage:admission_rejections_total",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
+    "vllm:request_inference_time_seconds",
 }
 
 
