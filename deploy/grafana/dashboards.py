@@ -157,6 +157,17 @@ def p50_p99(histogram: str, matchers: str = MODEL) -> list[Target]:
     return [target(quantile(0.5, histogram, matchers), "p50"), target(quantile(0.99, histogram, matchers), "p99")]
 
 
+def phase_p50_p99(phases: tuple[str, ...], matchers: str) -> list[Target]:
+    """p50 and p99 of each request phase histogram (vllm:request_<phase>_time_seconds), by stage."""
+    return [
+        target(
+            quantile(q, f"vllm:request_{phase}_time_seconds", matchers, "le, stage"), f"{phase} {name} {{{{stage}}}}"
+        )
+        for phase in phases
+        for q, name in ((0.5, "p50"), (0.99, "p99"))
+    ]
+
+
 def overview() -> list[TimeSeries]:
     return [
         panel(
@@ -287,10 +298,7 @@ def prefill() -> list[TimeSeries]:
             "Per request on the prefill (or colocated) workers: arrival to first step, and first step to "
             "first token, p50 and p99 by stage.",
             "s",
-            target(quantile(0.5, "vllm:request_queue_time_seconds", workers, "le, stage"), "queue p50 {{stage}}"),
-            target(quantile(0.99, "vllm:request_queue_time_seconds", workers, "le, stage"), "queue p99 {{stage}}"),
-            target(quantile(0.5, "vllm:request_prefill_time_seconds", workers, "le, stage"), "prefill p50 {{stage}}"),
-            target(quantile(0.99, "vllm:request_prefill_time_seconds", workers, "le, stage"), "prefill p99 {{stage}}"),
+            *phase_p50_p99(("queue", "prefill"), workers),
         ),
     ]
 
@@ -336,14 +344,7 @@ def decode() -> list[TimeSeries]:
             "Per request on the decode (or colocated) workers: first token to the end, and first step to "
             "the end, p50 and p99 by stage.",
             "s",
-            target(quantile(0.5, "vllm:request_decode_time_seconds", workers, "le, stage"), "decode p50 {{stage}}"),
-            target(quantile(0.99, "vllm:request_decode_time_seconds", workers, "le, stage"), "decode p99 {{stage}}"),
-            target(
-                quantile(0.5, "vllm:request_inference_time_seconds", workers, "le, stage"), "inference p50 {{stage}}"
-            ),
-            target(
-                quantile(0.99, "vllm:request_inference_time_seconds", workers, "le, stage"), "inference p99 {{stage}}"
-            ),
+            *phase_p50_p99(("decode", "inference"), workers),
         ),
     ]
 
