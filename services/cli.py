@@ -24,6 +24,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--max-prefill-tokens-beside-decodes",
+        type=int,
+        default=None,
+        help="prefill tokens of a step that also decodes, at most (default: the step's whole budget)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -60,6 +66,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,

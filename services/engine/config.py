@@ -31,6 +31,10 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill cuts prompts to it)
     max_num_seqs: int = 256  # running requests at most
+    # Prefill tokens of a step that also decodes, at most (None: the step's whole budget). A prefill
+    # chunk lengthens every running request's inter-token gap by its own time; this bounds that gap
+    # (Sarathi-Serve's stall-free batching) at the cost of a slower first token under bursts.
+    max_prefill_tokens_beside_decodes: int | None = None
     max_model_len: int | None = None  # context length; default: the model's, capped by the KV pool
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.90  # share of GPU memory for weights + activations + KV cache
@@ -85,6 +89,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_prefill_tokens_beside_decodes is not None and self.max_prefill_tokens_beside_decodes < 1:
+            raise ValueError("max_prefill_tokens_beside_decodes must be positive")
         if self.async_scheduling and not self.overlap_outputs:
             raise ValueError("async_scheduling needs overlap_outputs")
         if self.mixed_cuda_graph_max_tokens < 0:

@@ -112,7 +112,12 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(
+            self.kv_cache,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            max_prefill_tokens_beside_decodes=config.max_prefill_tokens_beside_decodes,
+        )
         self.sampler = Sampler()
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model.spec.vocab_size

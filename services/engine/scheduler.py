@@ -5,6 +5,9 @@ Each step spends a token budget (`max_num_batched_tokens`):
      tokens (one for a decode, the rest of the prompt for a prefill, cut to the budget);
   2. waiting requests in arrival order (preempted ones first), while the budget lasts and fewer
      than `max_num_seqs` run; a new request first adopts its cached prefix blocks.
+In a step that decodes, prefill chunks (of running and waiting requests alike) share at most
+`max_prefill_tokens_beside_decodes` of the budget, so that one long prompt stretches every running
+request's inter-token gap by a bounded amount (Sarathi-Serve, OSDI 2024, "stall-free batching").
 
 When the KV pool cannot supply a running request's blocks, the latest-arrived request not yet
 scheduled this step is preempted: its blocks are freed, its computed count reset to zero, and
@@ -40,9 +43,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_prefill_tokens_beside_decodes: int | None = None,
+    ) -> None:
         self.kv_cache = kv_cache
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_beside_decodes = max_prefill_tokens_beside_decodes
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # arrival order
@@ -81,16 +91,30 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        budget, capped = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not capped:
+            budget = self._prefill_budget(batch, budget)
         self._schedule_waiting(batch, budget)
         return batch
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _prefill_budget(self, batch: ScheduledBatch, budget: int) -> int:
+        """What is left of `budget` for prefill chunks, given the decodes `batch` holds so far."""
+        if self.max_prefill_tokens_beside_decodes is None or batch.empty:
+            return budget
+        return min(budget, self.max_prefill_tokens_beside_decodes)
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
+        """Schedule running requests; returns the budget left and whether the prefill cap is applied."""
         order = sorted(self.running, key=lambda r: r.num_computed_tokens < r.num_prompt_tokens)  # decodes first
         # a request its step in flight will end (asynchronous scheduling) gets no more work
         pending = [r for r in order if not r.certain_to_finish]
+        capped = False
         while pending and budget > 0:
             request = pending.pop(0)
+            if not capped and request.num_computed_tokens < request.num_prompt_tokens:  # the first prefill
+                budget, capped = self._prefill_budget(batch, budget), True
+                if budget <= 0:
+                    break
             num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate_slots(request, num_new):
                 if not pending:  # only itself left to preempt: wait for others to finish
@@ -102,7 +126,7 @@ class Scheduler:
             if num_new:
                 batch.add(request, num_new)
                 budget -= num_new
-        return budget
+        return budget, capped
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         preempted_now = set(id(r) for r in batch.preempted)

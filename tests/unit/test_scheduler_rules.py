@@ -225,3 +225,27 @@ def test_a_waiting_request_never_preempts_a_running_one():
     assert ids(batch.requests) == ["w"]
     assert batch.num_new_tokens == [8]
     assert sched.kv_cache.block_ids("w") == [9, 8]
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) a step that decodes gives prefill chunks at most max_prefill_tokens_beside_decodes
+
+
+def test_prefill_beside_decodes_is_capped_and_a_prefill_alone_takes_the_whole_budget():
+    kv = KVCacheManager(num_blocks=NUM_BLOCKS, block_size=BLOCK, enable_prefix_caching=True)
+    sched = Scheduler(kv, max_num_batched_tokens=12, max_num_seqs=8, max_prefill_tokens_beside_decodes=3)
+    p = make_request("p", 16, arrival_time_s=1.0)
+    sched.add(p)
+    alone = sched.schedule()
+    assert alone.num_new_tokens == [12]  # no decodes: the cap does not apply
+    step(alone)
+    d = make_request("d", 4, arrival_time_s=2.0)
+    import_decoding(sched, d)
+    w = make_request("w", 4, arrival_time_s=3.0)
+    sched.add(w)
+    mixed = sched.schedule()
+    # the decode first; then the running prefill's chunk and the waiting one share the cap of 3
+    assert (ids(mixed.requests), mixed.num_new_tokens) == (["d", "p"], [1, 3])
+    step(mixed)
+    last = sched.schedule()
+    assert (ids(last.requests), last.num_new_tokens) == (["d", "p", "w"], [1, 1, 2])
