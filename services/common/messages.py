@@ -28,6 +28,19 @@ import msgspec
 PROTOCOL_VERSION = 2  # 2: KVTransfer carries the GenerateRequest it resumes
 
 
+class StructuredSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A constraint on a request's output, compiled by the engine (services.engine.structured).
+
+    kind: "json" (value: a JSON schema, as JSON text), "json_object" (any JSON object; value unused),
+    "regex" (value: a regular expression the whole output matches), "choice" (value: a JSON list of
+    strings, one of which is the whole output) or "grammar" (value: a Lark grammar, llguidance's
+    dialect). The gateway checks that it compiles before the request reaches any worker.
+    """
+
+    kind: str
+    value: str = ""
+
+
 class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The wire form of services.engine.SamplingParams (same fields, same defaults)."""
 
@@ -49,6 +62,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured: StructuredSpec | None = None
 
 
 class KVTarget(msgspec.Struct, frozen=True, kw_only=True):

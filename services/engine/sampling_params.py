@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidRequestError
+from services.common.messages import StructuredSpec
 
 MAX_LOGPROBS = 20
 
@@ -33,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs besides the sampled token (0..20)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured: StructuredSpec | None = None  # a grammar the output must follow (services.engine.structured)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
