@@ -220,3 +220,73 @@ def write_llava_dir(config: dict = LLAVA_15_7B, path: str | None = None) -> str:
     )
     fast.save_pretrained(out)
     return str(out)
+
+
+def write_byte_level_tokenizer(model_dir: str, vocab_size: int, eos_token_id: int) -> None:
+    """Replace a model directory's tokenizer with a byte-level BPE vocabulary of `vocab_size` tokens shaped
+    like a real one's: the 256 bytes, JSON punctuation runs, numbers, and words with and without a leading
+    space. Grammar masks (structured outputs) cost what the vocabulary's tokens make them cost, so
+    benchmarking them needs tokens like a real model's, not the word-level tokenizer above, which has no
+    punctuation at all. There are no merges: prompts are sent as token ids, and outputs only decode."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+
+    def add(text: str) -> None:
+        token = "".join(byte_chars[b] for b in text.encode())
+        if token not in vocab and len(vocab) < vocab_size - 3:
+            vocab[token] = len(vocab)
+
+    for b in range(256):
+        vocab.setdefault(byte_chars[b], len(vocab))
+    punctuation = [
+        '{"',
+        '":',
+        '":"',
+        '","',
+        '",',
+        '"}',
+        '"},',
+        "},{",
+        "}]",
+        "[{",
+        '": [',
+        '": {',
+        ", ",
+        ": ",
+        "\n",
+        "  ",
+    ]
+    for text in punctuation + [str(n) for n in range(1000)] + [f" {n}" for n in range(1000)]:
+        add(text)
+    index = 0
+    while len(vocab) < vocab_size - 3:
+        word = _word(index).lstrip("a") or "a"  # 1 to 4 letters
+        add(word)
+        add(" " + word)
+        add(word.capitalize())
+        index += 1
+    specials = ["<s>", "</s>", "<pad>"]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.add_special_tokens(specials)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert fast.convert_tokens_to_ids("</s>") == eos_token_id, "the eos id must be the config's"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (Path(model_dir) / name).unlink(missing_ok=True)
+    fast.save_pretrained(model_dir)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest map to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping

@@ -91,6 +91,27 @@ class SecondsHistogramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
         return self.buckets[-1][1] if self.buckets else 0
 
 
+class TokensHistogramSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A token-count histogram read out the Prometheus way (services.common.histogram.TokensHistogram)."""
+
+    buckets: list[tuple[float, int]]  # (upper bound in tokens, observations at or below it), ending at +inf
+    sum_tokens: int
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1] if self.buckets else 0
+
+
+class CacheConfigInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An engine's KV cache configuration, fixed for the life of its process (vllm:cache_config_info)."""
+
+    block_size: int  # tokens per KV block
+    num_gpu_blocks: int  # usable blocks of the device tier (the padding block excluded)
+    enable_prefix_caching: bool
+    cache_dtype: str  # the KV cache's element type: the engine's resolved dtype ("bfloat16", ...)
+    gpu_memory_utilization: float  # the configured share of device memory for weights, activations and KV
+
+
 class KVTierStats(msgspec.Struct, frozen=True, kw_only=True):
     """One tier of a worker's KV cache, in blocks of `EngineFacts.block_size` tokens."""
 
@@ -119,6 +140,9 @@ class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     # first step), "prefill" (first step to first token), "decode" (first token to the end),
     # "inference" (first step to the end)
     phase_seconds: dict[str, SecondsHistogramSnapshot] = msgspec.field(default_factory=dict)
+    # tokens scheduled per engine step, prompt chunks and decodes (vllm:iteration_tokens_total)
+    iteration_tokens: TokensHistogramSnapshot | None = None
+    cache_config: CacheConfigInfo | None = None
 
     @property
     def device_kv(self) -> KVTierStats:

@@ -60,6 +60,7 @@ class SamplingSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int | None = 16
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     structured: StructuredSpec | None = None
@@ -218,6 +219,18 @@ class PositionLogprobs(msgspec.Struct, array_like=True):
     top: list[TokenLogprob]
 
 
+class RankedLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    token: str
+    logprob: float
+    rank: int  # 1-based, in the model's whole distribution
+
+
+# A prompt position's logprobs: the prompt token's first, then the top-k alternatives by rank (the
+# prompt token appears once, where it first comes); None for the first position (nothing before it).
+PromptPositionLogprobs = list[RankedLogprob] | None
+
+
 class CompletionDelta(msgspec.Struct, kw_only=True):
     """What one of a request's n completions gained in one step."""
 
@@ -238,6 +251,9 @@ class RequestDelta(msgspec.Struct, tag="delta", tag_field="kind", kw_only=True):
     finished: bool
     num_prompt_tokens: int
     num_cached_tokens: int = 0
+    # one entry per prompt token, when asked (SamplingSpec.prompt_logprobs): on the request's first delta
+    # with tokens only, from whichever worker computed the prompt
+    prompt_logprobs: list[PromptPositionLogprobs] | None = None
     version: int = PROTOCOL_VERSION
 
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from services.common.control import KVTierStats, SchedulerStats
+from services.common.control import CacheConfigInfo, KVTierStats, SchedulerStats
 from services.common.errors import InvalidRequestError
-from services.common.histogram import SecondsHistogram
+from services.common.histogram import SecondsHistogram, TokensHistogram, iteration_tokens_buckets
 from services.engine.config import EngineConfig
 from services.engine.default_model import default_model_path
 from services.engine.detokenizer import IncrementalDetokenizer, decode_tokens
@@ -50,11 +50,13 @@ from services.engine.model_runner import ModelRunner
 from services.engine.models.loader import read_model_config
 from services.engine.multimodal.inputs import MultiModalInputs, check_multimodal_inputs
 from services.engine.multimodal.spec import VisionLanguageSpec
-from services.engine.outputs import CompletionOutput, Handoff, Logprob, RequestOutput, StepOutputs
+from services.engine.outputs import CompletionOutput, Handoff, Logprob, PromptLogprobs, RequestOutput, StepOutputs
+from services.engine.prompt_logprobs import PromptLogprobSpan, StepPromptLogprobs
 from services.engine.request import Request, RequestStatus
 from services.engine.sampler import PendingSample, Sampler, TokenLogprobs, needs_history
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
+from services.engine.structured import GrammarMasks
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class _Child:
     # sampled, not yet detokenized (text and logprob tokens): `_detokenize` takes them
     undecoded_token_ids: list[int] = field(default_factory=list)
     undecoded_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # launched steps' shares of its prompt logprobs, read once its first token is in (_take_prompt_logprobs)
+    prompt_logprob_parts: list[tuple[StepPromptLogprobs, PromptLogprobSpan]] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class _Parent:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Child] = field(default_factory=list)
+    awaits_prompt_logprobs: bool = False  # asked for and not yet in an output
 
     @property
     def finished(self) -> bool:
@@ -122,10 +127,14 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model.spec.vocab_size
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer, self.model_dir)
+        self.grammars = GrammarMasks(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, config.max_num_seqs, self.runner.device
+        )
         self._children: dict[str, _Child] = {}
         self._parents: dict[str, _Parent] = {}
         self._in_flight: PendingSample | None = None  # the step launched and not yet collected
         self.phase_seconds = {phase: SecondsHistogram(REQUEST_LATENCY_BUCKETS_S) for phase in PHASES}
+        self.iteration_tokens = TokensHistogram(iteration_tokens_buckets(config.max_num_batched_tokens))
 
     # ------------------------------------------------------------------ requests in
 
@@ -161,7 +170,11 @@ class LLMEngine:
         prompt_text, token_ids = self._tokenize(prompt)
         max_output_tokens = self._validate(token_ids, params, cache_salt)
         multi_modal = self._place_multi_modal(multi_modal, token_ids)
+        spec = params.structured  # one matcher per child: each follows its own output
+        grammars = [self.grammars.matcher_for(spec) if spec else None for _ in range(params.n)]
         parent = _Parent(request_id, prompt_text, token_ids)
+        # a resumed request's prompt logprobs went out with its first token, wherever that was computed
+        parent.awaits_prompt_logprobs = params.prompt_logprobs is not None and not output_token_ids
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             child_params = self._child_params(params, index)
@@ -177,6 +190,7 @@ class LLMEngine:
                 hold_kv=hold_kv,
                 prefill_only=prefill_only,
                 multi_modal=multi_modal,
+                grammar=grammars[index],
             )
             child = self._track(parent, request, index)
             self._replay_outputs(child, output_token_ids)
@@ -252,6 +266,8 @@ class LLMEngine:
         Stops are not checked here: whoever produced them already did, and the request was not finished.
         """
         child.request.output_token_ids.extend(token_ids)
+        if token_ids:  # so were its prompt logprobs
+            child.request.num_prompt_logprob_positions = child.request.num_prompt_tokens
         for token_id in token_ids:  # one at a time, as they were streamed: what was held back stays held
             child.detokenizer.update([token_id])
         child.detokenizer.take_delta()
@@ -299,8 +315,8 @@ class LLMEngine:
 
     def _can_launch_ahead(self) -> bool:
         """Whether the next step may be scheduled before the one in flight is collected: not while a
-        running request's sampling reads its earlier tokens themselves (penalties)."""
-        return not any(needs_history(r.sampling_params) for r in self.scheduler.running)
+        running request's sampling reads its earlier tokens themselves (penalties, a grammar's mask)."""
+        return not any(needs_history(r.sampling_params) or r.grammar is not None for r in self.scheduler.running)
 
     def _launch(self, in_flight: PendingSample | None = None) -> None:
         """Schedule and run a step, its sampling queued on the device. With `in_flight` (asynchronous
@@ -308,14 +324,19 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.empty:
             return
-        logits, sampled = self.runner.execute(batch, self.kv_cache.block_ids, in_flight)
+        self.iteration_tokens.observe(sum(batch.num_new_tokens))
+        logits, sampled, prompt_logprobs = self.runner.execute(batch, self.kv_cache.block_ids, in_flight)
         now = time.monotonic()
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
             if request.scheduled_s is None:
                 request.scheduled_s = now
+        if prompt_logprobs is not None:
+            self._hold_prompt_logprobs(prompt_logprobs)
         if sampled:
-            self._in_flight = self.sampler.sample(logits, sampled)
+            # computed on the host while the device runs the forward queued above
+            bitmask = self.grammars.fill([r.grammar for r in sampled], [r.output_token_ids for r in sampled])
+            self._in_flight = self.sampler.sample(logits, sampled, token_bitmask=bitmask)
             for request in sampled:
                 request.num_pending_tokens += 1
 
@@ -357,7 +378,8 @@ class LLMEngine:
             request.output_logprobs.append(logprobs)
             child.undecoded_logprobs.append(logprobs)
         stop_string = self._detokenize(child) if request.sampling_params.stop else None
-        status = self._check_stop(request, token_id, stop_string)
+        grammar_ended = request.grammar is not None and self.grammars.advance(request.grammar, request.output_token_ids)
+        status = self._check_stop(request, token_id, stop_string, grammar_ended)
         if status is not None:
             self.scheduler.finish(request, status)
             self._observe_phases(request)
@@ -395,7 +417,9 @@ class LLMEngine:
             child.detokenizer.finish()
         return stop_string
 
-    def _check_stop(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
+    def _check_stop(
+        self, request: Request, token_id: int, stop_string: str | None, grammar_ended: bool = False
+    ) -> RequestStatus | None:
         params = request.sampling_params
         past_min = request.num_output_tokens >= params.min_tokens
         if past_min and not params.ignore_eos and token_id == request.eos_token_id:
@@ -406,6 +430,8 @@ class LLMEngine:
         if stop_string is not None:
             request.stop_reason = stop_string
             return RequestStatus.FINISHED_STOPPED
+        if grammar_ended:  # the output is complete: nothing the grammar allows may follow
+            return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= request.max_output_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.prefill_only:
@@ -414,6 +440,7 @@ class LLMEngine:
 
     def _make_output(self, parent: _Parent) -> RequestOutput:
         outputs = [self._completion(child) for child in parent.children]
+        prompt_logprobs = self._take_prompt_logprobs(parent)
         left = parent.finished  # every child has left this engine (a handoff too: it goes on elsewhere)
         if left:
             self._forget(parent)
@@ -425,7 +452,41 @@ class LLMEngine:
             outputs,
             finished,
             num_cached_tokens=parent.children[0].request.num_cached_prompt_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _hold_prompt_logprobs(self, step: StepPromptLogprobs) -> None:
+        """Keep each request's share of a launched step's prompt logprobs until its first token is in."""
+        for span in step.spans:
+            span.request.num_prompt_logprob_positions = span.first_position + span.num_positions
+            child = self._children.get(span.request.request_id)
+            if child is not None:
+                child.prompt_logprob_parts.append((step, span))
+
+    def _take_prompt_logprobs(self, parent: _Parent) -> PromptLogprobs | None:
+        """The prompt logprobs, in the first output where a child has its first token (so before or with
+        every child's first token: each child computes them), None in every other output.
+
+        A child's first token comes from the step of its prompt's last chunk: every share is launched."""
+        if not parent.awaits_prompt_logprobs:
+            return None
+        done = next((c for c in parent.children if c.request.num_output_tokens > 0), None)
+        if done is None:
+            return None
+        parent.awaits_prompt_logprobs = False
+        entries: PromptLogprobs = [None]
+        for step, span in done.prompt_logprob_parts:
+            entries += [self._decoded_logprobs(entry) for entry in step.entries(span)]
+        for child in parent.children:  # the others need theirs no more
+            child.prompt_logprob_parts = []
+            child.request.num_prompt_logprob_positions = child.request.num_prompt_tokens
+        return entries
+
+    def _decoded_logprobs(self, logprobs: TokenLogprobs) -> dict[int, Logprob]:
+        return {
+            tid: Logprob(lp, rank, decode_tokens(self.tokenizer, [tid], skip_special_tokens=False))
+            for tid, (lp, rank) in logprobs.items()
+        }
 
     def _completion(self, child: _Child) -> CompletionOutput:
         request = child.request
@@ -517,6 +578,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             generator=self._generator(params.seed),
             multi_modal=multi_modal,
+            grammar=self.grammars.matcher_for(params.structured) if params.structured else None,
         )
         block_ids = self.kv_cache.allocate_for_import(request, len(prompt_token_ids))
         if block_ids is None:
@@ -556,6 +618,14 @@ class LLMEngine:
             prefix_cache_queried_tokens=kv_cache.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=kv_cache.prefix_cache_hit_tokens,
             phase_seconds={phase: histogram.snapshot() for phase, histogram in self.phase_seconds.items()},
+            iteration_tokens=self.iteration_tokens.snapshot(),
+            cache_config=CacheConfigInfo(
+                block_size=self.config.block_size,
+                num_gpu_blocks=device.num_total_blocks,
+                enable_prefix_caching=self.config.enable_prefix_caching,
+                cache_dtype=self.config.dtype,
+                gpu_memory_utilization=self.config.gpu_memory_utilization,
+            ),
         )
 
     def num_free_blocks(self) -> int:

@@ -22,7 +22,7 @@ from services.engine.multimodal.encoder import VisionEncoder
 from services.engine.multimodal.inputs import MultiModalInputs
 from services.engine.multimodal.processor import MultiModalProcessor
 from services.engine.multimodal.spec import VisionLanguageSpec
-from services.engine.outputs import RequestOutput
+from services.engine.outputs import PromptLogprobs, RequestOutput
 from services.engine.sampling_params import SamplingParams
 
 _CONFIG_FIELDS = {f.name for f in fields(EngineConfig)}
@@ -96,9 +96,13 @@ class LLM:
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
+        prompt_logprobs: dict[str, PromptLogprobs] = {}  # in a request's first output with tokens: for its final
         while len(finished) < len(request_ids):
             for output in self.engine.step():
+                if output.prompt_logprobs is not None:
+                    prompt_logprobs[output.request_id] = output.prompt_logprobs
                 if output.finished:
+                    output.prompt_logprobs = prompt_logprobs.pop(output.request_id, None)
                     finished[output.request_id] = output
         return [finished[r] for r in request_ids]
 

@@ -6,6 +6,7 @@ captured CUDA graphs. Per step:
     prepare_inputs(batch) -> input_ids, positions, AttentionMetadata, rows to sample
     forward (eager, or a captured graph for decode-only batches)
     compute_logits(hidden[rows to sample])
+    prompt logprobs from the rows of chunks that ask for them (services.engine.prompt_logprobs)
 
 CUDA graphs, two kinds, sharing one memory pool and one set of static input buffers:
   * decode: decode-only batches up to `max_cuda_graph_batch_size` rows run a graph captured for the
@@ -46,6 +47,7 @@ from services.engine.attention.tiles import build_tile_map, max_num_tiles, token
 from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from services.engine.models import load_model
 from services.engine.models.llama import DecoderLayer, DecoderLM, EmbeddingOverrides
+from services.engine.prompt_logprobs import PromptLogprobRows, StepPromptLogprobs, compute_prompt_logprobs
 from services.engine.sampler import PendingSample
 from services.engine.scheduler import ScheduledBatch
 
@@ -72,6 +74,7 @@ class StepInputs:
     # rows whose input token is still on the device (asynchronous scheduling), and their requests
     pending_rows: list[int] = field(default_factory=list)
     pending_requests: list = field(default_factory=list)
+    prompt_logprob_rows: PromptLogprobRows | None = None  # rows whose logits give prompt logprobs
 
     @property
     def num_tokens(self) -> int:
@@ -250,6 +253,7 @@ class ModelRunner:
         seq_lens = np.empty(num_seqs, dtype=np.int32)
         sample_rows, sampled = [], []
         pending_rows, pending_requests = [], []
+        prompt_logprob_rows = PromptLogprobRows()
         for i, (req, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
             blocks = block_ids(req.request_id)
@@ -270,6 +274,8 @@ class ModelRunner:
                 ids[lo:hi] = req.all_token_ids[start:end]
                 positions[lo:hi] = np.arange(start, end)
             seq_lens[i] = end
+            if req.computes_prompt_logprobs:
+                prompt_logprob_rows.add(req, int(lo), start, end)
             if end == req.num_tokens_with_pending:
                 sample_rows.append(hi - 1)
                 sampled.append(req)
@@ -292,6 +298,7 @@ class ModelRunner:
             embedding_overrides=self._embedding_overrides(batch, query_start_loc) if has_images else None,
             pending_rows=pending_rows,
             pending_requests=pending_requests,
+            prompt_logprob_rows=prompt_logprob_rows if prompt_logprob_rows.spans else None,
         )
 
     def _embedding_overrides(self, batch: ScheduledBatch, query_start_loc: np.ndarray) -> EmbeddingOverrides | None:
@@ -314,8 +321,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, batch: ScheduledBatch, block_ids: Callable[[str], list[int]], in_flight: PendingSample | None = None
-    ) -> tuple[torch.Tensor, list]:
-        """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order).
+    ) -> tuple[torch.Tensor, list, StepPromptLogprobs | None]:
+        """Run one step; returns (logits [num_sampled, vocab], the sampled requests in row order, the
+        prompt logprobs its prefill chunks computed or None).
 
         `in_flight`: the step launched before this one and not yet collected (asynchronous scheduling),
         whose sampled tokens are the inputs of this step's decodes past their known tokens.
@@ -352,7 +360,12 @@ class ModelRunner:
             )
             hidden = self.model(ids, positions, self.attention, inputs.embedding_overrides)
         logits = self.model.compute_logits(hidden[sample_rows])
-        return logits, inputs.sampled_requests
+        prompt_logprobs = None
+        if inputs.prompt_logprob_rows is not None:  # every path leaves every token's hidden state
+            prompt_logprobs = compute_prompt_logprobs(
+                self.model.compute_logits, hidden, inputs.prompt_logprob_rows, self.model.spec.vocab_size
+            )
+        return logits, inputs.sampled_requests, prompt_logprobs
 
     @staticmethod
     def _pending_inputs(inputs: StepInputs, in_flight: PendingSample | None) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,10 @@ class Logprob:
     decoded_token: str | None = None
 
 
+# one entry per prompt token: None for the first, then {token_id: Logprob} with the prompt token first
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -39,6 +43,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # when asked (SamplingParams.prompt_logprobs): in the first output with a token only, as deltas are;
+    # LLM.generate puts them in its final outputs
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)

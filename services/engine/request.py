@@ -27,6 +27,7 @@ import torch
 from services.common.block_hash import MultiModalSpan
 from services.engine.multimodal.inputs import MultiModalInputs
 from services.engine.sampling_params import SamplingParams
+from services.engine.structured import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -69,6 +70,9 @@ class Request:
     num_computed_tokens: int = 0
     num_pending_tokens: int = 0  # sampled on the device by a launched step, not yet appended
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on first scheduling (for metrics)
+    # prompt logprobs (sampling_params.prompt_logprobs): prompt positions [0, this) are covered by a
+    # launched step (position 0 has none); a resumed request starts at num_prompt_tokens (sent already)
+    num_prompt_logprob_positions: int = 1
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
@@ -83,6 +87,8 @@ class Request:
     prefill_only: bool = False
     # images of the prompt (embeddings on the model's device) and M-RoPE positions; None: text only
     multi_modal: MultiModalInputs | None = None
+    # the matcher of its output constraint (sampling_params.structured); None: unconstrained
+    grammar: GrammarState | None = None
 
     @property
     def mm_spans(self) -> tuple[MultiModalSpan, ...]:
@@ -119,6 +125,14 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and some position's is not computed yet (see prompt_logprobs)."""
+        return (
+            self.sampling_params.prompt_logprobs is not None
+            and self.num_prompt_logprob_positions < self.num_prompt_tokens
+        )
 
     @property
     def finished(self) -> bool:

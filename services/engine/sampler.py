@@ -5,7 +5,9 @@ Phases, applied to a float32 copy of `logits` ([num_rows, vocab_size]); row i be
 
   1. raw logprobs   `log_softmax` of the unprocessed logits, kept for rows that asked for
                     logprobs (the OpenAI API reports the model's distribution, not the sampled one)
-  2. min_tokens     while a request has fewer than `min_tokens` outputs, its eos token and
+  2. grammar        rows of constrained requests (structured outputs): tokens their grammar does
+                    not allow next get -inf (a bitmask computed on the host, services.engine.structured)
+  2b. min_tokens    while a request has fewer than `min_tokens` outputs, its eos token and
                     `stop_token_ids` get -inf so it cannot stop early
   3. penalties      repetition (HF/vLLM: over prompt + output tokens, positive logits divided by
                     the penalty, negative ones multiplied), then frequency × count and
@@ -68,16 +70,29 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         return self.sample(logits, requests).resolve()
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> PendingSample:
-        """Queue the sampling on the logits' device; nothing waits for it until `resolve()`."""
+    def sample(
+        self, logits: torch.Tensor, requests: Sequence[Request], token_bitmask: torch.Tensor | None = None
+    ) -> PendingSample:
+        """Queue the sampling on the logits' device; nothing waits for it until `resolve()`.
+        `token_bitmask` ([num_rows, ceil(vocab / 32)] int32, on the logits' device): the tokens each row
+        may take (bit t % 32 of word t // 32); None: every token."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), "one logits row per request"
         logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab_size]
         raw = _raw_logprobs(logits, requests)
         _apply_logit_bias(logits, requests)
+        if token_bitmask is not None:
+            _apply_token_bitmask(logits, token_bitmask)
         _mask_stops_before_min_tokens(logits, requests)
         _apply_penalties(logits, requests)
         token_ids = _sample(logits, requests)  # [num_rows]
         return PendingSample(token_ids, _logprob_tensors(raw, token_ids, requests), list(requests))
+
+
+def _apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set to -inf every logit whose bit is clear (bits past the vocabulary are ignored)."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, : logits.shape[1]]
+    logits.masked_fill_(allowed == 0, float("-inf"))
 
 
 def needs_history(params: SamplingParams) -> bool:

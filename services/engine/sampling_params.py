@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from services.common.errors import InvalidRequestError
 from services.common.messages import StructuredSpec
+from services.common.structured import KINDS as STRUCTURED_KINDS
 
 MAX_LOGPROBS = 20
 
@@ -32,6 +33,8 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs besides the sampled token (0..20)
+    # top logprobs at each prompt position besides the prompt token's own (0..20; services.engine.prompt_logprobs)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     structured: StructuredSpec | None = None  # a grammar the output must follow (services.engine.structured)
@@ -76,6 +79,12 @@ class SamplingParams:
             "logprobs",
             f"logprobs must be in [0, {MAX_LOGPROBS}]",
         )
+        _check(
+            self.prompt_logprobs is None
+            or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+        )
         _check(self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer")
         _check(
             all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
@@ -94,6 +103,11 @@ class SamplingParams:
             ),
             "logit_bias",
             f"logit_bias must map token ids in [0, {vocab_size}) to values in [-100, 100]",
+        )
+        _check(
+            self.structured is None or self.structured.kind in STRUCTURED_KINDS,
+            "response_format",
+            f"an output constraint's kind must be one of {', '.join(STRUCTURED_KINDS)}",
         )
 
 

@@ -4,7 +4,8 @@ Each step spends a token budget (`max_num_batched_tokens`):
   1. running requests, decodes before unfinished prefills, each asking for all its uncomputed
      tokens (one for a decode, the rest of the prompt for a prefill, cut to the budget);
   2. waiting requests in arrival order (preempted ones first), while the budget lasts and fewer
-     than `max_num_seqs` run; a new request first adopts its cached prefix blocks.
+     than `max_num_seqs` run; a new request first adopts its cached prefix blocks (unless it
+     computes prompt logprobs: cached blocks have no logits).
 In a step that decodes, prefill chunks (of running and waiting requests alike) share at most
 `max_prefill_tokens_beside_decodes` of the budget, so that one long prompt stretches every running
 request's inter-token gap by a bounded amount (Sarathi-Serve, OSDI 2024, "stall-free batching").
@@ -134,7 +135,8 @@ class Scheduler:
             request = self.waiting[0]
             if id(request) in preempted_now or request.num_pending_tokens:
                 break  # preempted in this step, or its token of a step in flight not in yet: it waits
-            computed = self.kv_cache.get_computed_blocks(request)
+            # cached blocks have no logits: a request still computing prompt logprobs adopts none
+            computed = [] if request.computes_prompt_logprobs else self.kv_cache.get_computed_blocks(request)
             num_computed = len(computed) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.kv_cache.allocate_slots(request, num_new, computed):

@@ -15,7 +15,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from services.common.control import SchedulerStats, TransferCounters, WorkerStats
-from services.common.histogram import PHASE_METRICS, prometheus_buckets
+from services.common.histogram import (
+    CACHE_CONFIG_LABELS,
+    CACHE_CONFIG_METRIC,
+    ITERATION_TOKENS_METRIC,
+    PHASE_METRICS,
+    cache_config_values,
+    prometheus_buckets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,16 @@ def _scheduler_families(scheduler: SchedulerStats, values: list[str]) -> Iterato
         family = HistogramMetricFamily(name, documentation, labels=LABELS)
         family.add_metric(values, prometheus_buckets(snapshot.buckets), snapshot.sum_s)
         yield family
+    if scheduler.iteration_tokens is not None:
+        tokens = HistogramMetricFamily(*ITERATION_TOKENS_METRIC, labels=LABELS)
+        tokens.add_metric(
+            values, prometheus_buckets(scheduler.iteration_tokens.buckets), scheduler.iteration_tokens.sum_tokens
+        )
+        yield tokens
+    if scheduler.cache_config is not None:
+        info = GaugeMetricFamily(*CACHE_CONFIG_METRIC, labels=[*LABELS, *CACHE_CONFIG_LABELS])
+        info.add_metric([*values, *cache_config_values(scheduler.cache_config)], 1)
+        yield info
 
 
 def _transfer_families(transfer: TransferCounters, values: list[str]) -> Iterator[Metric]:

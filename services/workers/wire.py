@@ -2,7 +2,8 @@
 every worker role: sampling parameters, token deltas, and embedding frames.
 
     SamplingSpec ──sampling_params──▶ SamplingParams          (one mapping, same fields and defaults)
-    RequestOutput ──to_delta──▶ RequestDelta                   (what a step added, per completion)
+    RequestOutput ──to_delta──▶ RequestDelta                   (what a step added, per completion;
+                                                                the prompt logprobs, in the first)
     [num_rows, hidden_size] rows ──embedding_frame──▶ bytes ──rows_from_frame──▶ rows   (row-major)
 
 An embedding frame is one image's rows, row-major, in a dtype named as torch names it without the
@@ -20,12 +21,14 @@ from services.common.messages import (
     CompletionDelta,
     ImageEmbedding,
     PositionLogprobs,
+    PromptPositionLogprobs,
+    RankedLogprob,
     RequestDelta,
     SamplingSpec,
     TokenLogprob,
 )
 from services.engine import SamplingParams
-from services.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from services.engine.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 
 # Qwen2-VL 72B's largest image: 16384 rows x 8192 x 2 bytes = 256 MiB
 MAX_EMBEDDING_MESSAGE_BYTES = 2**30
@@ -53,6 +56,7 @@ def to_delta(output: RequestOutput, num_top_logprobs: int = 0) -> RequestDelta:
         finished=output.finished,
         num_prompt_tokens=len(output.prompt_token_ids),
         num_cached_tokens=output.num_cached_tokens,
+        prompt_logprobs=_prompt_positions(output.prompt_logprobs) if output.prompt_logprobs is not None else None,
     )
 
 
@@ -78,6 +82,16 @@ def _position(token_id: int, entry: dict[int, Logprob], num_top: int) -> Positio
     # the entry holds the top-k plus the sampled token; a sampled token outside the top-k ranks last
     top = sorted(entry, key=lambda tid: entry[tid].rank)[:num_top]
     return PositionLogprobs(sampled=item(token_id), top=[item(tid) for tid in top])
+
+
+def _prompt_positions(prompt_logprobs: PromptLogprobs) -> list[PromptPositionLogprobs]:
+    """Each position's entry as it is ordered: the prompt token first, then the top-k by rank."""
+    return [
+        None
+        if entry is None
+        else [RankedLogprob(tid, lp.decoded_token or "", lp.logprob, lp.rank) for tid, lp in entry.items()]
+        for entry in prompt_logprobs
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -128,3 +128,31 @@ def test_asynchronous_scheduling_gives_the_plain_order_s_tokens_on_the_gpu(llama
             assert (g.outputs[0].token_ids, g.outputs[0].text) == (e.outputs[0].token_ids, e.outputs[0].text)
     assert fast.engine.scheduler_stats().num_preemptions > 0
     assert fast.engine.num_free_blocks() == fast.engine.num_usable_blocks()
+
+
+def test_prompt_logprobs_through_graphs_equal_transformers(llama_dir):
+    """Prompt logprobs taken from the hidden states of chunks that ran in mixed-step graphs, with
+    asynchronous scheduling, equal transformers' log_softmax, as the eager reference path's do."""
+    from transformers import AutoModelForCausalLM
+
+    batch = prompts([5, 70, 33, 130], seed=10)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3)
+    common = dict(device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=64, num_kv_blocks=64)
+    fast = LLM(llama_dir, async_scheduling=True, **common)
+    reference = LLM(llama_dir, attention_backend="reference", enable_cuda_graphs=False, **common)
+    got, expected = fast.generate(batch, params), reference.generate(batch, params)
+    assert fast.engine.runner.steps_by_path["mixed_graph"] > 0
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).cuda().eval()
+    for prompt, g, e in zip(batch, got, expected):
+        ids = prompt["prompt_token_ids"]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0].float(), dim=-1)
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        assert g.prompt_logprobs[0] is None and len(g.prompt_logprobs) == len(ids)
+        for position in range(1, len(ids)):
+            token_id, row = ids[position], ref[position - 1]
+            for out in (g, e):
+                entry = out.prompt_logprobs[position]
+                assert next(iter(entry)) == token_id
+                assert entry[token_id].logprob == pytest.approx(row[token_id].item(), abs=2e-3)
+            assert set(g.prompt_logprobs[position]) == set(e.prompt_logprobs[position])

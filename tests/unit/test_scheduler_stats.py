@@ -3,7 +3,7 @@ the decode batch and the KV tier, step by step on a tiny engine."""
 
 import pytest
 
-from services.common.control import KVTierStats
+from services.common.control import CacheConfigInfo, KVTierStats
 from services.engine import LLMEngine, SamplingParams
 
 
@@ -47,3 +47,21 @@ def test_queued_prefill_tokens_count_waiting_and_partly_prefilled_prompts(engine
     ]
     assert stats.kv_cache_usage == 1 - engine.num_free_blocks() / engine.num_usable_blocks()
     assert stats.prefix_cache_queried_tokens == 40 + 20 and stats.num_preemptions == 0
+
+
+def test_tokens_per_step_in_vllm_s_buckets_up_to_the_budget_and_the_cache_configuration(engine):
+    engine.add_request("a", list(range(10, 50)), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    for _ in range(3):  # 32 prompt tokens; the last 8 and the first token; one decode, the last token
+        engine.step()
+    engine.step()  # nothing left to schedule: not a step that counts
+    stats = engine.scheduler_stats()
+    assert stats.iteration_tokens is not None
+    assert stats.iteration_tokens.buckets == [(1.0, 1), (8.0, 2), (16.0, 2), (32.0, 3), (float("inf"), 3)]
+    assert stats.iteration_tokens.sum_tokens == 32 + 8 + 1
+    assert stats.cache_config == CacheConfigInfo(
+        block_size=8,
+        num_gpu_blocks=engine.num_usable_blocks(),
+        enable_prefix_caching=True,
+        cache_dtype="float32",
+        gpu_memory_utilization=0.9,
+    )
