@@ -12,6 +12,7 @@ import sys
 import time
 
 from services.engine.config import DTYPES, EngineConfig
+from services.gateway.config import TOOL_CALL_PARSER_OPTIONS
 from services.gateway.hosts import default_allowed_hosts
 from services.gateway.images import ImagePolicy
 
@@ -156,6 +157,7 @@ def _run_server(args: argparse.Namespace) -> int:
             "body_read_timeout_s": args.body_read_timeout_s,
             "tokenizer_threads": args.tokenizer_threads,
             "protect_metrics_and_docs": args.protect_metrics_and_docs,
+            "tool_call_parser": args.tool_call_parser,
         },
     )
     return serve.run(config)
@@ -322,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="gateway threads that tokenize prompts, each with its own tokenizer copy (default 4)",
+    )
+    srv.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=TOOL_CALL_PARSER_OPTIONS,
+        help="how tool_choice 'auto' reads tool calls in the model's output: auto (default) detects the "
+        "format from the chat template (<tool_call>: hermes, [TOOL_CALLS]: mistral, <|python_tag|> or "
+        "ipython: llama3_json); none refuses tool_choice 'auto' ('required' and named functions need no parser)",
     )
     srv.add_argument(
         "--protect-metrics-and-docs",

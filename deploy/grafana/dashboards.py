@@ -12,7 +12,8 @@ Rows, top to bottom:
 
     overview    requests/s, admission rejections, TTFT / ITL / end-to-end p50 and p99, goodput
     encode      encode latency, embedding-cache hit rate
-    prefill     queue, prompt tokens/s, prefix-cache hit rate          (prefill and colocated workers)
+    prefill     queue, prompt tokens/s, prefix-cache hit rate, queue and prefill time (prefill and colocated
+                workers), tokens per engine step (every worker, by stage)
     decode      running requests, KV-cache usage, ITL, preemptions     (decode and colocated workers)
     transfers   KV and embedding bytes/s, KV transfer latency, failures, fallbacks, migrations
     router      decisions by policy and reason, predicted vs observed prefix hits, load imbalance
@@ -94,6 +95,7 @@ HISTOGRAMS = (
     "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds",
     "vllm:request_inference_time_seconds",
+    "vllm:iteration_tokens_total",  # a histogram: its samples are vllm:iteration_tokens_total_bucket, ...
 )
 METRICS = COUNTERS + GAUGES + HISTOGRAMS
 
@@ -299,6 +301,21 @@ def prefill() -> list[TimeSeries]:
             "first token, p50 and p99 by stage.",
             "s",
             *phase_p50_p99(("queue", "prefill"), workers),
+        ),
+        panel(
+            "Tokens per step",
+            "Tokens one engine step schedules (prompt chunks and decodes), p50, p99 and mean by stage: how full "
+            "the steps run against their budget (max_num_batched_tokens).",
+            "short",
+            *[
+                target(quantile(q, "vllm:iteration_tokens_total", MODEL, "le, stage"), f"{name} {{{{stage}}}}")
+                for q, name in ((0.5, "p50"), (0.99, "p99"))
+            ],
+            target(
+                f"sum by (stage) ({rate('vllm:iteration_tokens_total_sum')}) / "
+                f"sum by (stage) ({rate('vllm:iteration_tokens_total_count')})",
+                "mean {{stage}}",
+            ),
         ),
     ]
 

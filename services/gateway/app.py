@@ -3,6 +3,8 @@
 Routes:
 
     POST /v1/chat/completions, POST /v1/completions    generation (services.gateway.serving)
+    POST /v1/responses                                 OpenAI's Responses API, stateless, text and tools
+                                                       (services.gateway.responses_api)
     GET  /v1/models                                    the served model
     GET  /v1/models/{model}                            its card; 404 (model_not_found) for any other id
     POST /tokenize, POST /detokenize                   vLLM's tokenizer routes (services.gateway.tokenize)
@@ -59,10 +61,12 @@ from services.gateway.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from services.gateway.responses_api import ResponsesService
 from services.gateway.serving import GenerationService, model_not_found
 from services.gateway.tokenize import TokenizationService
 from services.gateway.tokenizer_pool import TokenizerPool
@@ -132,6 +136,7 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     tokenizers = TokenizerPool(backend.tokenizer, backend.processor, config.tokenizer_threads)
     service = GenerationService(config, backend, admission, metrics, tokenizers)
     tokenization = TokenizationService(config, backend, admission, metrics, tokenizers)
+    responses = ResponsesService(config, service)
     card = ModelCard(id=config.served_model_name, created=int(time.time()), max_model_len=backend.max_model_len)
     tristage_version = package_version()
 
@@ -156,6 +161,7 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
         {
             "/v1/chat/completions": (ChatCompletionRequest,),
             "/v1/completions": (CompletionRequest,),
+            "/v1/responses": (ResponsesRequest,),
             "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest),
             "/detokenize": (DetokenizeRequest,),
         },
@@ -168,6 +174,10 @@ def create_app(config: GatewayConfig, backend: Backend) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await service.completions(request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await responses.create(request)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -44,6 +44,11 @@ class WorkerSnapshot:
     prefix_cache_hit_tokens: int
     # finished requests' phases (SchedulerStats.phase_seconds): (phase, cumulative buckets, sum s)
     phase_seconds: tuple[tuple[str, tuple[tuple[float, int], ...], float], ...] = ()
+    # tokens scheduled per engine step (SchedulerStats.iteration_tokens): cumulative buckets and sum
+    iteration_tokens_buckets: tuple[tuple[float, int], ...] = ()
+    iteration_tokens_sum: int = 0
+    # vllm:cache_config_info's label values (services.common.histogram.cache_config_values); () when unknown
+    cache_config: tuple[str, ...] = ()
     # KV transfer (disaggregated workers; zero elsewhere)
     kv_transfer_bytes: int = 0  # sent by a prefill worker
     kv_transfer_failures: int = 0

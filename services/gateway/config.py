@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.gateway.images import ImagePolicy
+from services.gateway.tool_parsers import TOOL_CALL_PARSERS
 
 MIB = 1024 * 1024
+TOOL_CALL_PARSER_OPTIONS = ("auto", *TOOL_CALL_PARSERS, "none")
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,15 @@ class GatewayConfig:
     # encoded bytes of images sent with a uuid, kept so a later part naming the uuid alone skips the
     # upload (ImageReferences); 0 keeps none
     image_reference_cache_bytes: int = 256 * MIB
+    # how tool_choice "auto" reads tool calls in the model's output (services.gateway.tool_parsers):
+    # "auto" detects the format from the chat template; "none" reads none (tool_choice "auto" is refused)
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
             raise ValueError("served_model_name must not be empty")
+        if self.tool_call_parser not in TOOL_CALL_PARSER_OPTIONS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSER_OPTIONS)}")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
         for name in (

@@ -94,6 +94,10 @@ class Generation:
         return len(self._prompts) * self._sampling.n
 
     @property
+    def num_choices_per_prompt(self) -> int:
+        return self._sampling.n
+
+    @property
     def finished(self) -> bool:
         return not self._unfinished
 
@@ -199,7 +203,8 @@ class Generation:
 
 def merge_deltas(earlier: RequestDelta, later: RequestDelta) -> RequestDelta:
     """One delta of an engine request carrying what two consecutive ones did: each completion's tokens,
-    text and logprobs concatenated in order, the later one's finish and cache counts."""
+    text and logprobs concatenated in order, the later one's finish and cache counts, and the prompt
+    logprobs whichever carried them (the first with tokens)."""
     merged = {c.index: c for c in earlier.completions}
     for c in later.completions:
         before = merged.get(c.index)
@@ -218,5 +223,8 @@ def merge_deltas(earlier: RequestDelta, later: RequestDelta) -> RequestDelta:
             stop_reason=c.stop_reason,
         )
     return msgspec.structs.replace(
-        later, completions=sorted(merged.values(), key=lambda c: c.index), num_prompt_tokens=earlier.num_prompt_tokens
+        later,
+        completions=sorted(merged.values(), key=lambda c: c.index),
+        num_prompt_tokens=earlier.num_prompt_tokens,
+        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
     )

@@ -14,6 +14,9 @@ vLLM's names where the meaning matches, so existing dashboards work:
     vllm:request_success_total          counter    finished completions, by finished_reason
     vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc          per worker (gauges)
     vllm:prefix_cache_queries / _hits (tokens), vllm:num_preemptions        per worker (counters)
+    vllm:request_{queue,prefill,decode,inference}_time_seconds               per worker (histograms)
+    vllm:iteration_tokens_total         histogram  per worker: tokens scheduled in one engine step
+    vllm:cache_config_info              gauge      per worker: 1, labelled with its KV cache configuration
     tristage:kv_transfer_bytes_total / _failures_total / _fallbacks_total     per worker (counters)
     tristage:kv_transfer_seconds        histogram  per worker: one request's KV, first byte to last
     tristage:kv_transfer_path_bytes_total  per worker, end (sent, received) and path (shared_memory, frames)
@@ -44,7 +47,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.common.histogram import PHASE_METRICS, prometheus_buckets
+from services.common.histogram import (
+    CACHE_CONFIG_LABELS,
+    CACHE_CONFIG_METRIC,
+    ITERATION_TOKENS_METRIC,
+    PHASE_METRICS,
+    prometheus_buckets,
+)
 from services.gateway.admission import AdmissionController
 from services.gateway.backend import ClusterStats, WorkerSnapshot
 from services.gateway.http_server import ConnectionCap
@@ -213,10 +222,18 @@ class _WorkerCollector(Collector):
             phase: HistogramMetricFamily(name, documentation, labels=_WORKER_LABELS)
             for phase, (name, documentation) in PHASE_METRICS.items()
         }
+        iteration_tokens = HistogramMetricFamily(*ITERATION_TOKENS_METRIC, labels=_WORKER_LABELS)
+        cache_config = GaugeMetricFamily(*CACHE_CONFIG_METRIC, labels=[*_WORKER_LABELS, *CACHE_CONFIG_LABELS])
         for worker in self.snapshot:
             labels = [self._model_name, worker.stage, worker.worker]
             for phase, buckets, sum_s in worker.phase_seconds:
                 phases[phase].add_metric(labels, prometheus_buckets(buckets), sum_s)
+            if worker.iteration_tokens_buckets:
+                iteration_tokens.add_metric(
+                    labels, prometheus_buckets(worker.iteration_tokens_buckets), worker.iteration_tokens_sum
+                )
+            if worker.cache_config:
+                cache_config.add_metric([*labels, *worker.cache_config], 1)
             gauges["running"].add_metric(labels, worker.num_running)
             gauges["waiting"].add_metric(labels, worker.num_waiting)
             gauges["kv"].add_metric(labels, worker.kv_cache_usage)
@@ -242,6 +259,8 @@ class _WorkerCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
         yield from phases.values()
+        yield iteration_tokens
+        yield cache_config
         yield transfer_seconds
         yield transfer_path_bytes
         yield encode_latency

@@ -19,9 +19,10 @@ whose length alone proves it is too many tokens (services.gateway.length_bound).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import jinja2
 
@@ -32,6 +33,9 @@ from services.gateway.backend import PromptImage
 from services.gateway.images import ImageSource
 from services.gateway.length_bound import LengthBound
 from services.gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from services.gateway.responses import EchoedPrompt
+from services.gateway.structured_outputs import check_structured, structured_spec
+from services.gateway.tools import template_tools
 
 MAX_IMAGE_UUID_CHARS = 256  # a client's name for an image (ImageSource.uuid)
 
@@ -68,8 +72,10 @@ def to_sampling_spec(request: ChatCompletionRequest | CompletionRequest) -> Samp
         max_tokens=request.effective_max_tokens(),
         min_tokens=request.min_tokens or 0,
         logprobs=request.num_logprobs,
+        prompt_logprobs=request.engine_prompt_logprobs,
         skip_special_tokens=_or(request.skip_special_tokens, True),
         logit_bias={int(t): b for t, b in request.logit_bias.items()} if request.logit_bias else None,
+        structured=structured_spec(request),
     )
 
 
@@ -141,36 +147,71 @@ def image_sources(messages: list[ChatMessage]) -> list[ImageSource]:
     return sources
 
 
-def template_messages(messages: list[ChatMessage], image_placeholder: str | None = None) -> list[dict[str, str]]:
-    """The messages as chat templates expect them: role and one content string (text parts joined)."""
+def template_messages(messages: list[ChatMessage], image_placeholder: str | None = None) -> list[dict[str, Any]]:
+    """The messages as chat templates expect them: role and one content string (text parts joined),
+    an assistant's tool calls with their arguments as objects (as vLLM passes them: templates
+    iterate over them or write them with `tojson`), a tool message's tool_call_id."""
     converted = []
     for index, message in enumerate(messages):
-        entry = {
+        entry: dict[str, Any] = {
             "role": _TEMPLATE_ROLES.get(message.role, message.role),
             "content": _message_text(index, message, image_placeholder),
         }
         if message.name is not None:
             entry["name"] = message.name
+        if message.role == "tool" and message.tool_call_id is None:
+            raise InvalidRequestError(
+                f"messages[{index}]: a tool message needs the tool_call_id of the call it answers", param="messages"
+            )
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            entry["tool_calls"] = _template_tool_calls(index, message)
         converted.append(entry)
     return converted
 
 
+def _template_tool_calls(index: int, message: ChatMessage) -> list[dict[str, Any]]:
+    if message.role != "assistant":
+        raise InvalidRequestError(
+            f"messages[{index}].tool_calls: only assistant messages hold tool calls", param="messages"
+        )
+    calls = []
+    for call_index, call in enumerate(message.tool_calls or ()):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise InvalidRequestError(
+                f"messages[{index}].tool_calls[{call_index}].function.arguments must be a JSON object, as text",
+                param="messages",
+            )
+        function = {"name": call.function.name, "arguments": arguments}
+        calls.append({"id": call.id, "type": call.type, "function": function})
+    return calls
+
+
 def tokenize_chat(tokenizer, request: ChatCompletionRequest, limits: ModelLimits) -> list[int]:
-    token_ids = render_chat(tokenizer, request.messages, add_generation_prompt=True, tokenize=True)
+    token_ids = render_chat(
+        tokenizer, request.messages, add_generation_prompt=True, tokenize=True, tools=template_tools(request.tools)
+    )
     assert isinstance(token_ids, list)
     check_prompt(token_ids, request.effective_max_tokens(), limits, param="messages")
     return token_ids
 
 
-def render_chat(tokenizer, messages, *, add_generation_prompt: bool, tokenize: bool) -> list[int] | str:
+def render_chat(
+    tokenizer, messages, *, add_generation_prompt: bool, tokenize: bool, tools: list[dict[str, Any]] | None = None
+) -> list[int] | str:
     """A text model's chat through its template: token ids, or the text when `tokenize` is false.
+    `tools` (services.gateway.tools.template_tools) go to the template, which may ignore them.
 
     The one call every route makes (/v1/chat/completions, /tokenize), so their ids agree."""
     try:
         rendered = tokenizer.apply_chat_template(
             template_messages(messages),
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             tokenize=tokenize,
             **({"return_dict": False} if tokenize else {}),
@@ -188,8 +229,14 @@ def tokenize_chat_with_images(
     """A vision-language model's chat: rendered with each image as the model's placeholder, tokenized,
     and each placeholder expanded to its image's rows (from the image's size: the encoders do pixels)."""
     messages = template_messages(request.messages, processor.image_placeholder)
+    tools = template_tools(request.tools)
     try:
-        text = processor.apply_chat_template(messages)
+        if tools is None:
+            text = processor.apply_chat_template(messages)
+        else:  # the processor's own call takes no tools: its tokenizer renders with its template
+            text = processor.tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True
+            )
     except jinja2.TemplateError as exc:
         raise InvalidRequestError(
             f"The chat template could not render these messages: {exc}", param="messages"
@@ -221,6 +268,19 @@ def tokenize_completion(
         check_prompt(token_ids, request.effective_max_tokens(), limits, param="prompt")
         token_id_lists.append(token_ids)
     return token_id_lists
+
+
+def echo_prompts(tokenizer, request: CompletionRequest, token_id_lists: list[list[int]]) -> list[EchoedPrompt]:
+    """What `echo` puts before each prompt's choices: a text prompt as given, a token-id prompt decoded
+    (special tokens kept: they are part of what was sent), and the first token's text."""
+
+    def decode(token_ids: list[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    return [
+        EchoedPrompt(text=item if isinstance(item, str) else decode(list(item)), first_token=decode(token_ids[:1]))
+        for item, token_ids in zip(_prompt_items(request.prompt), token_id_lists)
+    ]
 
 
 def check_num_prompts(request: ChatCompletionRequest | CompletionRequest, max_prompts: int) -> None:
@@ -312,6 +372,7 @@ def check_before_tokenizing(request: ChatCompletionRequest | CompletionRequest, 
             param="min_tokens",
         )
     check_stop_token_ids(request, limits.vocab_size)
+    check_structured(request)
     max_prompt_tokens = limits.max_model_len - max(max_tokens or 1, 1)
     if isinstance(request, ChatCompletionRequest):
         _check_length_bound([_user_text(request.messages)], max_prompt_tokens, limits, param="messages")

@@ -1,4 +1,4 @@
-"""The two generation endpoints, from HTTP request to HTTP response.
+"""The generation endpoints, from HTTP request to HTTP response.
 
     Content-Type (415) -> read body (413; 408 past the read timeout) -> parse (400) -> model (404)
       -> field checks, number of prompts and prompt length bound (400) -> backend ready (503)
@@ -44,6 +44,7 @@ from services.gateway.prompts import (
     ModelLimits,
     check_before_tokenizing,
     check_num_prompts,
+    echo_prompts,
     image_sources,
     num_sequences,
     prompt_text_bytes,
@@ -54,16 +55,17 @@ from services.gateway.prompts import (
 )
 from services.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from services.gateway.responses import (
-    DONE_EVENT,
     ChatFormatter,
     ChoiceState,
     CompletionFormatter,
     Formatter,
     ResponseHeader,
     UsageCounter,
-    error_event,
+    add_prompt_logprobs,
 )
 from services.gateway.tokenizer_pool import TokenizerPool
+from services.gateway.tool_parsers import resolve_parser
+from services.gateway.tools import ToolPlan, check_tool_parser, tool_plan, tool_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +188,8 @@ class _EventStream(StreamingResponse):
 
 
 class GenerationService:
-    """Serves /v1/chat/completions and /v1/completions against one backend."""
+    """Serves /v1/chat/completions and /v1/completions against one backend (and /v1/responses, as a chat
+    request its own service builds: `serve`)."""
 
     def __init__(
         self,
@@ -209,6 +212,8 @@ class GenerationService:
         self._image_fetcher = RemoteFetcher()  # one TLS context for every remote image
         self._validated_images = ValidatedImages()  # bytes seen and checked before are not decoded again
         self._image_references = ImageReferences(config.image_reference_cache_bytes)  # images named by uuid
+        # reads tool_choice "auto" outputs; None: the model's format is unknown, "auto" is refused
+        self._tool_parser = resolve_parser(config.tool_call_parser, backend.tokenizer, backend.processor)
 
     async def chat(self, http_request: Request) -> Response:
         return await self._serve(http_request, ChatCompletionRequest, "chatcmpl")
@@ -221,6 +226,13 @@ class GenerationService:
     async def _serve(self, http_request: Request, schema: type[GenerationRequest], id_prefix: str) -> Response:
         arrival = Arrival(request_id=f"{id_prefix}-{uuid.uuid4().hex}", arrival_s=time.monotonic())
         request = await self._parse(http_request, schema)
+        return await self.serve(http_request, arrival, request, self._formatter(request, arrival.request_id))
+
+    async def serve(
+        self, http_request: Request, arrival: Arrival, request: GenerationRequest, formatter: Formatter
+    ) -> Response:
+        """A parsed request from its checks on, answered in `formatter`'s shape: the pipeline of the
+        module docstring, which /v1/responses shares (services.gateway.responses_api)."""
         self._check(request)
         ticket = self._admit(request)
         generation: Generation | None = None
@@ -231,11 +243,12 @@ class GenerationService:
                 ticket.tokenized(sum(len(p) for p in prompts))
             except AdmissionRejected as exc:
                 raise self._rejected(exc) from exc
+            await self._prepare_echo(request, prompts, formatter)
             generation = Generation(
                 self._backend,
                 arrival,
                 prompts,
-                to_sampling_spec(request),
+                tool_sampling(to_sampling_spec(request), self.tool_plan_for(request)),
                 request.cache_salt,
                 ticket,
                 self._metrics,
@@ -243,9 +256,8 @@ class GenerationService:
                 images,
             )
             generation.start()
-            formatter = self._formatter(request, arrival.request_id)
             if request.stream:
-                response = await self._stream(http_request, request, generation, formatter)
+                response = await self._stream(http_request, generation, formatter)
                 handed_over = True
                 return response
             return await self._complete(http_request, generation, formatter)
@@ -265,6 +277,8 @@ class GenerationService:
             request.check(self._config.max_n)
             check_num_prompts(request, self._config.max_prompts_per_request)
             check_before_tokenizing(request, self._limits)
+            if isinstance(request, ChatCompletionRequest):
+                check_tool_parser(request, self._tool_parser)
         except InvalidRequestError as exc:
             raise ApiError.invalid(exc) from exc
         if not self._backend.is_ready():
@@ -325,8 +339,23 @@ class GenerationService:
             created=int(time.time()),
             with_logprobs=request.num_logprobs is not None,
             include_usage=request.include_usage,
+            num_top_logprobs=request.num_logprobs or 0,
+            num_prompt_logprobs=request.prompt_logprobs,
+            num_choices_per_prompt=request.num_choices_per_prompt,
         )
-        return ChatFormatter(header) if isinstance(request, ChatCompletionRequest) else CompletionFormatter(header)
+        if isinstance(request, ChatCompletionRequest):
+            return ChatFormatter(header, self.tool_plan_for(request))
+        return CompletionFormatter(header)
+
+    def tool_plan_for(self, request: GenerationRequest) -> ToolPlan | None:
+        """How a chat's output becomes tool calls (services.gateway.tools); None: plain text. Public for
+        /v1/responses, whose formatter reads the output with it."""
+        return tool_plan(request, self._tool_parser) if isinstance(request, ChatCompletionRequest) else None
+
+    async def _prepare_echo(self, request: GenerationRequest, prompts: list[list[int]], formatter: Formatter) -> None:
+        """`echo`: the completions formatter puts each prompt's text (and tokens) before its choices'."""
+        if isinstance(request, CompletionRequest) and request.echo and isinstance(formatter, CompletionFormatter):
+            formatter.echo = await self._tokenizers.run_with_tokenizer(echo_prompts, request, prompts)
 
     # ------------------------------------------------------------------------------------------
 
@@ -338,6 +367,7 @@ class GenerationService:
             while (item := await _next_delta(generation, self._config.retry_after_s)) is not None:
                 first_choice, delta = item
                 usage.add(first_choice, delta)
+                add_prompt_logprobs(choices, first_choice, generation.num_choices_per_prompt, delta)
                 for completion in delta.completions:
                     choices[first_choice + completion.index].add(completion)
 
@@ -345,11 +375,9 @@ class GenerationService:
         body = formatter.response(choices, usage.usage())
         return _json(body, formatter.header.request_id)
 
-    async def _stream(
-        self, http_request: Request, request: GenerationRequest, generation: Generation, formatter: Formatter
-    ) -> Response:
+    async def _stream(self, http_request: Request, generation: Generation, formatter: Formatter) -> Response:
         first = await until_disconnected(http_request, _next_delta(generation, self._config.retry_after_s))
-        events = _stream_events(first, generation, formatter, request.include_usage)
+        events = _stream_events(first, generation, formatter)
         return _EventStream(events, on_close=generation.close, headers={"X-Request-Id": formatter.header.request_id})
 
 
@@ -362,9 +390,7 @@ async def _next_delta(generation: Generation, retry_after_s: int | None = None):
         raise ApiError.from_request_error(exc.error, retry_after_s) from exc
 
 
-async def _stream_events(
-    first, generation: Generation, formatter: Formatter, include_usage: bool
-) -> AsyncIterator[str]:
+async def _stream_events(first, generation: Generation, formatter: Formatter) -> AsyncIterator[str]:
     choices = [ChoiceState(index=i) for i in range(generation.num_choices)]
     usage = UsageCounter()
     try:
@@ -374,18 +400,19 @@ async def _stream_events(
         while item is not None:
             first_choice, delta = item
             usage.add(first_choice, delta)
+            add_prompt_logprobs(choices, first_choice, generation.num_choices_per_prompt, delta)
             for completion in delta.completions:
                 for event in formatter.stream_delta(choices[first_choice + completion.index], completion):
                     yield event
             item = await _next_delta(generation)
-        if include_usage:
-            yield formatter.stream_usage(usage.usage())
+        ending = formatter.stream_end(usage.usage())
     except ApiError as exc:
-        yield error_event(exc.info)
+        ending = formatter.stream_error(exc.info)
     except Exception:
         logger.exception("stream %s failed", formatter.header.request_id)
-        yield error_event(internal_error().info)
-    yield DONE_EVENT
+        ending = formatter.stream_error(internal_error().info)
+    for event in ending:
+        yield event
 
 
 def _json(body: BaseModel, request_id: str) -> Response:

@@ -1,7 +1,8 @@
 """vLLM's /tokenize and /detokenize, on the gateway's tokenizer threads.
 
     POST /tokenize    {"model"?, "prompt": str, "add_special_tokens": true, "return_token_strs": false}
-                   or {"model"?, "messages": [...], "add_generation_prompt": true, "add_special_tokens": false, ...}
+                   or {"model"?, "messages": [...], "tools"?: [...], "add_generation_prompt": true,
+                       "add_special_tokens": false, ...}
                       -> {"count", "max_model_len", "tokens": [int, ...], "token_strs": [str, ...] | null}
     POST /detokenize  {"model"?, "tokens": [int, ...]} -> {"prompt": str}
 
@@ -44,6 +45,7 @@ from services.gateway.protocol import (
 )
 from services.gateway.serving import admission_refused, model_not_found, read_json
 from services.gateway.tokenizer_pool import TokenizerPool
+from services.gateway.tools import template_tools
 
 
 @dataclass(frozen=True)
@@ -125,13 +127,13 @@ def tokenize_request(tokenizer: Any, request: TokenizeRequest) -> tuple[list[int
 def _chat_token_ids(tokenizer: Any, request: TokenizeChatRequest) -> list[int]:
     """As the chat route renders messages; with add_special_tokens the rendered text is encoded with
     the tokenizer's special tokens, as vLLM does."""
+    tools = template_tools(request.tools)
+    prompt = request.add_generation_prompt
     if not request.add_special_tokens:
-        token_ids = render_chat(
-            tokenizer, request.messages, add_generation_prompt=request.add_generation_prompt, tokenize=True
-        )
+        token_ids = render_chat(tokenizer, request.messages, add_generation_prompt=prompt, tokenize=True, tools=tools)
         assert isinstance(token_ids, list)
         return token_ids
-    text = render_chat(tokenizer, request.messages, add_generation_prompt=request.add_generation_prompt, tokenize=False)
+    text = render_chat(tokenizer, request.messages, add_generation_prompt=prompt, tokenize=False, tools=tools)
     return list(tokenizer.encode(text, add_special_tokens=True))
 
 

@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import replace
 
 from services.common.control import KVEventReplay, KVEventsReply, WorkerStats
+from services.common.histogram import cache_config_values
 from services.common.kv_events import KVEvent
 from services.gateway.backend import WorkerSnapshot
 from services.router import PrefixIndex, WorkerLoad
@@ -154,6 +155,14 @@ def worker_snapshot(stats: WorkerStats) -> WorkerSnapshot:
         if scheduler
         else (),
     )
+    if scheduler is not None and scheduler.iteration_tokens is not None:
+        snapshot = replace(
+            snapshot,
+            iteration_tokens_buckets=tuple(scheduler.iteration_tokens.buckets),
+            iteration_tokens_sum=scheduler.iteration_tokens.sum_tokens,
+        )
+    if scheduler is not None and scheduler.cache_config is not None:
+        snapshot = replace(snapshot, cache_config=tuple(cache_config_values(scheduler.cache_config)))
     if transfer is not None:
         snapshot = replace(
             snapshot,

@@ -56,6 +56,7 @@ REQUIRED_METRICS = {
     "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds",
     "vllm:request_inference_time_seconds",
+    "vllm:iteration_tokens_total",
 }
 
 
