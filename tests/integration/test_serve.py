@@ -11,25 +11,14 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.cluster import ServeProcess, serving, wait_until_idle
+from tests.integration.cluster import ServeProcess, wait_until_idle
 
 MODEL = "tristage-tiny"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serving(
-        "--mode",
-        "colocated",
-        "--replicas",
-        "2",
-        "--max-num-seqs",
-        "64",
-        "--drain-timeout",
-        "10",
-        cache_dir=tmp_path_factory.mktemp("cache"),
-    ) as proc:
-        yield proc
+@pytest.fixture
+def server(colocated_server):
+    return colocated_server
 
 
 @pytest.fixture
