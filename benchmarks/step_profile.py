@@ -15,7 +15,7 @@ grouped by the path the step took (decode graph, mixed graph, eager). With overl
 
     python benchmarks/step_profile.py --out results/step_profile.json
     python benchmarks/step_profile.py --no-overlap-outputs   # the plain order, and its phases
-    python benchmarks/step_profile.py --async-scheduling     # launch a step before the last one's tokens are in
+    python benchmarks/step_profile.py --no-async-scheduling  # collect a step's tokens before launching the next
     python benchmarks/step_profile.py --tiny      # a tiny config on CPU, to check the script
 """
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--mixed-cuda-graph-max-tokens", type=int, default=None)
     parser.add_argument("--prefill-attention", choices=["varlen", "sdpa"], default=None)
     parser.add_argument("--no-overlap-outputs", action="store_true", help="and profile the phases of a step")
-    parser.add_argument("--async-scheduling", action="store_true", help="launch a step before collecting the last")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="collect a step before launching the next")
     parser.add_argument("--max-prefill-tokens-beside-decodes", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -134,8 +134,8 @@ def main() -> None:
         extra["varlen_prefill_attention"] = args.prefill_attention == "varlen"
     if args.no_overlap_outputs:
         extra["overlap_outputs"] = False
-    if args.async_scheduling:
-        extra["async_scheduling"] = True
+    if args.no_async_scheduling:
+        extra["async_scheduling"] = False
     if args.max_prefill_tokens_beside_decodes is not None:
         extra["max_prefill_tokens_beside_decodes"] = args.max_prefill_tokens_beside_decodes
     if args.tiny:

@@ -12,9 +12,11 @@ import sys
 import time
 
 from services.engine.config import DTYPES, EngineConfig
+from services.engine.waiting_queue import SCHEDULING_POLICIES
 from services.gateway.config import TOOL_CALL_PARSER_OPTIONS
 from services.gateway.hosts import default_allowed_hosts
 from services.gateway.images import ImagePolicy
+from services.router.router import POLICIES as ROUTER_POLICIES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prefill tokens of a step that also decodes, at most (default: the step's whole budget)",
+    )
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=list(SCHEDULING_POLICIES),
+        default="fcfs",
+        help="order of admitting waiting requests: arrival (fcfs, default), or Preble's priority groups "
+        "by prefix-cache hit ratio (preble)",
     )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
@@ -52,9 +61,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="build a step's outputs before launching the next step (default: while it runs)",
     )
     parser.add_argument(
-        "--async-scheduling",
+        "--no-async-scheduling",
         action="store_true",
-        help="also launch the next step before collecting this one's tokens (experimental: not yet measured)",
+        help="collect a step's tokens before launching the next (default: launch first, with overlapped outputs)",
     )
 
 
@@ -68,13 +77,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes,
+        scheduling_policy=args.scheduling_policy,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         mixed_cuda_graph_max_tokens=args.mixed_cuda_graph_max_tokens,
         varlen_prefill_attention=args.prefill_attention == "varlen",
         overlap_outputs=not args.no_overlap_outputs,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=not args.no_async_scheduling,
     )
 
 
@@ -229,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "alone and not upload it again (default 256 MiB; 0: off)",
     )
     srv.add_argument(
-        "--router-policy", default="preble", choices=["round_robin", "least_load", "prefix_affinity", "preble"]
+        "--router-policy", default="preble", choices=list(ROUTER_POLICIES), help="prefill placement (default preble)"
     )
     srv.add_argument(
         "--worker-metrics-port",

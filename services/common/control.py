@@ -120,6 +120,31 @@ class KVTierStats(msgspec.Struct, frozen=True, kw_only=True):
     num_total_blocks: int  # usable blocks of the tier
 
 
+class StepTiming(msgspec.Struct, frozen=True, array_like=True):
+    """How long an engine took for some steps of its own (services.engine.step_timings).
+
+    Usually one step; steps whose tokens were not waited for (prompt chunks that sample nothing) are
+    timed with the next one that does, so num_steps may be more. duration_s runs from the launch of
+    the first to the end of the last one's sampling; the router fits its prefill-time model on these.
+    """
+
+    seq: int  # numbers the engine's timings 0, 1, ... (a reader keeps the ones it has not seen)
+    num_steps: int
+    num_tokens: int  # tokens computed: prompt chunks and decodes
+    num_attention_pairs: int  # sum over the steps' requests of new tokens x context (prefix + new)
+    duration_s: float
+
+
+class FinishedRequestTiming(msgspec.Struct, frozen=True, array_like=True):
+    """A request that ended in this engine: its first token's latency, its decode pace, its length."""
+
+    seq: int  # numbers the engine's finished requests 0, 1, ...
+    request_id: str  # as the engine knows it (a child of an n > 1 request ends in "#<index>")
+    num_output_tokens: int  # tokens it holds at the end (a prefill-only handoff: 1)
+    ttft_s: float  # arrival in this engine to its first token collected here
+    tpot_s: float  # mean time per output token after the first; 0.0 with fewer than two
+
+
 class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     """An engine's queues and KV cache (services.engine.LLMEngine.scheduler_stats).
 
@@ -143,6 +168,9 @@ class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     # tokens scheduled per engine step, prompt chunks and decodes (vllm:iteration_tokens_total)
     iteration_tokens: TokensHistogramSnapshot | None = None
     cache_config: CacheConfigInfo | None = None
+    # the engine's latest timings, newest last (a bounded ring: a reader dedups by seq)
+    recent_steps: list[StepTiming] = msgspec.field(default_factory=list)
+    recent_finished: list[FinishedRequestTiming] = msgspec.field(default_factory=list)
 
     @property
     def device_kv(self) -> KVTierStats:

@@ -56,6 +56,7 @@ from services.engine.request import Request, RequestStatus
 from services.engine.sampler import PendingSample, Sampler, TokenLogprobs, needs_history
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
+from services.engine.step_timings import StepTimings
 from services.engine.structured import GrammarMasks
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.max_num_seqs,
             max_prefill_tokens_beside_decodes=config.max_prefill_tokens_beside_decodes,
+            scheduling_policy=config.scheduling_policy,
         )
         self.sampler = Sampler()
         self.max_model_len = self.runner.max_model_len
@@ -135,6 +137,7 @@ class LLMEngine:
         self._in_flight: PendingSample | None = None  # the step launched and not yet collected
         self.phase_seconds = {phase: SecondsHistogram(REQUEST_LATENCY_BUCKETS_S) for phase in PHASES}
         self.iteration_tokens = TokensHistogram(iteration_tokens_buckets(config.max_num_batched_tokens))
+        self.timings = StepTimings()  # SchedulerStats.recent_steps / recent_finished, for the router
 
     # ------------------------------------------------------------------ requests in
 
@@ -315,8 +318,9 @@ class LLMEngine:
 
     def _can_launch_ahead(self) -> bool:
         """Whether the next step may be scheduled before the one in flight is collected: not while a
-        running request's sampling reads its earlier tokens themselves (penalties, a grammar's mask)."""
-        return not any(needs_history(r.sampling_params) or r.grammar is not None for r in self.scheduler.running)
+        running request's sampling reads its earlier tokens themselves (penalties). A grammar's mask needs
+        them too, but only once the forward is queued (`_grammar_bitmask` waits for them there)."""
+        return not any(needs_history(r.sampling_params) for r in self.scheduler.running)
 
     def _launch(self, in_flight: PendingSample | None = None) -> None:
         """Schedule and run a step, its sampling queued on the device. With `in_flight` (asynchronous
@@ -325,6 +329,7 @@ class LLMEngine:
         if batch.empty:
             return
         self.iteration_tokens.observe(sum(batch.num_new_tokens))
+        started_s = time.monotonic()
         logits, sampled, prompt_logprobs = self.runner.execute(batch, self.kv_cache.block_ids, in_flight)
         now = time.monotonic()
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
@@ -334,16 +339,30 @@ class LLMEngine:
         if prompt_logprobs is not None:
             self._hold_prompt_logprobs(prompt_logprobs)
         if sampled:
-            # computed on the host while the device runs the forward queued above
-            bitmask = self.grammars.fill([r.grammar for r in sampled], [r.output_token_ids for r in sampled])
+            bitmask = self._grammar_bitmask(sampled, in_flight)
             self._in_flight = self.sampler.sample(logits, sampled, token_bitmask=bitmask)
             for request in sampled:
                 request.num_pending_tokens += 1
+        self.timings.launched(started_s, batch.requests, batch.num_new_tokens, self._in_flight)
+
+    def _grammar_bitmask(self, sampled: list[Request], in_flight: PendingSample | None) -> torch.Tensor | None:
+        """The constrained rows' token masks, computed on the host while the device runs the forward
+        queued just before. A mask needs every token before it: with a step in flight (asynchronous
+        scheduling) its tokens are waited for here, which that step's end and this forward overlap."""
+        states = [r.grammar for r in sampled]
+        if all(state is None for state in states):
+            return None
+        outputs: list[list[int]] = []
+        for request in sampled:
+            pending = in_flight.token_of(request) if in_flight is not None and request.grammar else None
+            outputs.append(request.output_token_ids if pending is None else [*request.output_token_ids, pending])
+        return self.grammars.fill(states, outputs)
 
     def _collect(self, pending: PendingSample | None) -> _Collected | None:
         if pending is None:
             return None
         result = pending.resolve()
+        self.timings.collected(pending)
         touched: dict[str, _Parent] = {}
         handoffs = []
         for request, token_id, logprobs in zip(pending.requests, result.token_ids, result.logprobs):
@@ -395,6 +414,7 @@ class LLMEngine:
         self.phase_seconds["prefill"].observe(first - scheduled)
         self.phase_seconds["decode"].observe(end - first)
         self.phase_seconds["inference"].observe(end - scheduled)
+        self.timings.finished(request, end)
 
     def _detokenize(self, child: _Child) -> str | None:
         """Decode the child's new tokens (and its logprob entries' tokens); the stop string matched, if any.
@@ -619,6 +639,8 @@ class LLMEngine:
             prefix_cache_hit_tokens=kv_cache.prefix_cache_hit_tokens,
             phase_seconds={phase: histogram.snapshot() for phase, histogram in self.phase_seconds.items()},
             iteration_tokens=self.iteration_tokens.snapshot(),
+            recent_steps=self.timings.recent_steps(),
+            recent_finished=self.timings.recent_finished(),
             cache_config=CacheConfigInfo(
                 block_size=self.config.block_size,
                 num_gpu_blocks=device.num_total_blocks,

@@ -115,6 +115,7 @@ class PendingSample:
         self._rows = {id(r): row for row, r in enumerate(requests)}
         self._logprobs = logprobs
         self._copied: torch.cuda.Event | None = None
+        self._resolved: SamplerOutput | None = None
         if token_ids.device.type == "cuda":
             self._host_token_ids = token_ids.to("cpu", non_blocking=True)
             if logprobs is not None:
@@ -131,12 +132,19 @@ class PendingSample:
         return self._rows[id(request)]
 
     def resolve(self) -> SamplerOutput:
-        """The tokens and logprobs on the host (waits for this step's copies)."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        return SamplerOutput(
-            token_ids=self._host_token_ids.tolist(), logprobs=_collect_logprobs(self._logprobs, self.requests)
-        )
+        """The tokens and logprobs on the host (waits for this step's copies; later calls return the same)."""
+        if self._resolved is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._resolved = SamplerOutput(
+                token_ids=self._host_token_ids.tolist(), logprobs=_collect_logprobs(self._logprobs, self.requests)
+            )
+        return self._resolved
+
+    def token_of(self, request: Request) -> int | None:
+        """The token sampled for `request` in this step (waits for it), or None when it had no row."""
+        row = self._rows.get(id(request))
+        return None if row is None else self.resolve().token_ids[row]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 Each step spends a token budget (`max_num_batched_tokens`):
   1. running requests, decodes before unfinished prefills, each asking for all its uncomputed
      tokens (one for a decode, the rest of the prompt for a prefill, cut to the budget);
-  2. waiting requests in arrival order (preempted ones first), while the budget lasts and fewer
-     than `max_num_seqs` run; a new request first adopts its cached prefix blocks (unless it
-     computes prompt logprobs: cached blocks have no logits).
+  2. waiting requests in the waiting queue's order (preempted ones first; then arrival order, or
+     Preble's priority groups by prefix-cache hit: services/engine/waiting_queue.py), while the
+     budget lasts and fewer than `max_num_seqs` run, up to the first that does not fit; a new
+     request first adopts its cached prefix blocks (unless it computes prompt logprobs: cached
+     blocks have no logits).
 In a step that decodes, prefill chunks (of running and waiting requests alike) share at most
 `max_prefill_tokens_beside_decodes` of the budget, so that one long prompt stretches every running
 request's inter-token gap by a bounded amount (Sarathi-Serve, OSDI 2024, "stall-free batching").
@@ -19,11 +21,11 @@ guaranteed because `add_request` refuses any request that could not fit in the p
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from services.engine.kv_cache.manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
+from services.engine.waiting_queue import WaitingQueue, make_waiting_queue
 
 
 @dataclass
@@ -50,12 +52,13 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         max_prefill_tokens_beside_decodes: int | None = None,
+        scheduling_policy: str = "fcfs",
     ) -> None:
         self.kv_cache = kv_cache
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_tokens_beside_decodes = max_prefill_tokens_beside_decodes
         self.max_num_seqs = max_num_seqs
-        self.waiting: deque[Request] = deque()
+        self.waiting: WaitingQueue = make_waiting_queue(scheduling_policy, self._num_adoptable_tokens)
         self.running: list[Request] = []  # arrival order
         self.num_preemptions_total = 0
 
@@ -131,8 +134,9 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         preempted_now = set(id(r) for r in batch.preempted)
+        self.waiting.refresh()
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             if id(request) in preempted_now or request.num_pending_tokens:
                 break  # preempted in this step, or its token of a step in flight not in yet: it waits
             # cached blocks have no logits: a request still computing prompt logprobs adopts none
@@ -141,7 +145,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_computed, budget)
             if not self.kv_cache.allocate_slots(request, num_new, computed):
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             request.num_computed_tokens = num_computed
             if request.num_preemptions == 0:
                 request.num_cached_prompt_tokens = num_computed
@@ -150,6 +154,10 @@ class Scheduler:
             batch.add(request, num_new)
             budget -= num_new
 
+    def _num_adoptable_tokens(self, request: Request) -> int:
+        """Cached prefix tokens a waiting request would adopt now (the waiting queue's probe)."""
+        return 0 if request.computes_prompt_logprobs else self.kv_cache.num_cached_prefix_tokens(request)
+
     def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
         self.kv_cache.free(request.request_id)
         self.running.remove(request)
@@ -157,7 +165,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         request.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(request)
+        self.waiting.push_front(request)
         batch.preempted.append(request)
 
     # ------------------------------------------------------------------ updates

@@ -19,8 +19,10 @@ Invariants:
     mask never depends on the batch, the path (graph or eager) or the worker that sampled earlier tokens.
   - Unconstrained rows of a batch keep an all-ones mask row; a batch without constrained rows sends
     no mask at all (the sampler's plain path).
-  - The asynchronous scheduler does not launch a step ahead while a constrained request runs: its
-    mask needs the token of the step in flight (LLMEngine._can_launch_ahead).
+  - With asynchronous scheduling, a step launched ahead queues its forward first and only then waits
+    for the step in flight's tokens, which its masks need (LLMEngine._grammar_bitmask): the wait
+    overlaps the new forward, and the matcher consumes the pending token before collection appends
+    it (`advance` then finds it consumed).
 
 Bitmask layout (llguidance's): int32 words, token t allowed iff bit (t % 32) of word t // 32 is set.
 """

@@ -134,6 +134,9 @@ def worker_load(stats: WorkerStats) -> WorkerLoad:
         num_free_blocks=scheduler.device_kv.num_free_blocks,
         queued_prefill_tokens=scheduler.queued_prefill_tokens,
         num_decoding=scheduler.num_decoding_requests,
+        num_total_blocks=scheduler.device_kv.num_total_blocks,
+        recent_steps=tuple(scheduler.recent_steps),
+        recent_finished=tuple(scheduler.recent_finished),
     )
 
 

@@ -15,7 +15,7 @@ def test_disaggregated_output_on_the_gpu_equals_colocated(llama_dir, delivery):
     cluster = Cluster(llama_dir, delivery=delivery)
     try:
         assert cluster.prefill_engine.runner.device.type == "cuda"
-        staging = cluster.prefill._staging
+        staging = cluster.prefill.prefill_role.staging
         if staging is not None:
             assert staging.tensor.is_pinned()  # registered with CUDA: asynchronous DMA copies
         assert cluster.generate(prompts, max_tokens=12) == colocated(llama_dir, prompts, 12)

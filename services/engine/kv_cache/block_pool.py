@@ -62,6 +62,10 @@ class BlockPool:
             return None
         return block
 
+    def is_cached(self, block_hash: int) -> bool:
+        """A block with this hash is findable (its tokens not re-checked: see lookup)."""
+        return block_hash in self._cached
+
     def touch(self, blocks: Iterable[KVBlock]) -> None:
         """Take one more reference on blocks found in the cache."""
         for block in blocks:

@@ -76,6 +76,23 @@ class KVCacheManager:
         self.prefix_cache_hit_tokens += len(hits) * self.block_size
         return hits
 
+    def num_cached_prefix_tokens(self, request: Request) -> int:
+        """The tokens get_computed_blocks would find now, as a probe for ordering waiting requests.
+
+        It adopts nothing, is not counted in the prefix-cache metrics, and matches block hashes alone,
+        without re-checking their tokens (a collision can only misorder): one dict lookup per block once
+        the request's hashes are computed (the first call computes them, as admission would)."""
+        if not self.enable_prefix_caching:
+            return 0
+        self._update_hashes(request, request.num_tokens)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        num_hit_blocks = 0
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            if not self.pool.is_cached(block_hash):
+                break
+            num_hit_blocks += 1
+        return num_hit_blocks * self.block_size
+
     # --------------------------------------------------------------- allocation
 
     def can_allocate(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[KVBlock] = ()) -> bool:
