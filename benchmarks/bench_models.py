@@ -41,6 +41,33 @@ LLAMA_31_8B = {
     },
     "rope_theta": 500000.0,
 }
+# Llama-3.2-1B's published shapes (meta-llama/Llama-3.2-1B config.json: 16 layers, 8 KV heads of 64,
+# tied embeddings, llama3 RoPE scaled 32x); bos and eos are the benchmark tokenizer's ids, as above.
+LLAMA_32_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "bos_token_id": 128253,
+    "eos_token_id": 128254,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "rope_theta": 500000.0,
+}
 TINY = {
     **LLAMA_31_8B,
     "vocab_size": 1024,

@@ -293,6 +293,13 @@ class PrefixIndex(_HolderSets[int]):
             self._record(alive, len(block_hashes), matched)
         return matched
 
+    def holds(self, worker: str, block_hash: int) -> bool:
+        """Whether `worker` holds the block or has a live claim on it (what `match` counts). O(1)."""
+        bit = self._bit_of.get(worker)
+        if bit is None:
+            return False
+        return bool((self._holders.get(block_hash, 0) | self._pending_holders.get(block_hash, 0)) & bit)
+
     def blocks(self, worker: str) -> frozenset[int]:
         """The block hashes the worker holds, confirmed by its events (a copy; for tests and replay checks)."""
         return frozenset(self._keys.get(worker, ()))

@@ -21,6 +21,13 @@ make the worker look idle.
 A worker with no snapshot yet reads as idle, with unbounded free KV blocks (UNBOUNDED_FREE_BLOCKS):
 at start-up nothing is known and nothing is running.
 
+Timings. A snapshot may carry the worker's latest timings (SchedulerStats.recent_steps and
+recent_finished: step durations with their token counts; finished requests' TTFT, TPOT and output
+length). Each is a ring the worker resends; `update` keeps the entries it has not seen (by seq, per
+worker; a worker counting from 0 again restarted) in two logs of the last MAX_TIMINGS entries over
+all workers, numbered in arrival order. A reader keeps a cursor (`step_timings_since(cursor)`,
+`finished_since(cursor)`) and reads only what came after it; what the logs dropped meanwhile is lost.
+
 Tunables (defaults in RouterConfig):
   inflight_ttl_s   2.0   seconds an in-flight estimate lives at most
   decode_window_s  5.0   seconds of snapshots averaged by mean_decoding
@@ -28,13 +35,19 @@ Tunables (defaults in RouterConfig):
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
+
+from services.common.control import FinishedRequestTiming, StepTiming
 
 UNBOUNDED_FREE_BLOCKS = 1 << 40
+MAX_TIMINGS = 4096  # entries each timings log keeps, over all workers
+
+T = TypeVar("T", StepTiming, FinishedRequestTiming)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +60,9 @@ class WorkerLoad:
     num_free_blocks: int  # KV blocks a new request can take (cached-but-unreferenced count as free)
     queued_prefill_tokens: int  # prompt tokens accepted but not yet prefilled
     num_decoding: int  # sequences in the decode batch
+    num_total_blocks: int = 0  # usable KV blocks of the device tier; 0: not reported
+    recent_steps: tuple[StepTiming, ...] = ()  # the worker's latest step timings (see the module doc)
+    recent_finished: tuple[FinishedRequestTiming, ...] = ()  # ... and finished requests' timings
 
     @classmethod
     def from_snapshot(
@@ -127,6 +143,11 @@ class LoadView:
         self._acknowledged: dict[str, list[_InFlight]] = {}  # worker -> acknowledged, awaiting its snapshot
         self._decode_samples: dict[str, deque[tuple[float, int]]] = {}
         self._decode_sums: dict[str, int] = {}
+        # worker -> get()'s answer while neither its snapshot nor its in-flight totals change (the
+        # router asks for one worker's load several times a placement)
+        self._effective: dict[str, WorkerLoad] = {}
+        self._steps = _TimingLog[StepTiming]()
+        self._finished = _TimingLog[FinishedRequestTiming]()
 
     def now(self) -> float:
         """The router's clock (seconds; monotonic), shared with the policies' windows."""
@@ -138,20 +159,36 @@ class LoadView:
         """A fresh snapshot of one worker; it now counts the requests acknowledged before it."""
         now = self._clock()
         self._loads[load.worker] = load
+        self._effective.pop(load.worker, None)
         for entry in self._acknowledged.pop(load.worker, ()):
             self._remove(entry)
         samples = self._decode_samples.setdefault(load.worker, deque())
         samples.append((now, load.num_decoding))
         self._decode_sums[load.worker] = self._decode_sums.get(load.worker, 0) + load.num_decoding
+        if load.recent_steps:
+            self._steps.add(load.worker, load.recent_steps)
+        if load.recent_finished:
+            self._finished.add(load.worker, load.recent_finished)
 
     def remove_worker(self, worker: str) -> None:
         self._loads.pop(worker, None)
+        self._effective.pop(worker, None)
         self._decode_samples.pop(worker, None)
         self._decode_sums.pop(worker, None)
         self._acknowledged.pop(worker, None)
+        self._steps.forget(worker)
+        self._finished.forget(worker)
         doomed = [entry for entries in self._by_request.values() for entry in entries if entry.worker == worker]
         for entry in doomed:
             self._remove(entry)
+
+    def step_timings_since(self, cursor: int) -> tuple[list[tuple[str, StepTiming]], int]:
+        """(worker, timing) pairs logged after `cursor` (still kept), oldest first, and the cursor past them."""
+        return self._steps.since(cursor)
+
+    def finished_since(self, cursor: int) -> tuple[list[tuple[str, FinishedRequestTiming]], int]:
+        """(worker, finished request) pairs logged after `cursor` (still kept), oldest first, and the next cursor."""
+        return self._finished.since(cursor)
 
     def snapshot(self, worker: str) -> WorkerLoad:
         """The last snapshot alone (idle with unbounded room before the first one)."""
@@ -163,11 +200,14 @@ class LoadView:
     def get(self, worker: str) -> WorkerLoad:
         """The last snapshot plus the in-flight estimates on this worker."""
         self._expire()
+        effective = self._effective.get(worker)
+        if effective is not None:
+            return effective
         base = self.snapshot(worker)
         extra = self._totals.get(worker)
         if extra is None:
             return base
-        return WorkerLoad(
+        effective = self._effective[worker] = WorkerLoad(
             worker,
             base.stage,
             base.num_running,
@@ -176,7 +216,11 @@ class LoadView:
             max(0, base.num_free_blocks - extra.kv_blocks),
             base.queued_prefill_tokens + extra.prefill_tokens,
             base.num_decoding + extra.decoding,
+            base.num_total_blocks,
+            base.recent_steps,
+            base.recent_finished,
         )
+        return effective
 
     def mean_decoding(self, worker: str) -> float:
         """num_decoding averaged over the last decode_window_s of snapshots, plus in-flight decodes."""
@@ -248,6 +292,7 @@ class LoadView:
                 del self._by_request[entry.request_id]
 
     def _add_totals(self, entry: _InFlight, sign: int) -> None:
+        self._effective.pop(entry.worker, None)
         totals = self._totals.setdefault(entry.worker, _Totals())
         totals.prefill_tokens += sign * entry.prefill_tokens
         totals.requests += sign * entry.requests
@@ -255,3 +300,32 @@ class LoadView:
         totals.decoding += sign * entry.decoding
         if sign < 0 and not (totals.prefill_tokens or totals.requests or totals.kv_blocks or totals.decoding):
             del self._totals[entry.worker]
+
+
+class _TimingLog(Generic[T]):
+    """The last MAX_TIMINGS new entries of the workers' timing rings, numbered in arrival order."""
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[str, T]] = deque(maxlen=MAX_TIMINGS)
+        self._num_logged = 0
+        self._last_seq: dict[str, int] = {}  # worker -> the highest seq logged
+
+    def add(self, worker: str, ring: tuple[T, ...]) -> None:
+        last = self._last_seq.get(worker, -1)
+        if ring[-1].seq < last:  # the worker counts from 0 again: it restarted
+            last = -1
+        for timing in ring:
+            if timing.seq > last:
+                self._entries.append((worker, timing))
+                self._num_logged += 1
+        self._last_seq[worker] = max(last, ring[-1].seq)
+
+    def since(self, cursor: int) -> tuple[list[tuple[str, T]], int]:
+        num_new = min(self._num_logged - cursor, len(self._entries))
+        if num_new <= 0:
+            return [], self._num_logged
+        newest_first = list(itertools.islice(reversed(self._entries), num_new))
+        return newest_first[::-1], self._num_logged
+
+    def forget(self, worker: str) -> None:
+        self._last_seq.pop(worker, None)

@@ -87,8 +87,10 @@ from services.common.block_hash import MultiModalSpan, hash_request_blocks
 from services.router.index import ContentIndex, PrefixIndex
 from services.router.load import LoadView
 from services.router.policies.base import Policy, PrefillRequest
+from services.router.policies.kv_overlap import KvOverlap, KvOverlapConfig
 from services.router.policies.least_load import LeastLoad, LeastLoadConfig, least_load_cost
 from services.router.policies.preble import Preble, PrebleConfig
+from services.router.policies.precise_prefix import PrecisePrefix, PrecisePrefixConfig
 from services.router.policies.prefix_affinity import PrefixAffinity, PrefixAffinityConfig
 from services.router.policies.round_robin import RoundRobin
 
@@ -98,6 +100,8 @@ class RouterConfig:
     least_load: LeastLoadConfig = field(default_factory=LeastLoadConfig)
     prefix_affinity: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
     preble: PrebleConfig = field(default_factory=PrebleConfig)
+    kv_overlap: KvOverlapConfig = field(default_factory=KvOverlapConfig)
+    precise_prefix: PrecisePrefixConfig = field(default_factory=PrecisePrefixConfig)
     decode_kv_usage_weight: float = 32.0
     default_expected_output_tokens: int = 256
     inflight_ttl_s: float = 2.0
@@ -112,6 +116,8 @@ POLICIES: Mapping[str, Callable[[RouterConfig], Policy]] = {
     "least_load": lambda config: LeastLoad(config.least_load),
     "prefix_affinity": lambda config: PrefixAffinity(config.prefix_affinity),
     "preble": lambda config: Preble(config.preble),
+    "kv_overlap": lambda config: KvOverlap(config.kv_overlap),
+    "precise_prefix": lambda config: PrecisePrefix(config.precise_prefix),
 }
 
 
@@ -187,6 +193,7 @@ class Router:
         self.config = config
         self.policy = POLICIES[policy_name](config)
         self.index = PrefixIndex(config.pending_block_ttl_s, clock)
+        self.policy.bind_index(self.index)
         self.content_index = ContentIndex()
         self.load = LoadView(config.inflight_ttl_s, config.decode_window_s, clock)
         self.decisions: Counter[tuple[str, str]] = Counter()

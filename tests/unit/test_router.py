@@ -45,7 +45,14 @@ def route(request_id, prompt, max_tokens=8, **fields):
 
 
 def test_registry_names_every_policy_and_refuses_unknown_ones():
-    assert sorted(POLICIES) == ["least_load", "preble", "prefix_affinity", "round_robin"]
+    assert sorted(POLICIES) == [
+        "kv_overlap",
+        "least_load",
+        "preble",
+        "precise_prefix",
+        "prefix_affinity",
+        "round_robin",
+    ]
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_router("fastest")
     with pytest.raises(ValueError, match="overlap"):

@@ -10,7 +10,6 @@ from services.router.policies import (
     LeastLoad,
     LeastLoadConfig,
     Preble,
-    PrebleConfig,
     PrefillRequest,
     PrefixAffinity,
     PrefixAffinityConfig,
@@ -141,26 +140,27 @@ def test_prefix_affinity_sees_inflight_requests_as_load():
 
 
 def test_preble_load_cost_counts_queued_tokens_and_the_decode_window():
+    # in seconds; before any timing is reported the priors hold: prefill 1e-4 s a token, 256 output
+    # tokens a request at 20 ms each (the window term and its fit: tests/unit/test_router_preble.py)
     clock = Clock()
     load = cluster(clock, w0={"queued": 100, "decoding": 2})
-    policy = Preble(PrebleConfig(decode_token_weight=32))
-    assert policy.base_cost("w0", load) == 100 + 32 * 2
+    policy = Preble()
+    assert policy.load_cost("w0", load) == pytest.approx(100e-4 + 2 * 256 * 0.02)
     load.add_inflight("r", "w0", prefill_tokens=50, decoding=1)
-    assert policy.base_cost("w0", load) == 150 + 32 * 3
+    assert policy.load_cost("w0", load) == pytest.approx(150e-4 + 3 * 256 * 0.02)
     clock.now += 1
     load.update(WorkerLoad("w0", "prefill", 0, 0, 0.0, 1000, 100, 4))  # decoding 2 then 4: mean 3 (+1 in flight)
     assert load.mean_decoding("w0") == 4
     clock.now += 5.5  # the first sample leaves the 5 s window; the latest always counts
     assert load.mean_decoding("w0") == 4  # the latest sample alone; the in-flight decode expired after 2 s
-    assert policy.prefill_cost(8, 4) == 4
-    assert Preble(PrebleConfig(attention_weight=0.5)).prefill_cost(8, 4) == 4 + 0.5 * (64 - 16) / 2
+    assert policy.fit.prefill_time(8 - 4, 8) == pytest.approx(4e-4)
 
 
 def test_preble_explores_when_the_match_equals_the_rest_and_exploits_one_block_past_it():
     policy = Preble()
     load = cluster(w0={"queued": 20})
     equal = tokens(32)  # w0 holds 4 blocks = 16 tokens, the rest is 16: explore
-    # costs: w0 = (32 - 16) + 20 = 36, w1 = w2 = 32
+    # costs in tokens of prefill work (1e-4 s each, the prior): w0 = (32 - 16) + 20 = 36, w1 = w2 = 32
     decision = policy.choose_prefill(request(equal), WORKERS, holding(equal, w0=4), load)
     assert (decision.worker, decision.reason) == ("w1", "explore")
     past = tokens(36)  # w0 holds 5 blocks = 20 tokens, the rest is 16: one block more than the rest
@@ -172,7 +172,7 @@ def test_preble_explores_when_the_match_equals_the_rest_and_exploits_one_block_p
 def test_preble_explore_minimises_missed_prefill_plus_load():
     policy = Preble()
     prompt = tokens(40)  # w0 holds 2 blocks: 8 <= 32 explores
-    # costs: w0 = 32 + 10 = 42, w1 = 40, w2 = 40 + 32 * 1 (one decoding sequence)
+    # costs in tokens of prefill work: w0 = 32 + 10 = 42, w1 = 40, w2 = 40 + one decoding sequence (256 x 20 ms)
     load = cluster(w0={"queued": 10}, w2={"decoding": 1})
     assert policy.choose_prefill(request(prompt), WORKERS, holding(prompt, w0=2), load).worker == "w1"
     load = cluster(w0={"queued": 7})  # w0 = 32 + 7 = 39 < 40
@@ -187,59 +187,5 @@ def test_preble_exploit_takes_the_cheapest_holder_of_the_longest_prefix():
     assert (decision.worker, decision.reason) == ("w1", "exploit")
 
 
-@pytest.mark.parametrize(
-    "busiest, least, config, rebalanced",
-    [
-        (200, 100, {"rebalance_min_tokens": 0}, False),  # 200 = 2.0 * 100: not above the ratio
-        (201, 100, {"rebalance_min_tokens": 0}, True),
-        (5096, 1000, {}, False),  # ratio 5.1 but the gap 4096 is not above rebalance_min_tokens
-        (5097, 1000, {}, True),
-    ],
-)
-def test_preble_rebalances_exploits_off_the_busiest_worker(busiest, least, config, rebalanced):
-    policy = Preble(PrebleConfig(warmup_requests=0, **config))
-    prompt = tokens(40)
-    load = cluster(w0={"queued": busiest}, w1={"queued": least}, w2={"queued": least + 1})
-    decision = policy.choose_prefill(request(prompt), WORKERS, holding(prompt, w0=9), load)
-    assert (decision.worker, decision.reason) == (("w1", "rebalance") if rebalanced else ("w0", "exploit"))
-
-
-def test_preble_rebalances_only_after_warmup_and_only_off_the_busiest():
-    policy = Preble(PrebleConfig(warmup_requests=3, rebalance_min_tokens=0))
-    prompt = tokens(40)
-    load = cluster(w0={"queued": 1000}, w1={"queued": 10}, w2={"queued": 500})
-    reasons = [policy.choose_prefill(request(prompt), WORKERS, holding(prompt, w0=9), load).reason for _ in range(4)]
-    assert reasons == ["exploit", "exploit", "exploit", "rebalance"]
-    # a prefix on w2 (not the busiest) is exploited even though w2 costs 50x w1
-    assert policy.choose_prefill(request(prompt), WORKERS, holding(prompt, w2=9), load).worker == "w2"
-
-
-def test_preble_replicates_a_prefix_that_dominates_its_single_holder():
-    clock = Clock()
-    policy = Preble(PrebleConfig(replicate_min_requests=3, replicate_share=0.5, window_s=60, replicate_cooldown_s=10))
-    hot, other = tokens(40, family=1), tokens(40, family=2)
-    load = cluster(clock, w1={"queued": 5})  # the replica goes to the cheapest other worker: w2
-
-    def place(prompt):
-        return policy.choose_prefill(request(prompt), WORKERS, holding(prompt, w0=9), load)
-
-    assert [place(hot).reason for _ in range(3)] + [place(other).reason for _ in range(3)] == ["exploit"] * 6
-    assert place(hot).reason == "exploit"  # hot 3 of 6 placements on w0: exactly half is not above
-    assert place(other).reason == "exploit"  # other 3 of 7
-    assert place(hot).reason == "exploit"  # hot 4 of 8
-    decision = place(hot)  # hot 5 of 9 > half
-    assert (decision.worker, decision.reason) == ("w2", "replicate")
-    assert place(hot).reason == "exploit"  # within the cooldown
-    clock.now += 11
-    assert place(hot).reason == "replicate"
-    clock.now += 61  # the window forgets every placement
-    assert place(hot).reason == "exploit"
-
-
-def test_preble_does_not_replicate_a_prefix_held_twice():
-    policy = Preble(PrebleConfig(replicate_min_requests=1))
-    prompt = tokens(40)
-    load = cluster()
-    for _ in range(3):
-        decision = policy.choose_prefill(request(prompt), WORKERS, holding(prompt, w0=9, w2=9), load)
-        assert (decision.worker, decision.reason) == ("w0", "exploit")
+# Preble's rebalancing (moving prefix subtrees) and replication (on a TTFT overload) are tested in
+# tests/unit/test_router_preble.py.

@@ -8,6 +8,8 @@ Contract:
     It may name workers that are not candidates; a policy ignores them.
   * `load` is read only: the policy never adds in-flight estimates (the router does, after the
     decision).
+  * `bind_index` is called once, by the router that owns the policy, with its prefix index; a policy
+    that weighs what each worker caches beyond `index_match` reads it there and never changes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from services.router.index import PrefixIndex
 from services.router.load import LoadView
 
 
@@ -52,6 +55,10 @@ class Policy(ABC):
         self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
     ) -> Decision:
         """The prefill worker for this request, with the reason for the choice."""
+
+    def bind_index(self, index: PrefixIndex) -> None:
+        """The router's prefix index, read only (see the module doc). Most policies need only index_match."""
+        return None
 
 
 def least_cost(candidates: Sequence[str], cost: Mapping[str, float]) -> str:
