@@ -35,6 +35,10 @@ from services.router.policies.preble_tree import PrefixNode
 
 S = TypeVar("S")
 
+# A table covers this many times the blocks of the query that built it: prompts vary in length, and a
+# query needing more than the table covers rebuilds it.
+_COVER_FACTOR = 2
+
 # A node's weight on a worker: (Σ weight, Σ weight·tokens, Σ weight·tokens·context) terms, or None for 0
 Weights = tuple[float, float, float] | None
 
@@ -114,11 +118,12 @@ class EvictionLists(Generic[S]):
         ):
             return table
         table = recency.table = _Table(now, set(), [], [], [], [])
+        cover_blocks = _COVER_FACTOR * need_blocks
         gone: list[PrefixNode[S]] = []
         blocks, weights, token_weights, pair_weights = 0, 0.0, 0.0, 0.0
         for visited, node in enumerate(recency.nodes):
-            if blocks >= 2 * need_blocks or len(table.members) >= self.walk_nodes or visited >= 4 * self.walk_nodes:
-                table.complete = blocks < 2 * need_blocks
+            if blocks >= cover_blocks or len(table.members) >= self.walk_nodes or visited >= 4 * self.walk_nodes:
+                table.complete = blocks < cover_blocks
                 break
             if self.index is not None and not self.index.holds(recency.name, node.hashes[-1]):
                 gone.append(node)  # evicted there (or its claims lapsed): the list forgets it
