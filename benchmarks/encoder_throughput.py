@@ -1,13 +1,18 @@
-"""An encode worker's image rate: megapixel JPEGs through `ImageEncoder.encode` (decode, the model's own
-image processor, the vision tower, the projector), with its preprocessing on 1 thread and on more.
+"""An encode worker's image rate: megapixel JPEGs through `ImageEncoder` (decode, the model's own image
+processor, the vision tower, the projector), with its preprocessing on 1 thread and on more.
 
 LLaVA-1.5-7B shapes (CLIP ViT-L/14 at 336 px), dummy weights. Each batch holds distinct generated
 JPEGs of 1, 2 and 4 megapixels in turn, so every image is a cache miss. Decoding and resizing a
 megapixel JPEG costs far more than the tower, so the rate grows with the preprocessing threads
 until the cores or the tower run out.
 
+JPEGs are draft-decoded (at 1/2 .. 1/8 scale, services.workers.encoder) unless --no-image-draft-decode;
+--pipeline-depth 2 starts each batch's preprocessing before the tower runs the batch ahead, as the
+encode worker's loop does (1: one batch after the other).
+
     python benchmarks/encoder_throughput.py --device cuda --out $OUT/encoder.json
     python benchmarks/encoder_throughput.py --tiny          # a tiny tower on the CPU: preprocessing alone
+    python benchmarks/encoder_throughput.py --tiny --no-image-draft-decode --pipeline-depth 1   # as before
 """
 
 from __future__ import annotations
@@ -37,25 +42,43 @@ def jpegs(count: int, seed: int) -> list[bytes]:
     return [base64.b64decode(url.partition(",")[2]) for url in urls]
 
 
-def images_per_s(model_dir: str, device: str, threads: int, batches: list[list[bytes]]) -> float:
-    """Images encoded per second over `batches`, each one `encode` call (as the loop takes its queue)."""
+def images_per_s(
+    model_dir: str, device: str, threads: int, batches: list[list[bytes]], draft: bool = True, depth: int = 1
+) -> float:
+    """Images encoded per second over `batches`, each one start/finish (as the loop takes its queue), with
+    up to `depth` batches started and not finished."""
+    from collections import deque
+
     from services.common.images import encoded_content_hash
     from services.common.messages import ImageRef
-    from services.workers.encoder import ImageEncoder
+    from services.workers.encoder import EncodeBatch, ImageEncoder
 
     encoder = ImageEncoder(
-        model_dir, device, "bfloat16" if device != "cpu" else "float32", load_format="dummy", preprocess_threads=threads
+        model_dir,
+        device,
+        "bfloat16" if device != "cpu" else "float32",
+        load_format="dummy",
+        preprocess_threads=threads,
+        image_draft_decode=draft,
     )
     num_rows = encoder.processor.num_image_tokens(336, 336)
 
     def items(batch: list[bytes]) -> list[tuple[ImageRef, bytes]]:
         return [(ImageRef(content_hash=encoded_content_hash(data), offset=0, length=num_rows), data) for data in batch]
 
+    def finish(started: EncodeBatch) -> None:
+        results = encoder.finish(started)
+        assert all(not isinstance(r, str) for r in results), results
+
     encoder.encode(items(jpegs(2, seed=99)))  # warm-up: allocator, kernels, thread start
     start = time.perf_counter()
+    in_flight: deque[EncodeBatch] = deque()
     for batch in batches:
-        results = encoder.encode(items(batch))
-        assert all(not isinstance(r, str) for r in results), results
+        in_flight.append(encoder.start(items(batch)))
+        if len(in_flight) == depth:
+            finish(in_flight.popleft())
+    while in_flight:
+        finish(in_flight.popleft())
     if device != "cpu":
         import torch
 
@@ -72,19 +95,32 @@ def main() -> None:
     parser.add_argument(
         "--threads", default=f"1,{min(8, os.cpu_count() or 1)}", help="preprocessing thread counts to compare"
     )
+    parser.add_argument("--no-image-draft-decode", action="store_true", help="decode every JPEG in full")
+    parser.add_argument("--pipeline-depth", type=int, default=2, help="batches started and not finished (1: serial)")
     parser.add_argument("--out")
     args = parser.parse_args()
     model_dir = write_llava_dir(TINY_LLAVA if args.tiny else LLAVA_15_7B)
     images = jpegs(args.images, seed=1)
     batches = [images[i : i + args.batch] for i in range(0, len(images), args.batch)]
     counts = [int(t) for t in args.threads.split(",")]
-    rates = {threads: images_per_s(model_dir, args.device, threads, batches) for threads in counts}
+    draft, depth = not args.no_image_draft_decode, args.pipeline_depth
+    rates = {threads: images_per_s(model_dir, args.device, threads, batches, draft, depth) for threads in counts}
     base = rates[counts[0]]
     for threads, rate in rates.items():
         print(f"| {threads} threads | {rate:.1f} images/s | {rate / base:.2f} x |", flush=True)
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"device": args.device, "tiny": args.tiny, "batch": args.batch, "images_per_s": rates}, indent=1)
+            json.dumps(
+                {
+                    "device": args.device,
+                    "tiny": args.tiny,
+                    "batch": args.batch,
+                    "image_draft_decode": draft,
+                    "pipeline_depth": depth,
+                    "images_per_s": rates,
+                },
+                indent=1,
+            )
         )
 
 

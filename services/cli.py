@@ -150,6 +150,7 @@ def _run_server(args: argparse.Namespace) -> int:
         stage_resources=args.ray_address is not None,
         worker_metrics_port=args.worker_metrics_port,
         kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
+        image_draft_decode=not args.no_image_draft_decode,
         ray_address=args.ray_address,
         api_keys=serve.api_keys_from(args.api_key),
         drain_timeout_s=args.drain_timeout,
@@ -224,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="encode actors for a vision-language model (default: 1 disaggregated, 0 colocated)",
+    )
+    srv.add_argument(
+        "--no-image-draft-decode",
+        action="store_true",
+        help="decode every JPEG in full on the workers that encode images (default: at 1/2 .. 1/8 scale "
+        "where the model's image processor shrinks it anyway)",
     )
     srv.add_argument(
         "--image-url-allow-host",

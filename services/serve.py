@@ -62,6 +62,9 @@ class ServeConfig:
     cluster_secret: ClusterSecret | None = None  # given ($TRISTAGE_CLUSTER_SECRET or a file); None: none given
     kv_staging_bytes: int | None = None  # per prefill worker: shared-memory staging for outgoing KV (0: off;
     # None: 1 GiB on a GPU, 64 MiB on the CPU)
+    # workers that encode images decode a JPEG at reduced scale where the model's processor allows
+    # (services.workers.encoder); False: every image in full
+    image_draft_decode: bool = True
     api_keys: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
     gateway_options: dict = field(default_factory=dict)  # extra GatewayConfig fields
@@ -111,6 +114,7 @@ def run(config: ServeConfig) -> int:
                     stage_resources=config.stage_resources,
                     metrics_port=config.worker_metrics_port,
                     kv_staging_bytes=config.kv_staging_bytes,
+                    image_draft_decode=config.image_draft_decode,
                     shared=shared,
                     cluster_secret=config.cluster_secret,
                 )

@@ -1,27 +1,41 @@
-"""Image decoding, shared by the gateway (which checks every image a request carries) and the encode
-workers (which decode the pixels they encode): encoded bytes -> an RGB image, safely.
+"""Images, safely: the gateway checks an image's header, an encode worker decodes its pixels once.
 
-Decoding (`decode_image_bytes`, `check_and_decode`) opens lazily with Pillow, restricted to the
-accepted formats, checks the declared size against the pixel and side limits *before* decoding any
-pixel data (decompression bombs), then decodes; truncated or corrupt data is an error. Pillow's
-global settings are read, never written. An animated GIF gives its first frame. Transparent pixels
-are composited onto white.
+    gateway   check_image(bytes)   format (allow-list), declared size against the pixel and side limits,
+                                   that Pillow can open it; content hash. Headers only: no pixel decoded.
+    encoder   decode_image(bytes)  the same checks, then the pixels -> RGB, optionally at reduced scale
+
+Both open lazily with Pillow, restricted to the accepted formats, and check the declared size *before*
+any pixel is decoded (decompression bombs). Data whose header is fine but whose pixels are truncated or
+corrupt passes the gateway and is refused by the encoder's decode; that refusal travels back to the
+client as a 400 naming the image (services.workers.image_intake). Pillow's global settings are read,
+never written. An animated GIF gives its first frame. Transparent pixels are composited onto white.
+
+Draft decoding (`decode_image(..., draft_scale=...)`): a JPEG can be decoded at 1/2, 1/4 or 1/8 scale by
+the JPEG decoder's own reduced-size IDCT (Pillow's `Image.draft`), which skips most of the decode's work
+for an image the model's processor shrinks anyway. The caller says, from the declared size, which
+reduction it can take (services.engine.multimodal.processor: the largest that still leaves the image at
+least as large as the processor resizes it to). The pixels are NOT bit-equal to a full decode followed by
+the same resize: a reduced IDCT averages each 2x2 .. 8x8 block in the frequency domain. Exactness tests
+against transformers therefore feed it the same decoded image, or decode with drafting off. Other
+formats have no draft and are always decoded in full.
 
 An image's identity everywhere (embedding caches, KV block hashes, the ImageRef contract) is
 `encoded_content_hash`: the hash of its encoded bytes.
 
 Tunables (`ImageLimits`, defaults in brackets): max_bytes_per_image [20 MiB], max_pixels_per_image
 [4096*4096], max_side_px [8192], accepted_formats [PNG, JPEG, WEBP, GIF, BMP]. The gateway's
-`ImagePolicy` adds its request and fetch limits to these.
+`ImagePolicy` adds its request and fetch limits to these. DRAFT_SCALES = (8, 4, 2): the reductions a
+JPEG decoder offers, largest first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
@@ -29,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from services.common.errors import InvalidRequestError
 
 MIB = 1024 * 1024
+DRAFT_SCALES = (8, 4, 2)  # reductions a JPEG decoder's scaled IDCT offers (through Image.draft), largest first
 
 
 @dataclass(frozen=True)
@@ -50,18 +65,28 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class LoadedImage:
+    """An image as the gateway holds it: checked from its header, never decoded (the encoders decode)."""
+
     # Hex BLAKE2b (16-byte digest) of the raw encoded bytes, as received. Raw bytes rather than
     # pixels: hashing needs no decode, and the hash cannot change with the Pillow or libjpeg version,
     # so gateway replicas and the encode workers' embedding cache agree on it. The same picture
     # encoded differently gets another hash: a cache miss, never a wrong hit.
     content_hash: str
-    # mode "RGB", detached from the encoded bytes; None when these exact bytes were decoded and checked
-    # before (ValidatedImages): only their size is needed again, the encoders decode the pixels
-    image: Image.Image | None = field(repr=False, compare=False)
-    width: int  # pixels
-    height: int  # pixels
+    width: int  # pixels, as the header declares
+    height: int  # pixels, as the header declares
     num_bytes: int  # encoded bytes
     data: bytes = field(default=b"", repr=False, compare=False)  # the encoded bytes (what goes to an encoder)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An encoder's decode of one image."""
+
+    image: Image.Image = field(repr=False, compare=False)  # mode "RGB", detached from the encoded bytes
+    width: int  # pixels, as declared: the full-scale size (image.size is smaller when drafted)
+    height: int
+    # 1: decoded in full; 2, 4 or 8: a JPEG decoded at that reduction, image.size = ceil(width / scale) x ...
+    draft_scale: int = 1
 
 
 def encoded_content_hash(data: bytes) -> str:
@@ -70,11 +95,16 @@ def encoded_content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-class ValidatedImages:
-    """Content hash -> (width, height) of images that decoded and passed the checks, most recent first.
+def draft_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """The size (width, height) a JPEG of this size decodes to at `scale` (Pillow rounds up)."""
+    return -(-width // scale), -(-height // scale)
 
-    The same bytes again (a popular image, a multi-turn chat resending its images) skip the decode: the
-    gateway needs only their size. Thread-safe (decoding runs in worker threads)."""
+
+class ValidatedImages:
+    """Content hash -> (width, height) of images that passed the header checks, most recent first.
+
+    The same bytes again (a popular image, a multi-turn chat resending its images) skip even the header
+    parse: the gateway needs only their size. Thread-safe (checks run in worker threads)."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
@@ -99,24 +129,14 @@ class ValidatedImages:
 class ImageRefused(Exception):
     """Why one image cannot be used, worded to follow its label ("image 2" + " is 8000x8000 pixels...").
 
-    Decoding and the gateway's fetchers raise it for anything the client's image got wrong;
-    `invalid_image` turns it into the InvalidRequestError naming the image. Any other exception is a
-    server fault.
+    The checks, the decoder and the gateway's fetchers raise it for anything the client's image got
+    wrong; `invalid_image` turns it into the InvalidRequestError naming the image. Any other exception
+    is a server fault.
     """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def decode_image_bytes(
-    data: bytes, limits: ImageLimits, *, label: str = "the image", param: str = "messages"
-) -> LoadedImage:
-    """Encoded bytes -> LoadedImage (blocking: call it from a worker thread); raises InvalidRequestError."""
-    try:
-        return check_and_decode(data, limits)
-    except ImageRefused as exc:
-        raise invalid_image(label, exc, param) from None
 
 
 def invalid_image(label: str, refusal: ImageRefused, param: str) -> InvalidRequestError:
@@ -129,38 +149,109 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexEr
 _WHITE = (255, 255, 255, 255)
 
 
-def check_and_decode(data: bytes, limits: ImageLimits, validated: ValidatedImages | None = None) -> LoadedImage:
-    """Encoded bytes -> LoadedImage (blocking); raises ImageRefused. Bytes in `validated` skip the decode."""
+# ----------------------------------------------------------------------------------------------
+# The gateway: headers only
+
+
+def check_image(data: bytes, limits: ImageLimits, validated: ValidatedImages | None = None) -> LoadedImage:
+    """Encoded bytes -> LoadedImage, from the header alone (no pixel is decoded); raises ImageRefused.
+    Bytes in `validated` skip the header parse. Blocking (hashing): call it from a worker thread."""
+    _check_num_bytes(data, limits)
+    content_hash = encoded_content_hash(data)
+    size = validated.get(content_hash) if validated is not None else None
+    if size is None:
+        with _refusing_bad_data(limits), _open(data, limits) as image:
+            size = image.size  # declared: Image.open parses the header and leaves the pixels alone
+        if validated is not None:
+            validated.add(content_hash, size)
+    return LoadedImage(content_hash=content_hash, width=size[0], height=size[1], num_bytes=len(data), data=bytes(data))
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoders: the pixels
+
+
+def decode_image(
+    data: bytes, limits: ImageLimits, draft_scale: Callable[[int, int], int] | None = None
+) -> DecodedImage:
+    """Encoded bytes -> RGB pixels (blocking); raises ImageRefused, truncated or corrupt data included.
+
+    `draft_scale(width, height)`: the reduction (1, or one of DRAFT_SCALES) a JPEG of this declared size
+    may be decoded at; None decodes every image in full. Formats without a draft ignore it.
+    """
+    _check_num_bytes(data, limits)
+    with _refusing_bad_data(limits):
+        image = _open(data, limits)
+    with image:
+        width, height = image.size
+        # outside _refusing_bad_data: a failing draft_scale is a fault of ours, not of the client's data
+        scale = _draft(image, draft_scale(width, height)) if draft_scale is not None else 1
+        with _refusing_bad_data(limits):
+            image.load()  # the first frame; raises on truncated data (LOAD_TRUNCATED_IMAGES is left off)
+            return DecodedImage(_to_rgb(image), width, height, scale)
+
+
+def decode_image_bytes(
+    data: bytes,
+    limits: ImageLimits,
+    *,
+    label: str = "the image",
+    param: str = "messages",
+    draft_scale: Callable[[int, int], int] | None = None,
+) -> DecodedImage:
+    """decode_image, whose refusal is an InvalidRequestError naming the image by `label`."""
+    try:
+        return decode_image(data, limits, draft_scale)
+    except ImageRefused as exc:
+        raise invalid_image(label, exc, param) from None
+
+
+def _draft(image: Image.Image, scale: int) -> int:
+    """Ask the JPEG decoder for a `scale`-times reduced decode; returns the reduction it will apply (1: none,
+    as for every other format)."""
+    width, height = image.size
+    if scale < 2 or scale > min(width, height):
+        return 1
+    # Pillow's rule takes the largest of 8, 4, 2, 1 that is <= min(width // w, height // h); for
+    # (w, h) = (width // scale, height // scale) that is exactly `scale` (width // (width // scale) lies in
+    # [scale, 2 * scale)), and the image becomes draft_size(width, height, scale)
+    if image.draft("RGB", (width // scale, height // scale)) is None:
+        return 1
+    return scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared checks
+
+
+def _check_num_bytes(data: bytes, limits: ImageLimits) -> None:
     if len(data) > limits.max_bytes_per_image:
         raise ImageRefused(f"is {len(data)} bytes; the limit is {limits.max_bytes_per_image} bytes")
-    content_hash = encoded_content_hash(data)
-    known = validated.get(content_hash) if validated is not None else None
-    if known is not None:  # these exact bytes decoded and passed before (same limits: the same server)
-        return LoadedImage(
-            content_hash=content_hash,
-            image=None,
-            width=known[0],
-            height=known[1],
-            num_bytes=len(data),
-            data=bytes(data),
-        )
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """The image opened lazily (its header parsed, no pixel decoded), its declared size checked."""
+    # `formats` restricts which parsers ever see the bytes, not just which results are kept.
+    image = Image.open(io.BytesIO(data), formats=limits.accepted_formats)
     try:
-        # `formats` restricts which parsers ever see the bytes, not just which results are kept.
-        with Image.open(io.BytesIO(data), formats=limits.accepted_formats) as image:
-            _check_dimensions(image.width, image.height, limits)  # before load(): nothing decoded yet
-            image.load()  # the first frame; raises on truncated data (LOAD_TRUNCATED_IMAGES is left off)
-            rgb = _to_rgb(image)
+        _check_dimensions(image.width, image.height, limits)
+    except ImageRefused:
+        image.close()
+        raise
+    return image
+
+
+@contextlib.contextmanager
+def _refusing_bad_data(limits: ImageLimits) -> Iterator[None]:
+    """Pillow's errors on what the client sent, as ImageRefused."""
+    try:
+        yield
     except Image.DecompressionBombError:
         raise ImageRefused(f"has too many pixels to decode safely; the limit is {_max_pixels(limits)} pixels") from None
     except UnidentifiedImageError:
         raise ImageRefused(f"is not a {_format_list(limits.accepted_formats)} image") from None
     except _DECODE_ERRORS:
         raise ImageRefused("is truncated or corrupt and could not be decoded") from None
-    if validated is not None:
-        validated.add(content_hash, (rgb.width, rgb.height))
-    return LoadedImage(
-        content_hash=content_hash, image=rgb, width=rgb.width, height=rgb.height, num_bytes=len(data), data=bytes(data)
-    )
 
 
 def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:

@@ -1,4 +1,4 @@
-"""Inline images: `data:` URLs -> their bytes -> a decoded, checked image. No I/O.
+"""Inline images: `data:` URLs -> their bytes -> an image checked from its header. No I/O.
 
 Accepted form (RFC 2397, restricted): `data:image/<fmt>[;<param>...];base64,<payload>`. The media
 type must be `image/*` and the `base64` parameter present; the payload is strict standard base64
@@ -6,14 +6,14 @@ type must be `image/*` and the `base64` parameter present; the payload is strict
 
 The decoded size is computed from the payload's length and checked against the limit *before* the
 payload is decoded, so an oversized upload costs no decoding. The bytes then go through
-services.common.images.check_and_decode (format allow-list, bomb and truncation checks).
+services.common.images.check_image (format allow-list and bomb checks, from the header alone).
 
 Failure policy: every refusal raises ImageRefused with a reason that completes the sentence "image N
 ..." (a malformed URL, a non-image or non-base64 data URL, too many bytes, invalid base64, or what
-the decoder refused); the caller (services.gateway.images) names the image and turns it into an
+the header check refused); the caller (services.gateway.images) names the image and turns it into an
 InvalidRequestError (HTTP 400). Nothing here retries or repairs a payload.
 
-Tunables: none of its own; it reads `ImageLimits` (max_bytes_per_image [20 MiB] and the decoder's
+Tunables: none of its own; it reads `ImageLimits` (max_bytes_per_image [20 MiB] and the header check's
 limits), of which the gateway's ImagePolicy is one.
 """
 
@@ -28,7 +28,7 @@ from services.common.images import (
     ImageRefused,
     LoadedImage,
     ValidatedImages,
-    check_and_decode,
+    check_image,
 )
 
 
@@ -38,8 +38,8 @@ def is_data_url(url: str) -> bool:
 
 
 def decode_data_url(url: str, limits: ImageLimits, validated: ValidatedImages | None = None) -> LoadedImage:
-    """The image inside a data URL, decoded and checked against `limits`; raises ImageRefused."""
-    return check_and_decode(data_url_bytes(url, limits), limits, validated)
+    """The image inside a data URL, checked against `limits` from its header; raises ImageRefused."""
+    return check_image(data_url_bytes(url, limits), limits, validated)
 
 
 def data_url_bytes(url: str, limits: ImageLimits) -> bytes:

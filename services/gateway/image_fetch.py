@@ -2,7 +2,7 @@
 
 It owns the URL checks that need no I/O (`parse_remote_url`, `host_is_allowed`,
 `is_valid_host_pattern`), the address checks (`is_public_address`) and the fetch (`RemoteFetcher`);
-decoding the bytes is the caller's (services.gateway.images). Every hop of a fetch defends against
+checking the bytes is the caller's (services.gateway.images). Every hop of a fetch defends against
 server-side request forgery (SSRF) in three steps:
 
     1. the URL's scheme must be http(s) and its host must be on the allow-list (before any I/O);

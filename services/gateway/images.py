@@ -1,4 +1,4 @@
-"""Image intake: the URLs of OpenAI `image_url` content parts -> decoded RGB images, safely.
+"""Image intake: the URLs of OpenAI `image_url` content parts -> checked images (bytes, size, hash), safely.
 
 This module owns the entry point (`load_images`), the gateway's limits (`ImagePolicy`) and the
 images clients name by uuid (`ImageSource`, `ImageReferences`). Two kinds of URL are accepted;
@@ -21,9 +21,11 @@ cache_salt), and a later part with the uuid and no image_url reuses them: the cl
 image once. A uuid never changes an image's identity, which stays the hash of its bytes; the first
 image of a request sent under a uuid is the one it names.
 
-Decoding, with its bomb and truncation checks, is services.common.images (the encode workers decode
-with it too); the gateway decodes every new image once to check it, and remembers the sizes of bytes
-it has checked (`ValidatedImages`).
+The checks are services.common.images.check_image: format, declared size against the limits (bombs),
+and that Pillow can open it, all from the header; no pixel is decoded here. The encode workers decode
+the pixels once, and data whose header passed but whose pixels are truncated or corrupt is refused
+there, as a 400 naming the image all the same (services.workers.image_intake). The gateway remembers
+the sizes of bytes it has checked (`ValidatedImages`).
 
 Tunables (`ImagePolicy`, defaults in brackets): max_images_per_request [8], max_bytes_per_image
 [20 MiB], max_pixels_per_image [4096*4096], max_side_px [8192], fetch_timeout_s [10 s],
@@ -41,7 +43,7 @@ import asyncio
 import hashlib
 import threading
 from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from services.common.errors import InvalidRequestError
@@ -50,7 +52,7 @@ from services.common.images import (
     ImageRefused,
     LoadedImage,
     ValidatedImages,
-    check_and_decode,
+    check_image,
     invalid_image,
 )
 from services.common.lru import BytesLRU
@@ -64,7 +66,7 @@ from services.gateway.image_fetch import (
 
 @dataclass(frozen=True)
 class ImagePolicy(ImageLimits):
-    """The decoding limits (ImageLimits) and what the gateway adds: images per request and remote fetches."""
+    """The image limits (ImageLimits) and what the gateway adds: images per request and remote fetches."""
 
     max_images_per_request: int = 8
     fetch_timeout_s: float = 10.0  # one deadline per remote image, covering DNS, redirects and body
@@ -119,7 +121,7 @@ def reference_scope(credential: str | None, cache_salt: str | None) -> bytes:
 
 class ImageReferences:
     """(scope, uuid) -> the image last sent under that uuid in that scope: its content hash, size and
-    encoded bytes (no pixels), least recently used first out once their bytes pass `capacity_bytes`.
+    encoded bytes, least recently used first out once their bytes pass `capacity_bytes`.
 
     A request naming the uuid alone gets these bytes sent on to the encoders as if it had uploaded them,
     so nothing downstream depends on whether an encoder still holds the embedding. Thread-safe.
@@ -139,9 +141,8 @@ class ImageReferences:
             return self._images.get((scope, uuid))
 
     def put(self, scope: bytes, uuid: str, image: LoadedImage) -> None:
-        kept = replace(image, image=None)  # the pixels are the encoders' business
         with self._lock:
-            self._images.put((scope, uuid), kept)
+            self._images.put((scope, uuid), image)
 
     def __len__(self) -> int:
         return len(self._images)
@@ -167,12 +168,12 @@ async def load_images(
     references: ImageReferences | None = None,
     scope: bytes = b"",
 ) -> list[LoadedImage]:
-    """Decoded images in the order of `sources` (URLs, or ImageSources that may name an image by uuid);
+    """Checked images in the order of `sources` (URLs, or ImageSources that may name an image by uuid);
     raises InvalidRequestError(param=param) for the first bad one.
 
     Every check that needs no I/O runs on all sources before any fetch starts, including that each
     uuid without a URL names an image of this request or of `references` under `scope`. Remote images
-    are fetched concurrently; decoding runs in worker threads so the event loop never decodes pixels.
+    are fetched concurrently; hashing and the header checks run in worker threads, off the event loop.
     When one image fails, the others' fetches are cancelled. Once all are loaded, every uuid with a
     URL is recorded in `references`. Pass one long-lived `RemoteFetcher` as `fetcher` in a server: the
     default builds a new one (and its TLS context) per call.
@@ -237,7 +238,7 @@ async def _load_one(
             return await asyncio.to_thread(decode_data_url, url, policy, validated)
         assert fetcher is not None  # load_images builds one whenever a URL is remote
         data = await fetcher.fetch(url, policy)
-        return await asyncio.to_thread(check_and_decode, data, policy, validated)
+        return await asyncio.to_thread(check_image, data, policy, validated)
     except ImageRefused as exc:
         raise invalid_image(label, exc, param) from None
 

@@ -58,8 +58,10 @@ class EngineActor:
         metrics_port: int | None = None,
         kv_staging_bytes: int | None = None,
         cluster_secret: ClusterSecret | None = None,
+        image_draft_decode: bool = True,
     ) -> None:
-        """`cluster_secret`: authenticate the data plane with the keys derived from it (None: plain)."""
+        """`cluster_secret`: authenticate the data plane with the keys derived from it (None: plain);
+        `image_draft_decode`: a colocated worker's own image encoder decodes JPEGs at reduced scale."""
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
         self.num_restarts = back_off_if_restarted(name)  # before the model loads: a crash loop waits here
         self.name, self.stage = name, stage
@@ -67,7 +69,7 @@ class EngineActor:
         self.engine = LLMEngine(engine_config)
         # a colocated worker of a vision-language model encodes its requests' images itself
         image_encoder = (
-            _image_encoder(engine_config, self.engine.model_dir)
+            _image_encoder(engine_config, self.engine.model_dir, image_draft_decode)
             if stage == "colocated" and self.engine.vision_language is not None
             else None
         )
@@ -157,11 +159,13 @@ class EngineActor:
         self._thread.join(timeout_s)
 
 
-def _image_encoder(engine_config: EngineConfig, model_dir: str):
+def _image_encoder(engine_config: EngineConfig, model_dir: str, image_draft_decode: bool):
     from services.workers.encoder import ImageEncoder
 
     config = engine_config.resolved()
-    return ImageEncoder(model_dir, config.device, config.dtype, config.load_format)
+    return ImageEncoder(
+        model_dir, config.device, config.dtype, config.load_format, image_draft_decode=image_draft_decode
+    )
 
 
 class EncodeActor:
@@ -179,7 +183,10 @@ class EncodeActor:
         bind_host: str = "127.0.0.1",
         metrics_port: int | None = None,
         cluster_secret: ClusterSecret | None = None,
+        image_draft_decode: bool = True,
     ) -> None:
+        """`image_draft_decode`: decode JPEGs at reduced scale where the model's processor allows
+        (services.workers.encoder); False decodes every image in full."""
         from services.workers.encode_worker import EncodeWorker
 
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {name}: %(message)s")
@@ -190,7 +197,7 @@ class EncodeActor:
         self.name, self.stage = name, "encode"
         self.model_dir = engine_config.model
         self.host_id = host_identity()
-        self.encoder = _image_encoder(engine_config, self.model_dir)
+        self.encoder = _image_encoder(engine_config, self.model_dir, image_draft_decode)
         keys = derive_keys(cluster_secret) if cluster_secret is not None else None
         self.worker = EncodeWorker(self.encoder, tcp_address(bind_host), name, worker_stats=self.stats, keys=keys)
         self._thread = threading.Thread(target=self.worker.run, name=f"{name}-loop", daemon=True)

@@ -1,10 +1,20 @@
-"""An encode worker's heartbeat: receive EncodeRequests over ZeroMQ, encode them as one batch, send each
+"""An encode worker's heartbeat: receive EncodeRequests over ZeroMQ, encode them in batches, send each
 image's embedding to the prefill worker the request names.
 
-    loop:  wait (a request, or room at a held-back destination) -> receive into the queue (unless the
-           outbox is over budget) -> take a batch from the queue -> publish state -> encode the batch
-           (services.workers.encoder.ImageEncoder) -> queue each result in the outbox -> flush the
-           outbox without blocking
+    loop:  wait (a request, a batch in the pipeline, or room at a held-back destination)
+           -> receive into the queue (unless the outbox is over budget)
+           -> start batches from the queue while the pipeline has room: each one's decoding and
+              preprocessing begins on the encoder's thread pool (ImageEncoder.start)
+           -> publish state
+           -> finish the oldest batch: wait for its preprocessing, run the tower (ImageEncoder.finish),
+              queue each result in the outbox
+           -> flush the outbox without blocking
+
+The pipeline overlaps the CPU and the tower: while the tower runs on batch N (on the loop's thread),
+the pool decodes and preprocesses batch N+1, started in the same turn. It holds at most
+`pipeline_depth` batches (started, not finished); depth 1 is the serial loop. The embeddings are those
+of the serial loop for the same batches (ImageEncoder.finish does every lookup, tower call and cache put,
+in the order the batches were started).
 
 Wire form (services.common.messages): in, EncodeRequest + one frame (the image's encoded bytes), or
 AbortRequest; out, per request, ImageEmbedding + one frame ([num_rows, hidden_size] rows, row-major, in
@@ -23,8 +33,9 @@ at most `max_batch_images`) and the gateway's own sends back up. Sends never blo
 destinations keep flowing while one is full.
 
 Load: requests taken off the socket wait in the loop's own queue (at most `max_queued_images`, then
-the rest wait in ZeroMQ) until a turn takes them into the tower, `max_batch_images` at a time. The
-two counts, images queued and images in the tower, are the encoder's waiting and running load
+the rest wait in ZeroMQ) until a turn takes them into the pipeline, `max_batch_images` at a time. The
+two counts, images queued and images in the pipeline (preprocessing or in the tower), are the
+encoder's waiting and running load
 (services.common.control.EncodeStats), published on the worker's state socket with its embedding
 cache's contents (services.workers.state_publisher).
 
@@ -32,15 +43,18 @@ Trust: an EncodeRequest's `deliver_to` must be an embedding socket a gateway reg
 (services.workers.peers); one naming any other address is dropped, never connected to. With the
 cluster's CURVE keys, the input and state sockets are CURVE servers and the outbox's sockets clients.
 
-Failure policy: a malformed message is logged and dropped; an image that cannot be encoded gets an
-error embedding (the prefill worker fails that request); an unexpected exception while encoding
-fails that batch's images and the loop goes on. AbortRequest drops the request's work received but
-not yet encoded, and its embeddings still in the outbox.
+Failure policy: a malformed message is logged and dropped; an image that cannot be decoded or
+preprocessed gets an error embedding (the prefill worker fails that request, with a 400 naming the
+image); an unexpected exception while encoding fails that batch's images and the loop goes on.
+AbortRequest drops the request's work received but not yet encoded, its images in the pipeline (their
+results are never sent; preprocessing only they needed is cancelled), and its embeddings still in the
+outbox.
 
 Tunables (defaults):
     max_outbox_bytes = 256 MiB   outbox bytes past which no new request is received
     max_batch_images = 64        EncodeRequests taken per loop turn (one tower batch)
-    max_queued_images = 2 x max_batch_images   EncodeRequests received and waiting for the tower
+    max_queued_images = 2 x max_batch_images   EncodeRequests received and waiting for the pipeline
+    pipeline_depth = 2           batches started and not yet finished (1: no overlap)
     EMBEDDING_SEND_HWM = 8       messages queued in ZeroMQ per destination before a send fails
     input socket limit = the codec's header limit (64 MiB): an EncodeRequest's frame is an image's encoded
                          bytes, which the gateway caps far lower (20 MiB by default)
@@ -63,7 +77,7 @@ from services.common.codec import MessageCodec
 from services.common.control import EncodeStats, WorkerStats
 from services.common.messages import AbortRequest, EncodeRequest, EncoderInbound, ImageEmbedding
 from services.common.security import CurveKeys, start_authenticator
-from services.workers.encoder import ImageEncoder
+from services.workers.encoder import EncodeBatch, ImageEncoder
 from services.workers.peers import PeerRegistry
 from services.workers.state_publisher import StatePublisher
 from services.workers.wire import MAX_EMBEDDING_MESSAGE_BYTES, embedding_frame
@@ -74,6 +88,7 @@ IDLE_POLL_MS = 50  # how long an idle loop waits before checking for shutdown
 EMBEDDING_SEND_HWM = 8
 DEFAULT_MAX_OUTBOX_BYTES = 256 * 2**20
 DEFAULT_MAX_BATCH_IMAGES = 64
+DEFAULT_PIPELINE_DEPTH = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +189,28 @@ class Outbox:
 
 
 # ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class _InFlight:
+    """A batch in the pipeline: its requests and the encoder's batch, item for item."""
+
+    requests: list[EncodeRequest]
+    encoding: EncodeBatch
+
+    def wanted(self) -> list[EncodeRequest]:
+        """The requests not aborted since the batch started, in order (ImageEncoder.finish's results)."""
+        return [self.requests[index] for index, _, _ in self.encoding.wanted()]
+
+    def discard(self, request_id: str) -> int:
+        """Drop the request's images from the batch; returns how many."""
+        aborted = [index for index, _, _ in self.encoding.wanted() if self.requests[index].request_id == request_id]
+        self.encoding.discard(aborted)
+        return len(aborted)
+
+
+# ----------------------------------------------------------------------------------------------
 # The worker
 
 
@@ -193,6 +230,7 @@ class EncodeWorker:
         max_outbox_bytes: int = DEFAULT_MAX_OUTBOX_BYTES,
         max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
         max_queued_images: int | None = None,
+        pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
         worker_stats: Callable[[], WorkerStats] | None = None,
         keys: CurveKeys | None = None,
         peers: PeerRegistry | None = None,
@@ -201,13 +239,17 @@ class EncodeWorker:
         deliver to, filled by gateways over Ray (None: a registry of its own, empty until registered)."""
         if max_batch_images < 1:
             raise ValueError("max_batch_images must be at least 1")
+        if pipeline_depth < 1:
+            raise ValueError("pipeline_depth must be at least 1")
         self.encoder = encoder
         self.name = name
         self.max_outbox_bytes = max_outbox_bytes
         self.max_batch_images = max_batch_images
         self.max_queued_images = max(max_queued_images or 2 * max_batch_images, max_batch_images)
-        self._queue: deque[tuple[EncodeRequest, bytes]] = deque()  # received, waiting for the tower
-        self._num_images_in_flight = 0  # in the tower now (read by other threads)
+        self.pipeline_depth = pipeline_depth
+        self._queue: deque[tuple[EncodeRequest, bytes]] = deque()  # received, waiting for the pipeline
+        self._pipeline: deque[_InFlight] = deque()  # started, oldest first
+        self._num_images_in_flight = 0  # in the pipeline now (read by other threads)
         self.peers = peers if peers is not None else PeerRegistry(name)
         self._context = zmq.Context()
         self._authenticator = start_authenticator(self._context, keys, name)  # before any socket binds
@@ -243,12 +285,11 @@ class EncodeWorker:
         while not self._stop.is_set():
             self._wait()
             self._receive()
-            batch = self._take_batch()
-            if self.publisher is not None:  # before the tower: the batch shows as in flight while it runs
+            self._start_batches()  # their preprocessing runs on the pool from now on
+            if self.publisher is not None:  # before the tower: the batches show as in flight while it runs
                 self.publisher.publish()
-            if batch:
-                self._send(batch, self._encode(batch))
-                self._num_images_in_flight = 0
+            if self._pipeline:
+                self._finish_oldest()  # the tower, while the pool preprocesses the batches behind it
             self._outbox.flush()
         self._close()
 
@@ -260,13 +301,14 @@ class EncodeWorker:
         return self._outbox.num_bytes <= self.max_outbox_bytes
 
     def _wait(self) -> None:
-        """Until a request can be taken or a held-back destination has room (at most IDLE_POLL_MS)."""
+        """Until a request can be taken or a held-back destination has room (at most IDLE_POLL_MS); not at
+        all while a batch waits in the pipeline or queued requests can start one."""
         poller = zmq.Poller()
         if self.taking_work():
             poller.register(self._input, zmq.POLLIN)
         for socket in self._outbox.blocked_sockets():
             poller.register(socket, zmq.POLLOUT)
-        poller.poll(0 if self._queue and self.taking_work() else IDLE_POLL_MS)
+        poller.poll(0 if self._pipeline or (self._queue and self.taking_work()) else IDLE_POLL_MS)
 
     # ------------------------------------------------------------------ receive
 
@@ -294,33 +336,49 @@ class EncodeWorker:
                 break
 
     def _abort(self, request_id: str) -> None:
+        """Drop the request's images: queued, in the pipeline (never sent), and waiting in the outbox."""
         kept = deque((m, data) for m, data in self._queue if m.request_id != request_id)
         self.num_requests_aborted += len(self._queue) - len(kept) + self._outbox.drop(request_id)
         self._queue = kept
+        num_in_flight = sum(batch.discard(request_id) for batch in self._pipeline)
+        self._num_images_in_flight -= num_in_flight
+        self.num_requests_aborted += num_in_flight
 
-    def _take_batch(self) -> list[tuple[EncodeRequest, bytes]]:
-        """Up to max_batch_images queued requests, oldest first: this turn's tower batch (none while the
-        outbox is over budget: what the tower makes would only wait there)."""
-        if not self.taking_work():
-            return []
-        batch = [self._queue.popleft() for _ in range(min(self.max_batch_images, len(self._queue)))]
-        self._num_images_in_flight = len(batch)
-        return batch
+    # ------------------------------------------------------------------ the pipeline
 
-    # ------------------------------------------------------------------ encode
+    def _start_batches(self) -> None:
+        """Queued requests into the pipeline while it has room, max_batch_images a batch, oldest first
+        (none while the outbox is over budget: what the tower makes would only wait there)."""
+        while self._queue and len(self._pipeline) < self.pipeline_depth and self.taking_work():
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch_images, len(self._queue)))]
+            requests = [message for message, _ in batch]
+            try:
+                encoding = self.encoder.start([(message.image, data) for message, data in batch])
+            except Exception as exc:  # a bug must not take the worker down: this batch fails, the loop goes on
+                self._fail(requests, exc)
+                continue
+            self._pipeline.append(_InFlight(requests, encoding))
+            self._num_images_in_flight += len(batch)
 
-    def _encode(self, batch: list[tuple[EncodeRequest, bytes]]) -> list[torch.Tensor | str]:
+    def _finish_oldest(self) -> None:
+        """The oldest batch through the tower (waiting for its preprocessing first); its results to the outbox."""
+        batch = self._pipeline.popleft()
+        requests = batch.wanted()
         try:
-            return self.encoder.encode([(message.image, data) for message, data in batch])
-        except Exception as exc:  # a bug must not take the worker down: this batch fails, the loop goes on
-            logger.error("%s failed to encode %d image(s): %s", self.name, len(batch), traceback.format_exc())
-            return [f"internal error in the encoder: {exc}"] * len(batch)
+            results = self.encoder.finish(batch.encoding)
+        except Exception as exc:
+            self._fail(requests, exc)
+        else:
+            for message, result in zip(requests, results):
+                self._post(message, result)
+        self._num_images_in_flight -= len(requests)
+
+    def _fail(self, requests: list[EncodeRequest], exc: Exception) -> None:
+        logger.error("%s failed to encode %d image(s): %s", self.name, len(requests), traceback.format_exc())
+        for message in requests:
+            self._post(message, f"internal error in the encoder: {exc}")
 
     # ------------------------------------------------------------------ send
-
-    def _send(self, batch: list[tuple[EncodeRequest, bytes]], results: list[torch.Tensor | str]) -> None:
-        for (message, _), result in zip(batch, results):
-            self._post(message, result)
 
     def _post(self, message: EncodeRequest, result: torch.Tensor | str) -> None:
         """Queue one image's ImageEmbedding for the prefill worker the request names."""

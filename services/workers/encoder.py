@@ -1,24 +1,44 @@
 """The encode stage's compute: encoded image bytes -> embedding rows, with an LRU embedding cache.
 
-    encode([(ref, bytes), ...])
-      1. one cache lookup per distinct content hash          hit: the cached rows, no tower run
-      2. each miss (once per distinct hash): check that its bytes hash to `ref.content_hash` (a wrong
-         hash would poison the cache), decode them (the gateway's checks, again), the model's image
-         processor -> pixel inputs (+ Qwen2-VL's patch grid)
-      3. every miss through the vision tower + projector in ONE `VisionEncoder.encode` call;
-         the rows are cached under the content hash (with the patch grid they came from)
+    start(items)  -> EncodeBatch       the owner thread; returns at once
+      1. each distinct content hash not cached now: its preprocessing is submitted to a thread pool:
+         check that the bytes hash to `ref.content_hash` (a wrong hash would poison the cache), decode
+         them once (services.common.images, at reduced scale when a JPEG allows, see below), the model's
+         image processor -> pixel inputs (+ Qwen2-VL's patch grid)
+    finish(batch) -> per item: rows | why not     the owner thread; blocks
+      2. one cache lookup per distinct content hash         hit: the cached rows, no tower run
+      3. each miss: its preprocessing's outcome (waited for; done here if it was cached at `start` and
+         has been evicted since); every miss through the vision tower + projector in ONE
+         `VisionEncoder.encode` call; the rows are cached under the content hash (with their patch grid)
       4. per image: the rows, or an error string when the bytes do not decode, the rows do not
          match `ref.length` or the grid does not match `ref.grid_thw`
+    encode(items) = finish(start(items))           the serial path (a colocated worker)
+
+Splitting the call lets an encode loop preprocess batch N+1 while the tower runs on batch N
+(services.workers.encode_worker). The results are those of the serial path: lookups, tower calls and
+cache puts happen in `finish`, in the order the batches were started.
 
 A bad image never fails its neighbours: decoding and preprocessing are per image, and only a failing
 tower call fails the images that were in it (cache hits of the same call are still served).
+
+Draft decoding (`image_draft_decode`, on by default): a JPEG is decoded by the JPEG decoder's own 1/2,
+1/4 or 1/8-scale IDCT (Pillow's `Image.draft`) at the largest reduction that leaves it at least as large
+as the image processor resizes it to (MultiModalProcessor.draft_scale: CLIP's shortest edge, SigLIP's
+fixed size, Qwen2-VL's smart_resize, whose patch grid must not change). A 4000x3000 photo for LLaVA-1.5
+(CLIP, shortest edge 336 -> 448x336) is decoded at 1/8, 500x375. The pixels are not bit-equal to a full
+decode followed by the resize; tests that compare with transformers feed it the same decoded image, or
+turn drafting off.
 
 Embeddings stay on the encoder's device, in the dtype the encoder was built with (the LM's dtype), and
 are owned by the cache: callers must not write into them.
 
 Tunables (defaults):
     cache_capacity_bytes = 1 GiB   embedding bytes the cache holds (tensor nbytes; on the device)
-    encode seconds buckets          1 ms .. 10 s (services.common.histogram), one encode() call that ran the tower
+    preprocess_threads = min(8, cores)   images decoded and preprocessed at once
+    image_draft_decode = True      JPEGs decoded at reduced scale where the processor allows
+    encode seconds buckets          1 ms .. 10 s (services.common.histogram): from `start` to the end of
+                                    `finish` of a batch with misses (preprocessing, any wait behind the
+                                    batch ahead, the tower)
 """
 
 from __future__ import annotations
@@ -27,8 +47,8 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -120,9 +140,51 @@ class EncodeStats:
     """Counters an encode worker exports (tristage:encode_* metrics); cache counters live on the cache."""
 
     num_images_encoded: int = 0  # images run through the tower
+    num_images_drafted: int = 0  # of those, JPEGs decoded at reduced scale
     num_tower_calls: int = 0
     num_errors: int = 0  # images answered with an error
-    seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # one call with misses, tower included
+    seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # a batch with misses, start to finish
+
+
+# ----------------------------------------------------------------------------------------------
+# A batch in progress
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What preprocessing made of one content hash's items (indices into the batch)."""
+
+    content_hash: str
+    index: int | None  # the item whose bytes were used; None: no item's bytes have the hash
+    outcome: ImageItem | str | None  # its pixel inputs, or why its image cannot be encoded
+    mislabeled: dict[int, str]  # item index -> why its bytes cannot be used (the items before `index`)
+    draft_scale: int = 1  # the reduction its image was decoded at
+
+
+class EncodeBatch:
+    """Items `ImageEncoder.start` took, and the preprocessing of the content hashes that were not cached
+    then (futures of the encoder's pool, one per hash). Owned by the thread that started it."""
+
+    def __init__(self, items: Sequence[tuple[ImageRef, bytes]], preparing: dict[str, Future[_Prepared]]) -> None:
+        self.items = list(items)
+        self.preparing = preparing
+        self.discarded: set[int] = set()  # indices of items no longer wanted (their request was aborted)
+        self.started_s = time.perf_counter()
+
+    def __len__(self) -> int:
+        """Items still wanted."""
+        return len(self.items) - len(self.discarded)
+
+    def discard(self, indices: Iterable[int]) -> None:
+        """Drop these items: `finish` leaves them out of its results, and the preprocessing that only they
+        needed is cancelled (a task already running finishes unread)."""
+        self.discarded.update(indices)
+        wanted = {ref.content_hash for i, (ref, _) in enumerate(self.items) if i not in self.discarded}
+        for content_hash in [h for h in self.preparing if h not in wanted]:
+            self.preparing.pop(content_hash).cancel()
+
+    def wanted(self) -> list[tuple[int, ImageRef, bytes]]:
+        return [(i, ref, data) for i, (ref, data) in enumerate(self.items) if i not in self.discarded]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +194,9 @@ class EncodeStats:
 class ImageEncoder:
     """Image preprocessing + vision tower + projector of one model, and its embedding cache.
 
-    `encode` is called from one thread (the encode loop); `stats` and the cache counters may be read
-    from others.
+    `start`, `finish` and `encode` are called from one thread (the encode loop), which owns the cache;
+    preprocessing runs on the encoder's own pool and touches neither cache nor counters. `stats` and the
+    cache counters may be read from other threads.
     """
 
     def __init__(
@@ -145,6 +208,7 @@ class ImageEncoder:
         cache_capacity_bytes: int = DEFAULT_CACHE_CAPACITY_BYTES,
         image_limits: ImageLimits | None = None,
         preprocess_threads: int = PREPROCESS_THREADS,
+        image_draft_decode: bool = True,
     ) -> None:
         if isinstance(dtype, str):  # a resolved EngineConfig.dtype name ("auto" is resolved by the caller)
             if dtype not in DTYPES:
@@ -154,8 +218,10 @@ class ImageEncoder:
         self.vision = VisionEncoder.from_model_dir(model_dir, device, dtype, load_format)
         self.cache = EmbeddingCache(cache_capacity_bytes)
         self.image_limits = image_limits or ImageLimits()  # should be the gateway's: it accepted these images
+        self.image_draft_decode = image_draft_decode
         self.stats = EncodeStats()
         self._preprocessing = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
+        self._unfinished: list[EncodeBatch] = []  # started, not yet finished, oldest first
 
     @property
     def device(self) -> torch.device:
@@ -166,77 +232,106 @@ class ImageEncoder:
         return self.vision.dtype
 
     def encode(self, items: Sequence[tuple[ImageRef, bytes]]) -> list[torch.Tensor | str]:
-        """Per image, in order: its rows [ref.length, lm_hidden_size] (on the device), or why it failed.
+        """Per image, in order: its rows [ref.length, lm_hidden_size] (on the device), or why it failed."""
+        return self.finish(self.start(items))
 
-        An image whose content hash is cached, or already taken from another item of this call, is served
-        by its hash. Any other image's bytes must hash to its content hash before they are decoded: the
-        rows are cached under that hash, so a wrong one would poison the cache.
-        """
-        start = time.perf_counter()
-        hits: dict[str, CachedEmbedding] = {}
-        misses: dict[str, tuple[ImageRef, bytes]] = {}  # content hash -> the first item whose bytes have it
-        mislabeled: dict[int, str] = {}  # item index -> why its bytes cannot be used
-        looked_up: set[str] = set()
+    def start(self, items: Sequence[tuple[ImageRef, bytes]]) -> EncodeBatch:
+        """Submit the preprocessing of every image whose content hash is not cached now; returns at once."""
+        candidates: dict[str, list[tuple[int, ImageRef, bytes]]] = {}  # content hash -> its items, in order
         for index, (ref, data) in enumerate(items):
-            h = ref.content_hash
-            if h not in looked_up:  # one lookup per distinct hash
-                looked_up.add(h)
-                entry = self.cache.get(h)
-                if entry is not None:
-                    hits[h] = entry
-            if h in hits or h in misses:
-                continue
-            actual = encoded_content_hash(data)
-            if actual != h:
-                mislabeled[index] = f"the image's bytes hash to {actual}, not to its content hash {h}"
-            else:
-                misses[h] = (ref, data)
-        found: dict[str, CachedEmbedding | str] = {**hits, **self._encode_misses(list(misses.values()))}
-        if misses:
-            self.stats.seconds.observe(time.perf_counter() - start)
+            candidates.setdefault(ref.content_hash, []).append((index, ref, data))
+        preparing = {
+            h: self._preprocessing.submit(self._prepare, these)
+            for h, these in candidates.items()
+            # not cached (a peek: the lookup that counts is finish's), nor being prepared for a batch ahead
+            # (finished first, that batch caches it)
+            if h not in self.cache and not any(h in ahead.preparing for ahead in self._unfinished)
+        }
+        batch = EncodeBatch(items, preparing)
+        self._unfinished.append(batch)
+        return batch
+
+    def finish(self, batch: EncodeBatch) -> list[torch.Tensor | str]:
+        """Per item still wanted, in order: its rows, or why it failed. Blocks for the batch's preprocessing
+        and its tower call.
+
+        An image whose content hash is cached, or already taken from another item of this batch, is served
+        by its hash. Any other image's bytes must hash to its content hash: the rows are cached under that
+        hash, so a wrong one would poison the cache.
+        """
+        self._unfinished.remove(batch)
+        wanted = batch.wanted()
+        candidates: dict[str, list[tuple[int, ImageRef, bytes]]] = {}
+        for item in wanted:
+            candidates.setdefault(item[1].content_hash, []).append(item)
+        found: dict[str, CachedEmbedding | str] = {}
+        prepared: list[_Prepared] = []
+        for h, these in candidates.items():  # one lookup per distinct hash, in the order of the items
+            entry = self.cache.get(h)
+            future = batch.preparing.pop(h, None)
+            if entry is not None:
+                found[h] = entry
+                if future is not None:
+                    future.cancel()  # cached meanwhile, by the batch ahead
+            else:  # its preprocessing, or done now (cached at start and evicted since, or failed for the batch ahead)
+                prepared.append(future.result() if future is not None else self._prepare(these))
+        mislabeled = {index: why for p in prepared for index, why in p.mislabeled.items()}
+        prepared.sort(key=lambda p: -1 if p.index is None else p.index)  # the tower takes misses in item order
+        found.update(self._run_prepared(prepared))
+        if prepared:
+            self.stats.seconds.observe(time.perf_counter() - batch.started_s)
         results = [
-            mislabeled[i] if i in mislabeled else _matched(ref, found[ref.content_hash])
-            for i, (ref, _) in enumerate(items)
+            mislabeled[index] if index in mislabeled else _matched(ref, found[ref.content_hash])
+            for index, ref, _ in wanted
         ]
         self.stats.num_errors += sum(isinstance(r, str) for r in results)
         return results
 
-    # ------------------------------------------------------------------ misses
+    # ------------------------------------------------------------------ preprocessing (the pool's threads)
 
-    def _encode_misses(self, misses: list[tuple[ImageRef, bytes]]) -> dict[str, CachedEmbedding | str]:
-        found: dict[str, CachedEmbedding | str] = {}
-        prepared: list[ImageItem] = []
-        # decoding and resizing (Pillow, which releases the GIL) run side by side: for megapixel images
-        # they, not the tower, bound an encoder's rate
-        outcomes = self._preprocessing.map(lambda miss: self._prepare(*miss), misses)
-        for (ref, _), outcome in zip(misses, outcomes):
-            if isinstance(outcome, str):
-                found[ref.content_hash] = outcome
-            else:
-                prepared.append(outcome)
-        if prepared:
-            found.update(self._run_tower(prepared))
-        return found
+    def _prepare(self, candidates: list[tuple[int, ImageRef, bytes]]) -> _Prepared:
+        """The first of one content hash's items whose bytes have that hash, decoded and preprocessed."""
+        mislabeled: dict[int, str] = {}
+        for index, ref, data in candidates:
+            actual = encoded_content_hash(data)
+            if actual != ref.content_hash:
+                mislabeled[index] = f"the image's bytes hash to {actual}, not to its content hash {ref.content_hash}"
+                continue
+            outcome, draft_scale = self._preprocess(ref, data)
+            return _Prepared(ref.content_hash, index, outcome, mislabeled, draft_scale)
+        return _Prepared(candidates[0][1].content_hash, None, None, mislabeled)
 
-    def _prepare(self, ref: ImageRef, data: bytes) -> ImageItem | str:
-        """Decode and preprocess one image, or say why it cannot be."""
+    def _preprocess(self, ref: ImageRef, data: bytes) -> tuple[ImageItem | str, int]:
+        """Decode and preprocess one image, or say why it cannot be; and the reduction it was decoded at."""
+        draft_scale = self.processor.draft_scale if self.image_draft_decode else None
         try:
-            loaded = decode_image_bytes(data, self.image_limits)
+            decoded = decode_image_bytes(data, self.image_limits, label="it", draft_scale=draft_scale)
         except InvalidRequestError as exc:
-            return exc.message
-        assert loaded.image is not None  # decode_image_bytes is given no ValidatedImages: it always decodes the pixels
+            return exc.message, 1
         try:
             # the processor's own per-image preprocessing, so the pixels equal MultiModalProcessor.process's
-            (pixel_values,), (grid,) = self.processor.pixel_inputs([loaded.image])
+            (pixel_values,), (grid,) = self.processor.pixel_inputs([decoded.image])
         except Exception as exc:  # a processor failure on one image must not fail the others
             logger.warning("preprocessing image %s failed: %s", ref.content_hash, traceback.format_exc())
-            return f"the image could not be preprocessed: {exc}"
+            return f"the image could not be preprocessed: {exc}", decoded.draft_scale
         # the rows the tower will yield (ImageItem.length), as the processor counts them for a prompt
         if grid is not None:
             length = num_merged_tokens(grid, self.processor.spec.spatial_merge_size)
         else:
-            length = self.processor.num_image_tokens(loaded.width, loaded.height)
-        return ImageItem(ref.content_hash, ref.offset, length, pixel_values, grid)
+            length = self.processor.num_image_tokens(decoded.width, decoded.height)
+        return ImageItem(ref.content_hash, ref.offset, length, pixel_values, grid), decoded.draft_scale
+
+    # ------------------------------------------------------------------ the tower (the owner thread)
+
+    def _run_prepared(self, prepared: list[_Prepared]) -> dict[str, CachedEmbedding | str]:
+        """Content hash -> rows or why not, for each prepared miss: one tower call for the preprocessed."""
+        found: dict[str, CachedEmbedding | str] = {}
+        found.update((p.content_hash, p.outcome) for p in prepared if isinstance(p.outcome, str))
+        items = [p.outcome for p in prepared if isinstance(p.outcome, ImageItem)]
+        if items:
+            found.update(self._run_tower(items))
+        self.stats.num_images_drafted += sum(p.draft_scale > 1 for p in prepared)
+        return found
 
     def _run_tower(self, prepared: list[ImageItem]) -> dict[str, CachedEmbedding | str]:
         """One tower call for every prepared miss; the rows are cached. A failing call fails its images."""

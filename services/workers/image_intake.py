@@ -9,15 +9,20 @@ Which worker has what:
   * a colocated worker with an ImageEncoder also encodes the EncodeRequests sent to it;
   * a decode worker gets a prompt's embeddings with its KV (`transfer_inputs`) and binds nothing.
 
-Failure policy: an image that cannot be encoded fails its request with a 400, whether the request has
-arrived yet or not (the reason waits for it, bounded: MAX_EARLY_FAILURES); a malformed embedding
-message is logged and dropped; a parked request whose embeddings do not arrive within the inbox's
-timeout fails with a 503 the client may retry. The worker's loop is the one owner: no locks.
+Failure policy: an image that cannot be encoded (the encoder's reason: undecodable data, a wrong
+hash, a tower failure) fails its request with a 400 that names the image as the gateway does
+("image 2 could not be encoded: it is truncated or corrupt ...", param "messages", numbered from 1 in
+the request's order), whether the request has arrived yet or not (the reason waits for it). A failed
+request is remembered (bounded: MAX_FAILURES, oldest forgotten), so the embeddings of its other images
+still on the way are dropped on arrival instead of waiting out the inbox's timeout; so is an embedding
+or failure for a request that has started already (a repeated image's second copy). A malformed
+embedding message is logged and dropped; a parked request whose embeddings do not arrive within the
+inbox's timeout fails with a 503 the client may retry. The worker's loop is the one owner: no locks.
 
 The embedding socket is a CURVE server when the worker has the cluster's keys (encoders connect to
 it), and accepts frames no larger than one image of the model can need (`max_embedding_frame_bytes`).
 
-Tunables: MultiModalInbox's capacity_bytes and timeout_s; MAX_EARLY_FAILURES = 4096.
+Tunables: MultiModalInbox's capacity_bytes and timeout_s; MAX_FAILURES = 4096.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from services.workers.wire import dtype_name, embedding_from_frame, rows_from_fr
 
 logger = logging.getLogger(__name__)
 
-MAX_EARLY_FAILURES = 4096  # encode failures kept for requests that have not arrived yet (oldest dropped)
+MAX_FAILURES = 4096  # requests failed for an image, remembered to drop what still comes for them (oldest forgotten)
 # an ImageEmbedding header: ids, a content hash, and with `error` the encoder's reason (a short text)
 EMBEDDING_HEADER_ROOM_BYTES = 2**20
 
@@ -80,13 +85,20 @@ class ImageIntake:
         self._text_only = engine.vision_language is None
         self._inbox = MultiModalInbox(engine.vision_language)
         self._to_encode: list[tuple[EncodeRequest, bytes]] = []
-        self._early_failures: OrderedDict[str, str] = OrderedDict()  # request id -> why, request still to come
+        # request id -> (content hash, why) of its failed image while the request is still to come; None
+        # once the request has been answered
+        self._failed: OrderedDict[str, tuple[str, str] | None] = OrderedDict()
         self._codec = MessageCodec(EmbeddingInbound)
         self.socket: zmq.Socket | None = None
         self.address: str | None = None
         if bind_address is not None and not self._text_only:
             self.socket = configure(context.socket(zmq.PULL), max_embedding_frame_bytes(engine))
             self.address = bind(self.socket, bind_address, keys)
+
+    @property
+    def num_pending(self) -> int:
+        """Requests parked here and embeddings held for requests."""
+        return self._inbox.num_pending
 
     @property
     def busy(self) -> bool:
@@ -105,24 +117,31 @@ class ImageIntake:
         if self.socket is None or not self._inbox.has_room:
             return errors
         for message, frames in drain(self.socket, self._codec, self.name):
+            request_id = message.request_id
+            if not self._waits_for_images(request_id, arrived):
+                continue
             try:
                 rows = self._embedding_rows(message, frames[1:])
             except ValueError as exc:  # DecodeError included
                 logger.warning("%s dropped a malformed embedding: %s", self.name, exc)
                 continue
             if isinstance(rows, str):
-                errors.append(self.fail(message.request_id, rows, message.request_id in arrived))
+                errors += self.fail(request_id, message.content_hash, rows, request_id in arrived)
             else:
-                self._inbox.add_embedding(message.request_id, message.content_hash, rows)
+                self._inbox.add_embedding(request_id, message.content_hash, rows)
             if not self._inbox.has_room:
                 break
         return errors
 
     def park(self, message: GenerateRequest) -> RequestError | None:
         """A request with images: it waits here until every embedding is in (then `take_ready`)."""
-        reason = self._early_failures.pop(message.request_id, None)
-        if reason is not None:
-            return _image_error(message.request_id, reason)
+        request_id = message.request_id
+        if request_id in self._failed:
+            failure = self._failed.pop(request_id)
+            if failure is not None:  # an image failed before the request arrived
+                self._remember_failed(request_id, None)
+                self._inbox.drop(request_id)
+                return _image_error(message, *failure)
         if self._text_only:
             return RequestError(
                 request_id=message.request_id,
@@ -141,10 +160,14 @@ class ImageIntake:
             results: Sequence[torch.Tensor | str] = ["this worker does not encode images"] * len(work)
         else:
             results = self.image_encoder.encode([(request.image, data) for request, data in work])
-        errors = []
+        errors: list[RequestError] = []
         for (request, _), result in zip(work, results):
+            if not self._waits_for_images(request.request_id, arrived):
+                continue
             if isinstance(result, str):
-                errors.append(self.fail(request.request_id, result, request.request_id in arrived))
+                errors += self.fail(
+                    request.request_id, request.image.content_hash, result, request.request_id in arrived
+                )
             else:
                 self._inbox.add_embedding(request.request_id, request.image.content_hash, result)
         return errors
@@ -165,18 +188,18 @@ class ImageIntake:
             for message in self._inbox.expire()
         ]
 
-    def fail(self, request_id: str, reason: str, arrived: bool) -> RequestError:
-        """Fail a request whose image could not be encoded (now, or when its GenerateRequest arrives)."""
+    def fail(self, request_id: str, content_hash: str, reason: str, arrived: bool) -> list[RequestError]:
+        """Fail a request whose image could not be encoded: its error now if it waits here, else when its
+        GenerateRequest arrives (`park`)."""
+        parked = self._inbox.parked(request_id)
         self._inbox.drop(request_id)
-        if not arrived:
-            self._early_failures[request_id] = reason
-            if len(self._early_failures) > MAX_EARLY_FAILURES:
-                self._early_failures.popitem(last=False)
-        return _image_error(request_id, reason)
+        self._remember_failed(request_id, None if parked is not None else (content_hash, reason))
+        return [_image_error(parked, content_hash, reason)] if parked is not None else []
 
     def drop(self, request_id: str) -> None:
+        """The request is gone (aborted): its embeddings and any failure kept for it."""
         self._inbox.drop(request_id)
-        self._early_failures.pop(request_id, None)
+        self._failed.pop(request_id, None)
 
     def transfer_inputs(self, transfer: KVTransfer, frames: list) -> MultiModalInputs:
         """Decode side: a transfer's image embeddings (one frame each, after its header) as engine inputs."""
@@ -192,6 +215,18 @@ class ImageIntake:
         if self.socket is not None:
             self.socket.close(linger=0)
 
+    def _waits_for_images(self, request_id: str, arrived: Container[str]) -> bool:
+        """Whether an embedding (or failure) for the request is still of use: not if the request failed
+        already, nor if it has started (arrived and no longer parked: a repeated image's second copy)."""
+        if request_id in self._failed:
+            return False
+        return request_id not in arrived or self._inbox.parked(request_id) is not None
+
+    def _remember_failed(self, request_id: str, failure: tuple[str, str] | None) -> None:
+        self._failed[request_id] = failure
+        if len(self._failed) > MAX_FAILURES:
+            self._failed.popitem(last=False)
+
     def _embedding_rows(self, message: ImageEmbedding, frames: list) -> torch.Tensor | str:
         """The rows an ImageEmbedding carries (checked against its header), or the encoder's error."""
         if message.error is not None:
@@ -201,5 +236,11 @@ class ImageIntake:
         return embedding_from_frame(message, frames[0])
 
 
-def _image_error(request_id: str, reason: str) -> RequestError:
-    return RequestError(request_id=request_id, message=f"an image could not be encoded: {reason}")
+def _image_error(message: GenerateRequest, content_hash: str, reason: str) -> RequestError:
+    """The 400 for a request whose image could not be encoded, naming the image as the gateway does: by its
+    place among the request's images, from 1 (the first with that content hash)."""
+    hashes = [ref.content_hash for ref in message.images]
+    label = f"image {hashes.index(content_hash) + 1}" if content_hash in hashes else "an image"
+    return RequestError(
+        request_id=message.request_id, message=f"{label} could not be encoded: {reason}", param="messages"
+    )

@@ -58,6 +58,11 @@ class MultiModalInbox:
     def park(self, message: GenerateRequest) -> None:
         self._parked[message.request_id] = _Parked(message, time.monotonic() + self.timeout_s)
 
+    def parked(self, request_id: str) -> GenerateRequest | None:
+        """The request, while it waits here for its embeddings."""
+        parked = self._parked.get(request_id)
+        return parked.message if parked is not None else None
+
     def take_ready(self) -> list[tuple[GenerateRequest, MultiModalInputs]]:
         """Parked requests whose every embedding has arrived, with their inputs (their entries leave)."""
         ready = []

@@ -72,6 +72,7 @@ def start_pool(
     stage_resources: bool = False,
     metrics_port: int | None = None,
     kv_staging_bytes: int | None = None,
+    image_draft_decode: bool = True,
     shared: bool = False,
     cluster_secret: ClusterSecret | None = None,
 ) -> list[WorkerHandle]:
@@ -97,13 +98,23 @@ def start_pool(
             options.update(name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True)
         if stage == "encode":
             encode_remote = ray.remote(EncodeActor).options(**options)
-            encode_proxy = encode_remote.remote(engine_config, name, bind_host, cluster_secret=cluster_secret)
+            encode_proxy = encode_remote.remote(
+                engine_config, name, bind_host, cluster_secret=cluster_secret, image_draft_decode=image_draft_decode
+            )
             actors.append((name, _handle(encode_proxy)))
             continue
         remote = ray.remote(EngineActor).options(**options)
         # the data plane's secret goes as a constructor argument: Ray keeps it for restarts, no env var shows it
         proxy = remote.remote(
-            engine_config, name, stage, bind_host, model_name, metrics_port, kv_staging_bytes, cluster_secret
+            engine_config,
+            name,
+            stage,
+            bind_host,
+            model_name,
+            metrics_port,
+            kv_staging_bytes,
+            cluster_secret,
+            image_draft_decode=image_draft_decode,
         )
         actors.append((name, _handle(proxy)))
     infos = ray.get([actor.info.remote() for _, actor in actors])

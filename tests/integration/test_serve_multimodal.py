@@ -1,5 +1,7 @@
 """Vision-language chats through a real `tristage serve`: images as data URLs, through the encode pool
-(encode -> prefill -> decode over ZeroMQ) and colocated, token for token equal to the offline engine."""
+(encode -> prefill -> decode over ZeroMQ) and colocated, token for token equal to the offline engine (PNG
+images: decoded in full, as the offline engine takes them; JPEGs would be draft-decoded). A JPEG cut
+short passes the gateway's header check and comes back from the encoder as a 400 naming it."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ MAX_TOKENS = 8
 REQUESTS = [[(56, 84)], [(112, 112), (56, 84)]]
 
 
-def data_url(image) -> str:
+def data_url(image, fmt: str = "PNG", cut_to: float = 1.0) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, format=fmt)
+    data = buffer.getvalue()[: int(len(buffer.getvalue()) * cut_to)]
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(data).decode()
 
 
 def chat(sizes: list[tuple[int, int]], by_uuid: bool = False) -> list[dict]:
@@ -105,5 +108,23 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
             assert metric(text, "tristage:encode_latency_seconds_count") >= 1
             assert metric(text, "tristage:embedding_transfer_bytes_total") > 0
             assert metric(text, "tristage:kv_transfer_bytes_total") > 0
+        # a JPEG cut in half: its header passes the gateway, the encoder's decode refuses it
+        truncated = {"url": data_url(random_image(300, 200, seed=7), "JPEG", cut_to=0.5)}
+        with pytest.raises(openai.BadRequestError, match="image 2 could not be encoded: it is truncated") as info:
+            client.chat.completions.create(
+                model="vlm",
+                max_tokens=2,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": data_url(random_image(56, 84, seed=8))}},
+                            {"type": "image_url", "image_url": truncated},
+                        ],
+                    }
+                ],
+            )
+        assert (info.value.status_code, info.value.param, info.value.type) == (400, "messages", "invalid_request_error")
+        wait_until_idle(server.base_url)  # nothing left running, no KV block held
     finally:
         assert server.stop() == 0

@@ -1,6 +1,6 @@
-"""An encode worker's load, as its state socket pushes it: the images in the tower and those queued
-behind them (a stand-in tower that runs one call each time the test lets it, so the counts can be
-read while it runs), then its cache's contents."""
+"""An encode worker's load, as its state socket pushes it: the images in its pipeline (preprocessing or in
+the tower) and those queued behind them (a stand-in tower that runs one call each time the test lets it,
+so the counts can be read while it runs), then its cache's contents."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from services.common.codec import MessageCodec
 from services.common.control import EMBEDDING_CACHE_TOPIC, STATE_TOPICS, STATS_TOPIC, StateCodec, WorkerStats
 from services.common.messages import DataPlanePeers, EncodeRequest, EncoderInbound, ImageRef
 from services.workers.encode_worker import EncodeWorker
-from services.workers.encoder import EmbeddingCache, EncodeStats
+from services.workers.encoder import EmbeddingCache, EncodeBatch, EncodeStats
 
 NUM_IMAGES = 5
 
 
 class SteppedTower:
-    """An ImageEncoder's interface: each `encode` call waits for one `step()` of the test."""
+    """An ImageEncoder's interface: each `finish` call waits for one `step()` of the test."""
 
     def __init__(self) -> None:
         self.stats = EncodeStats()
@@ -32,7 +32,11 @@ class SteppedTower:
     def step(self) -> None:
         self._steps.release()
 
-    def encode(self, items: list[tuple[ImageRef, bytes]]) -> list[torch.Tensor]:
+    def start(self, items: list[tuple[ImageRef, bytes]]) -> EncodeBatch:
+        return EncodeBatch(items, {})
+
+    def finish(self, batch: EncodeBatch) -> list[torch.Tensor]:
+        items = batch.items
         self.batch_sizes.append(len(items))
         assert self._steps.acquire(timeout=10)
         rows = [torch.zeros(ref.length, 4) for ref, _ in items]
@@ -101,7 +105,8 @@ def test_images_in_the_tower_and_queued_are_pushed_before_each_tower_call():
             if stats.num_images_in_flight:  # published just before the call the tower now waits in
                 in_tower.append(stats.num_images_in_flight)
                 tower.step()
-        assert in_tower and max(in_tower) <= 2  # the first call at least was seen running
+        # the first call at least was seen running; at most two batches of two in the pipeline
+        assert in_tower and max(in_tower) <= 2 * worker.pipeline_depth
         assert sum(tower.batch_sizes) == NUM_IMAGES and max(tower.batch_sizes) <= 2
         final = worker.stats()
         assert (final.num_images_queued, final.num_images_in_flight, final.num_requests_received) == (0, 0, 5)

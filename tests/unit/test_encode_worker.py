@@ -47,9 +47,11 @@ def png(width: int, height: int, seed: int) -> bytes:
 
 def image_ref(processor: MultiModalProcessor, data: bytes, offset: int = 0) -> ImageRef:
     """The ImageRef a gateway would send for these encoded bytes."""
-    loaded = decode_image_bytes(data, ImageLimits())
-    item = processor.process(processor.image_placeholder, [loaded.image]).images[0]
-    return ImageRef(content_hash=loaded.content_hash, offset=offset, length=item.length, grid_thw=item.image_grid_thw)
+    image = decode_image_bytes(data, ImageLimits()).image
+    item = processor.process(processor.image_placeholder, [image]).images[0]
+    return ImageRef(
+        content_hash=encoded_content_hash(data), offset=offset, length=item.length, grid_thw=item.image_grid_thw
+    )
 
 
 def reference_rows(model_dir: str, datas: list[bytes], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -351,21 +353,21 @@ def test_a_failure_while_encoding_fails_that_batch_only(link_to):
     link = link_to(LLAVA).start()
     datas = [png(56, 56, seed=50 + i) for i in range(3)]
     refs = [image_ref(link.encoder.processor, d) for d in datas]
-    tower, encode = link.encoder.vision.encode, link.encoder.encode
+    tower, finish = link.encoder.vision.encode, link.encoder.finish
 
     def failing_tower(items):
         link.encoder.vision.encode = tower  # once
         raise RuntimeError("out of memory")
 
-    def failing_encode(items):
-        link.encoder.encode = encode
+    def failing_finish(batch):
+        link.encoder.finish = finish
         raise RuntimeError("a bug")
 
     link.encoder.vision.encode = failing_tower
     link.send("tower", refs[0], datas[0])
     header, rows = link.receive()
     assert header.error == "the vision encoder failed: out of memory" and rows is None
-    link.encoder.encode = failing_encode
+    link.encoder.finish = failing_finish
     link.send("bug", refs[1], datas[1])
     header, rows = link.receive()
     assert header.error == "internal error in the encoder: a bug" and rows is None

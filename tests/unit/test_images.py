@@ -1,4 +1,5 @@
-"""Image intake: decoding, the bad-image matrix, and SSRF defences of remote fetches.
+"""Image intake: the gateway's header-only checks, the encoders' decode (draft decoding included), the
+bad-image matrix, and SSRF defences of remote fetches.
 
 No test touches the network. Remote fetches go to a threaded HTTP server on 127.0.0.1, either
 directly or through `FakeInternet`, a network backend that records every TCP connection the fetcher
@@ -34,7 +35,10 @@ from services.common.images import (
     ImageRefused,
     LoadedImage,
     ValidatedImages,
+    check_image,
+    decode_image,
     decode_image_bytes,
+    encoded_content_hash,
 )
 from services.gateway.image_fetch import (
     RemoteFetcher,
@@ -118,13 +122,13 @@ def pillow_globals_untouched():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_each_accepted_format_decodes_to_rgb_of_its_size(fmt):
+def test_each_accepted_format_is_checked_by_the_gateway_and_decodes_to_rgb_of_its_size(fmt):
     encoded = encode(Image.new("RGB", (5, 3), (10, 20, 30)), fmt)
     [loaded] = load([data_url(encoded, f"image/{fmt.lower()}")])
-    assert (loaded.width, loaded.height, loaded.image.size) == (5, 3, (5, 3))
-    assert loaded.image.mode == "RGB"
-    assert loaded.num_bytes == len(encoded)
+    assert (loaded.width, loaded.height, loaded.num_bytes, loaded.data) == (5, 3, len(encoded), encoded)
     assert loaded.content_hash == hashlib.blake2b(encoded, digest_size=16).hexdigest()
+    decoded = decode_image_bytes(encoded, ImageLimits())  # an encoder's decode
+    assert (decoded.width, decoded.height, decoded.image.size, decoded.image.mode) == (5, 3, (5, 3), "RGB")
 
 
 def test_content_hash_is_stable_for_the_same_bytes_and_differs_for_other_bytes():
@@ -135,32 +139,32 @@ def test_content_hash_is_stable_for_the_same_bytes_and_differs_for_other_bytes()
     assert len(first.content_hash) == 32  # 16 bytes, hex
 
 
-def test_decode_image_bytes_is_the_same_decoder():
-    loaded = decode_image_bytes(TINY_PNG, ImageLimits())
-    assert loaded == load([data_url(TINY_PNG)])[0]  # equality ignores the PIL object
-    assert loaded.image.getpixel((0, 0)) == (200, 10, 10)
+def test_the_encoders_decode_agrees_with_the_gateways_check():
+    decoded = decode_image_bytes(TINY_PNG, ImageLimits())
+    [loaded] = load([data_url(TINY_PNG)])
+    assert (decoded.width, decoded.height, decoded.draft_scale) == (loaded.width, loaded.height, 1)
+    assert decoded.image.getpixel((0, 0)) == (200, 10, 10)
 
 
 def test_animated_gif_gives_its_first_frame():
     frames = [Image.new("RGB", (6, 6), (255, 0, 0)), Image.new("RGB", (6, 6), (0, 0, 255))]
     gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     assert Image.open(io.BytesIO(gif)).n_frames == 2
-    [loaded] = load([data_url(gif, "image/gif")])
-    assert loaded.image.getpixel((3, 3)) == (255, 0, 0)
+    assert decode_image_bytes(gif, ImageLimits()).image.getpixel((3, 3)) == (255, 0, 0)
 
 
 def test_transparent_pixels_are_composited_on_white():
     rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
     rgba.putpixel((1, 0), (0, 128, 0, 255))
-    [loaded] = load([data_url(encode(rgba, "PNG"))])
-    assert [loaded.image.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 128, 0)]
+    decoded = decode_image_bytes(encode(rgba, "PNG"), ImageLimits())
+    assert [decoded.image.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 128, 0)]
 
 
 def test_an_rgb_image_with_a_transparent_colour_key_is_composited_too():
     rgb = Image.new("RGB", (2, 1), (0, 0, 0))
     rgb.putpixel((1, 0), (0, 128, 0))
-    [loaded] = load([data_url(encode(rgb, "PNG", transparency=(0, 0, 0)))])
-    assert [loaded.image.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 128, 0)]
+    decoded = decode_image_bytes(encode(rgb, "PNG", transparency=(0, 0, 0)), ImageLimits())
+    assert [decoded.image.getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 128, 0)]
 
 
 def test_bytes_decide_the_format_not_the_declared_mime_type():
@@ -187,8 +191,6 @@ assert _B64_PNG.endswith("=")  # so that stripping it makes the padding wrong
 @pytest.mark.parametrize(
     "url, expected",
     [
-        (data_url(_PNG[: len(_PNG) // 2]), "image 1 is truncated or corrupt"),
-        (data_url(_JPEG[: len(_JPEG) // 2], "image/jpeg"), "image 1 is truncated or corrupt"),
         (data_url(b"this is not an image, just some text " * 4), "image 1 is not a PNG, JPEG, WEBP, GIF or BMP image"),
         (data_url(b""), "image 1 is not a PNG, JPEG, WEBP, GIF or BMP image"),
         (
@@ -265,6 +267,61 @@ def test_accepted_formats_can_be_narrowed():
     assert (
         refusal(data_url(encode(Image.new("RGB", (2, 2)), "BMP"), "image/bmp"), policy) == "image 1 is not a PNG image"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The gateway reads headers only; the encoders decode (and refuse what the header hid)
+
+
+@pytest.fixture
+def no_pixel_decoded(monkeypatch):
+    """Any decode of pixel data (ImageFile.load, what Image.load and every conversion go through) fails."""
+
+    def load(self):
+        raise AssertionError(f"the pixels of a {self.format} image were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_the_gateway_checks_images_without_decoding_their_pixels(no_pixel_decoded):
+    noise = Image.effect_noise((40, 30), 60).convert("RGB")
+    for fmt in FORMATS:
+        [loaded] = load([data_url(encode(noise, fmt), f"image/{fmt.lower()}")])
+        assert (loaded.width, loaded.height) == (40, 30)
+    bomb = png_declaring(8000, 8000, complete=True)
+    assert refusal(bomb) == "image 1 is 8000x8000 pixels; the limit is 16777216 pixels"
+    assert refusal(png_declaring(9000, 2, complete=True)).endswith("the limit is 8192 pixels per side")
+    assert "not a PNG, JPEG" in refusal(data_url(encode(noise, "TIFF"), "image/tiff"))
+    assert "not a PNG, JPEG" in refusal(b"GIF89a but nothing else")
+    big = encode(noise, "BMP")
+    assert refusal(big, ImagePolicy(max_bytes_per_image=1000)).startswith(f"image 1 is {len(big)} bytes")
+
+
+def test_truncated_pixels_pass_the_header_check_and_are_refused_by_the_decode():
+    for fmt, data in (("JPEG", _JPEG[: len(_JPEG) // 2]), ("PNG", _PNG[: len(_PNG) // 2])):
+        checked = check_image(data, ImageLimits())
+        assert (checked.width, checked.height, checked.content_hash) == (64, 64, encoded_content_hash(data)), fmt
+        with pytest.raises(ImageRefused, match=r"^is truncated or corrupt and could not be decoded$"):
+            decode_image(data, ImageLimits())
+        with pytest.raises(InvalidRequestError, match=r"^it is truncated or corrupt"):
+            decode_image_bytes(data, ImageLimits(), label="it")
+
+
+def test_a_jpeg_is_decoded_at_the_reduction_asked_for_and_other_formats_in_full():
+    photo = Image.new("RGB", (4000, 3000), (90, 120, 200))  # one colour: encodes in ~50 ms
+    jpeg, png = encode(photo, "JPEG"), encode(photo.resize((400, 300)), "PNG")
+    # Pillow's rule: the image becomes ceil(width / scale) x ceil(height / scale)
+    for scale, size in ((8, (500, 375)), (4, (1000, 750)), (2, (2000, 1500)), (1, (4000, 3000))):
+        decoded = decode_image(jpeg, ImageLimits(), draft_scale=lambda w, h, s=scale: s)
+        assert (decoded.image.size, decoded.draft_scale, decoded.width, decoded.height) == (size, scale, 4000, 3000)
+        pixel = decoded.image.getpixel((7, 7))
+        assert decoded.image.mode == "RGB" and max(abs(x - y) for x, y in zip(pixel, (90, 120, 200))) <= 2
+    odd = decode_image(encode(photo.crop((0, 0, 4001, 2999)), "JPEG"), ImageLimits(), draft_scale=lambda w, h: 8)
+    assert odd.image.size == (501, 375)  # rounded up
+    asked = []
+    decoded = decode_image(png, ImageLimits(), draft_scale=lambda w, h: asked.append((w, h)) or 8)
+    assert asked == [(400, 300)] and (decoded.image.size, decoded.draft_scale) == ((400, 300), 1)
+    assert decode_image(jpeg, ImageLimits()).image.size == (4000, 3000)  # no draft_scale: in full
 
 
 @pytest.mark.parametrize(
@@ -801,20 +858,26 @@ def test_policy_defaults():
     assert policy.accepted_formats == FORMATS
 
 
-def test_bytes_decoded_and_checked_before_skip_the_decode():
-    """A gateway keeps the sizes of images it validated: the same bytes again give the same size and hash
-    without decoding (no pixels), while new bytes are still decoded and checked."""
+def test_bytes_checked_before_skip_the_header_parse(monkeypatch):
+    """A gateway keeps the sizes of images it checked: the same bytes again give the same size and hash
+    without opening them, while new bytes are still checked."""
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *args, **kwargs: opened.append(1) or real_open(fp, *args, **kwargs))
     validated = ValidatedImages(capacity=1)
     first_png = encode(Image.new("RGB", (40, 30), (1, 2, 3)), "PNG")
     first_url, second_url = data_url(first_png), data_url(encode(Image.new("RGB", (20, 10)), "PNG"))
     first = asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0]
     again = asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0]
-    assert first.image is not None and again.image is None
+    assert len(opened) == 1
     assert (again.content_hash, again.width, again.height, again.data) == (first.content_hash, 40, 30, first.data)
     asyncio.run(load_images([second_url], ImagePolicy(), validated=validated))  # evicts the first (capacity 1)
-    assert asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))[0].image is not None
-    with pytest.raises(InvalidRequestError, match="truncated"):  # bad bytes are never remembered
-        asyncio.run(load_images([data_url(first_png[:60])], ImagePolicy(), validated=validated))
+    asyncio.run(load_images([first_url], ImagePolicy(), validated=validated))
+    assert len(opened) == 3
+    for _ in range(2):  # bad bytes are never remembered
+        with pytest.raises(InvalidRequestError, match="not a PNG"):
+            asyncio.run(load_images([data_url(first_png[:10])], ImagePolicy(), validated=validated))
+    assert len(opened) == 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,7 +908,7 @@ def test_a_uuid_alone_names_the_image_sent_under_it_earlier():
     [named] = asyncio.run(load_images([ImageSource(None, "cat")], ImagePolicy(), references=references, scope=scope))
     # the same identity, size and bytes (what goes to the encoders), without the pixels or a decode
     assert (named.content_hash, named.width, named.height, named.data) == (sent.content_hash, 40, 30, png)
-    assert named.image is None and references.num_bytes == len(png)
+    assert references.num_bytes == len(png)
 
 
 def test_an_unknown_uuid_is_a_400_before_any_fetch():
@@ -906,9 +969,7 @@ def test_a_uuid_names_an_image_of_the_same_request_and_is_then_kept():
 
 
 def test_image_references_evict_the_least_recently_used_past_their_byte_budget():
-    a, b, c = (
-        LoadedImage(content_hash=name, image=None, width=1, height=1, num_bytes=100, data=bytes(100)) for name in "abc"
-    )
+    a, b, c = (LoadedImage(content_hash=name, width=1, height=1, num_bytes=100, data=bytes(100)) for name in "abc")
     references = ImageReferences(250)
     references.put(b"", "a", a)
     references.put(b"", "b", b)
@@ -916,7 +977,7 @@ def test_image_references_evict_the_least_recently_used_past_their_byte_budget()
     references.put(b"", "c", c)  # 300 bytes: b goes
     assert references.get(b"", "b") is None and references.num_bytes == 200
     assert {references.get(b"", u).content_hash for u in "ac"} == {"a", "c"}
-    big = LoadedImage(content_hash="big", image=None, width=1, height=1, num_bytes=300, data=bytes(300))
+    big = LoadedImage(content_hash="big", width=1, height=1, num_bytes=300, data=bytes(300))
     references.put(b"", "a", big)  # over the whole budget: not kept, and "a" no longer names the old image
     assert references.get(b"", "a") is None and references.num_bytes == 100
     off = ImageReferences(0)

@@ -49,6 +49,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from services.common.errors import InvalidRequestError, ModelLoadError
+from services.common.images import DRAFT_SCALES, draft_size
 from services.engine.models.loader import read_model_config
 from services.engine.multimodal.inputs import (
     PARAM,
@@ -63,6 +64,8 @@ from services.engine.multimodal.mrope import (
 )
 from services.engine.multimodal.spec import VisionLanguageSpec
 
+# the fields of an image processor's `size` that choose how it resizes (transformers' image_processing_backends)
+_SIZE_FIELDS = ("shortest_edge", "longest_edge", "height", "width", "max_height", "max_width")
 # LLaVA towers whose output starts with a CLS row (SigLIP has none)
 _TOWERS_WITH_CLS = {"clip_vision_model": True, "siglip_vision_model": False}
 
@@ -156,16 +159,50 @@ class MultiModalProcessor:
         size alone; None for LLaVA, whose images all resize to the tower's square."""
         if not self.spec.uses_mrope:
             return None
-        processor = self.image_processor
-        patch_size = processor.patch_size
-        resized_height, resized_width = smart_resize(
-            height,
-            width,
-            patch_size * processor.merge_size,
-            min_pixels=processor.size["shortest_edge"],
-            max_pixels=processor.size["longest_edge"],
-        )
+        patch_size = self.image_processor.patch_size
+        resized_width, resized_height = self._dynamic_resize(width, height)
         return (1, resized_height // patch_size, resized_width // patch_size)  # one frame: a still image
+
+    def resize_target(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size (width, height) the image processor resizes an image of this size to, before any crop,
+        computed as the processor computes it; None when it keeps the image's size or resizes in a way not
+        modelled here.
+
+            Qwen2-VL        smart_resize: each side a multiple of patch * merge, pixels in [min, max]
+            CLIP (LLaVA)    the short side to size.shortest_edge, the long side int(scaled), then a crop
+            SigLIP (LLaVA)  a fixed size.height x size.width
+        """
+        processor = self.image_processor
+        if not getattr(processor, "do_resize", False):
+            return None
+        if self.spec.uses_mrope:
+            return self._dynamic_resize(width, height)
+        size = {name: processor.size.get(name) for name in _SIZE_FIELDS}  # a SizeDict, or a plain dict
+        given = {name for name, value in size.items() if value}
+        if given == {"shortest_edge"}:  # as transformers' get_resize_output_image_size computes it
+            short, long = sorted((width, height))
+            new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+            return (new_short, new_long) if width <= height else (new_long, new_short)
+        if given == {"height", "width"}:
+            return size["width"], size["height"]
+        return None
+
+    def draft_scale(self, width: int, height: int) -> int:
+        """The largest JPEG draft reduction (services.common.images.DRAFT_SCALES) an image of this declared
+        size may be decoded at, or 1: the reduced image must stay at least as large as what the processor
+        resizes it to, in both sides, and for dynamic resolution (Qwen2-VL) resize to that same size, so
+        its patch grid (the ImageRef the gateway computed from the declared size) is unchanged."""
+        try:
+            target = self.resize_target(width, height)
+            for scale in DRAFT_SCALES:
+                reduced = draft_size(width, height, scale)
+                if target is None or reduced[0] < target[0] or reduced[1] < target[1]:
+                    continue
+                if not self.spec.uses_mrope or self.resize_target(*reduced) == target:
+                    return scale
+        except ValueError:  # smart_resize refuses the aspect ratio: left to the processor to refuse
+            pass
+        return 1
 
     def layout(
         self, prompt_token_ids: Sequence[int], image_sizes: Sequence[tuple[int, int]]
@@ -224,6 +261,18 @@ class MultiModalProcessor:
         return ProcessedPrompt(text, expanded, items, positions, delta)
 
     # ------------------------------------------------------------------ internals
+
+    def _dynamic_resize(self, width: int, height: int) -> tuple[int, int]:
+        """Qwen2-VL's resize of an image of this size (width, height): its processor's smart_resize."""
+        processor = self.image_processor
+        resized_height, resized_width = smart_resize(
+            height,
+            width,
+            processor.patch_size * processor.merge_size,
+            min_pixels=processor.size["shortest_edge"],
+            max_pixels=processor.size["longest_edge"],
+        )
+        return resized_width, resized_height
 
     def pixel_inputs(self, images: Sequence[Image.Image]) -> tuple[list[torch.Tensor], list[GridTHW | None]]:
         """Per image: its pixel tensor, and its patch grid (Qwen2-VL) or None."""
