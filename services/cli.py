@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from services.engine.config import DTYPES, EngineConfig
+from services.engine.config import DTYPES, SMALL_BATCH_LINEAR_KERNELS, EngineConfig
 from services.engine.waiting_queue import SCHEDULING_POLICIES
 from services.gateway.config import TOOL_CALL_PARSER_OPTIONS
 from services.gateway.hosts import default_allowed_hosts
@@ -30,8 +30,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-prefill-tokens-beside-decodes",
         type=int,
-        default=None,
-        help="prefill tokens of a step that also decodes, at most (default: the step's whole budget)",
+        default=512,
+        help="prefill tokens of a step that also decodes, at most (default 512: bounds the gap between a "
+        "stream's tokens while prompts arrive; 0: the step's whole budget)",
     )
     parser.add_argument(
         "--scheduling-policy",
@@ -44,6 +45,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV-cache blocks of each engine, exactly (default: what --gpu-memory-utilization leaves)",
+    )
+    parser.add_argument(
         "--mixed-cuda-graph-max-tokens",
         type=int,
         default=2048,
@@ -54,6 +61,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         choices=["varlen", "sdpa"],
         default="varlen",
         help="eager prefill chunks: one varlen Triton launch for all (default) or one SDPA call each",
+    )
+    parser.add_argument(
+        "--small-batch-linear",
+        choices=list(SMALL_BATCH_LINEAR_KERNELS),
+        default="torch",
+        help="matrix products of 1..16 rows with the triton attention backend: F.linear (torch, default) or "
+        "the skinny Triton kernel (triton; 2-8%% faster per layer on an H100, its final form not yet run on a GPU)",
     )
     parser.add_argument(
         "--no-overlap-outputs",
@@ -76,13 +90,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
-        max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes,
+        max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes or None,
         scheduling_policy=args.scheduling_policy,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks,
         mixed_cuda_graph_max_tokens=args.mixed_cuda_graph_max_tokens,
         varlen_prefill_attention=args.prefill_attention == "varlen",
+        small_batch_linear=args.small_batch_linear,
         overlap_outputs=not args.no_overlap_outputs,
         async_scheduling=not args.no_async_scheduling,
     )

@@ -20,6 +20,7 @@ DTYPES = {
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
+SMALL_BATCH_LINEAR_KERNELS = ("triton", "torch")
 CPU_KV_CACHE_BYTES = 512 * 2**20  # default KV budget on CPU
 
 
@@ -53,6 +54,10 @@ class EngineConfig:
     mixed_cuda_graph_max_tokens: int = 2048
     # Eager steps attend all their prefill chunks in one varlen Triton launch; False: one SDPA call each
     varlen_prefill_attention: bool = True
+    # Matrix products of 1..16 rows (decode) beside the Triton attention backend: "torch": F.linear
+    # (cuBLAS), as every other product; "triton": the skinny kernel (services/engine/small_batch_linear.py),
+    # opt-in until its final form has passed the GPU tests (tests/gpu/test_small_batch_linear_gpu.py)
+    small_batch_linear: str = "torch"
     # Launch the next step before detokenizing and building this one's outputs (LLMEngine.step)
     overlap_outputs: bool = True
     # ... and before collecting this one's tokens: the next step's decodes take them from the device.
@@ -94,6 +99,10 @@ class EngineConfig:
             raise ValueError(f"load_format {self.load_format!r} is not one of {LOAD_FORMATS}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        if self.small_batch_linear not in SMALL_BATCH_LINEAR_KERNELS:
+            raise ValueError(
+                f"small_batch_linear {self.small_batch_linear!r} is not one of {SMALL_BATCH_LINEAR_KERNELS}"
+            )
         if self.attention_backend == "triton" and not self.device.startswith("cuda"):
             raise ValueError("attention_backend 'triton' needs a CUDA device")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -110,3 +119,5 @@ class EngineConfig:
             raise ValueError("mixed_cuda_graph_max_tokens must be >= 0 (0 turns mixed-step graphs off)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be positive")

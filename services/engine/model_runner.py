@@ -97,8 +97,11 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         start = time.perf_counter()
-        # the fused Triton ops go with the Triton attention backend (the GPU fast path); torch otherwise
-        ops = "triton" if config.attention_backend == "triton" else "torch"
+        # the fused Triton ops go with the Triton attention backend (the GPU fast path); torch otherwise.
+        # Their products of few rows take the skinny kernel unless small_batch_linear is "torch".
+        ops = "torch"
+        if config.attention_backend == "triton":
+            ops = "triton" if config.small_batch_linear == "triton" else "triton_torch_linear"
         self.model: DecoderLM = load_model(
             model_dir, hf_config, self.device, self.dtype, config.load_format, config.seed, ops=ops
         )

@@ -8,9 +8,10 @@ paged KV cache layout.
 Numerics follow transformers' own modules so greedy output matches token for token: RMSNorm in
 float32 then cast, rotary tables computed in float32 per position then cast, rotate-half rotary.
 Projections are fused (q|k|v and gate|up) for speed; `load_weights` slices the checkpoint's
-separate matrices into them. The elementwise work between projections goes through an `Ops`
-implementation (services.engine.ops): plain torch for the reference, fused Triton kernels on the
-GPU. Layers pass the residual stream separately, so each residual add fuses into the next norm:
+separate matrices into them. The projections (`ops.linear`; the nn.Linear modules only hold the
+parameters) and the elementwise work between them go through an `Ops` implementation
+(services.engine.ops): plain torch for the reference, Triton kernels on the GPU. Layers pass the
+residual stream separately, so each residual add fuses into the next norm:
 
     h, residual = add_rms_norm(h, residual)   # residual += h; h = norm(residual)
     h = attention(h)
@@ -41,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from services.common.errors import ModelLoadError
@@ -235,7 +235,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryTables, backend: AttentionBackend) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -244,7 +245,7 @@ class Attention(nn.Module):
             k = self.ops.rms_norm_heads(k, self.k_norm.weight, self.k_norm.eps)
         q, k = self.ops.rotary(q, k, rotary.cos, rotary.sin, rotary.positions)
         out = backend.forward(self.layer_index, q, k, v)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -255,7 +256,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return self.ops.linear(self.ops.silu_and_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -317,7 +319,7 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [rows, hidden_size] -> logits [rows, vocab_size]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.ops.linear(hidden, weight)
 
     # ------------------------------------------------------------------ weights
 
