@@ -69,6 +69,8 @@ class ClusterStats:
     """Cluster-wide counters of the gateway's backend (router and migrations)."""
 
     migrations: int = 0
+    kv_room_waits: int = 0  # requests that waited for decode KV room (services.gateway.room_queue), ever
+    waiting_for_kv_room: int = 0  # ... and waiting now
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (policy, reason) -> placements
     predicted_hit_tokens: int = 0
     observed_hit_tokens: int = 0

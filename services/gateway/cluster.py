@@ -91,10 +91,11 @@ from services.common.messages import (
 )
 from services.common.security import CLUSTER_SECRET_ENV, ClusterSecret, derive_keys, start_authenticator
 from services.gateway.backend import ClusterStats, PromptImage, RequestFailed, WorkerSnapshot
+from services.gateway.room_queue import RoomQueue, RoomWaitTimeout
 from services.gateway.worker_restarts import WorkerRestarts
 from services.gateway.worker_state import KVEventFeed, worker_load, worker_snapshot
 from services.router import Router, RouteRequest
-from services.router.router import NoWorkerAvailable
+from services.router.router import NoRoomNow, NoWorkerAvailable
 from services.workers.pool import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class ClusterBackend:
         for w in workers:
             self.restarts.add_worker(w.name, w.stage)
         self._streams: dict[str, _Stream] = {}
+        self._room_queue = RoomQueue()  # requests waiting for decode KV room
         self._inbound = MessageCodec(OutputBatch)
         self._outbound = MessageCodec(WorkerInbound)
         self._round_robin = itertools.count()
@@ -268,7 +270,7 @@ class ClusterBackend:
             cache_salt=cache_salt,
             images=[i.ref for i in images],
         )
-        links, message, encoders = self._place(message)
+        links, message, encoders = await self._place_when_room(message)
         stream = _Stream(message, links, images=list(images))
         # registered before the first await: a worker found down from here on migrates this stream
         # (_migrate_streams), so a request sent to a dead worker's socket in the window before the
@@ -335,6 +337,22 @@ class ClusterBackend:
             request = EncodeRequest(request_id=stream.message.request_id, image=image.ref, deliver_to=deliver_to)
             await encoder.socket.send_multipart(self._outbound.encode(request, image.data))
 
+    async def _place_when_room(
+        self, message: GenerateRequest
+    ) -> tuple[list[_WorkerLink], GenerateRequest, list[_WorkerLink]]:
+        """_place, queued in arrival order while no decode worker has KV room for it (services.gateway.room_queue)."""
+        try:
+            return await self._room_queue.place(lambda: self._place(message))
+        except RoomWaitTimeout as exc:
+            raise RequestFailed(
+                RequestError(
+                    request_id=message.request_id,
+                    message=f"no worker can take this request now ({exc}); retry later",
+                    type="service_unavailable",
+                    status=503,
+                )
+            ) from exc
+
     def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest, list[_WorkerLink]]:
         """The router's choice (and each image's encoder); disaggregated n == 1 requests get the decode
         worker as their KV target. The router knows only live workers (a worker found down leaves it
@@ -352,6 +370,8 @@ class ClusterBackend:
         self._suspend_quiet_workers()
         try:
             placement = self.router.place(route)
+        except NoRoomNow:
+            raise  # the room queue waits for room
         except NoWorkerAvailable as exc:
             raise RequestFailed(
                 RequestError(
@@ -446,6 +466,7 @@ class ClusterBackend:
                 self.restarts.on_down(link.handle.name, reason)
                 link.alive = False
                 self.router.remove_worker(link.handle.name)
+                self._room_queue.notify()  # a whole stage gone: the head is placed on the survivors
                 if link.kv_feed is not None:
                     link.kv_feed.reset()
                 await self._migrate_streams(link)
@@ -566,6 +587,7 @@ class ClusterBackend:
 
     def _on_stats(self, link: _WorkerLink, stats: WorkerStats) -> None:
         self.router.load.update(worker_load(stats))
+        self._room_queue.notify()
         if link.kv_feed is not None and stats.next_kv_event_seq is not None:
             link.kv_feed.on_worker_next_seq(stats.next_kv_event_seq)
             self._replay_if_needed(link)
@@ -730,6 +752,8 @@ class ClusterBackend:
         stats = self.router.stats()
         return ClusterStats(
             migrations=self.num_migrations,
+            kv_room_waits=self._room_queue.num_waited,
+            waiting_for_kv_room=len(self._room_queue),
             decisions=dict(stats.decisions),
             predicted_hit_tokens=stats.predicted_hit_tokens,
             observed_hit_tokens=stats.observed_hit_tokens,

@@ -24,6 +24,8 @@ vLLM's names where the meaning matches, so existing dashboards work:
     tristage:embedding_cache_queries_total / _hits_total, tristage:embedding_transfer_bytes_total
                                         counters   per encode worker
     tristage:request_migrations_total   counter    requests moved off a dead worker
+    tristage:kv_room_waits_total        counter    requests that waited for a decode worker's KV room
+    tristage:requests_waiting_for_kv_room  gauge   requests waiting for it now (services.gateway.room_queue)
     tristage:router_decisions_total     counter    by policy and reason
     tristage:router_predicted_hit_tokens_total / _observed_hit_tokens_total   counters
     tristage:router_load_imbalance      gauge      busiest / least busy prefill worker by load cost
@@ -276,6 +278,16 @@ class _WorkerCollector(Collector):
             "tristage:request_migrations", "Requests moved off a dead worker.", labels=["model_name"]
         )
         migrations.add_metric(model, cluster.migrations)
+        room_waits = CounterMetricFamily(
+            "tristage:kv_room_waits", "Requests that waited for a decode worker's KV room.", labels=["model_name"]
+        )
+        room_waits.add_metric(model, cluster.kv_room_waits)
+        waiting = GaugeMetricFamily(
+            "tristage:requests_waiting_for_kv_room",
+            "Requests waiting for a decode worker's KV room now.",
+            labels=["model_name"],
+        )
+        waiting.add_metric(model, cluster.waiting_for_kv_room)
         decisions = CounterMetricFamily(
             "tristage:router_decisions", "Placements by policy and reason.", labels=["model_name", "policy", "reason"]
         )
@@ -299,7 +311,7 @@ class _WorkerCollector(Collector):
             labels=["model_name"],
         )
         imbalance.add_metric(model, cluster.load_imbalance)
-        yield from (migrations, decisions, predicted, observed, imbalance)
+        yield from (migrations, room_waits, waiting, decisions, predicted, observed, imbalance)
         yield from self._restart_metrics(cluster)
 
     def _restart_metrics(self, cluster: ClusterStats) -> Iterator[Metric]:

@@ -4,6 +4,7 @@ from services.router.index import FIRST_EVENT_SEQ, ContentIndex, PrefixIndex
 from services.router.load import LoadView, WorkerLoad
 from services.router.router import (
     POLICIES,
+    NoRoomNow,
     NoWorkerAvailable,
     Placement,
     Router,
@@ -17,6 +18,7 @@ __all__ = [
     "POLICIES",
     "ContentIndex",
     "LoadView",
+    "NoRoomNow",
     "NoWorkerAvailable",
     "Placement",
     "PrefixIndex",

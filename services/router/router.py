@@ -17,7 +17,11 @@ Decode placement never picks a worker whose free KV blocks cannot hold the reque
     expected_output_tokens = max_tokens, or default_expected_output_tokens when not given
     score(w)    = num_decoding(w) + decode_kv_usage_weight * kv_usage(w)      lowest wins
 
-and raises NoWorkerAvailable when none has room (the gateway answers 503 with Retry-After). In
+and raises NoRoomNow (a NoWorkerAvailable) when none has room: the gateway queues the request until a
+decode worker reports room (services.gateway.cluster), so a full decode pool delays requests rather
+than refusing them. A request no decode worker could hold even empty (need_blocks above every
+reported num_total_blocks) would wait forever: it goes to the decode worker with the most blocks
+instead (need_blocks counts max_tokens in full; the decode engine queues what it cannot hold yet). In
 colocated mode one list serves both stages and decode = prefill; the policy chooses among the
 workers with room, or among all of them when none has (the engine queues the request until its
 own blocks free up, so a full colocated cluster queues rather than refuses).
@@ -28,8 +32,8 @@ disaggregated cluster has lost a whole stage (the gateway has removed every pref
 every decode worker: down, or restarting), place() puts the request whole on a survivor, as a
 colocated cluster would (prefill_worker == decode_worker, reason "fallback_whole"): the worker
 holding the longest prefix among those with room (else among all: its engine queues), then the
-least loaded. Only an empty cluster raises NoWorkerAvailable. A capacity refusal stays one: a live
-decode pool without room refuses rather than overloading a prefill worker.
+least loaded. Only an empty cluster raises NoWorkerAvailable. A decode pool without room makes the
+request wait (NoRoomNow) rather than overloading a prefill worker.
 
 Suspended workers. A worker that has gone quiet (stopped, stuck) but is not yet found down stays in
 its pool, with its cache and load, and is skipped (`suspend_worker`, until `resume_worker`): its
@@ -125,8 +129,13 @@ FALLBACK_WHOLE = "fallback_whole"  # the decision reason of a whole placement on
 
 
 class NoWorkerAvailable(RuntimeError):
-    """No worker can take the request now: no engine worker is left, an image has no encode worker,
-    or no decode worker has KV room."""
+    """No worker can take the request: no engine worker is left, an image has no encode worker, or (NoRoomNow)
+    no decode worker has KV room now."""
+
+
+class NoRoomNow(NoWorkerAvailable):
+    """Every decode worker is short of the request's KV blocks now; one will have room once requests finish.
+    Nothing was recorded: placing the request again later is safe."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,11 +317,14 @@ class Router:
             score = load.num_decoding + self.config.decode_kv_usage_weight * load.kv_usage
             if best is None or score < best_score:
                 best, best_score = worker, score
-        if best is None:
-            raise NoWorkerAvailable(
-                f"no decode worker has {need_blocks} free KV blocks" if decode_workers else "no decode worker"
-            )
-        return best
+        if best is not None:
+            return best
+        if not decode_workers:
+            raise NoWorkerAvailable("no decode worker")
+        largest = max(decode_workers, key=lambda w: (self.load.get(w).num_total_blocks, w))
+        if 0 < self.load.get(largest).num_total_blocks < need_blocks:  # room never comes: see the module doc
+            return largest
+        raise NoRoomNow(f"no decode worker has {need_blocks} free KV blocks now")
 
     def _choose_encoders(self, request: RouteRequest) -> tuple[str, ...]:
         if not request.image_hashes:

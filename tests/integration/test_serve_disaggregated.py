@@ -1,8 +1,10 @@
 """A real disaggregated cluster (a prefill and a decode actor, KV over ZeroMQ, the prefix-aware
-router): its greedy output equals the colocated engine's, and every block is free afterwards."""
+router): its greedy output equals the colocated engine's, a decode worker short of KV room makes
+requests wait rather than fail, and every block is free afterwards."""
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -13,14 +15,16 @@ from services.engine.default_model import default_model_path
 from tests.integration.cluster import actor_pid, metric, serving, wait_until_idle, wait_until_ready
 
 MODEL = "tristage-tiny"
+KV_BLOCKS = 40  # per worker, of 16 tokens: room for 4 requests of 40 prompt + 100 output tokens at once
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with serving(
-        "--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--router-policy", "preble", cache_dir=cache
-    ) as proc:
+        "--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--router-policy", "preble",
+        "--num-kv-blocks", str(KV_BLOCKS), cache_dir=cache,
+    ) as proc:  # fmt: skip
         yield proc, cache
 
 
@@ -61,6 +65,28 @@ def test_n_greater_than_one_is_served_whole_by_a_decode_worker(cluster):
         model=MODEL, prompt=[7, 8, 9], max_tokens=5, n=3, temperature=0, extra_body={"ignore_eos": True}
     )
     assert len(out.choices) == 3 and len({c.text for c in out.choices}) == 1
+
+
+def test_a_decode_worker_short_of_kv_room_makes_requests_wait_not_fail(cluster):
+    """8 requests needing 9 blocks each at once: the decode worker's 40 hold 4, the router says no room for
+    the 5th (its in-flight estimates count the first 4), and the gateway queues the rest until the decode
+    worker reports room. All complete; nothing is refused."""
+    proc, _ = cluster
+    wait_until_ready(proc.base_url)
+    client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def one(i: int):
+        return client.completions.create(
+            model=MODEL, prompt=list(range(100 + i, 140 + i)), max_tokens=100, extra_body={"ignore_eos": True}
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(8)))
+    assert [(o.choices[0].finish_reason, o.usage.completion_tokens) for o in outs] == [("length", 100)] * 8
+    text = httpx.get(proc.base_url + "/metrics").text
+    assert metric(text, "tristage:kv_room_waits_total") > 0
+    assert metric(text, "tristage:requests_waiting_for_kv_room") == 0
+    wait_until_idle(proc.base_url)
 
 
 def _wait_until_reconnected(proc, worker, timeout_s: float = 90.0) -> None:

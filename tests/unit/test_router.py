@@ -6,6 +6,7 @@ from services.common.block_hash import MultiModalSpan, hash_request_blocks
 from services.common.kv_events import BlockStored
 from services.router import (
     POLICIES,
+    NoRoomNow,
     NoWorkerAvailable,
     Router,
     RouterConfig,
@@ -31,8 +32,10 @@ def make_router(policy="least_load", prefill=("p0", "p1"), decode=("d0", "d1"), 
     )
 
 
-def snapshot(router, worker, stage="prefill", running=0, waiting=0, kv_usage=0.0, free=1000, queued=0, decoding=0):
-    router.load.update(WorkerLoad(worker, stage, running, waiting, kv_usage, free, queued, decoding))
+def snapshot(
+    router, worker, stage="prefill", running=0, waiting=0, kv_usage=0.0, free=1000, queued=0, decoding=0, total=0
+):
+    router.load.update(WorkerLoad(worker, stage, running, waiting, kv_usage, free, queued, decoding, total))
 
 
 def cache(router, worker, prompt, num_blocks, seq=0):
@@ -95,9 +98,20 @@ def test_decode_never_goes_to_a_worker_without_room():
     assert router.place(route("a", tokens(40), max_tokens=24)).decode_worker == "d1"
     snapshot(router, "d1", "decode", free=31)  # a's 16 blocks are still in flight: 15 left
     before = router.stats()
-    with pytest.raises(NoWorkerAvailable, match="16 free KV blocks"):
+    with pytest.raises(NoRoomNow, match="16 free KV blocks"):  # the gateway queues it until room is reported
         router.place(route("b", tokens(40), max_tokens=24))
     assert router.stats() == before and router.load.num_inflight() == 1  # a refusal records nothing
+
+
+def test_a_request_no_decode_worker_could_ever_hold_goes_to_the_largest():
+    router = make_router()
+    # 40 prompt + 24 output tokens = 16 blocks; neither worker has 16 blocks even when empty
+    snapshot(router, "d0", "decode", free=10, total=12)
+    snapshot(router, "d1", "decode", free=2, total=14)
+    assert router.place(route("a", tokens(40), max_tokens=24)).decode_worker == "d1"
+    snapshot(router, "d1", "decode", free=2, total=16)  # d1 could hold it once requests finish: wait for that
+    with pytest.raises(NoRoomNow):
+        router.place(route("b", tokens(40), max_tokens=24))
 
 
 def test_decode_score_weighs_decoding_sequences_and_kv_usage():
