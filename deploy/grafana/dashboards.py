@@ -69,6 +69,7 @@ COUNTERS = (
     "tristage:kv_transfer_failures_total",
     "tristage:kv_transfer_fallbacks_total",
     "tristage:request_migrations_total",
+    "tristage:kv_room_waits_total",
     "tristage:router_decisions_total",
     "tristage:router_predicted_hit_tokens_total",
     "tristage:router_observed_hit_tokens_total",
@@ -81,6 +82,7 @@ GAUGES = (
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
     "tristage:router_load_imbalance",
+    "tristage:requests_waiting_for_kv_room",
     "tristage:gateway_requests_in_flight",
     "tristage:gateway_queued_requests",
     "tristage:gateway_queued_prompt_tokens",
@@ -393,6 +395,14 @@ def transfers() -> list[TimeSeries]:
             "Requests moved from one worker to another while running.",
             "short",
             target(f"sum({rate('tristage:request_migrations_total')})", "migrations"),
+        ),
+        panel(
+            "Waiting for decode KV room",
+            "Requests the gateways hold until a decode worker has KV room for them (now), and how many a second "
+            "start waiting.",
+            "short",
+            target("sum(tristage:requests_waiting_for_kv_room)", "waiting"),
+            target(f"sum({rate('tristage:kv_room_waits_total')})", "waits / s"),
         ),
     ]
 
