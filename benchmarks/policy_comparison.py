@@ -13,15 +13,21 @@ Workloads (--workload):
 The one-GPU setting, where placement matters: Llama-3.2-1B shapes (dummy weights) and W workers (4 to
 8) sharing the GPU, each with KV room for about --kv-fraction (0.1) of the workload's shared tokens
 (every prefix, or every conversation's final history), so where a request lands decides whether its
-prefix is recomputed. The serve's --gpu-memory-utilization (per GPU, split between the workers on it)
-is derived from that, unless given:
+prefix is recomputed. Each worker gets exactly that room (serve's --num-kv-blocks, kv_fraction *
+shared_tokens / block size), and the serve's --gpu-memory-utilization (per GPU, split between the
+workers on it) is derived from it, unless given, to check that the workers fit:
 
     kv_bytes  = kv_fraction * shared_tokens * kv_bytes_per_token(model)
     flag      = ceil(W / num_gpus) * (kv_bytes + weight_bytes + activation_bytes) / gpu_bytes
 
 activation_bytes estimates what the engine's profile reserves beyond the weights (its peak step and
-headroom, services.engine.model_runner); the KV room each worker really got (vllm:cache_config_info)
-is reported with the results, as a share of the shared tokens.
+headroom, services.engine.model_runner); the KV room each worker reported (vllm:cache_config_info)
+is listed with the results.
+
+Local scheduling (--local-schedulers, default fcfs): every policy runs once under each of the
+engines' admission orders (serve's --scheduling-policy), so Preble's local priority scheduler is
+compared with FCFS at the same placement policy; a run under `preble` is reported as
+`<policy>+preble-local`, with its p99 TTFT over the FCFS run's (target <= 0.8).
 
 Offered load: a closed-loop probe on a cluster of its own (--probe-concurrency requests in flight,
 --probe-requests of them, under --probe-policy, by default round_robin: the cluster without cache-aware
@@ -36,6 +42,8 @@ preble/prefix_affinity, preble/kv_overlap and round_robin/preble.
 
     python benchmarks/policy_comparison.py --workers 4 --out $OUT/policies.json
     python benchmarks/policy_comparison.py --workers 8 --workload multiturn --out $OUT/multiturn.json
+    python benchmarks/policy_comparison.py --policies preble --local-schedulers fcfs,preble --rate 20
+    python benchmarks/policy_comparison.py --serve-arg=--max-num-seqs --serve-arg=64   # flags for serve
     python benchmarks/policy_comparison.py --model llama-3.1-8b --workers 4     # the 8B setting, 2 GPUs
     python benchmarks/policy_comparison.py --tiny      # a tiny model on the CPU: the script end to end
 """
@@ -71,6 +79,8 @@ DTYPE_BYTES = 2  # bfloat16 weights and KV on a GPU
 MAX_MODEL_LEN = 8192
 MAX_NUM_BATCHED_TOKENS = 2048  # the serve's defaults, which the activation estimate assumes
 MAX_NUM_SEQS = 256
+BLOCK_SIZE = 16  # the serve's default KV block, in tokens
+LOCAL_SCHEDULERS = ("fcfs", "preble")  # serve's --scheduling-policy
 
 
 # ---------------------------------------------------------------------------------------------- workloads
@@ -209,10 +219,10 @@ class Setting:
 
 
 @contextmanager
-def cluster(setting: Setting, policy: str) -> Iterator[None]:
+def cluster(setting: Setting, policy: str, *extra_args: str) -> Iterator[None]:
     serve = start_serve(
         setting.model_dir, PORT, "--mode", "colocated", "--replicas", str(setting.workers),
-        "--router-policy", policy, *setting.serve_args,
+        "--router-policy", policy, *setting.serve_args, *extra_args,
     )  # fmt: skip
     try:
         yield
@@ -249,8 +259,12 @@ def measure_capacity(setting: Setting, policy: str, concurrency: int, num_reques
     return probe
 
 
-def run_policy(setting: Setting, policy: str, rate: float) -> dict[str, Any]:
-    with cluster(setting, policy):
+def run_name(policy: str, local: str) -> str:
+    return policy if local == "fcfs" else f"{policy}+{local}-local"
+
+
+def run_policy(setting: Setting, policy: str, rate: float, local: str = "fcfs") -> dict[str, Any]:
+    with cluster(setting, policy, "--scheduling-policy", local):
         summary, stats = loadgen(setting, "--rate", f"{rate:.4f}")
     result = {
         "completed": summary["completed"],
@@ -263,18 +277,18 @@ def run_policy(setting: Setting, policy: str, rate: float) -> dict[str, Any]:
         **stats,
     }
     brief = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    print(f"{policy}: {brief}", flush=True)
+    print(f"{run_name(policy, local)}: {brief}", flush=True)
     return result
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    pairs = [(a, b) for a, b in RATIOS if a in results and b in results]
+    pairs += [(run_name(p, "preble"), p) for p in results if run_name(p, "preble") in results]
     return {
         f"{a}/{b}": {
-            "e2e_mean": results[a]["e2e_mean_s"] / results[b]["e2e_mean_s"],
-            "e2e_p99": results[a]["e2e_p99_s"] / results[b]["e2e_p99_s"],
+            key: results[a][f"{key}_s"] / results[b][f"{key}_s"] for key in ("e2e_mean", "e2e_p99", "ttft_p99")
         }
-        for a, b in RATIOS
-        if a in results and b in results
+        for a, b in pairs
     }
 
 
@@ -288,7 +302,10 @@ def print_report(results: dict[str, dict[str, Any]]) -> None:
             f"{r['load_ratio_requests']:.2f} | {r['load_ratio_computed_tokens']:.2f} |"
         )
     for name, ratio in ratios(results).items():
-        print(f"{name}: mean E2E {ratio['e2e_mean']:.2f} x, p99 E2E {ratio['e2e_p99']:.2f} x")
+        print(
+            f"{name}: mean E2E {ratio['e2e_mean']:.2f} x, p99 E2E {ratio['e2e_p99']:.2f} x, "
+            f"p99 TTFT {ratio['ttft_p99']:.2f} x"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -307,10 +324,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe-policy", default="round_robin")
     parser.add_argument("--probe-concurrency", type=int, help="requests in flight (default 8 per worker)")
     parser.add_argument("--probe-requests", type=int, help="default 4 x the probe's concurrency")
+    parser.add_argument("--local-schedulers", default="fcfs", help="comma-separated: fcfs, preble")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one argument for tristage serve, written --serve-arg=--flag (repeatable; a value is its own "
+        "--serve-arg=VALUE)",
+    )
     parser.add_argument("--time-limit", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, to check the script")
     parser.add_argument("--out", help="JSON results, rewritten after each policy")
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = set(args.local_schedulers.split(",")) - set(LOCAL_SCHEDULERS)
+    if unknown:
+        parser.error(f"unknown local schedulers {sorted(unknown)}; choose from {LOCAL_SCHEDULERS}")
+    return args
 
 
 def build_setting(args: argparse.Namespace) -> tuple[Setting, dict[str, Any]]:
@@ -323,8 +353,11 @@ def build_setting(args: argparse.Namespace) -> tuple[Setting, dict[str, Any]]:
         serve_args: tuple[str, ...] = ("--device", "cpu", "--max-model-len", "1024")
     else:
         utilization = args.gpu_memory_utilization or memory_utilization(config, workers, kv_tokens)
-        sizing.update(target_kv_tokens_per_worker=kv_tokens, gpu_memory_utilization=utilization)
+        blocks = -(-kv_tokens // BLOCK_SIZE)
+        sizing.update(target_kv_tokens_per_worker=kv_tokens, gpu_memory_utilization=utilization, kv_blocks=blocks)
         serve_args = ("--gpu-memory-utilization", str(utilization), "--max-model-len", str(MAX_MODEL_LEN))
+        serve_args += ("--num-kv-blocks", str(blocks))
+    serve_args += tuple(args.serve_arg)
     setting = Setting(write_model_dir(config), workers, workload, serve_args, args.time_limit)
     return setting, sizing
 
@@ -343,7 +376,8 @@ def main() -> None:
     print(f"offered load: Poisson at {rate:.2f} requests/s", flush=True)
     results: dict[str, dict[str, Any]] = {}
     for policy in args.policies.split(","):
-        results[policy] = run_policy(setting, policy, rate)
+        for local in args.local_schedulers.split(","):
+            results[run_name(policy, local)] = run_policy(setting, policy, rate, local)
         report.update(results=results, ratios=ratios(results))
         if args.out:  # after each policy, so a run cut short keeps what it measured
             Path(args.out).write_text(json.dumps(report, indent=1))
