@@ -17,6 +17,7 @@ from services.gateway.config import TOOL_CALL_PARSER_OPTIONS
 from services.gateway.hosts import default_allowed_hosts
 from services.gateway.images import ImagePolicy
 from services.router.router import POLICIES as ROUTER_POLICIES
+from services.workers.gpu_memory import DEFAULT_DECODE_KV_SHARE, ROLES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +168,8 @@ def _run_server(args: argparse.Namespace) -> int:
         worker_metrics_port=args.worker_metrics_port,
         kv_staging_bytes=None if args.kv_staging_mib is None else args.kv_staging_mib * 2**20,
         image_draft_decode=not args.no_image_draft_decode,
+        decode_kv_share=args.decode_kv_share,
+        role_gpu_memory_utilization=tuple(args.role_gpu_memory_utilization),
         ray_address=args.ray_address,
         api_keys=serve.api_keys_from(args.api_key),
         drain_timeout_s=args.drain_timeout,
@@ -188,6 +191,19 @@ def _run_server(args: argparse.Namespace) -> int:
         },
     )
     return serve.run(config)
+
+
+def role_fraction(arg: str) -> tuple[str, float]:
+    """--role-gpu-memory-utilization's ROLE=FRACTION."""
+    role, sep, value = arg.partition("=")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not sep or role not in ROLES or not 0.0 < fraction <= 1.0:
+        roles = ", ".join(ROLES)
+        raise argparse.ArgumentTypeError(f"expected ROLE=FRACTION, ROLE one of {roles} and 0 < FRACTION <= 1")
+    return role, fraction
 
 
 def allowed_hosts_from(arg: str | None, bind_host: str) -> tuple[str, ...] | None:
@@ -247,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode every JPEG in full on the workers that encode images (default: at 1/2 .. 1/8 scale "
         "where the model's image processor shrinks it anyway)",
+    )
+    srv.add_argument(
+        "--decode-kv-share",
+        type=float,
+        default=DEFAULT_DECODE_KV_SHARE,
+        help="where workers of several roles share a GPU, decode's part of the KV room prefill and decode "
+        f"split after the encoders' needs and both models' weights (default {DEFAULT_DECODE_KV_SHARE}: 4 to 1)",
+    )
+    srv.add_argument(
+        "--role-gpu-memory-utilization",
+        type=role_fraction,
+        action="append",
+        default=[],
+        metavar="ROLE=FRACTION",
+        help="every actor of ROLE (encode, prefill, decode, colocated) may use FRACTION of its GPU's memory, "
+        "in place of its planned share (repeatable)",
     )
     srv.add_argument(
         "--image-url-allow-host",

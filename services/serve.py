@@ -21,11 +21,12 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import ray
@@ -34,6 +35,12 @@ import uvicorn
 from services.common.security import ClusterSecret, ClusterSecretMissing, DataPlaneAuth, resolve_cluster_secret
 from services.engine import EngineConfig
 from services.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+from services.workers.gpu_memory import DEFAULT_DECODE_KV_SHARE, GPUMemoryPlan
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
+
+    from services.workers.pool import GPUPlacement
 
 logger = logging.getLogger("tristage.serve")
 
@@ -65,6 +72,11 @@ class ServeConfig:
     # workers that encode images decode a JPEG at reduced scale where the model's processor allows
     # (services.workers.encoder); False: every image in full
     image_draft_decode: bool = True
+    # Several roles on one GPU (services.workers.gpu_memory): encoders get what they need, prefill and
+    # decode split the KV room that leaves (1 - s) : s
+    decode_kv_share: float = DEFAULT_DECODE_KV_SHARE
+    # (role, fraction of a GPU's memory) for every actor of that role, in place of its planned share
+    role_gpu_memory_utilization: tuple[tuple[str, float], ...] = ()
     api_keys: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
     gateway_options: dict = field(default_factory=dict)  # extra GatewayConfig fields
@@ -78,8 +90,13 @@ def api_keys_from(arg_keys: list[str] | None) -> tuple[str, ...]:
 
 
 def run(config: ServeConfig) -> int:
-    from services.workers.pool import PoolUnplaceable, start_pool, stop_pool
+    from services.workers.gpu_memory import check_tunables
+    from services.workers.pool import PoolUnplaceable, release_gpus, reserve_gpus, start_pool, stop_pool
 
+    try:  # before Ray: refuse early
+        check_tunables({}, config.decode_kv_share, dict(config.role_gpu_memory_utilization))
+    except ValueError as exc:
+        raise SystemExit(f"tristage serve: {exc}") from exc
     model_dir = config.engine.model or str(default_model_path())
     engine_config = replace(config.engine, model=model_dir)
     name = config.served_model_name or (
@@ -91,6 +108,7 @@ def run(config: ServeConfig) -> int:
     # named actors, and none stops them on its way out
     shared = not started_ray
     workers = []
+    pinned: PlacementGroup | None = None  # the GPUs that actors of several roles share, one bundle each
     try:
         pools = (
             {"colocated": config.replicas}
@@ -101,9 +119,14 @@ def run(config: ServeConfig) -> int:
         num_encode = _num_encode(config, model_dir, vision_language)
         if num_encode:
             pools = {"encode": num_encode, **pools}
-        engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
-        for stage, count in pools.items():
-            try:
+        plan = _plan_gpu_memory(config, engine_config, pools, model_dir, shared)
+        gpus_per_worker = 1.0
+        if plan is None:
+            engine_config, gpus_per_worker = _share_gpus(engine_config, sum(pools.values()))
+        try:
+            if plan is not None and plan.pinned:
+                pinned = reserve_gpus(plan.num_gpus)
+            for stage, count in pools.items():
                 workers += start_pool(
                     engine_config,
                     stage,
@@ -117,9 +140,10 @@ def run(config: ServeConfig) -> int:
                     image_draft_decode=config.image_draft_decode,
                     shared=shared,
                     cluster_secret=config.cluster_secret,
+                    placements=_placements(plan, stage, pinned) if plan is not None else None,
                 )
-            except PoolUnplaceable as exc:
-                raise SystemExit(f"tristage serve: {exc}") from exc
+        except PoolUnplaceable as exc:
+            raise SystemExit(f"tristage serve: {exc}") from exc
         _check_layouts(workers, model_dir)
         _run_event_loop(_serve_http(config, workers, model_dir, name, vision_language))
     finally:
@@ -127,6 +151,8 @@ def run(config: ServeConfig) -> int:
             stop_pool(workers)
         elif workers:
             logger.info("the worker pools stay with the Ray cluster for the other gateway replicas")
+        if pinned is not None:
+            release_gpus(pinned)
         if started_ray:
             ray.shutdown()
     logger.info("stopped")
@@ -169,10 +195,96 @@ def _num_encode(config: ServeConfig, model_dir: str, vision_language: bool) -> i
     return 1 if config.mode == "disaggregated" else 0
 
 
+def _plan_gpu_memory(
+    config: ServeConfig, engine_config: EngineConfig, pools: dict[str, int], model_dir: str, shared: bool
+) -> GPUMemoryPlan | None:
+    """Each actor's GPU and memory by its role (services.workers.gpu_memory), on this machine's GPUs:
+
+        encoder   E = tower weights + activations of a full tower call + embedding cache + headroom
+        engine    F = LM weights + activations of a full step + headroom
+        per GPU   KV room R = u T - n_E E - n_engines F  (u: --gpu-memory-utilization, T: the GPU's bytes)
+                  a prefill or decode worker gets F + R w / sum(w), w = 1 - s for prefill, s for decode,
+                  s = decode_kv_share (0.8: decode holds each request's KV for its whole generation,
+                  prefill until the transfer; the module's docstring has the reasoning)
+
+    A GPU each when there are enough; identical workers (colocated replicas) keep equal shares, 1/k of
+    a GPU each for k a GPU, packed by Ray. Each actor's line is logged, and its KV cache (hence
+    vllm:cache_config_info's num_gpu_blocks and gpu_memory_utilization) follows its own share.
+
+    None (the equal shares of `_share_gpus`) on the CPU, without GPUs, or joined to a Ray cluster:
+    there the GPUs are the cluster's, this process may see none of them, and the pools are placed by
+    role resources on nodes whose memory it cannot read.
+    """
+    from services.engine.config import DTYPES
+    from services.engine.models.loader import read_model_config
+    from services.workers.gpu_memory import describe, encoder_bytes, engine_bytes, plan_gpu_memory
+
+    resolved = engine_config.resolved()
+    if not resolved.device.startswith("cuda"):
+        return None
+    if shared:
+        if config.role_gpu_memory_utilization or config.decode_kv_share != DEFAULT_DECODE_KV_SHARE:
+            logger.warning(
+                "--decode-kv-share and --role-gpu-memory-utilization apply to the GPUs of a cluster this command "
+                "starts; joined to %s, workers that share a GPU get equal parts of it",
+                config.ray_address,
+            )
+        return None
+    num_gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpu_total_bytes = _gpu_total_bytes()
+    if num_gpus == 0 or gpu_total_bytes is None:
+        return None
+    hf_config = read_model_config(model_dir)
+    dtype = DTYPES[resolved.dtype]
+    encoder = encoder_bytes(hf_config, dtype) if pools.get("encode") else None
+    engine = engine_bytes(hf_config, dtype, resolved.max_num_batched_tokens, resolved.max_num_seqs)
+    try:
+        plan = plan_gpu_memory(
+            pools,
+            num_gpus=num_gpus,
+            gpu_total_bytes=gpu_total_bytes,
+            gpu_memory_utilization=resolved.gpu_memory_utilization,
+            encoder=encoder,
+            engine=engine,
+            decode_kv_share=config.decode_kv_share,
+            utilization_by_role=dict(config.role_gpu_memory_utilization),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"tristage serve: {exc}") from exc
+    if encoder is not None:
+        logger.info("GPU memory: an encoder needs %s", encoder)
+    logger.info("GPU memory: an engine needs %s before its KV cache", engine)
+    for actor in plan.actors:
+        logger.info("GPU memory: %s", describe(actor, gpu_total_bytes))
+    return plan
+
+
+def _gpu_total_bytes() -> int | None:
+    """The smallest of this machine's GPUs' memory, from nvidia-smi; None without it (the plan falls back to
+    equal shares). Not from torch: its device properties initialise CUDA, and this process would then hold a
+    context (hundreds of MiB outside every actor's budget) on the first GPU for the cluster's life."""
+    try:
+        query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+        out = subprocess.run(query, capture_output=True, text=True, check=True, timeout=30).stdout
+        mib = [int(line) for line in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(mib) * 2**20 if mib else None
+
+
+def _placements(plan: GPUMemoryPlan, stage: str, pinned: PlacementGroup | None) -> list[GPUPlacement]:
+    from services.workers.pool import GPUPlacement
+
+    return [
+        GPUPlacement(a.num_gpus, a.gpu_memory_utilization, pinned if plan.pinned else None, a.gpu)
+        for a in plan.of_role(stage)
+    ]
+
+
 def _share_gpus(engine_config: EngineConfig, num_workers: int) -> tuple[EngineConfig, float]:
     """One GPU per worker when there are enough; otherwise 1/k of a GPU each, k = the most workers one
     GPU must hold (so every share fits on a GPU: 3 workers on 2 GPUs get halves, not two thirds), each
-    worker sizing its KV cache from its share of the memory."""
+    worker sizing its KV cache from its share of the memory. Used where `_plan_gpu_memory` cannot plan."""
     if not engine_config.resolved().device.startswith("cuda"):
         return engine_config, 0.0
     num_gpus = int(ray.cluster_resources().get("GPU", 0))

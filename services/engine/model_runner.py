@@ -177,8 +177,10 @@ class ModelRunner:
         headroom = int(0.25 * (peak - torch.cuda.memory_allocated())) + 256 * 2**20  # graphs, sampler, fragmentation
         budget = int(total * self.config.gpu_memory_utilization) - peak - headroom
         logger.info(
-            "GPU memory: total %.1f GiB, peak after load %.1f GiB, KV budget %.1f GiB (%d layers, %d kv heads)",
+            "GPU memory: total %.1f GiB x utilization %.4f, peak after load %.1f GiB, KV budget %.1f GiB "
+            "(%d layers, %d kv heads)",
             total / 2**30,
+            self.config.gpu_memory_utilization,
             peak / 2**30,
             budget / 2**30,
             spec.num_layers,

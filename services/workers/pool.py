@@ -7,6 +7,11 @@ gateway picks up from the next `info()` call (a services.common.control.WorkerIn
 actor backs off before it loads its model when it restarted recently, and a worker that restarts
 too often is reported as crash-looping (services.workers.restarts, services.common.restarts).
 
+Sharing GPUs by role: given `placements` (services.workers.gpu_memory's plan), each actor has its
+own Ray `num_gpus`, the `gpu_memory_utilization` its engine sizes its KV cache by, and, where the plan
+spans several GPUs, the bundle of a placement group it is pinned to (`reserve_gpus`: one bundle a
+GPU, so the actors planned to share a GPU do; a restarted actor comes back to its bundle).
+
 Shared pools (a Ray cluster that several gateway replicas join): actors are named
 `<stage>-<i>` in the RAY_NAMESPACE namespace and detached, so the first gateway creates them, the
 others attach to the same actors (`get_if_exists`), and a gateway that goes away leaves them to the
@@ -24,11 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
 import ray
 from ray.actor import ActorProxy
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from services.common.control import WorkerInfo
 from services.common.security import ClusterSecret
@@ -46,6 +54,16 @@ class PoolUnplaceable(RuntimeError):
 
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GPUPlacement:
+    """One actor's part of a GPU."""
+
+    num_gpus: float  # Ray's request
+    gpu_memory_utilization: float  # its EngineConfig's: the fraction of the GPU's memory it may use
+    placement_group: PlacementGroup | None = None  # pinned to bundle `bundle_index` (one GPU) of this group
+    bundle_index: int = 0
 
 
 @dataclass
@@ -75,38 +93,50 @@ def start_pool(
     image_draft_decode: bool = True,
     shared: bool = False,
     cluster_secret: ClusterSecret | None = None,
+    placements: Sequence[GPUPlacement] | None = None,
 ) -> list[WorkerHandle]:
     """Start `count` actors (or, `shared`, attach to those already running under the same names) and
-    block until every one has loaded its model (raises if one fails)."""
+    block until every one has loaded its model (raises if one fails). `placements` (on CUDA): one per
+    actor, in place of `gpus_per_worker` and the engine config's gpu_memory_utilization."""
     on_gpu = engine_config.resolved().device.startswith("cuda")
+    if placements is not None and len(placements) != count:
+        raise ValueError(f"{len(placements)} GPU placements for {count} {stage} actors")
     needs = {stage: float(count)} if stage_resources else {}
     if on_gpu:
-        needs["GPU"] = gpus_per_worker * count
+        needs["GPU"] = sum(p.num_gpus for p in placements) if placements else gpus_per_worker * count
     wait_for_resources(stage, needs)
     prefix = name_prefix or stage
     actors: list[tuple[str, ray.actor.ActorHandle]] = []
     for i in range(count):
         name = f"{prefix}-{i}"
+        placement = placements[i] if placements and on_gpu else None
         options: dict[str, object] = dict(
             num_cpus=0 if on_gpu else 1,
-            num_gpus=gpus_per_worker if on_gpu else 0,
+            num_gpus=(gpus_per_worker if placement is None else placement.num_gpus) if on_gpu else 0,
             resources={stage: 1} if stage_resources else None,  # nodes advertise the roles they host
             max_concurrency=4,
             max_restarts=MAX_ACTOR_RESTARTS,
         )
+        actor_config = engine_config
+        if placement is not None:
+            actor_config = replace(engine_config, gpu_memory_utilization=placement.gpu_memory_utilization)
+            if placement.placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement.placement_group, placement_group_bundle_index=placement.bundle_index
+                )
         if shared:
             options.update(name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True)
         if stage == "encode":
             encode_remote = ray.remote(EncodeActor).options(**options)
             encode_proxy = encode_remote.remote(
-                engine_config, name, bind_host, cluster_secret=cluster_secret, image_draft_decode=image_draft_decode
+                actor_config, name, bind_host, cluster_secret=cluster_secret, image_draft_decode=image_draft_decode
             )
             actors.append((name, _handle(encode_proxy)))
             continue
         remote = ray.remote(EngineActor).options(**options)
         # the data plane's secret goes as a constructor argument: Ray keeps it for restarts, no env var shows it
         proxy = remote.remote(
-            engine_config,
+            actor_config,
             name,
             stage,
             bind_host,
@@ -139,6 +169,26 @@ def wait_for_resources(stage: str, needs: dict[str, float], timeout_s: float = R
                 f"`ray start --address HEAD --resources='{{\"{stage}\": N}}'` for a role resource"
             )
         time.sleep(RESOURCE_POLL_S)
+
+
+def reserve_gpus(num_gpus: int, timeout_s: float = RESOURCE_WAIT_S) -> PlacementGroup:
+    """A placement group of `num_gpus` bundles of one GPU each, on one node: the actors put in bundle g
+    share that bundle's GPU (Ray places a fractional request inside its bundle). Raises PoolUnplaceable
+    when the node cannot give them within `timeout_s`."""
+    group = placement_group([{"GPU": 1.0}] * num_gpus, strategy="STRICT_PACK")
+    try:
+        ray.get(group.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise PoolUnplaceable(
+            f"{num_gpus} GPUs of one node were not free within {timeout_s:g} s for the workers that share them"
+        ) from None
+    return group
+
+
+def release_gpus(group: PlacementGroup) -> None:
+    with contextlib.suppress(Exception):  # already gone with Ray
+        remove_placement_group(group)
 
 
 def _handle(proxy: ActorProxy[T]) -> ray.actor.ActorHandle[T]:

@@ -165,6 +165,17 @@ class VisionEncoder:
         return rows
 
 
+def num_vision_parameters(hf_config: Any) -> int:
+    """Parameters an encoder of this vision-language config loads (tower + projector, the tower modules
+    it never reads left out), counted on modules built on the meta device: nothing is allocated."""
+    spec = VisionLanguageSpec.from_hf_config(hf_config)
+    if spec is None:
+        raise ModelLoadError(f"{hf_config.architectures} has no vision tower")
+    with torch.device("meta"), no_init_weights():
+        modules = _build_modules(spec, hf_config, torch.get_default_dtype())
+    return sum(p.numel() for p in modules.parameters())
+
+
 def _build_modules(spec: VisionLanguageSpec, hf_config: Any, dtype: torch.dtype) -> LlavaVision | QwenVision:
     """transformers' modules take the dtype explicitly: they would otherwise take the checkpoint's."""
     if spec.family == "llava":
