@@ -42,6 +42,19 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="order of admitting waiting requests: arrival (fcfs, default), or Preble's priority groups "
         "by prefix-cache hit ratio (preble)",
     )
+    parser.add_argument(
+        "--ttft-slo-ms",
+        type=float,
+        default=None,
+        help="time-to-first-token SLO: waiting requests are admitted least slack first (default: off)",
+    )
+    parser.add_argument(
+        "--tpot-slo-ms",
+        type=float,
+        default=None,
+        help="time-per-output-token SLO: a prompt chunk joins a step that decodes only while the step's "
+        "predicted time stays within it (default: off)",
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -93,6 +106,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_prefill_tokens_beside_decodes=args.max_prefill_tokens_beside_decodes or None,
         scheduling_policy=args.scheduling_policy,
+        ttft_slo_ms=args.ttft_slo_ms,
+        tpot_slo_ms=args.tpot_slo_ms,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -171,6 +171,7 @@ class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     # the engine's latest timings, newest last (a bounded ring: a reader dedups by seq)
     recent_steps: list[StepTiming] = msgspec.field(default_factory=list)
     recent_finished: list[FinishedRequestTiming] = msgspec.field(default_factory=list)
+    num_slo_held_admissions: int = 0  # prefill chunks the TPOT SLO held back (total; services.engine.slo_admission)
 
     @property
     def device_kv(self) -> KVTierStats:

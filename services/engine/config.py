@@ -41,6 +41,12 @@ class EngineConfig:
     # Order of admitting waiting requests: fcfs (arrival), or preble (priority groups by prefix-cache
     # hit ratio, visited round-robin: services/engine/waiting_queue.py)
     scheduling_policy: str = "fcfs"
+    # Service-level objectives of SLO-aware admission (LayerKV: services/engine/slo_admission.py); None:
+    # off. tpot_slo_ms: a prompt chunk joins a step that decodes only while the step's predicted time
+    # (fitted online from measured steps) stays within it, cut to fit or held until the request's
+    # deadline. ttft_slo_ms: waiting requests are ordered by TTFT slack (deadline = arrival + it).
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
     max_model_len: int | None = None  # context length; default: the model's, capped by the KV pool
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.90  # share of GPU memory for weights + activations + KV cache
@@ -115,6 +121,10 @@ class EngineConfig:
             raise ValueError("max_prefill_tokens_beside_decodes must be positive")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy {self.scheduling_policy!r} is not one of {SCHEDULING_POLICIES}")
+        for name in ("ttft_slo_ms", "tpot_slo_ms"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive number of milliseconds (or None: off), got {value!r}")
         if self.mixed_cuda_graph_max_tokens < 0:
             raise ValueError("mixed_cuda_graph_max_tokens must be >= 0 (0 turns mixed-step graphs off)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -56,6 +56,7 @@ from services.engine.request import Request, RequestStatus
 from services.engine.sampler import PendingSample, Sampler, TokenLogprobs, needs_history
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
+from services.engine.slo_admission import make_slo_admission
 from services.engine.step_timings import StepTimings
 from services.engine.structured import GrammarMasks
 
@@ -124,6 +125,7 @@ class LLMEngine:
             config.max_num_seqs,
             max_prefill_tokens_beside_decodes=config.max_prefill_tokens_beside_decodes,
             scheduling_policy=config.scheduling_policy,
+            slo=make_slo_admission(config.ttft_slo_ms, config.tpot_slo_ms, config.block_size),
         )
         self.sampler = Sampler()
         self.max_model_len = self.runner.max_model_len
@@ -137,7 +139,9 @@ class LLMEngine:
         self._in_flight: PendingSample | None = None  # the step launched and not yet collected
         self.phase_seconds = {phase: SecondsHistogram(REQUEST_LATENCY_BUCKETS_S) for phase in PHASES}
         self.iteration_tokens = TokensHistogram(iteration_tokens_buckets(config.max_num_batched_tokens))
-        self.timings = StepTimings()  # SchedulerStats.recent_steps / recent_finished, for the router
+        # SchedulerStats.recent_steps / recent_finished, for the router; and the SLO gate's step-time model
+        step_model = self.scheduler.slo.step_model if self.scheduler.slo is not None else None
+        self.timings = StepTimings(step_model=step_model)
 
     # ------------------------------------------------------------------ requests in
 
@@ -635,6 +639,7 @@ class LLMEngine:
             queued_prefill_tokens=scheduler.queued_prefill_tokens,
             kv_tiers=[device],
             num_preemptions=scheduler.num_preemptions_total,
+            num_slo_held_admissions=scheduler.num_slo_held_total,
             prefix_cache_queried_tokens=kv_cache.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=kv_cache.prefix_cache_hit_tokens,
             phase_seconds={phase: histogram.snapshot() for phase, histogram in self.phase_seconds.items()},

@@ -11,6 +11,10 @@ Each step spends a token budget (`max_num_batched_tokens`):
 In a step that decodes, prefill chunks (of running and waiting requests alike) share at most
 `max_prefill_tokens_beside_decodes` of the budget, so that one long prompt stretches every running
 request's inter-token gap by a bounded amount (Sarathi-Serve, OSDI 2024, "stall-free batching").
+With SLOs (EngineConfig.ttft_slo_ms / tpot_slo_ms), an SLOAdmission gate further cuts or holds each
+prefill chunk of a step that decodes so that the predicted step time stays within the TPOT SLO, and
+the waiting queue orders requests by TTFT slack (LayerKV: services/engine/slo_admission.py). Without
+them (the default) neither exists and the rules above are all there is.
 
 When the KV pool cannot supply a running request's blocks, the latest-arrived request not yet
 scheduled this step is preempted: its blocks are freed, its computed count reset to zero, and
@@ -25,6 +29,8 @@ from dataclasses import dataclass, field
 
 from services.engine.kv_cache.manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
+from services.engine.slo_admission import SLOAdmission
+from services.engine.step_model import StepLoad
 from services.engine.waiting_queue import WaitingQueue, make_waiting_queue
 
 
@@ -53,12 +59,15 @@ class Scheduler:
         max_num_seqs: int,
         max_prefill_tokens_beside_decodes: int | None = None,
         scheduling_policy: str = "fcfs",
+        slo: SLOAdmission | None = None,
     ) -> None:
         self.kv_cache = kv_cache
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_tokens_beside_decodes = max_prefill_tokens_beside_decodes
         self.max_num_seqs = max_num_seqs
-        self.waiting: WaitingQueue = make_waiting_queue(scheduling_policy, self._num_adoptable_tokens)
+        self.slo = slo  # None: no SLO, admission by budget and KV room alone
+        priority_key = slo.priority_key if slo is not None and slo.ttft_slo_s is not None else None
+        self.waiting: WaitingQueue = make_waiting_queue(scheduling_policy, self._num_adoptable_tokens, priority_key)
         self.running: list[Request] = []  # arrival order
         self.num_preemptions_total = 0
 
@@ -82,6 +91,11 @@ class Scheduler:
     def num_decoding(self) -> int:
         """Running requests past their prompt: the decode batch."""
         return sum(1 for r in list(self.running) if r.num_computed_tokens >= r.num_prompt_tokens)
+
+    @property
+    def num_slo_held_total(self) -> int:
+        """Prefill chunks the TPOT SLO held back entirely (0 without an SLO)."""
+        return self.slo.num_held_total if self.slo is not None else 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -120,6 +134,10 @@ class Scheduler:
                 if budget <= 0:
                     break
             num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            if capped and self.slo is not None:  # a prompt chunk: the TPOT SLO may cut or hold it
+                num_new = self.slo.fit_chunk(_load(batch), request, request.num_computed_tokens, num_new)
+                if not num_new:
+                    return 0, capped  # held: no more prefill this step
             while not self.kv_cache.allocate_slots(request, num_new):
                 if not pending:  # only itself left to preempt: wait for others to finish
                     num_new = 0
@@ -139,10 +157,13 @@ class Scheduler:
             request = self.waiting.peek()
             if id(request) in preempted_now or request.num_pending_tokens:
                 break  # preempted in this step, or its token of a step in flight not in yet: it waits
+            max_new = self._slo_chunk(batch, request, budget)
+            if not max_new:
+                break  # held by the TPOT SLO
             # cached blocks have no logits: a request still computing prompt logprobs adopts none
             computed = [] if request.computes_prompt_logprobs else self.kv_cache.get_computed_blocks(request)
             num_computed = len(computed) * self.kv_cache.block_size
-            num_new = min(request.num_tokens - num_computed, budget)
+            num_new = min(request.num_tokens - num_computed, max_new)
             if not self.kv_cache.allocate_slots(request, num_new, computed):
                 break
             self.waiting.pop()
@@ -153,6 +174,17 @@ class Scheduler:
             self.running.append(request)
             batch.add(request, num_new)
             budget -= num_new
+
+    def _slo_chunk(self, batch: ScheduledBatch, request: Request, budget: int) -> int:
+        """The most tokens a waiting request may compute this step: the budget, or what the TPOT SLO lets
+        (0: held). Asked on the probe's cached prefix, before `get_computed_blocks` (which counts a lookup in
+        the prefix-cache metrics: a request held step after step would count every step). The probe
+        matches hashes alone, so it finds at least what adoption does: a chunk after fewer cached tokens
+        has less context and costs no more."""
+        if self.slo is None:
+            return budget
+        num_cached = self._num_adoptable_tokens(request)
+        return self.slo.fit_chunk(_load(batch), request, num_cached, min(request.num_tokens - num_cached, budget))
 
     def _num_adoptable_tokens(self, request: Request) -> int:
         """Cached prefix tokens a waiting request would adopt now (the waiting queue's probe)."""
@@ -179,3 +211,11 @@ class Scheduler:
             self.waiting.remove(request)
         if not request.keeps_kv:
             self.kv_cache.free(request.request_id)
+
+
+def _load(batch: ScheduledBatch) -> StepLoad:
+    """The work `batch` holds so far (its requests' computed counts are still those before the step)."""
+    load = StepLoad()
+    for request, num_new in zip(batch.requests, batch.num_new_tokens):
+        load = load.with_chunk(request.num_prompt_tokens, request.num_computed_tokens, num_new)
+    return load

@@ -10,6 +10,12 @@ The scheduler admits `peek()` and then `pop()`s it, and stops at the first reque
 
 Both put preempted requests ahead of every other, the latest preempted first, as a deque's appendleft.
 
+With a TTFT SLO the scheduler passes a `priority_key` (services/engine/slo_admission.py: a request's
+TTFT slack plus now, fixed at arrival), and requests never preempted go by least key, arrival order
+breaking ties: fcfs becomes KeyedQueue (preempted first, then least slack first), and inside each of
+Preble's groups the least key comes first instead of the oldest (groups, quotas and the cursor are
+unchanged). Without one (the default) nothing here changes.
+
 Preble's priority groups, over the requests waiting that were never preempted:
 
     hit(r)   = tokens of r's prefix found in the cache / tokens of r (its prompt, plus any output it was
@@ -90,11 +96,15 @@ class WaitingQueue(Protocol):
     def __len__(self) -> int: ...
 
 
-def make_waiting_queue(policy: str, num_cached_prefix_tokens: Callable[[Request], int]) -> WaitingQueue:
+def make_waiting_queue(
+    policy: str,
+    num_cached_prefix_tokens: Callable[[Request], int],
+    priority_key: Callable[[Request], float] | None = None,
+) -> WaitingQueue:
     if policy == "fcfs":
-        return FCFSQueue()
+        return FCFSQueue() if priority_key is None else KeyedQueue(priority_key)
     if policy == "preble":
-        return PriorityGroupQueue(num_cached_prefix_tokens)
+        return PriorityGroupQueue(num_cached_prefix_tokens, priority_key=priority_key)
     raise ValueError(f"scheduling policy {policy!r} is not one of {SCHEDULING_POLICIES}")
 
 
@@ -137,15 +147,58 @@ class FCFSQueue:
         return len(self._requests)
 
 
+class KeyedQueue:
+    """Preempted requests in front (latest preempted first), then the others by least key, then arrival."""
+
+    def __init__(self, priority_key: Callable[[Request], float]) -> None:
+        self._priority_key = priority_key
+        self._preempted: deque[Request] = deque()
+        self._heap: list[tuple[float, int, Request]] = []  # (key, arrival seq, request)
+        self._seq = itertools.count()
+
+    def append(self, request: Request) -> None:
+        heapq.heappush(self._heap, (self._priority_key(request), next(self._seq), request))
+
+    def push_front(self, request: Request) -> None:
+        self._preempted.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._preempted[0] if self._preempted else self._heap[0][2]
+
+    def pop(self) -> Request:
+        return self._preempted.popleft() if self._preempted else heapq.heappop(self._heap)[2]
+
+    def remove(self, request: Request) -> None:
+        if request in self._preempted:
+            self._preempted.remove(request)
+            return
+        self._heap = [item for item in self._heap if item[2] is not request]  # aborts are rare: O(n)
+        heapq.heapify(self._heap)
+
+    def refresh(self) -> None:
+        pass
+
+    def __contains__(self, request: object) -> bool:
+        return request in self._preempted or any(item[2] is request for item in self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter([*self._preempted, *(item[2] for item in list(self._heap))])
+
+    def __len__(self) -> int:
+        return len(self._preempted) + len(self._heap)
+
+
 @dataclass(eq=False)
 class _Entry:
     seq: int  # arrival order
     group: int  # from the last probe
+    key: float  # the priority key (the seq without one): least first inside a group
 
 
 class PriorityGroupQueue:
     """Preble's priority groups (module docstring): one heap per group, oldest first.
 
+    Inside a group the least `priority_key` comes first (without one, the oldest).
     A request whose group changes is pushed on its new group's heap; the entry left on the old heap
     is stale (its request's group or presence says so) and dropped when it reaches the top, or when
     stale entries outnumber live ones.
@@ -157,14 +210,16 @@ class PriorityGroupQueue:
         num_groups: int = NUM_GROUPS,
         k: int = K,
         max_probes_per_step: int = MAX_PROBES_PER_STEP,
+        priority_key: Callable[[Request], float] | None = None,
     ) -> None:
         self._num_cached_prefix_tokens = num_cached_prefix_tokens
+        self._priority_key = priority_key
         self.num_groups = num_groups
         self.k = k
         self.max_probes_per_step = max_probes_per_step
         self._preempted: deque[Request] = deque()
         self._entries: dict[Request, _Entry] = {}  # the others, in arrival order
-        self._heaps: list[list[tuple[int, Request]]] = [[] for _ in range(num_groups)]  # (seq, request)
+        self._heaps: list[list[tuple[float, int, Request]]] = [[] for _ in range(num_groups)]  # (key, seq, request)
         self._num_heap_entries = 0  # live and stale
         self._probe_order: deque[Request] = deque()  # longest unprobed first (may hold departed ones)
         self._seq = itertools.count()
@@ -182,7 +237,9 @@ class PriorityGroupQueue:
     # ------------------------------------------------------------------ WaitingQueue
 
     def append(self, request: Request) -> None:
-        entry = _Entry(next(self._seq), self._probe(request))
+        seq = next(self._seq)
+        key = float(seq) if self._priority_key is None else self._priority_key(request)
+        entry = _Entry(seq, self._probe(request), key)
         self._entries[request] = entry
         self._push(entry, request)
         self._probe_order.append(request)
@@ -193,13 +250,13 @@ class PriorityGroupQueue:
     def peek(self) -> Request:
         if self._preempted:
             return self._preempted[0]
-        return self._visit()[0][1]
+        return self._visit()[0][2]
 
     def pop(self) -> Request:
         if self._preempted:
             return self._preempted.popleft()
         heap = self._visit()
-        _, request = heapq.heappop(heap)
+        _, _, request = heapq.heappop(heap)
         self._num_heap_entries -= 1
         del self._entries[request]
         self._quota -= 1
@@ -248,14 +305,14 @@ class PriorityGroupQueue:
         return priority_group(self._num_cached_prefix_tokens(request), request.num_tokens, self.num_groups)
 
     def _push(self, entry: _Entry, request: Request) -> None:
-        heapq.heappush(self._heaps[entry.group], (entry.seq, request))
+        heapq.heappush(self._heaps[entry.group], (entry.key, entry.seq, request))
         self._num_heap_entries += 1
 
     def _restart_round(self) -> None:
         self._group = self.num_groups - 1
         self._quota = self.num_groups * self.k
 
-    def _visit(self) -> list[tuple[int, Request]]:
+    def _visit(self) -> list[tuple[float, int, Request]]:
         """The heap of the group to take from: the cursor's, or the next non-empty one with its quota."""
         for _ in range(self.num_groups + 1):
             heap = self._live_heap(self._group)
@@ -265,11 +322,11 @@ class PriorityGroupQueue:
             self._quota = (self._group + 1) * self.k
         raise IndexError("peek from an empty waiting queue")
 
-    def _live_heap(self, group: int) -> list[tuple[int, Request]]:
+    def _live_heap(self, group: int) -> list[tuple[float, int, Request]]:
         """The group's heap with its stale top entries dropped."""
         heap = self._heaps[group]
         while heap:
-            seq, request = heap[0]
+            _, seq, request = heap[0]
             entry = self._entries.get(request)
             if entry is not None and entry.seq == seq and entry.group == group:
                 break
@@ -279,6 +336,8 @@ class PriorityGroupQueue:
 
     def _rebuild_heaps(self) -> None:
         self._heaps = [[] for _ in range(self.num_groups)]
-        for request, entry in self._entries.items():  # ascending seq: each list is already a heap
-            self._heaps[entry.group].append((entry.seq, request))
+        for request, entry in self._entries.items():
+            self._heaps[entry.group].append((entry.key, entry.seq, request))
+        for heap in self._heaps:
+            heapq.heapify(heap)  # without a priority key, ascending seq: already a heap
         self._num_heap_entries = len(self._entries)

@@ -64,6 +64,12 @@ def _scheduler_families(scheduler: SchedulerStats, values: list[str]) -> Iterato
         "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", values, scheduler.prefix_cache_hit_tokens
     )
     yield _counter("vllm:num_preemptions", "Requests preempted by the worker.", values, scheduler.num_preemptions)
+    yield _counter(
+        "tristage:slo_held_admissions",
+        "Prefill chunks held back to keep decodes within the TPOT SLO.",
+        values,
+        scheduler.num_slo_held_admissions,
+    )
     for phase, snapshot in scheduler.phase_seconds.items():
         name, documentation = PHASE_METRICS[phase]
         family = HistogramMetricFamily(name, documentation, labels=LABELS)
