@@ -227,7 +227,10 @@ class EncodeStats(msgspec.Struct, frozen=True, kw_only=True):
     embedding_cache_capacity_bytes: int
     embedding_bytes_sent: int  # handed to ZeroMQ for prefill (or colocated) workers, total
     outbox_bytes: int  # encoded, waiting for a destination with room
-    taking_work: bool  # False while the outbox is over budget: requests then wait in ZeroMQ
+    # False while the outbox is over budget, or the queue is full of images for destinations that take no
+    # more (services.workers.encode_worker): requests then wait in ZeroMQ
+    taking_work: bool
+    num_requests_given_up: int = 0  # dropped with a destination that took nothing for long, total
 
 
 class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -316,6 +316,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
+    def awaits_first_step(self, request_id: str) -> bool:
+        """The request is queued and no step has taken it yet (False once one has, once it has left, and for
+        an id the engine does not know). It never turns True again: a preempted request waits again, counted
+        as started."""
+        parent = self._parents.get(request_id)
+        return parent is not None and any(child.request.status is RequestStatus.WAITING for child in parent.children)
+
     def _take_in_flight(self) -> PendingSample | None:
         in_flight, self._in_flight = self._in_flight, None
         return in_flight

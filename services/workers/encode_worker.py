@@ -2,13 +2,14 @@
 image's embedding to the prefill worker the request names.
 
     loop:  wait (a request, a batch in the pipeline, or room at a held-back destination)
-           -> receive into the queue (unless the outbox is over budget)
+           -> receive into the queue (unless it takes no work: see back-pressure below)
            -> start batches from the queue while the pipeline has room: each one's decoding and
-              preprocessing begins on the encoder's thread pool (ImageEncoder.start)
+              preprocessing begins on the encoder's thread pool (ImageEncoder.start); images for held
+              destinations (below) wait
            -> publish state
            -> finish the oldest batch: wait for its preprocessing, run the tower (ImageEncoder.finish),
               queue each result in the outbox
-           -> flush the outbox without blocking
+           -> flush the outbox without blocking, then note which destinations are held
 
 The pipeline overlaps the CPU and the tower: while the tower runs on batch N (on the loop's thread),
 the pool decodes and preprocesses batch N+1, started in the same turn. It holds at most
@@ -20,17 +21,29 @@ Wire form (services.common.messages): in, EncodeRequest + one frame (the image's
 AbortRequest; out, per request, ImageEmbedding + one frame ([num_rows, hidden_size] rows, row-major, in
 `dtype`, e.g. "bfloat16"), or ImageEmbedding with `error` set and no frame.
 
-Back-pressure, so encoders never run ahead of what prefill workers can hold:
+Back-pressure, so encoders never run ahead of what prefill workers can hold or compute:
 
-    gateway ──▶ [ZeroMQ queues] ──▶ encode ──▶ outbox (per destination, in order) ──▶ PUSH (SNDHWM 8) ──▶ prefill
-                  grows while the            over max_outbox_bytes:               full: zmq.Again, the
-                  loop stops receiving       stop receiving                       message stays in the outbox
+    gateway ──▶ [ZeroMQ] ──▶ queue ──▶ pipeline ──▶ outbox (per destination, in order) ──▶ PUSH (SNDHWM 8) ──▶ prefill
+                 grows while    │        starts no image for a           full: zmq.Again, the
+                 the loop does  │        destination with embeddings     message stays in the outbox
+                 not receive    │        waiting in the outbox (held)
+                                └ full of held destinations' images, or the outbox over max_outbox_bytes:
+                                  stop receiving (taking_work False)
 
-A prefill worker drains its embedding socket only while it has room for them; once its socket and
-our PUSH queue are full, sends fail with zmq.Again, results collect in the outbox, and past
-`max_outbox_bytes` this loop takes no new requests, so they wait in ZeroMQ (our input queue holds
-at most `max_batch_images`) and the gateway's own sends back up. Sends never block: other
-destinations keep flowing while one is full.
+A prefill worker drains its embedding socket only while it has room for embeddings and its engine
+is not too far behind (services.workers.image_intake); once its socket and our PUSH queue to it are
+full, sends fail with zmq.Again and its embeddings wait in the outbox: the destination is *held*.
+The pipeline starts no image for a held destination (what the tower made would only wait); those
+images stay queued, in order, while the images for other destinations start past them, so one slow
+prefill worker does not stop the others' work. The queue, with the held images, shows as this
+encoder's waiting load, so the router sends new images elsewhere. Once the queue is full
+(`max_queued_images`) of held destinations' images, or the outbox is over `max_outbox_bytes`, this
+loop takes no new requests: they wait in ZeroMQ (our input queue holds at most `max_batch_images`)
+and the gateway's own sends back up. A held destination that has taken nothing for `give_up_after_s`
+(a prefill worker that died: a restarted one has a new address) is given up: its embeddings in the
+outbox and its queued images are dropped (`num_requests_given_up`), as the prefill worker's inbox
+would have failed their requests by then. Sends never block: other destinations keep flowing while
+one is full.
 
 Load: requests taken off the socket wait in the loop's own queue (at most `max_queued_images`, then
 the rest wait in ZeroMQ) until a turn takes them into the pipeline, `max_batch_images` at a time. The
@@ -46,15 +59,17 @@ cluster's CURVE keys, the input and state sockets are CURVE servers and the outb
 Failure policy: a malformed message is logged and dropped; an image that cannot be decoded or
 preprocessed gets an error embedding (the prefill worker fails that request, with a 400 naming the
 image); an unexpected exception while encoding fails that batch's images and the loop goes on.
-AbortRequest drops the request's work received but not yet encoded, its images in the pipeline (their
-results are never sent; preprocessing only they needed is cancelled), and its embeddings still in the
-outbox.
+AbortRequest drops the request's work received but not yet encoded (held or not), its images in the
+pipeline (their results are never sent; preprocessing only they needed is cancelled), and its
+embeddings still in the outbox.
 
 Tunables (defaults):
     max_outbox_bytes = 256 MiB   outbox bytes past which no new request is received
     max_batch_images = 64        EncodeRequests taken per loop turn (one tower batch)
     max_queued_images = 2 x max_batch_images   EncodeRequests received and waiting for the pipeline
     pipeline_depth = 2           batches started and not yet finished (1: no overlap)
+    give_up_after_s = 60.0       a held destination that takes nothing this long is dropped (the prefill
+                                 inbox's own timeout for a request's embeddings)
     EMBEDDING_SEND_HWM = 8       messages queued in ZeroMQ per destination before a send fails
     input socket limit = the codec's header limit (64 MiB): an EncodeRequest's frame is an image's encoded
                          bytes, which the gateway caps far lower (20 MiB by default)
@@ -64,6 +79,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -89,6 +105,7 @@ EMBEDDING_SEND_HWM = 8
 DEFAULT_MAX_OUTBOX_BYTES = 256 * 2**20
 DEFAULT_MAX_BATCH_IMAGES = 64
 DEFAULT_PIPELINE_DEPTH = 2
+DEFAULT_GIVE_UP_AFTER_S = 60.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +124,8 @@ class Outbox:
 
     Each destination gets one PUSH socket that queues at most `send_hwm` messages in ZeroMQ; past that
     a send fails with zmq.Again and the message waits here, retried on every `flush`. The owner
-    watches `num_bytes` to stop taking work. One owner thread; others may read the counters.
+    watches `num_bytes` to stop taking work, and `held()` to start no work for a destination whose
+    messages wait. One owner thread; others may read the counters.
     """
 
     def __init__(
@@ -124,6 +142,8 @@ class Outbox:
         self._keys = keys
         self._sockets: dict[str, zmq.Socket] = {}
         self._queues: dict[str, deque[_Outgoing]] = {}
+        # destination with messages waiting -> monotonic time it last took one (or its first one waited)
+        self._waiting_since: dict[str, float] = {}
         self.num_bytes = 0  # waiting here
         self.num_bytes_sent = 0  # handed to ZeroMQ
 
@@ -139,21 +159,50 @@ class Outbox:
             logger.warning("cannot send to %r (%s); the embedding of %s is dropped", address, exc, request_id)
             return
         num_bytes = sum(memoryview(f).nbytes for f in frames)
-        self._queues.setdefault(address, deque()).append(_Outgoing(request_id, frames, num_bytes))
+        queue = self._queues.setdefault(address, deque())
+        if not queue:
+            self._waiting_since[address] = time.monotonic()
+        queue.append(_Outgoing(request_id, frames, num_bytes))
         self.num_bytes += num_bytes
 
     def flush(self) -> None:
         """Send what each destination takes now, in order; stop at a destination's first zmq.Again."""
         for address, queue in self._queues.items():
             socket = self._sockets[address]
+            num_sent = 0
             while queue:
                 try:
                     socket.send_multipart(queue[0].frames, flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 sent = queue.popleft()
+                num_sent += 1
                 self.num_bytes -= sent.num_bytes
                 self.num_bytes_sent += sent.num_bytes
+            if not queue:
+                self._waiting_since.pop(address, None)
+            elif num_sent:
+                self._waiting_since[address] = time.monotonic()
+
+    def held(self) -> set[str]:
+        """Destinations with messages waiting here: their ZeroMQ queue is full."""
+        return set(self._waiting_since)
+
+    def stalled(self, wait_s: float) -> list[str]:
+        """Held destinations that have taken nothing for `wait_s`."""
+        horizon = time.monotonic() - wait_s
+        return [address for address, since in self._waiting_since.items() if since < horizon]
+
+    def give_up(self, address: str) -> list[str]:
+        """Forget a destination: its waiting messages (their request ids are returned) and its socket, with
+        what ZeroMQ still queues for it. A later `put` for it connects again."""
+        queue = self._queues.pop(address, deque())
+        self._waiting_since.pop(address, None)
+        self.num_bytes -= sum(m.num_bytes for m in queue)
+        socket = self._sockets.pop(address, None)
+        if socket is not None:
+            socket.close(linger=0)
+        return [m.request_id for m in queue]
 
     def drop(self, request_id: str) -> int:
         """Forget the request's waiting messages; returns how many."""
@@ -163,6 +212,8 @@ class Outbox:
             num_dropped += len(queue) - len(kept)
             self.num_bytes -= sum(m.num_bytes for m in queue if m.request_id == request_id)
             self._queues[address] = kept
+            if not kept:
+                self._waiting_since.pop(address, None)
         return num_dropped
 
     def blocked_sockets(self) -> list[zmq.Socket]:
@@ -231,6 +282,7 @@ class EncodeWorker:
         max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
         max_queued_images: int | None = None,
         pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
+        give_up_after_s: float = DEFAULT_GIVE_UP_AFTER_S,
         worker_stats: Callable[[], WorkerStats] | None = None,
         keys: CurveKeys | None = None,
         peers: PeerRegistry | None = None,
@@ -247,9 +299,12 @@ class EncodeWorker:
         self.max_batch_images = max_batch_images
         self.max_queued_images = max(max_queued_images or 2 * max_batch_images, max_batch_images)
         self.pipeline_depth = pipeline_depth
+        self.give_up_after_s = give_up_after_s
         self._queue: deque[tuple[EncodeRequest, bytes]] = deque()  # received, waiting for the pipeline
         self._pipeline: deque[_InFlight] = deque()  # started, oldest first
         self._num_images_in_flight = 0  # in the pipeline now (read by other threads)
+        self._num_startable = 0  # queued images whose destination is not held, as of the last turn's end
+        self._stalled = False  # the queue is full and none of it can start (every destination held)
         self.peers = peers if peers is not None else PeerRegistry(name)
         self._context = zmq.Context()
         self._authenticator = start_authenticator(self._context, keys, name)  # before any socket binds
@@ -263,6 +318,7 @@ class EncodeWorker:
         self._stop = threading.Event()
         self.num_requests_received = 0  # EncodeRequests taken off the socket
         self.num_requests_aborted = 0  # EncodeRequests (or their embeddings) dropped by an abort
+        self.num_requests_given_up = 0  # ... dropped with a destination that took nothing for give_up_after_s
         self.publisher = (
             StatePublisher(
                 self._context,
@@ -291,13 +347,18 @@ class EncodeWorker:
             if self._pipeline:
                 self._finish_oldest()  # the tower, while the pool preprocesses the batches behind it
             self._outbox.flush()
+            self._note_holds()
         self._close()
 
     def stop(self) -> None:
         self._stop.set()
 
     def taking_work(self) -> bool:
-        """False while the outbox is over budget: requests then wait in ZeroMQ."""
+        """False while the outbox is over budget, or the queue is full of images for held destinations:
+        requests then wait in ZeroMQ."""
+        return self._outbox_has_room() and not self._stalled
+
+    def _outbox_has_room(self) -> bool:
         return self._outbox.num_bytes <= self.max_outbox_bytes
 
     def _wait(self) -> None:
@@ -308,13 +369,13 @@ class EncodeWorker:
             poller.register(self._input, zmq.POLLIN)
         for socket in self._outbox.blocked_sockets():
             poller.register(socket, zmq.POLLOUT)
-        poller.poll(0 if self._pipeline or (self._queue and self.taking_work()) else IDLE_POLL_MS)
+        poller.poll(0 if self._pipeline or (self._num_startable and self.taking_work()) else IDLE_POLL_MS)
 
     # ------------------------------------------------------------------ receive
 
     def _receive(self) -> None:
         """Requests with their image bytes into the queue until it holds max_queued_images; none while
-        the outbox is over budget."""
+        not taking work."""
         if not self.taking_work() or len(self._queue) >= self.max_queued_images:
             return
         for message, frames in drain(self._input, self._inbound, self.name):
@@ -347,10 +408,14 @@ class EncodeWorker:
     # ------------------------------------------------------------------ the pipeline
 
     def _start_batches(self) -> None:
-        """Queued requests into the pipeline while it has room, max_batch_images a batch, oldest first
-        (none while the outbox is over budget: what the tower makes would only wait there)."""
-        while self._queue and len(self._pipeline) < self.pipeline_depth and self.taking_work():
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch_images, len(self._queue)))]
+        """Queued requests into the pipeline while it has room, max_batch_images a batch, oldest first,
+        past those for held destinations (none while the outbox is over budget: what the tower makes
+        would only wait there)."""
+        held = self._outbox.held()
+        while self._queue and len(self._pipeline) < self.pipeline_depth and self._outbox_has_room():
+            batch = self._take_batch(held)
+            if not batch:
+                break
             requests = [message for message, _ in batch]
             try:
                 encoding = self.encoder.start([(message.image, data) for message, data in batch])
@@ -359,6 +424,46 @@ class EncodeWorker:
                 continue
             self._pipeline.append(_InFlight(requests, encoding))
             self._num_images_in_flight += len(batch)
+
+    def _take_batch(self, held: set[str]) -> list[tuple[EncodeRequest, bytes]]:
+        """Up to max_batch_images queued requests, oldest first, whose destinations are not held; the rest
+        stay queued in order."""
+        if not held:
+            return [self._queue.popleft() for _ in range(min(self.max_batch_images, len(self._queue)))]
+        batch: list[tuple[EncodeRequest, bytes]] = []
+        kept: deque[tuple[EncodeRequest, bytes]] = deque()
+        for item in self._queue:
+            if len(batch) < self.max_batch_images and item[0].deliver_to not in held:
+                batch.append(item)
+            else:
+                kept.append(item)
+        self._queue = kept
+        return batch
+
+    def _note_holds(self) -> None:
+        """After a turn's sends: give up destinations stalled for give_up_after_s, then count the queued
+        images that can start (the next wait's timeout) and whether none can while the queue is full."""
+        for address in self._outbox.stalled(self.give_up_after_s):
+            self._give_up(address)
+        held = self._outbox.held()
+        self._num_startable = sum(1 for message, _ in self._queue if message.deliver_to not in held)
+        self._stalled = len(self._queue) >= self.max_queued_images and self._num_startable == 0
+
+    def _give_up(self, address: str) -> None:
+        """Drop what waits for a destination that has taken nothing for give_up_after_s: its embeddings in
+        the outbox and its queued images (those in the pipeline come to the outbox, and go the same way)."""
+        num_unsent = len(self._outbox.give_up(address))
+        kept = deque((m, data) for m, data in self._queue if m.deliver_to != address)
+        num_dropped = num_unsent + len(self._queue) - len(kept)
+        self._queue = kept
+        self.num_requests_given_up += num_dropped
+        logger.warning(
+            "%s: %s has taken no embedding for %.0f s; dropped %d image(s) for it",
+            self.name,
+            address,
+            self.give_up_after_s,
+            num_dropped,
+        )
 
     def _finish_oldest(self) -> None:
         """The oldest batch through the tower (waiting for its preprocessing first); its results to the outbox."""
@@ -422,6 +527,7 @@ class EncodeWorker:
             embedding_bytes_sent=self._outbox.num_bytes_sent,
             outbox_bytes=self._outbox.num_bytes,
             taking_work=self.taking_work(),
+            num_requests_given_up=self.num_requests_given_up,
         )
 
     def _close(self) -> None:

@@ -75,17 +75,23 @@ class EngineWorker:
         *,
         role: str = "colocated",
         kv_address: str | None = None,
+        embedding_address: str | None = None,
         model_name: str = "model",
         kv_lease_s: float = 30.0,
         kv_timeout_s: float = 10.0,
         kv_staging_bytes: int | None = None,
         image_encoder=None,
+        max_ready_image_tokens: int | None = None,
         worker_stats: Callable[[], WorkerStats] | None = None,
         keys: CurveKeys | None = None,
         peers: PeerRegistry | None = None,
     ) -> None:
         """`keys`: the cluster's CURVE keys (None: plain sockets); `peers`: the addresses it may connect
-        to, filled by gateways over Ray (None: a registry of its own, empty until registered)."""
+        to, filled by gateways over Ray (None: a registry of its own, empty until registered);
+        `kv_address`, `embedding_address`: where a decode worker binds its KV socket, and a prefill or
+        colocated one its embedding socket (None: the input address's host, any port);
+        `max_ready_image_tokens`: the image prompts handed to the engine and not yet started past which
+        it takes no more embeddings (ImageIntake's max_ready_tokens; None: its default)."""
         if role not in ROLES:
             raise ValueError(f"unknown worker role {role!r}; choose one of {ROLES}")
         self.engine = engine
@@ -103,7 +109,13 @@ class EngineWorker:
         self.requests = RequestTable()
         self._replies = ReplySender(self._context, name, keys)
         self.images = ImageIntake(
-            engine, self._context, None if role == "decode" else any_port, name, image_encoder, keys=keys
+            engine,
+            self._context,
+            None if role == "decode" else embedding_address or any_port,
+            name,
+            image_encoder,
+            keys=keys,
+            max_ready_tokens=max_ready_image_tokens,
         )
         layout = engine_layout(engine, model_name)
         self.prefill_role = (

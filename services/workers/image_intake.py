@@ -22,14 +22,36 @@ inbox's timeout fails with a 503 the client may retry. The worker's loop is the 
 The embedding socket is a CURVE server when the worker has the cluster's keys (encoders connect to
 it), and accepts frames no larger than one image of the model can need (`max_embedding_frame_bytes`).
 
-Tunables: MultiModalInbox's capacity_bytes and timeout_s; MAX_FAILURES = 4096.
+Back-pressure from prefill progress. The inbox bounds the bytes of embeddings waiting for their
+requests, but once a request has all its images it leaves for the engine's waiting queue, embeddings
+and all, and nothing bounded that queue: encoders could run any distance ahead of prefill. So the
+intake counts the prompt tokens of image requests it has handed to the engine that no engine step
+has taken yet (ReadyPrompts), and stops draining the embedding socket while they reach
+`max_ready_tokens`:
+
+    ready tokens >= max_ready_tokens ─▶ the socket is not drained ─▶ its ZeroMQ queue (EMBEDDING_RECEIVE_HWM
+    per encoder) and each encoder's send queue fill ─▶ the encoder's outbox holds this worker's embeddings
+    and it starts no more images for it (services.workers.encode_worker) ─▶ its queue grows, then it stops
+    receiving; the router sees its queue
+
+Draining resumes at the first turn after an engine step has taken enough of those requests (or they
+left: aborted, failed). No deadlock: only requests whose every image is in count, and the engine
+takes them without any further embedding (it needs KV room, which running requests free on their
+own), so the pause always ends while the engine steps; a request with some images still to come
+(split over several encoders) holds nothing the count waits for, and its remaining embeddings are
+drained once the pause ends. A request with more prompt tokens than the bound is never held back (the
+count stops the drain only while it has reached the bound: one request always gets in).
+
+Tunables: MultiModalInbox's capacity_bytes and timeout_s; MAX_FAILURES = 4096; max_ready_tokens =
+2 x the engine's max_num_batched_tokens (two full prefill steps of image prompts ready, so the engine
+never waits for the encoders while they are ahead); EMBEDDING_RECEIVE_HWM = 8.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 
 import torch
 import zmq
@@ -53,6 +75,9 @@ from services.workers.wire import dtype_name, embedding_from_frame, rows_from_fr
 logger = logging.getLogger(__name__)
 
 MAX_FAILURES = 4096  # requests failed for an image, remembered to drop what still comes for them (oldest forgotten)
+# embeddings ZeroMQ queues on the embedding socket per encoder while the loop does not drain it: the default
+# (10,000) would let an encoder run thousands of images ahead of a worker that holds back
+EMBEDDING_RECEIVE_HWM = 8
 # an ImageEmbedding header: ids, a content hash, and with `error` the encoder's reason (a short text)
 EMBEDDING_HEADER_ROOM_BYTES = 2**20
 
@@ -65,6 +90,35 @@ def max_embedding_frame_bytes(engine: LLMEngine) -> int:
     return max(engine.max_model_len * row_bytes, EMBEDDING_HEADER_ROOM_BYTES)
 
 
+class ReadyPrompts:
+    """Image requests handed to the engine that no engine step has taken yet, and their prompt tokens: the
+    prefill work the encoders are ahead by. `awaits_first_step(request_id)` asks the engine."""
+
+    def __init__(self, awaits_first_step: Callable[[str], bool]) -> None:
+        self._awaits_first_step = awaits_first_step
+        self._num_tokens: dict[str, int] = {}  # request id -> prompt tokens
+        self.num_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._num_tokens)
+
+    def request_ids(self) -> list[str]:
+        return list(self._num_tokens)
+
+    def add(self, request_id: str, num_tokens: int) -> None:
+        self.remove(request_id)
+        self._num_tokens[request_id] = num_tokens
+        self.num_tokens += num_tokens
+
+    def remove(self, request_id: str) -> None:
+        self.num_tokens -= self._num_tokens.pop(request_id, 0)
+
+    def forget_started(self) -> None:
+        """Drop the requests a step has taken since, or that left the engine."""
+        for request_id in [r for r in self._num_tokens if not self._awaits_first_step(r)]:
+            self.remove(request_id)
+
+
 class ImageIntake:
     def __init__(
         self,
@@ -75,15 +129,19 @@ class ImageIntake:
         image_encoder=None,
         *,
         keys: CurveKeys | None = None,
+        max_ready_tokens: int | None = None,
     ) -> None:
         """`bind_address` ("tcp://host:0"), or None: no embedding socket (a decode worker); a text-only
-        model binds none either. `keys`: the cluster's CURVE keys (None: a plain socket)."""
+        model binds none either. `keys`: the cluster's CURVE keys (None: a plain socket).
+        `max_ready_tokens`: see the module doc (None: 2 x the engine's max_num_batched_tokens)."""
         self.name = name
         self.image_encoder = image_encoder
         self._hidden_size = engine.runner.model.spec.hidden_size
         self._dtype = dtype_name(engine.runner.dtype)
         self._text_only = engine.vision_language is None
         self._inbox = MultiModalInbox(engine.vision_language)
+        self.max_ready_tokens = max_ready_tokens or 2 * engine.config.max_num_batched_tokens
+        self.ready = ReadyPrompts(engine.awaits_first_step)
         self._to_encode: list[tuple[EncodeRequest, bytes]] = []
         # request id -> (content hash, why) of its failed image while the request is still to come; None
         # once the request has been answered
@@ -93,6 +151,7 @@ class ImageIntake:
         self.address: str | None = None
         if bind_address is not None and not self._text_only:
             self.socket = configure(context.socket(zmq.PULL), max_embedding_frame_bytes(engine))
+            self.socket.setsockopt(zmq.RCVHWM, EMBEDDING_RECEIVE_HWM)
             self.address = bind(self.socket, bind_address, keys)
 
     @property
@@ -105,6 +164,11 @@ class ImageIntake:
         """Work waits here that needs the loop to turn without new input (images to encode)."""
         return bool(self._to_encode)
 
+    @property
+    def holding_back(self) -> bool:
+        """The engine has max_ready_tokens of image prompts not yet started: the embedding socket waits."""
+        return self.ready.num_tokens >= self.max_ready_tokens
+
     # ------------------------------------------------------------------ in
 
     def queue_encode(self, request: EncodeRequest, data: bytes) -> None:
@@ -112,10 +176,13 @@ class ImageIntake:
         self._to_encode.append((request, data))
 
     def receive(self, arrived: Container[str]) -> list[RequestError]:
-        """Drain the embedding socket while the inbox has room (a full inbox holds the encoders back)."""
+        """Drain the embedding socket while the inbox has room and the engine is not max_ready_tokens behind
+        (either holds the encoders back: see the module doc)."""
         errors: list[RequestError] = []
-        if self.socket is None or not self._inbox.has_room:
+        self.ready.forget_started()
+        if self.socket is None or not self._inbox.has_room or self.holding_back:
             return errors
+        num_ready_tokens = self.ready.num_tokens  # and those of the requests this drain completes
         for message, frames in drain(self.socket, self._codec, self.name):
             request_id = message.request_id
             if not self._waits_for_images(request_id, arrived):
@@ -127,9 +194,9 @@ class ImageIntake:
                 continue
             if isinstance(rows, str):
                 errors += self.fail(request_id, message.content_hash, rows, request_id in arrived)
-            else:
-                self._inbox.add_embedding(request_id, message.content_hash, rows)
-            if not self._inbox.has_room:
+            elif self._inbox.add_embedding(request_id, message.content_hash, rows):
+                num_ready_tokens += self._inbox.num_prompt_tokens(request_id)
+            if not self._inbox.has_room or num_ready_tokens >= self.max_ready_tokens:
                 break
         return errors
 
@@ -175,7 +242,11 @@ class ImageIntake:
     # ------------------------------------------------------------------ out
 
     def take_ready(self) -> list[tuple[GenerateRequest, MultiModalInputs]]:
-        return self._inbox.take_ready()
+        """Requests whose every image is in, for the engine; counted as ready until a step takes them."""
+        ready = self._inbox.take_ready()
+        for message, _ in ready:
+            self.ready.add(message.request_id, len(message.prompt_token_ids))
+        return ready
 
     def expire(self) -> list[RequestError]:
         return [
@@ -197,9 +268,10 @@ class ImageIntake:
         return [_image_error(parked, content_hash, reason)] if parked is not None else []
 
     def drop(self, request_id: str) -> None:
-        """The request is gone (aborted): its embeddings and any failure kept for it."""
+        """The request is gone (aborted): its embeddings, any failure kept for it, and its ready count."""
         self._inbox.drop(request_id)
         self._failed.pop(request_id, None)
+        self.ready.remove(request_id)
 
     def transfer_inputs(self, transfer: KVTransfer, frames: list) -> MultiModalInputs:
         """Decode side: a transfer's image embeddings (one frame each, after its header) as engine inputs."""

@@ -48,15 +48,23 @@ class MultiModalInbox:
     def num_pending(self) -> int:
         return len(self._parked) + len(self._embeddings)
 
-    def add_embedding(self, request_id: str, content_hash: str, rows: torch.Tensor) -> None:
+    def add_embedding(self, request_id: str, content_hash: str, rows: torch.Tensor) -> bool:
+        """Hold an image's rows for its request; True when they complete a parked request (take_ready's next)."""
         key = (request_id, content_hash)
         if key in self._embeddings:
-            return
+            return False
         self._embeddings[key] = (rows, time.monotonic() + self.timeout_s)
         self.num_bytes += rows.numel() * rows.element_size()
+        parked = self._parked.get(request_id)
+        return parked is not None and self._complete(request_id, parked.message)
 
     def park(self, message: GenerateRequest) -> None:
         self._parked[message.request_id] = _Parked(message, time.monotonic() + self.timeout_s)
+
+    def num_prompt_tokens(self, request_id: str) -> int:
+        """A parked request's prompt length (0 for one not parked here)."""
+        parked = self._parked.get(request_id)
+        return len(parked.message.prompt_token_ids) if parked is not None else 0
 
     def parked(self, request_id: str) -> GenerateRequest | None:
         """The request, while it waits here for its embeddings."""
@@ -68,7 +76,7 @@ class MultiModalInbox:
         ready = []
         for request_id, parked in list(self._parked.items()):
             refs = parked.message.images
-            if all((request_id, ref.content_hash) in self._embeddings for ref in refs):
+            if self._complete(request_id, parked.message):
                 del self._parked[request_id]
                 rows = [self._take(request_id, ref.content_hash) for ref in refs]
                 ready.append((parked.message, self.inputs(parked.message.prompt_token_ids, refs, rows)))
@@ -101,6 +109,9 @@ class MultiModalInbox:
             token_ids, grids, image_token_id=self.spec.image_token_id, spatial_merge_size=self.spec.spatial_merge_size
         )
         return MultiModalInputs(features, positions, delta)
+
+    def _complete(self, request_id: str, message: GenerateRequest) -> bool:
+        return all((request_id, ref.content_hash) in self._embeddings for ref in message.images)
 
     def _take(self, request_id: str, content_hash: str) -> torch.Tensor:
         rows, _ = self._embeddings.pop((request_id, content_hash))

@@ -291,29 +291,38 @@ def test_bad_images_get_error_embeddings_and_the_worker_keeps_serving(link_to):
     assert (stats.num_tower_calls, stats.num_images_encoded) == (2, 2)  # "good", "long", "grid": one image
 
 
-def test_a_receiver_that_stops_reading_stops_the_worker_taking_work(link_to):
+@pytest.mark.parametrize("outbox_budget", [True, False], ids=["outbox-over-budget", "queue-full-of-held-images"])
+def test_a_receiver_that_stops_reading_stops_the_worker_taking_work(link_to, outbox_budget):
     # A prefill worker with no room: one message in its ZeroMQ queue. Its socket is ipc, not tcp, only
     # to keep the kernel's share of the buffering small (TCP autotunes it to megabytes): about 100 KiB.
+    # The worker stops receiving once its outbox is over budget, or (a large budget) once its queue is
+    # full of images for the held destination, none of which it starts.
+    budget = {"max_outbox_bytes": 4 * 1024} if outbox_budget else {}  # under one embedding
     with tempfile.TemporaryDirectory(prefix="tristage-") as sockets:
         link = link_to(
-            LLAVA, receive_hwm=1, deliver_to=f"ipc://{sockets}/prefill", max_outbox_bytes=16 * 1024, max_batch_images=8
+            LLAVA, receive_hwm=1, deliver_to=f"ipc://{sockets}/prefill", max_batch_images=8, **budget
         ).start()
-        _check_back_pressure(link, num_requests=200)  # 16 x 64 float32 rows: 4 KiB an embedding
+        _check_back_pressure(link, num_requests=200, outbox_budget=outbox_budget)  # 16 x 64 float32: 4 KiB each
 
 
-def _check_back_pressure(link: Link, num_requests: int) -> None:
+def _check_back_pressure(link: Link, num_requests: int, outbox_budget: bool) -> None:
     data = png(56, 84, seed=30)
     ref = image_ref(link.encoder.processor, data)
     for i in range(num_requests):
         link.send(str(i), ref, data)
     stalled = _wait_until_stable(lambda: link.worker.num_requests_received)
     assert stalled < num_requests and not link.worker.taking_work()
-    assert link.worker.stats().outbox_bytes > 16 * 1024
+    stats = link.worker.stats()
+    if outbox_budget:
+        assert stats.outbox_bytes > 4 * 1024
+    else:  # what the pipeline held when the destination filled up waits in the outbox; nothing more started
+        assert stats.outbox_bytes > 0 and (stats.num_images_queued, stats.num_images_in_flight) == (16, 0)
     # the receiver reads: everything arrives, in order
     received = [link.receive() for _ in range(num_requests)]
     assert [h.request_id for h, _ in received] == [str(i) for i in range(num_requests)]
     assert all(torch.equal(rows, received[0][1]) for _, rows in received)
     assert link.worker.num_requests_received == num_requests
+    time.sleep(SETTLE_S)  # the last message can reach us before the worker's loop has counted it sent
     stats = link.worker.stats()
     assert (stats.num_tower_calls, stats.outbox_bytes, stats.taking_work) == (1, 0, True)
 

@@ -212,6 +212,23 @@ def test_encoders_go_where_the_embedding_is_else_to_the_least_loaded():
         no_encoders.place(route("r", tokens(8), image_hashes=["img-a"]))
 
 
+def test_the_images_of_one_request_spread_over_idle_encoders_one_each_then_by_images_queued():
+    router = Router(["p0"], ["d0"], "least_load", BLOCK, encode_workers=["e0", "e1", "e2"], clock=Clock())
+    # idle encoders: each image sees the ones placed before it (in flight), so three images land one each
+    first = router.place(route("r1", tokens(8), image_hashes=["a", "b", "c"]))
+    assert first.encode_workers == ("e0", "e1", "e2")
+    assert [router.load.get(e).num_waiting for e in ("e0", "e1", "e2")] == [1, 1, 1]
+    # load counts images: e0 has 3 queued and 1 in the tower, e1 one in the tower, e2 idle
+    for worker, running, waiting in [("e0", 1, 3), ("e1", 1, 0), ("e2", 0, 0)]:
+        router.acknowledge("r1", worker)
+        snapshot(router, worker, "encode", running=running, waiting=waiting)
+    second = router.place(route("r2", tokens(8, family=1), image_hashes=["d", "e", "f", "g"]))
+    # d: e2 (0 against 1 and 4); e: e1 and e2 at 1, a tie goes in the pool's order; f: e2 (1 against 2);
+    # g: e1 and e2 at 2, e1
+    assert second.encode_workers == ("e2", "e1", "e2", "e1")
+    assert router.stats().decisions[("encode", "least_load")] == 7
+
+
 def test_counters_for_decisions_hits_and_imbalance():
     prompt = tokens(40)
     router = make_router("preble")
