@@ -88,8 +88,9 @@ class EngineWorker:
     ) -> None:
         """`keys`: the cluster's CURVE keys (None: plain sockets); `peers`: the addresses it may connect
         to, filled by gateways over Ray (None: a registry of its own, empty until registered);
-        `kv_address`, `embedding_address`: where a decode worker binds its KV socket, and a prefill or
-        colocated one its embedding socket (None: the input address's host, any port);
+        `kv_address`, `embedding_address`: where a decode worker binds its KV socket, and every worker its
+        embedding socket (None: the input address's host, any port): a decode worker computes whole the
+        image requests it is given (n > 1, or with the prefill pool down), so it takes embeddings too;
         `max_ready_image_tokens`: the image prompts handed to the engine and not yet started past which
         it takes no more embeddings (ImageIntake's max_ready_tokens; None: its default)."""
         if role not in ROLES:
@@ -111,7 +112,7 @@ class EngineWorker:
         self.images = ImageIntake(
             engine,
             self._context,
-            None if role == "decode" else embedding_address or any_port,
+            embedding_address or any_port,
             name,
             image_encoder,
             keys=keys,

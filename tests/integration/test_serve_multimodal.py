@@ -147,6 +147,12 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
             after = per_worker(httpx.get(server.base_url + "/metrics").text, "tristage:embedding_cache_queries_total")
             assert len(after) == NUM_ENCODERS
             assert {w: after[w] - before.get(w, 0) for w in after} == dict.fromkeys(after, 1)
+        # n > 1 is served whole by one worker, in disaggregated mode a decode worker: its images go there
+        reply = client.chat.completions.create(
+            model="vlm", messages=chat(REQUESTS[0]), max_tokens=4, n=2, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert [c.finish_reason for c in reply.choices] == ["length", "length"]
+        assert reply.choices[0].message.content == reply.choices[1].message.content
         # a JPEG cut in half: its header passes the gateway, the encoder's decode refuses it
         truncated = {"url": data_url(random_image(300, 200, seed=7), "JPEG", cut_to=0.5)}
         with pytest.raises(openai.BadRequestError, match="image 2 could not be encoded: it is truncated") as info:
