@@ -89,6 +89,7 @@ GAUGES = (
 )
 HISTOGRAMS = (
     "vllm:time_to_first_token_seconds",
+    "tristage:ttft_part_seconds",  # by part (services.gateway.ttft)
     "vllm:inter_token_latency_seconds",
     "vllm:e2e_request_latency_seconds",
     "tristage:kv_transfer_seconds",
@@ -243,6 +244,42 @@ def overview() -> list[TimeSeries]:
             "short",
             target(f"sum({rate('vllm:prompt_tokens_total')})", "prompt"),
             target(f"sum({rate('vllm:generation_tokens_total')})", "generation"),
+        ),
+    ]
+
+
+TTFT_TOP_PARTS = ("queue", "image_wait", "prefill_queue", "prefill", "other")  # they add up to the TTFT
+TTFT_IMAGE_PARTS = ("encoder_queue", "decode", "encode", "transfer")  # image_wait's
+
+
+def ttft_part_p50s(parts: tuple[str, ...]) -> list[Target]:
+    return [target(quantile(0.5, "tristage:ttft_part_seconds", f'{MODEL}, part="{part}"'), part) for part in parts]
+
+
+def ttft_breakdown() -> list[TimeSeries]:
+    return [
+        panel(
+            "TTFT breakdown (p50, stacked)",
+            "Median of each part of the time to first token, stacked: gateway queue (to the request sent to the "
+            "workers), image wait, engine queue, prefill, and the rest (network, loop turns). A sum of medians, "
+            "close to the median TTFT, not equal to it.",
+            "s",
+            *ttft_part_p50s(TTFT_TOP_PARTS),
+            stacking={"mode": "normal"},
+        ),
+        panel(
+            "Image wait breakdown (p50, stacked)",
+            "Median of the slowest image's parts: its encoder's queue, decode and encode, and the embedding "
+            "transfer (the remainder of the image wait, at least 0).",
+            "s",
+            *ttft_part_p50s(TTFT_IMAGE_PARTS),
+            stacking={"mode": "normal"},
+        ),
+        panel(
+            "Time to first token",
+            "Arrival to first token, p50 and p99, beside its parts.",
+            "s",
+            *p50_p99("vllm:time_to_first_token_seconds"),
         ),
     ]
 
@@ -436,6 +473,7 @@ def router() -> list[TimeSeries]:
 
 ROWS = (
     ("Overview", overview),
+    ("TTFT breakdown", ttft_breakdown),
     ("Encode", encode),
     ("Prefill", prefill),
     ("Decode", decode),

@@ -116,6 +116,12 @@ class ImageEmbedding(msgspec.Struct, tag="embedding", tag_field="kind", kw_only=
     hidden_size: int
     dtype: str
     error: str | None = None  # the encoder could not encode it (no frame follows): fail the request
+    # the encoder's own durations for this image (its clock only; 0.0 from an encoder that does not say):
+    # receipt -> its batch started, its decode and preprocessing (0 on a cache hit), and the rest of its
+    # batch (waiting behind the batch ahead, the tower) until its rows were ready to send
+    encoder_queue_s: float = 0.0
+    decode_s: float = 0.0
+    encode_s: float = 0.0
     version: int = PROTOCOL_VERSION
 
 
@@ -245,6 +251,29 @@ class CompletionDelta(msgspec.Struct, kw_only=True):
     stop_reason: int | str | None = None
 
 
+class TTFTBreakdown(msgspec.Struct, kw_only=True):
+    """Where a request's time to first token went inside the worker that produced its first token, as
+    durations on that worker's clock alone (the gateway's clock differs across hosts). On the request's
+    first delta; the gateway adds its own parts (services.gateway.ttft).
+
+        arrival here ──image_wait──▶ every embedding in ──prefill_queue──▶ first step ──prefill──▶ first token
+
+    image_wait covers the slowest image (the one whose embedding came in last): its encoder's queue,
+    decode and encode (as ImageEmbedding reported them) and its transfer, which no clock measures
+    end to end: image_wait minus the three encoder durations (services.gateway.ttft clamps it at 0).
+    """
+
+    image_wait_s: float = 0.0  # arrival at this worker -> the last image's embedding in (0: no images)
+    encoder_queue_s: float = 0.0  # of the slowest image
+    decode_s: float = 0.0
+    encode_s: float = 0.0
+    prefill_queue_s: float = 0.0  # handed to the engine -> its first step
+    prefill_s: float = 0.0  # first step -> first token
+    # filled by the gateway's backend, never sent: its call -> the request sent to the workers (placement,
+    # any wait for decode KV room, the image sends)
+    dispatch_s: float = 0.0
+
+
 class RequestDelta(msgspec.Struct, tag="delta", tag_field="kind", kw_only=True):
     request_id: str
     completions: list[CompletionDelta]
@@ -254,6 +283,11 @@ class RequestDelta(msgspec.Struct, tag="delta", tag_field="kind", kw_only=True):
     # one entry per prompt token, when asked (SamplingSpec.prompt_logprobs): on the request's first delta
     # with tokens only, from whichever worker computed the prompt
     prompt_logprobs: list[PromptPositionLogprobs] | None = None
+    # on the request's first delta with tokens, from the worker that computed its prompt (None: not measured)
+    ttft: TTFTBreakdown | None = None
+    # a decode worker's first delta of a request whose KV it imported: KVTransfer received -> KV in place,
+    # on its clock (after the first token: not part of the TTFT)
+    kv_transfer_s: float | None = None
     version: int = PROTOCOL_VERSION
 
 

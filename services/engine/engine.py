@@ -103,6 +103,7 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[_Child] = field(default_factory=list)
     awaits_prompt_logprobs: bool = False  # asked for and not yet in an output
+    first_token_reported: bool = False  # an output carried first_token_phases
 
     @property
     def finished(self) -> bool:
@@ -484,7 +485,21 @@ class LLMEngine:
             finished,
             num_cached_tokens=parent.children[0].request.num_cached_prompt_tokens,
             prompt_logprobs=prompt_logprobs,
+            first_token_phases=self._take_first_token_phases(parent),
         )
+
+    @staticmethod
+    def _take_first_token_phases(parent: _Parent) -> tuple[float, float] | None:
+        """(queue s, prefill s) of the parent's earliest first token, once: in the output that brings it."""
+        if parent.first_token_reported:
+            return None
+        firsts = [c.request for c in parent.children if c.request.first_token_s is not None]
+        if not firsts:
+            return None
+        parent.first_token_reported = True
+        request = min(firsts, key=lambda r: r.first_token_s or 0.0)
+        first_token_s, scheduled_s = request.first_token_s or 0.0, request.scheduled_s or request.arrival_time_s
+        return scheduled_s - request.arrival_time_s, first_token_s - scheduled_s
 
     def _hold_prompt_logprobs(self, step: StepPromptLogprobs) -> None:
         """Keep each request's share of a launched step's prompt logprobs until its first token is in."""

@@ -46,6 +46,9 @@ class RequestOutput:
     # when asked (SamplingParams.prompt_logprobs): in the first output with a token only, as deltas are;
     # LLM.generate puts them in its final outputs
     prompt_logprobs: PromptLogprobs | None = None
+    # (queue s, prefill s): arrival here -> first step -> first token, in the output that brings this
+    # engine's first token for the request only (the worker's TTFT breakdown)
+    first_token_phases: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

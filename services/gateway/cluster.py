@@ -59,6 +59,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -87,6 +88,7 @@ from services.common.messages import (
     RequestDelta,
     RequestError,
     SamplingSpec,
+    TTFTBreakdown,
     WorkerInbound,
 )
 from services.common.security import CLUSTER_SECRET_ENV, ClusterSecret, derive_keys, start_authenticator
@@ -262,6 +264,7 @@ class ClusterBackend:
         cache_salt: str | None = None,
         images: Sequence[PromptImage] = (),
     ) -> AsyncIterator[RequestDelta]:
+        called_s = time.monotonic()
         message = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,
@@ -282,6 +285,7 @@ class ClusterBackend:
             await self._send_images(stream, encoders)
             if stream.message is message:  # else a migration during the image sends has sent it already
                 await links[0].socket.send_multipart(self._outbound.encode(message))
+            dispatch_s = time.monotonic() - called_s  # placement, any wait for KV room, the image sends
             if not links[0].streaming:  # else the worker's admitted message acknowledges it (_on_admitted)
                 self.router.acknowledge(request_id)
             pending: dict[int, RequestDelta] = {}  # n == 1 deltas that arrived ahead of their turn
@@ -294,6 +298,8 @@ class ClusterBackend:
                     if not stream.hit_observed:  # the prefill worker's real prefix-cache hit
                         stream.hit_observed = True
                         self.router.observe_hit(request_id, stream.links[0].handle.name, delta.num_cached_tokens)
+                        # the worker's part of the TTFT breakdown, and ours (services.gateway.ttft)
+                        delta.ttft = msgspec.structs.replace(delta.ttft or TTFTBreakdown(), dispatch_s=dispatch_s)
                     if sampling.n == 1:
                         for completion in delta.completions:
                             stream.streamed_token_ids += completion.token_ids

@@ -32,6 +32,7 @@ from services.common.messages import RequestDelta, SamplingSpec
 from services.gateway.admission import AdmissionTicket
 from services.gateway.backend import Backend, PromptImage
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.ttft import TTFTParts
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Generation:
         self._pumps: list[asyncio.Task] = []
         self._last_token_s: float | None = None
         self._tallies: dict[str, _Tally] = {}
+        self._backend_called_s: dict[str, float] = {}  # engine request -> when its pump called the backend
         self._closed = False
 
     @property
@@ -109,6 +111,7 @@ class Generation:
 
     async def _pump(self, prompt_index: int, request_id: str) -> None:
         try:
+            self._backend_called_s[request_id] = time.monotonic()
             stream = self._backend.generate(
                 request_id, self._prompts[prompt_index], self._sampling, self._cache_salt, self._images
             )
@@ -162,12 +165,29 @@ class Generation:
         for completion in delta.completions:
             if completion.finish_reason is not None:
                 self._metrics.count_success(completion.finish_reason)
-        tally = self._tallies.setdefault(delta.request_id, _Tally(now, now, {}))
+        tally = self._tallies.get(delta.request_id)
+        if tally is None:
+            tally = self._tallies[delta.request_id] = _Tally(now, now, {})
+            self._observe_ttft_parts(delta, now)
+        if delta.kv_transfer_s is not None:
+            logger.info(
+                "request %s kv_transfer %.1f ms (after its first token: not part of the TTFT)",
+                delta.request_id,
+                delta.kv_transfer_s * 1e3,
+            )
         if num_tokens:
             tally.last_token_s = now
         for completion in delta.completions:
             counts = tally.tokens_by_completion
             counts[completion.index] = counts.get(completion.index, 0) + len(completion.token_ids)
+
+    def _observe_ttft_parts(self, first: RequestDelta, now: float) -> None:
+        """An engine request's first delta: where its TTFT went (services.gateway.ttft), logged and observed."""
+        arrival_s = self._arrival.arrival_s
+        called_s = self._backend_called_s.get(first.request_id, arrival_s)
+        parts = TTFTParts.compose(now - arrival_s, called_s - arrival_s, first.ttft)
+        logger.info(parts.log_line(first.request_id))
+        self._metrics.observe_ttft_parts(parts.seconds())
 
     def _observe_request(self, request_id: str, num_prompt_tokens: int) -> None:
         tally = self._tallies.pop(request_id, None)
@@ -226,5 +246,7 @@ def merge_deltas(earlier: RequestDelta, later: RequestDelta) -> RequestDelta:
         later,
         completions=sorted(merged.values(), key=lambda c: c.index),
         num_prompt_tokens=earlier.num_prompt_tokens,
+        ttft=earlier.ttft if earlier.ttft is not None else later.ttft,
+        kv_transfer_s=earlier.kv_transfer_s if earlier.kv_transfer_s is not None else later.kv_transfer_s,
         prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
     )

@@ -7,6 +7,9 @@ the text is generated (a collector cannot await).
 vLLM's names where the meaning matches, so existing dashboards work:
 
     vllm:time_to_first_token_seconds    histogram  arrival -> first token
+    tristage:ttft_part_seconds          histogram  per part of each engine request's TTFT (services.gateway.ttft):
+                                                   queue, image_wait, prefill_queue, prefill, other (they add
+                                                   up to it); encoder_queue, decode, encode, transfer (image_wait's)
     vllm:inter_token_latency_seconds    histogram  between two steps of one request that brought tokens
     vllm:e2e_request_latency_seconds    histogram  arrival -> last token (finished requests only)
     vllm:prompt_tokens_total            counter    prompt tokens of requests that started
@@ -366,6 +369,13 @@ class GatewayMetrics:
             buckets=TTFT_BUCKETS_S,
             registry=self.registry,
         ).labels(model_name)
+        self._ttft_parts = Histogram(
+            "tristage:ttft_part_seconds",
+            "Where the time to first token went, by part (services.gateway.ttft).",
+            ("model_name", "part"),
+            buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
+        )
         self._itl = Histogram(
             "vllm:inter_token_latency_seconds",
             "Time between two steps of a request.",
@@ -438,6 +448,10 @@ class GatewayMetrics:
 
     def observe_first_token(self, ttft_s: float) -> None:
         self._ttft.observe(ttft_s)
+
+    def observe_ttft_parts(self, seconds_by_part: dict[str, float]) -> None:
+        for part, seconds in seconds_by_part.items():
+            self._ttft_parts.labels(self._model_name, part).observe(seconds)
 
     def observe_inter_token(self, latency_s: float) -> None:
         self._itl.observe(latency_s)

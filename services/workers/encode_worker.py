@@ -84,6 +84,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import zmq
@@ -243,12 +244,29 @@ class Outbox:
 # The pipeline
 
 
+class _Queued(NamedTuple):
+    """A received image waiting for the pipeline."""
+
+    message: EncodeRequest
+    data: bytes
+    received_s: float  # time.perf_counter() when the loop took it off the socket
+
+
+class _Seconds(NamedTuple):
+    """An image's time in this encoder, for its ImageEmbedding (the prefill worker's TTFT breakdown)."""
+
+    queue_s: float = 0.0  # received -> its batch started
+    decode_s: float = 0.0  # its preprocessing (0: served from the cache)
+    encode_s: float = 0.0  # the rest of its batch until its rows were ready (the batch ahead, the tower)
+
+
 @dataclass
 class _InFlight:
     """A batch in the pipeline: its requests and the encoder's batch, item for item."""
 
     requests: list[EncodeRequest]
     encoding: EncodeBatch
+    queue_s: list[float]  # per request, its wait in the loop's queue (received -> the batch started)
 
     def wanted(self) -> list[EncodeRequest]:
         """The requests not aborted since the batch started, in order (ImageEncoder.finish's results)."""
@@ -300,7 +318,7 @@ class EncodeWorker:
         self.max_queued_images = max(max_queued_images or 2 * max_batch_images, max_batch_images)
         self.pipeline_depth = pipeline_depth
         self.give_up_after_s = give_up_after_s
-        self._queue: deque[tuple[EncodeRequest, bytes]] = deque()  # received, waiting for the pipeline
+        self._queue: deque[_Queued] = deque()  # received, waiting for the pipeline
         self._pipeline: deque[_InFlight] = deque()  # started, oldest first
         self._num_images_in_flight = 0  # in the pipeline now (read by other threads)
         self._num_startable = 0  # queued images whose destination is not held, as of the last turn's end
@@ -392,13 +410,13 @@ class EncodeWorker:
                 )
             else:
                 self.num_requests_received += 1
-                self._queue.append((message, frames[1]))
+                self._queue.append(_Queued(message, frames[1], time.perf_counter()))
             if len(self._queue) >= self.max_queued_images:
                 break
 
     def _abort(self, request_id: str) -> None:
         """Drop the request's images: queued, in the pipeline (never sent), and waiting in the outbox."""
-        kept = deque((m, data) for m, data in self._queue if m.request_id != request_id)
+        kept = deque(item for item in self._queue if item.message.request_id != request_id)
         self.num_requests_aborted += len(self._queue) - len(kept) + self._outbox.drop(request_id)
         self._queue = kept
         num_in_flight = sum(batch.discard(request_id) for batch in self._pipeline)
@@ -416,24 +434,25 @@ class EncodeWorker:
             batch = self._take_batch(held)
             if not batch:
                 break
-            requests = [message for message, _ in batch]
+            requests = [item.message for item in batch]
             try:
-                encoding = self.encoder.start([(message.image, data) for message, data in batch])
+                encoding = self.encoder.start([(item.message.image, item.data) for item in batch])
             except Exception as exc:  # a bug must not take the worker down: this batch fails, the loop goes on
                 self._fail(requests, exc)
                 continue
-            self._pipeline.append(_InFlight(requests, encoding))
+            queue_s = [max(encoding.started_s - item.received_s, 0.0) for item in batch]
+            self._pipeline.append(_InFlight(requests, encoding, queue_s))
             self._num_images_in_flight += len(batch)
 
-    def _take_batch(self, held: set[str]) -> list[tuple[EncodeRequest, bytes]]:
+    def _take_batch(self, held: set[str]) -> list[_Queued]:
         """Up to max_batch_images queued requests, oldest first, whose destinations are not held; the rest
         stay queued in order."""
         if not held:
             return [self._queue.popleft() for _ in range(min(self.max_batch_images, len(self._queue)))]
-        batch: list[tuple[EncodeRequest, bytes]] = []
-        kept: deque[tuple[EncodeRequest, bytes]] = deque()
+        batch: list[_Queued] = []
+        kept: deque[_Queued] = deque()
         for item in self._queue:
-            if len(batch) < self.max_batch_images and item[0].deliver_to not in held:
+            if len(batch) < self.max_batch_images and item.message.deliver_to not in held:
                 batch.append(item)
             else:
                 kept.append(item)
@@ -446,14 +465,14 @@ class EncodeWorker:
         for address in self._outbox.stalled(self.give_up_after_s):
             self._give_up(address)
         held = self._outbox.held()
-        self._num_startable = sum(1 for message, _ in self._queue if message.deliver_to not in held)
+        self._num_startable = sum(1 for item in self._queue if item.message.deliver_to not in held)
         self._stalled = len(self._queue) >= self.max_queued_images and self._num_startable == 0
 
     def _give_up(self, address: str) -> None:
         """Drop what waits for a destination that has taken nothing for give_up_after_s: its embeddings in
         the outbox and its queued images (those in the pipeline come to the outbox, and go the same way)."""
         num_unsent = len(self._outbox.give_up(address))
-        kept = deque((m, data) for m, data in self._queue if m.deliver_to != address)
+        kept = deque(item for item in self._queue if item.message.deliver_to != address)
         num_dropped = num_unsent + len(self._queue) - len(kept)
         self._queue = kept
         self.num_requests_given_up += num_dropped
@@ -468,14 +487,16 @@ class EncodeWorker:
     def _finish_oldest(self) -> None:
         """The oldest batch through the tower (waiting for its preprocessing first); its results to the outbox."""
         batch = self._pipeline.popleft()
+        wanted = batch.encoding.wanted()
         requests = batch.wanted()
         try:
             results = self.encoder.finish(batch.encoding)
         except Exception as exc:
             self._fail(requests, exc)
         else:
-            for message, result in zip(requests, results):
-                self._post(message, result)
+            for (index, ref, _), result in zip(wanted, results):
+                decode_s, encode_s = batch.encoding.item_seconds(ref.content_hash)
+                self._post(batch.requests[index], result, _Seconds(batch.queue_s[index], decode_s, encode_s))
         self._num_images_in_flight -= len(requests)
 
     def _fail(self, requests: list[EncodeRequest], exc: Exception) -> None:
@@ -485,15 +506,22 @@ class EncodeWorker:
 
     # ------------------------------------------------------------------ send
 
-    def _post(self, message: EncodeRequest, result: torch.Tensor | str) -> None:
+    def _post(self, message: EncodeRequest, result: torch.Tensor | str, seconds: _Seconds | None = None) -> None:
         """Queue one image's ImageEmbedding for the prefill worker the request names."""
-        self._outbox.put(message.deliver_to, message.request_id, self._frames(message, result))
+        self._outbox.put(message.deliver_to, message.request_id, self._frames(message, result, seconds or _Seconds()))
 
-    def _frames(self, message: EncodeRequest, result: torch.Tensor | str) -> list:
+    def _frames(self, message: EncodeRequest, result: torch.Tensor | str, seconds: _Seconds) -> list:
         """The header and the rows' frame, or the header alone carrying the error."""
 
         def header(**fields) -> ImageEmbedding:
-            return ImageEmbedding(request_id=message.request_id, content_hash=message.image.content_hash, **fields)
+            return ImageEmbedding(
+                request_id=message.request_id,
+                content_hash=message.image.content_hash,
+                encoder_queue_s=seconds.queue_s,
+                decode_s=seconds.decode_s,
+                encode_s=seconds.encode_s,
+                **fields,
+            )
 
         if isinstance(result, torch.Tensor):
             try:

@@ -159,6 +159,7 @@ class _Prepared:
     outcome: ImageItem | str | None  # its pixel inputs, or why its image cannot be encoded
     mislabeled: dict[int, str]  # item index -> why its bytes cannot be used (the items before `index`)
     draft_scale: int = 1  # the reduction its image was decoded at
+    preprocess_s: float = 0.0  # hashing, decoding and preprocessing it took on the pool's thread
 
 
 class EncodeBatch:
@@ -170,6 +171,16 @@ class EncodeBatch:
         self.preparing = preparing
         self.discarded: set[int] = set()  # indices of items no longer wanted (their request was aborted)
         self.started_s = time.perf_counter()
+        # set by `finish`: content hash -> its preprocessing's seconds (misses only), and `finish`'s end
+        self.preprocess_s: dict[str, float] = {}
+        self.finished_s: float | None = None
+
+    def item_seconds(self, content_hash: str) -> tuple[float, float]:
+        """(decode s, encode s) of a finished batch's image: its preprocessing (0 when it was served from
+        the cache), and the rest of start -> finish (the wait behind the batch ahead, the tower)."""
+        total_s = (self.finished_s or self.started_s) - self.started_s
+        decode_s = min(self.preprocess_s.get(content_hash, 0.0), total_s)
+        return decode_s, total_s - decode_s
 
     def __len__(self) -> int:
         """Items still wanted."""
@@ -278,8 +289,10 @@ class ImageEncoder:
         mislabeled = {index: why for p in prepared for index, why in p.mislabeled.items()}
         prepared.sort(key=lambda p: -1 if p.index is None else p.index)  # the tower takes misses in item order
         found.update(self._run_prepared(prepared))
+        batch.preprocess_s = {p.content_hash: p.preprocess_s for p in prepared}
+        batch.finished_s = time.perf_counter()
         if prepared:
-            self.stats.seconds.observe(time.perf_counter() - batch.started_s)
+            self.stats.seconds.observe(batch.finished_s - batch.started_s)
         results = [
             mislabeled[index] if index in mislabeled else _matched(ref, found[ref.content_hash])
             for index, ref, _ in wanted
@@ -292,14 +305,16 @@ class ImageEncoder:
     def _prepare(self, candidates: list[tuple[int, ImageRef, bytes]]) -> _Prepared:
         """The first of one content hash's items whose bytes have that hash, decoded and preprocessed."""
         mislabeled: dict[int, str] = {}
+        started_s = time.perf_counter()
         for index, ref, data in candidates:
             actual = encoded_content_hash(data)
             if actual != ref.content_hash:
                 mislabeled[index] = f"the image's bytes hash to {actual}, not to its content hash {ref.content_hash}"
                 continue
             outcome, draft_scale = self._preprocess(ref, data)
-            return _Prepared(ref.content_hash, index, outcome, mislabeled, draft_scale)
-        return _Prepared(candidates[0][1].content_hash, None, None, mislabeled)
+            elapsed_s = time.perf_counter() - started_s
+            return _Prepared(ref.content_hash, index, outcome, mislabeled, draft_scale, elapsed_s)
+        return _Prepared(candidates[0][1].content_hash, None, None, mislabeled, 1, time.perf_counter() - started_s)
 
     def _preprocess(self, ref: ImageRef, data: bytes) -> tuple[ImageItem | str, int]:
         """Decode and preprocess one image, or say why it cannot be; and the reduction it was decoded at."""

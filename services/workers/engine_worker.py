@@ -36,6 +36,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
@@ -246,7 +247,7 @@ class EngineWorker:
 
     def _resume(self, resumed: Resumed) -> list[Reply]:
         """A decode worker goes on with a request prefill handed off: with its KV, or recomputing it."""
-        self.requests.add(RequestRecord(resumed.request))
+        self.requests.add(RequestRecord(resumed.request, kv_transfer_s=resumed.kv_transfer_s))
         return [] if resumed.kv_imported else self._add(resumed.request, resumed.multi_modal)
 
     def _abort(self, request_id: str) -> None:
@@ -270,6 +271,9 @@ class EngineWorker:
         if record is None:  # aborted meanwhile
             return []
         record.multi_modal = multi_modal if record.hands_off else None
+        if message.images:
+            record.images_in_s = time.monotonic()
+            record.encoder_seconds = self.images.take_encoder_seconds(message.request_id) or record.encoder_seconds
         try:
             self.engine.add_request(
                 message.request_id,
@@ -304,7 +308,11 @@ class EngineWorker:
         replies: list[Reply] = []
         for output in outputs:
             record = self.requests.get(output.request_id)
-            replies.append(to_delta(output, record.num_top_logprobs if record is not None else 0))
+            delta = to_delta(output, record.num_top_logprobs if record is not None else 0)
+            if record is not None and output.first_token_phases is not None:
+                delta.ttft = record.ttft_breakdown(*output.first_token_phases)
+                delta.kv_transfer_s, record.kv_transfer_s = record.kv_transfer_s, None
+            replies.append(delta)
         return replies
 
     def _ship(self, handoffs: list[Handoff]) -> None:

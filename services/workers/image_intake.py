@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Container, Sequence
+from typing import NamedTuple
 
 import torch
 import zmq
@@ -88,6 +89,14 @@ def max_embedding_frame_bytes(engine: LLMEngine) -> int:
     image's placeholder tokens, lie inside the context (at most max_model_len); or the header."""
     row_bytes = engine.runner.model.spec.hidden_size * engine.runner.dtype.itemsize
     return max(engine.max_model_len * row_bytes, EMBEDDING_HEADER_ROOM_BYTES)
+
+
+class EncoderSeconds(NamedTuple):
+    """One image's time in its encoder, as its ImageEmbedding reported it (the encoder's clock)."""
+
+    queue_s: float = 0.0
+    decode_s: float = 0.0
+    encode_s: float = 0.0
 
 
 class ReadyPrompts:
@@ -147,6 +156,9 @@ class ImageIntake:
         # once the request has been answered
         self._failed: OrderedDict[str, tuple[str, str] | None] = OrderedDict()
         self._codec = MessageCodec(EmbeddingInbound)
+        # request id -> its latest embedding's EncoderSeconds (the slowest image once all are in), until
+        # `take_encoder_seconds`; bounded like _failed (a request that never comes leaves no trace for long)
+        self._encoder_seconds: OrderedDict[str, EncoderSeconds] = OrderedDict()
         self.socket: zmq.Socket | None = None
         self.address: str | None = None
         if bind_address is not None and not self._text_only:
@@ -194,8 +206,11 @@ class ImageIntake:
                 continue
             if isinstance(rows, str):
                 errors += self.fail(request_id, message.content_hash, rows, request_id in arrived)
-            elif self._inbox.add_embedding(request_id, message.content_hash, rows):
-                num_ready_tokens += self._inbox.num_prompt_tokens(request_id)
+            else:
+                seconds = EncoderSeconds(message.encoder_queue_s, message.decode_s, message.encode_s)
+                self._note_encoder_seconds(request_id, seconds)
+                if self._inbox.add_embedding(request_id, message.content_hash, rows):
+                    num_ready_tokens += self._inbox.num_prompt_tokens(request_id)
             if not self._inbox.has_room or num_ready_tokens >= self.max_ready_tokens:
                 break
         return errors
@@ -223,10 +238,12 @@ class ImageIntake:
         if not self._to_encode:
             return []
         work, self._to_encode = self._to_encode, []
+        batch = None
         if self.image_encoder is None:  # a worker of a text model, or a prefill worker: not its job
             results: Sequence[torch.Tensor | str] = ["this worker does not encode images"] * len(work)
         else:
-            results = self.image_encoder.encode([(request.image, data) for request, data in work])
+            batch = self.image_encoder.start([(request.image, data) for request, data in work])
+            results = self.image_encoder.finish(batch)
         errors: list[RequestError] = []
         for (request, _), result in zip(work, results):
             if not self._waits_for_images(request.request_id, arrived):
@@ -236,6 +253,9 @@ class ImageIntake:
                     request.request_id, request.image.content_hash, result, request.request_id in arrived
                 )
             else:
+                if batch is not None:  # encoded in this loop's turn: no queue of its own
+                    seconds = EncoderSeconds(0.0, *batch.item_seconds(request.image.content_hash))
+                    self._note_encoder_seconds(request.request_id, seconds)
                 self._inbox.add_embedding(request.request_id, request.image.content_hash, result)
         return errors
 
@@ -259,6 +279,16 @@ class ImageIntake:
             for message in self._inbox.expire()
         ]
 
+    def take_encoder_seconds(self, request_id: str) -> EncoderSeconds | None:
+        """The encoder's times for the request's last embedding in (None: it had none, or they are forgotten)."""
+        return self._encoder_seconds.pop(request_id, None)
+
+    def _note_encoder_seconds(self, request_id: str, seconds: EncoderSeconds) -> None:
+        self._encoder_seconds.pop(request_id, None)
+        self._encoder_seconds[request_id] = seconds
+        if len(self._encoder_seconds) > MAX_FAILURES:
+            self._encoder_seconds.popitem(last=False)
+
     def fail(self, request_id: str, content_hash: str, reason: str, arrived: bool) -> list[RequestError]:
         """Fail a request whose image could not be encoded: its error now if it waits here, else when its
         GenerateRequest arrives (`park`)."""
@@ -271,6 +301,7 @@ class ImageIntake:
         """The request is gone (aborted): its embeddings, any failure kept for it, and its ready count."""
         self._inbox.drop(request_id)
         self._failed.pop(request_id, None)
+        self._encoder_seconds.pop(request_id, None)
         self.ready.remove(request_id)
 
     def transfer_inputs(self, transfer: KVTransfer, frames: list) -> MultiModalInputs:

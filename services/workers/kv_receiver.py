@@ -96,6 +96,10 @@ class KVReceiver:
         self._early_bytes = 0
         self._closed: deque[str] = deque(maxlen=4096)  # requests whose late groups are dropped, not kept
         self._committing: deque[tuple[KVTransfer, torch.cuda.Event | None]] = deque()  # written, copies in flight
+        # request id -> when its KVTransfer opened (until committed or dropped), then -> its transfer's seconds
+        # (opened -> committed) until take_transfer_seconds
+        self._opened_s: dict[str, float] = {}
+        self._transfer_s: dict[str, float] = {}
         self._copy_stream = side_stream(engine)
         self._codec = MessageCodec(KVInbound)
         self._ack_codec = MessageCodec(WorkerInbound)
@@ -140,6 +144,7 @@ class KVReceiver:
         for item in [c for c in self._committing if c[0].request_id == request_id]:
             self._committing.remove(item)
             transfer = item[0]
+        self._opened_s.pop(request_id, None)
         if transfer is None:
             return False
         self._closed.append(request_id)
@@ -197,6 +202,7 @@ class KVReceiver:
         self._imports[transfer.request_id] = _Import(
             transfer, time.monotonic() + self.timeout_s, multi_modal=multi_modal
         )
+        self._opened_s[transfer.request_id] = time.monotonic()
         return None
 
     def _write(self, header: KVLayers, frames: list) -> KVTransfer | Resume | None:
@@ -246,13 +252,21 @@ class KVReceiver:
         committed = []
         while self._committing and (self._committing[0][1] is None or self._committing[0][1].query()):
             transfer, _ = self._committing.popleft()
+            opened_s = self._opened_s.pop(transfer.request_id, None)
+            if opened_s is not None:
+                self._transfer_s[transfer.request_id] = time.monotonic() - opened_s
             self.engine.commit_import(transfer.request_id)
             self._ack(transfer, accepted=True)
             committed.append(transfer)
         return committed
 
+    def take_transfer_seconds(self, request_id: str) -> float | None:
+        """A committed transfer's seconds on this worker's clock, KVTransfer received -> KV in place (once)."""
+        return self._transfer_s.pop(request_id, None)
+
     def _fail(self, entry: _Import, reason: str, staging_unreadable: bool = False) -> Resume:
         request_id = entry.transfer.request_id
+        self._opened_s.pop(request_id, None)
         del self._imports[request_id]
         self._closed.append(request_id)
         self._wait_for_copies()  # earlier groups may still be on their way into the blocks

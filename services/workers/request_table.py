@@ -11,15 +11,16 @@ sockets a gateway registered over Ray.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
 from services.common.channels import configure, connect
 from services.common.codec import MessageCodec
-from services.common.messages import GenerateRequest, OutputBatch, RequestDelta, RequestError
+from services.common.messages import GenerateRequest, OutputBatch, RequestDelta, RequestError, TTFTBreakdown
 from services.common.security import CurveKeys
 from services.engine.multimodal import MultiModalInputs
 
@@ -31,10 +32,31 @@ class RequestRecord:
     message: GenerateRequest  # as this worker serves it (a prefill worker's names its kv_target)
     multi_modal: MultiModalInputs | None = None  # a vision-language prompt's images (go along with its KV)
     hands_off: bool = False  # prefill: computes the prompt and first token, then ships the KV
+    arrived_s: float = field(default_factory=time.monotonic)  # here (this worker's clock)
+    # an image request: when it was handed to the engine, every embedding in, and the encoder's times for
+    # the last one in (services.workers.image_intake.EncoderSeconds: queue, decode, encode)
+    images_in_s: float | None = None
+    encoder_seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    kv_transfer_s: float | None = None  # a decode worker's imported KV: its transfer, for the first delta
 
     @property
     def num_top_logprobs(self) -> int:
         return self.message.sampling.logprobs or 0
+
+    def ttft_breakdown(self, engine_queue_s: float, engine_prefill_s: float) -> TTFTBreakdown | None:
+        """This worker's parts of the request's TTFT, given the engine's phases up to its first token here;
+        None when that is not the request's first token (it resumes after tokens produced elsewhere)."""
+        if self.message.output_token_ids:
+            return None
+        encoder_queue_s, decode_s, encode_s = self.encoder_seconds
+        return TTFTBreakdown(
+            image_wait_s=self.images_in_s - self.arrived_s if self.images_in_s is not None else 0.0,
+            encoder_queue_s=encoder_queue_s,
+            decode_s=decode_s,
+            encode_s=encode_s,
+            prefill_queue_s=engine_queue_s,
+            prefill_s=engine_prefill_s,
+        )
 
 
 class RequestTable:

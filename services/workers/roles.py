@@ -115,6 +115,7 @@ class Resumed:
     request: GenerateRequest
     kv_imported: bool
     multi_modal: MultiModalInputs | None = None
+    kv_transfer_s: float | None = None  # imported: KVTransfer received -> KV in place, on this worker's clock
 
 
 class DecodeRole:
@@ -164,7 +165,10 @@ class DecodeRole:
         except DecodeError as exc:
             logger.warning("dropped a malformed KV message: %s", exc)
             return []
-        resumed = [Resumed(transfer.request, kv_imported=True) for transfer in completed]
+        resumed = [
+            Resumed(transfer.request, True, kv_transfer_s=self.receiver.take_transfer_seconds(transfer.request_id))
+            for transfer in completed
+        ]
         for resume in resumes:  # recompute here: the stream continues after the tokens already sent
             self.stats.fallbacks += 1
             logger.warning("recomputing %s: %s", resume.transfer.request_id, resume.reason)

@@ -48,6 +48,27 @@ def chat(sizes: list[tuple[int, int]], by_uuid: bool = False) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe the picture."}]}]
 
 
+TTFT_LINE = re.compile(
+    r"request (\S+) ttft ([\d.]+) ms: queue ([\d.]+) image_wait ([\d.]+) \(encoder queue ([\d.]+), "
+    r"decode ([\d.]+), encode ([\d.]+), transfer ([\d.]+)\) prefill_queue ([\d.]+) prefill ([\d.]+) "
+    r"other ([\d.]+)"
+)
+TTFT_FIELDS = ("total", "queue", "image_wait", "encoder_queue", "decode", "encode", "transfer")
+TTFT_FIELDS += ("prefill_queue", "prefill", "other")
+
+
+def check_ttft_breakdowns(log: list[str]) -> list[dict[str, float]]:
+    """The gateway's TTFT breakdown lines (services.gateway.ttft): each request's parts add up to its
+    measured TTFT within 5 %; returns them (ms)."""
+    found = [dict(zip(TTFT_FIELDS, map(float, m.groups()[1:]))) for m in map(TTFT_LINE.search, log) if m]
+    assert found, "no TTFT breakdown in the gateway's log"
+    for parts in found:
+        added = sum(parts[name] for name in ("queue", "image_wait", "prefill_queue", "prefill", "other"))
+        assert added == pytest.approx(parts["total"], rel=0.05), parts
+        assert parts["prefill"] > 0, parts
+    return found
+
+
 def per_worker(text: str, name: str) -> dict[str, float]:
     """A metric's samples in Prometheus' text format, by their `worker` label."""
     pattern = rf'^{re.escape(name)}{{[^}}]*worker="([^"]+)"[^}}]*}} (\S+)$'
@@ -112,6 +133,9 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
         # the last request names its image by the uuid it was sent with, without uploading it again
         for sizes, by_uuid in [(sizes, False) for sizes in REQUESTS] + [(REQUESTS[1][:1], True)]:
             check_chat(client, tokenizer, model_dir, sizes, by_uuid)
+        # where their TTFT went: new images were waited for, and decoded by an encoder (or the colocated worker)
+        breakdowns = check_ttft_breakdowns(server.log)
+        assert any(parts["image_wait"] > 0 and parts["decode"] > 0 for parts in breakdowns), breakdowns
         with pytest.raises(openai.BadRequestError, match="image 1 names uuid 'unseen'"):
             client.chat.completions.create(
                 model="vlm",
@@ -140,6 +164,8 @@ def test_image_chats_equal_the_offline_engine(tmp_path, family, mode):
             assert metric(text, "tristage:encode_latency_seconds_count") >= 1
             assert metric(text, "tristage:embedding_transfer_bytes_total") > 0
             assert metric(text, "tristage:kv_transfer_bytes_total") > 0
+            # the decode worker's KV transfer, reported after the first token (services.gateway.ttft)
+            assert any(re.search(r"request \S+ kv_transfer [\d.]+ ms", line) for line in server.log)
             # intra-request parallelism (EPD): the three new images of one request, one on each encoder
             before = per_worker(text, "tristage:embedding_cache_queries_total")
             reply = check_chat(client, tokenizer, model_dir, SPLIT_REQUEST)

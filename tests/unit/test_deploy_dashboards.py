@@ -145,7 +145,7 @@ def test_parser_rejects_broken_promql():
 
 def test_rows_and_layout(dashboard):
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == ["Overview", "Encode", "Prefill", "Decode", "Transfers", "Router"]
+    assert rows == ["Overview", "TTFT breakdown", "Encode", "Prefill", "Decode", "Transfers", "Router"]
     cells = set()
     for panel in dashboard["panels"]:
         pos = panel["gridPos"]
