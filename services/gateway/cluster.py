@@ -350,14 +350,7 @@ class ClusterBackend:
         try:
             return await self._room_queue.place(lambda: self._place(message))
         except RoomWaitTimeout as exc:
-            raise RequestFailed(
-                RequestError(
-                    request_id=message.request_id,
-                    message=f"no worker can take this request now ({exc}); retry later",
-                    type="service_unavailable",
-                    status=503,
-                )
-            ) from exc
+            raise _unavailable(message.request_id, f"no worker can take this request now ({exc}); retry later") from exc
 
     def _place(self, message: GenerateRequest) -> tuple[list[_WorkerLink], GenerateRequest, list[_WorkerLink]]:
         """The router's choice (and each image's encoder); disaggregated n == 1 requests get the decode
@@ -379,25 +372,11 @@ class ClusterBackend:
         except NoRoomNow:
             raise  # the room queue waits for room
         except NoWorkerAvailable as exc:
-            raise RequestFailed(
-                RequestError(
-                    request_id=message.request_id,
-                    message=f"no worker can take this request now ({exc}); retry later",
-                    type="service_unavailable",
-                    status=503,
-                )
-            ) from exc
+            raise _unavailable(message.request_id, f"no worker can take this request now ({exc}); retry later") from exc
         prefill, decode = self._by_name[placement.prefill_worker], self._by_name[placement.decode_worker]
         if not (prefill.alive and decode.alive):
             self.router.release(message.request_id)
-            raise RequestFailed(
-                RequestError(
-                    request_id=message.request_id,
-                    message="the chosen worker is down; retry later",
-                    type="service_unavailable",
-                    status=503,
-                )
-            )
+            raise _unavailable(message.request_id, "the chosen worker is down; retry later")
         encoders = [self._by_name[name] for name in placement.encode_workers]
         if prefill is decode:
             return [prefill], message, encoders
@@ -766,6 +745,11 @@ class ClusterBackend:
             load_imbalance=stats.load_imbalance,
             worker_restarts=self.restarts.snapshot(time.monotonic()),
         )
+
+
+def _unavailable(request_id: str, message: str) -> RequestFailed:
+    """A 503: no worker can serve the request now; the client may retry."""
+    return RequestFailed(RequestError(request_id=request_id, message=message, type="service_unavailable", status=503))
 
 
 def _engine_facts(handle: WorkerHandle) -> EngineFacts:
