@@ -260,9 +260,13 @@ class GetWeather(pydantic.BaseModel):
 def test_langchain_with_structured_output_and_bind_tools(server):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model=MODEL, base_url=server.base_url + "/v1", api_key="unused", max_tokens=256, max_retries=0)
-    person = llm.with_structured_output(Person).invoke("Describe someone")
+    # greedy, and strict schemas (no properties beyond the model's): a random model's output then always
+    # closes the object within max_tokens, whatever the engine's sampling stream has served before
+    llm = ChatOpenAI(
+        model=MODEL, base_url=server.base_url + "/v1", api_key="unused", max_tokens=256, max_retries=0, temperature=0
+    )
+    person = llm.with_structured_output(Person, strict=True).invoke("Describe someone")
     assert isinstance(person, Person)
-    message = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("Weather?")
+    message = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True).invoke("Weather?")
     [call] = message.tool_calls
     assert call["name"] == "GetWeather" and GetWeather(**call["args"])
