@@ -28,7 +28,6 @@ from loadgen.client import RequestOptions, Target
 from loadgen.images import ImageConfig, parse_sizes
 from loadgen.lengths import parse_length
 from loadgen.metrics import parse_slo
-from loadgen.plots import plot_compare, plot_latency_cdfs, plot_sweep
 from loadgen.records import RequestResult
 from loadgen.report import load_run, print_compare, print_summary, print_sweep, write_json
 from loadgen.workloads import (
@@ -239,6 +238,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     )
     print_summary(summary, console)
     if not args.no_plots:
+        from loadgen.plots import plot_latency_cdfs  # matplotlib loads only when plotting
+
         plot_latency_cdfs({targets[0].name: results}, out / LATENCY_CDF_PNG)
     console.print(f"results in {out}")
     return 0
@@ -251,6 +252,8 @@ def _compare_outputs(
     write_json(out / "compare.json", summaries)
     print_compare(summaries, console)
     if not no_plots:
+        from loadgen.plots import plot_compare, plot_latency_cdfs
+
         plot_latency_cdfs({name: results for name, (_, results) in runs.items()}, out / LATENCY_CDF_PNG)
         plot_compare(summaries, out / COMPARE_PNG)
     console.print(f"results in {out}")
@@ -280,6 +283,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     write_json(out / "sweep.json", points)
     print_sweep(points, console)
     if not args.no_plots:
+        from loadgen.plots import plot_latency_cdfs, plot_sweep
+
         plot_sweep(points, out / SWEEP_PNG)
         plot_latency_cdfs(runs, out / LATENCY_CDF_PNG)
     console.print(f"results in {out}")
