@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,8 +90,9 @@ def _time(fn, repeats: int) -> float:
 # ------------------------------------------------------------------ our engine
 
 
-def build_engine(model_dir: str):
-    """The engine every part of `ours` measures: dummy weights, up to 256 sequences, no prefix caching."""
+def build_engine(model_dir: str, **overrides: Any):
+    """The engine every part of `ours` measures: dummy weights, up to 256 sequences, no prefix caching
+    (`overrides`: other EngineConfig fields, e.g. small_batch_linear)."""
     from services.engine import LLMEngine
 
     return LLMEngine(
@@ -100,6 +102,7 @@ def build_engine(model_dir: str):
         max_num_batched_tokens=PREFILL_TOKENS,
         max_model_len=8192,
         enable_prefix_caching=False,
+        **overrides,
     )
 
 

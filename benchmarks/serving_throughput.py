@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir
+from services.engine.config import SMALL_BATCH_LINEAR_KERNELS, EngineConfig
 
 PORT = 8791
 TARGET_REQUESTS_PER_S = 44.0
@@ -76,8 +77,9 @@ TINY_SIZES = Sizes(32, 8, 8, 16, 8, 64)
 # ------------------------------------------------------------------ yardstick
 
 
-def measure_yardstick(model_dir: str, tiny: bool) -> dict[str, Any]:
-    """Decode steps at batch 1 and 256 (1k-token context) and the weight-read floor, in this process."""
+def measure_yardstick(model_dir: str, tiny: bool, small_batch_linear: str) -> dict[str, Any]:
+    """Decode steps at batch 1 and 256 (1k-token context) and the weight-read floor, in this process,
+    with the skinny-product kernel the server runs (services/engine/small_batch_linear.py)."""
     from benchmarks.engine_bench import (
         build_engine,
         decode_step_time,
@@ -90,7 +92,7 @@ def measure_yardstick(model_dir: str, tiny: bool) -> dict[str, Any]:
     floors = measure_floors(tiny)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the copy buffers: their memory goes to the engine's KV cache
-    engine = build_engine(model_dir)
+    engine = build_engine(model_dir, small_batch_linear=small_batch_linear)
     vocab_size = engine.runner.model.spec.vocab_size
     step_b1_s, _ = decode_step_time(engine, 1, SamplingParams, vocab_size, tiny)
     step_b256_s, _ = decode_step_time(engine, YARDSTICK_BATCH, SamplingParams, vocab_size, tiny)
@@ -107,10 +109,11 @@ def measure_yardstick(model_dir: str, tiny: bool) -> dict[str, Any]:
     }
 
 
-def yardstick_in_subprocess(model_dir: str, tiny: bool) -> dict[str, Any]:
+def yardstick_in_subprocess(model_dir: str, tiny: bool, small_batch_linear: str) -> dict[str, Any]:
     """This script with --yardstick-json: the engine's GPU memory is freed when the process exits."""
     path = Path(tempfile.mkdtemp(prefix="yardstick-"), "yardstick.json")
     command = [sys.executable, __file__, "--yardstick-json", str(path), "--model-dir", model_dir]
+    command += ["--small-batch-linear", small_batch_linear]
     subprocess.run([*command, *(["--tiny"] if tiny else [])], check=True)
     return json.loads(path.read_text())
 
@@ -293,6 +296,12 @@ def parse_args() -> argparse.Namespace:
         help="one argument for tristage serve, written --serve-arg=--flag (repeatable; a value is its own "
         "--serve-arg=VALUE)",
     )
+    parser.add_argument(
+        "--small-batch-linear",
+        choices=SMALL_BATCH_LINEAR_KERNELS,
+        default=EngineConfig.small_batch_linear,
+        help="decode's matrix products, for the yardstick's engine and the server (serve's flag of the name)",
+    )
     parser.add_argument("--out", default="results/serving_throughput.json", help="all figures, as JSON")
     parser.add_argument("--tiny", action="store_true", help="tiny config and sizes on CPU, to check the script")
     parser.add_argument("--skip-yardstick", action="store_true", help="serving figures only (no step ratios)")
@@ -310,11 +319,13 @@ def main() -> None:
     config_name, config = ("TINY", TINY) if args.tiny else ("Llama-3.1-8B", LLAMA_31_8B)
     model_dir = args.model_dir or write_model_dir(config)
     if args.yardstick_json:
-        Path(args.yardstick_json).write_text(json.dumps(measure_yardstick(model_dir, args.tiny), indent=1))
+        measured = measure_yardstick(model_dir, args.tiny, args.small_batch_linear)
+        Path(args.yardstick_json).write_text(json.dumps(measured, indent=1))
         return
     sizes = TINY_SIZES if args.tiny else FULL_SIZES
-    serve_args = [*args.serve_arg, *(["--device", "cpu"] if args.tiny else [])]
-    yardstick = None if args.skip_yardstick else yardstick_in_subprocess(model_dir, args.tiny)
+    serve_args = [*args.serve_arg, "--small-batch-linear", args.small_batch_linear]
+    serve_args += ["--device", "cpu"] if args.tiny else []
+    yardstick = None if args.skip_yardstick else yardstick_in_subprocess(model_dir, args.tiny, args.small_batch_linear)
     results = {mode: run_mode(model_dir, mode, sizes, serve_args) for mode in args.modes.split(",")}
     device = device_name()
     report = {
