@@ -65,6 +65,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV-cache blocks of each engine, exactly (default: what --gpu-memory-utilization leaves)",
     )
     parser.add_argument(
+        "--kv-offloading-size",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="GiB of host memory (pinned on CUDA) per engine for a host tier under the prefix cache: blocks the "
+        "device evicts are kept there and copied back on a hit instead of recomputed (default 0: off)",
+    )
+    parser.add_argument(
         "--mixed-cuda-graph-max-tokens",
         type=int,
         default=2048,
@@ -112,6 +120,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks,
+        kv_offloading_size=args.kv_offloading_size,
         mixed_cuda_graph_max_tokens=args.mixed_cuda_graph_max_tokens,
         varlen_prefill_attention=args.prefill_attention == "varlen",
         small_batch_linear=args.small_batch_linear,

@@ -116,7 +116,9 @@ class KVTierStats(msgspec.Struct, frozen=True, kw_only=True):
     """One tier of a worker's KV cache, in blocks of `EngineFacts.block_size` tokens."""
 
     tier: KVTier
-    num_free_blocks: int  # a new request can take them (cached blocks no request references count as free)
+    # a new request can take them (cached blocks no request references count as free); the host tier's
+    # blocks are never referenced by a request: its free blocks are the slots holding no KV
+    num_free_blocks: int
     num_total_blocks: int  # usable blocks of the tier
 
 
@@ -172,6 +174,11 @@ class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     recent_steps: list[StepTiming] = msgspec.field(default_factory=list)
     recent_finished: list[FinishedRequestTiming] = msgspec.field(default_factory=list)
     num_slo_held_admissions: int = 0  # prefill chunks the TPOT SLO held back (total; services.engine.slo_admission)
+    # the host KV tier (EngineConfig.kv_offloading_size; all 0 without one), totals: prompt tokens restored
+    # from it instead of recomputed, and the KV bytes copied device -> host (evictions) and host -> device
+    host_hit_tokens: int = 0
+    kv_offloaded_bytes: int = 0
+    kv_onloaded_bytes: int = 0
 
     @property
     def device_kv(self) -> KVTierStats:
@@ -182,6 +189,17 @@ class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
         """Fraction (0..1) of the device tier's blocks referenced by requests (vllm:kv_cache_usage_perc)."""
         device = self.device_kv
         return 1.0 - device.num_free_blocks / device.num_total_blocks if device.num_total_blocks else 0.0
+
+    @property
+    def host_kv(self) -> KVTierStats | None:
+        """The host tier, if the engine has one."""
+        return next((tier for tier in self.kv_tiers if tier.tier == "host"), None)
+
+    @property
+    def kv_host_usage(self) -> float:
+        """Fraction (0..1) of the host tier's blocks holding KV (tristage:kv_host_usage_perc); 0 without one."""
+        host = self.host_kv
+        return 1.0 - host.num_free_blocks / host.num_total_blocks if host is not None and host.num_total_blocks else 0.0
 
 
 class TransferCounters(msgspec.Struct, frozen=True, kw_only=True):

@@ -52,6 +52,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # share of GPU memory for weights + activations + KV cache
     kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default: CPU_KV_CACHE_BYTES)
     num_kv_blocks: int | None = None  # explicit pool size, overrides both budgets
+    # GiB of host memory (pinned on CUDA) for a host tier under the prefix cache: full blocks the device
+    # evicts keep their KV there and a later hit copies them back instead of recomputing
+    # (services/engine/kv_cache/host_tier.py). 0: off, no host tier.
+    kv_offloading_size: float = 0.0
     attention_backend: str = "auto"  # auto: triton on CUDA, reference on CPU
     enable_cuda_graphs: bool = True  # capture decode batches on CUDA
     max_cuda_graph_batch_size: int = 256
@@ -131,3 +135,13 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be positive")
+        size = self.kv_offloading_size
+        if isinstance(size, bool) or not isinstance(size, int | float) or not 0 <= size < float("inf"):
+            raise ValueError(f"kv_offloading_size must be a finite number of GiB >= 0 (0: off), got {size!r}")
+        if size > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_offloading_size needs prefix caching: the host tier holds evicted cached blocks")
+
+    @property
+    def kv_offloading_bytes(self) -> int:
+        """The host KV tier's budget in bytes (0: off)."""
+        return int(self.kv_offloading_size * 2**30)

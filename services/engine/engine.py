@@ -119,7 +119,12 @@ class LLMEngine:
         self.vision_language = VisionLanguageSpec.from_hf_config(self.hf_config)  # None: text only
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
         self.runner = ModelRunner(config, self.model_dir, self.hf_config)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            num_host_blocks=self.runner.num_host_blocks,
+        )
         self.scheduler = Scheduler(
             self.kv_cache,
             config.max_num_batched_tokens,
@@ -338,6 +343,7 @@ class LLMEngine:
         """Schedule and run a step, its sampling queued on the device. With `in_flight` (asynchronous
         scheduling) that step is not collected yet: its tokens are pending, and inputs of this one."""
         batch = self.scheduler.schedule()
+        self._issue_kv_copies()
         if batch.empty:
             return
         self.iteration_tokens.observe(sum(batch.num_new_tokens))
@@ -356,6 +362,16 @@ class LLMEngine:
             for request in sampled:
                 request.num_pending_tokens += 1
         self.timings.launched(started_s, batch.requests, batch.num_new_tokens, self._in_flight)
+
+    def _issue_kv_copies(self) -> None:
+        """Queue the host-tier copies the last allocations planned (blocks evicted to host memory, prefix
+        blocks restored from it) on the stream the forward runs on, before the next forward or KV import
+        writes the device cache. Stream order then makes them right: an evicted block is read after every
+        step already queued (the one in flight under asynchronous scheduling included) and before the
+        next one overwrites it; a restored block is written before that step reads it."""
+        plan = self.kv_cache.take_copy_plan()
+        if plan:
+            self.runner.copy_kv_blocks(plan)
 
     def _grammar_bitmask(self, sampled: list[Request], in_flight: PendingSample | None) -> torch.Tensor | None:
         """The constrained rows' token masks, computed on the host while the device runs the forward
@@ -627,6 +643,7 @@ class LLMEngine:
             grammar=self.grammars.matcher_for(params.structured) if params.structured else None,
         )
         block_ids = self.kv_cache.allocate_for_import(request, len(prompt_token_ids))
+        self._issue_kv_copies()  # the blocks it evicted are saved before import_kv overwrites them
         if block_ids is None:
             return None
         parent = _Parent(request_id, None, list(prompt_token_ids))
@@ -654,16 +671,29 @@ class LLMEngine:
         device = KVTierStats(
             tier="device", num_free_blocks=kv_cache.num_free_blocks(), num_total_blocks=kv_cache.pool.num_usable_blocks
         )
+        tiers = [device]
+        if kv_cache.host is not None:  # its free blocks are the slots holding no KV
+            tiers.append(
+                KVTierStats(
+                    tier="host",
+                    num_free_blocks=kv_cache.host.num_free_blocks,
+                    num_total_blocks=kv_cache.host.num_blocks,
+                )
+            )
+        bytes_per_block = self.runner.kv_bytes_per_block
         return SchedulerStats(
             num_running_requests=len(scheduler.running),
             num_waiting_requests=len(scheduler.waiting),
             num_decoding_requests=scheduler.num_decoding,
             queued_prefill_tokens=scheduler.queued_prefill_tokens,
-            kv_tiers=[device],
+            kv_tiers=tiers,
             num_preemptions=scheduler.num_preemptions_total,
             num_slo_held_admissions=scheduler.num_slo_held_total,
             prefix_cache_queried_tokens=kv_cache.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=kv_cache.prefix_cache_hit_tokens,
+            host_hit_tokens=kv_cache.host_hit_tokens,
+            kv_offloaded_bytes=kv_cache.num_offloaded_blocks * bytes_per_block,
+            kv_onloaded_bytes=kv_cache.num_onloaded_blocks * bytes_per_block,
             phase_seconds={phase: histogram.snapshot() for phase, histogram in self.phase_seconds.items()},
             iteration_tokens=self.iteration_tokens.snapshot(),
             recent_steps=self.timings.recent_steps(),
@@ -679,6 +709,11 @@ class LLMEngine:
 
     def num_free_blocks(self) -> int:
         return self.kv_cache.num_free_blocks()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, device and host tier (False, changing nothing, while a request holds
+        blocks). The KV events say AllBlocksCleared."""
+        return self.kv_cache.reset_prefix_cache()
 
     def num_usable_blocks(self) -> int:
         return self.kv_cache.pool.num_usable_blocks

@@ -1,7 +1,8 @@
 """The model runner: turns a scheduled batch into flat model inputs, runs the model, returns logits.
 
 It owns the device-side state: the weights, the KV cache tensor, the attention backend and the
-captured CUDA graphs. Per step:
+captured CUDA graphs; and the host KV tier's bytes (`host_kv`, EngineConfig.kv_offloading_size), whose
+copies `copy_kv_blocks` queues on the stream every forward runs on. Per step:
 
     prepare_inputs(batch) -> input_ids, positions, AttentionMetadata, rows to sample
     forward (eager, or a captured graph for decode-only batches)
@@ -45,6 +46,7 @@ import torch
 from services.engine.attention.backends import AttentionMetadata, VarlenInputs, create_attention
 from services.engine.attention.tiles import build_tile_map, max_num_tiles, tokens_per_tile
 from services.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from services.engine.kv_cache.host_tier import HostKVBuffer, KVCopyPlan
 from services.engine.models import load_model
 from services.engine.models.llama import DecoderLayer, DecoderLM, EmbeddingOverrides
 from services.engine.prompt_logprobs import PromptLogprobRows, StepPromptLogprobs, compute_prompt_logprobs
@@ -120,6 +122,11 @@ class ModelRunner:
             dtype=self.dtype,
         )
         self.attention = create_attention(config.attention_backend, self.kv_cache, spec.head_dim**-0.5)
+        self.num_host_blocks = self._num_host_kv_blocks()
+        self.host_kv: HostKVBuffer | None = None
+        if self.num_host_blocks:
+            self.host_kv = HostKVBuffer(self.num_host_blocks, self.kv_cache[:, :, 0].shape, self.dtype, self.device)
+            logger.info("host KV tier: %d blocks, %.2f GiB", self.num_host_blocks, config.kv_offloading_size)
         self.max_model_len = self._max_model_len()
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self._staging = _InputStaging(self.device)
@@ -153,6 +160,24 @@ class ModelRunner:
         num_blocks = budget // (self.kv_bytes_per_token * self.block_size)
         if num_blocks < 2:
             raise ValueError(f"a KV budget of {budget} bytes holds no block of {self.block_size} tokens")
+        return int(num_blocks)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """One block's KV over every layer, k and v."""
+        return self.kv_bytes_per_token * self.block_size
+
+    def _num_host_kv_blocks(self) -> int:
+        """Blocks of the host tier: its budget over one block's bytes (0: off)."""
+        budget = self.config.kv_offloading_bytes
+        if budget == 0:
+            return 0
+        num_blocks = budget // self.kv_bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_offloading_size {self.config.kv_offloading_size} GiB holds no KV block of "
+                f"{self.kv_bytes_per_block} bytes"
+            )
         return int(num_blocks)
 
     def _profile_free_gpu_bytes(self) -> int:
@@ -407,6 +432,14 @@ class ModelRunner:
         return list(build_tile_map(inputs.query_start_loc, inputs.num_decode_seqs, self._varlen_block_q))
 
     # ------------------------------------------------------------------ KV export / import
+
+    @torch.inference_mode()
+    def copy_kv_blocks(self, plan: KVCopyPlan) -> None:
+        """Queue the copies between the device cache and the host tier on the current stream, the one
+        `execute` runs on: called before the forward that may overwrite the evicted blocks or read the
+        restored ones, stream order makes both right without a synchronisation."""
+        assert self.host_kv is not None, "a copy plan without a host tier"
+        self.host_kv.issue(self.kv_cache, plan)
 
     def read_kv(self, layer_index: int, block_ids: list[int]) -> torch.Tensor:
         """A copy of the given blocks of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""

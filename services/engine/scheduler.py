@@ -7,7 +7,8 @@ Each step spends a token budget (`max_num_batched_tokens`):
      Preble's priority groups by prefix-cache hit: services/engine/waiting_queue.py), while the
      budget lasts and fewer than `max_num_seqs` run, up to the first that does not fit; a new
      request first adopts its cached prefix blocks (unless it computes prompt logprobs: cached
-     blocks have no logits).
+     blocks have no logits), the device's and then, with a host tier, those restored from host
+     memory; restored blocks that do not fit the device pool are recomputed instead.
 In a step that decodes, prefill chunks (of running and waiting requests alike) share at most
 `max_prefill_tokens_beside_decodes` of the budget, so that one long prompt stretches every running
 request's inter-token gap by a bounded amount (Sarathi-Serve, OSDI 2024, "stall-free batching").
@@ -160,12 +161,10 @@ class Scheduler:
             max_new = self._slo_chunk(batch, request, budget)
             if not max_new:
                 break  # held by the TPOT SLO
-            # cached blocks have no logits: a request still computing prompt logprobs adopts none
-            computed = [] if request.computes_prompt_logprobs else self.kv_cache.get_computed_blocks(request)
-            num_computed = len(computed) * self.kv_cache.block_size
-            num_new = min(request.num_tokens - num_computed, max_new)
-            if not self.kv_cache.allocate_slots(request, num_new, computed):
+            num_computed = self._admit(request, max_new)
+            if num_computed is None:
                 break
+            num_new = min(request.num_tokens - num_computed, max_new)
             self.waiting.pop()
             request.num_computed_tokens = num_computed
             if request.num_preemptions == 0:
@@ -174,6 +173,24 @@ class Scheduler:
             self.running.append(request)
             batch.add(request, num_new)
             budget -= num_new
+
+    def _admit(self, request: Request, max_new: int) -> int | None:
+        """Allocate a waiting request's blocks: its cached prefix, then up to `max_new` tokens to compute.
+        Returns the prefix's tokens (computed from now on), or None when the pool has no room."""
+        kv_cache, block_size = self.kv_cache, self.kv_cache.block_size
+        # cached blocks have no logits: a request still computing prompt logprobs adopts none
+        computed = [] if request.computes_prompt_logprobs else kv_cache.get_computed_blocks(request)
+        restored = [] if request.computes_prompt_logprobs else kv_cache.get_host_hits(request, len(computed))
+        num_computed = (len(computed) + len(restored)) * block_size
+        if kv_cache.allocate_slots(request, min(request.num_tokens - num_computed, max_new), computed, restored):
+            return num_computed
+        if not restored:
+            return None
+        # no device room for the restored blocks: they are misses, recomputed in their turn
+        num_computed = len(computed) * block_size
+        if kv_cache.allocate_slots(request, min(request.num_tokens - num_computed, max_new), computed):
+            return num_computed
+        return None
 
     def _slo_chunk(self, batch: ScheduledBatch, request: Request, budget: int) -> int:
         """The most tokens a waiting request may compute this step: the budget, or what the TPOT SLO lets

@@ -64,6 +64,31 @@ def _scheduler_families(scheduler: SchedulerStats, values: list[str]) -> Iterato
         "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", values, scheduler.prefix_cache_hit_tokens
     )
     yield _counter("vllm:num_preemptions", "Requests preempted by the worker.", values, scheduler.num_preemptions)
+    if scheduler.host_kv is not None:
+        yield _gauge(
+            "tristage:kv_host_usage_perc",
+            "Fraction of host KV tier blocks holding KV (0..1).",
+            values,
+            scheduler.kv_host_usage,
+        )
+        yield _counter(
+            "tristage:kv_offloaded_bytes",
+            "KV bytes copied from the device to the host tier.",
+            values,
+            scheduler.kv_offloaded_bytes,
+        )
+        yield _counter(
+            "tristage:kv_onloaded_bytes",
+            "KV bytes copied from the host tier back to the device.",
+            values,
+            scheduler.kv_onloaded_bytes,
+        )
+        yield _counter(
+            "tristage:kv_host_hit_tokens",
+            "Prompt tokens restored from the host KV tier instead of recomputed.",
+            values,
+            scheduler.host_hit_tokens,
+        )
     yield _counter(
         "tristage:slo_held_admissions",
         "Prefill chunks held back to keep decodes within the TPOT SLO.",

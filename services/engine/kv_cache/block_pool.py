@@ -5,7 +5,8 @@ Invariants:
   * a block is in the free queue iff its ref_cnt is 0. The queue's front is evicted first: blocks
     enter at the back when their last user frees them, so the least recently used goes first.
   * a cached block (block_hash set) stays findable by its hash while it sits in the free queue;
-    allocating it for new content evicts it and emits BlockRemoved.
+    allocating it for new content evicts it and emits BlockRemoved. An `on_evict` hook (the host
+    tier, services/engine/kv_cache/host_tier.py) sees the block before its hash is cleared.
 
     free queue:  front [ evict first ... most recently freed ] back
 """
@@ -13,7 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from services.common.block_hash import ExtraKey
@@ -28,10 +29,14 @@ class KVBlock:
     ref_cnt: int = 0
     block_hash: int | None = None
     token_ids: tuple[int, ...] = ()  # the block's tokens, re-checked on every cache hit
+    parent_hash: int | None = None  # the chain's previous block, and the extra keys its hash covers: kept
+    extra_keys: list[str] | None = None  # for the host tier's BlockStored when the block is evicted there
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, on_evict: Callable[[KVBlock], None] | None = None
+    ) -> None:
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 blocks (one is padding), got {num_blocks}")
         self.num_blocks = num_blocks
@@ -42,6 +47,7 @@ class BlockPool:
         )
         self._cached: dict[int, KVBlock] = {}  # block_hash -> block
         self._events: list[KVEvent] = []
+        self._on_evict = on_evict  # called with a cached block about to lose its content
 
     @property
     def num_usable_blocks(self) -> int:
@@ -103,10 +109,11 @@ class BlockPool:
         """Make a full block findable by its hash (first writer wins when two blocks hold the same content)."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self._cached:
             return
-        block.block_hash, block.token_ids = block_hash, token_ids
+        block.block_hash, block.token_ids, block.parent_hash = block_hash, token_ids, parent_hash
+        block.extra_keys = [str(k) for k in extra_keys] if extra_keys else None
         self._cached[block_hash] = block
         # one entry per block, as vLLM's
-        keys: list[list[str] | None] | None = [[str(k) for k in extra_keys]] if extra_keys else None
+        keys: list[list[str] | None] | None = [block.extra_keys] if block.extra_keys else None
         self._events.append(BlockStored([block_hash], parent_hash, list(token_ids), len(token_ids), extra_keys=keys))
 
     def reset_prefix_cache(self) -> bool:
@@ -114,7 +121,7 @@ class BlockPool:
         if self.num_free_blocks != self.num_usable_blocks:
             return False
         for block in self.blocks:
-            block.block_hash, block.token_ids = None, ()
+            _forget(block)
         self._cached.clear()
         self._events.append(AllBlocksCleared())
         return True
@@ -128,6 +135,10 @@ class BlockPool:
                 continue
         return []
 
+    def record_event(self, event: KVEvent) -> None:
+        """Append another tier's event to this pool's stream, so both tiers' events keep one order."""
+        self._events.append(event)
+
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events
@@ -137,4 +148,10 @@ class BlockPool:
             return
         del self._cached[block.block_hash]
         self._events.append(BlockRemoved([block.block_hash]))
-        block.block_hash, block.token_ids = None, ()
+        if self._on_evict is not None:
+            self._on_evict(block)
+        _forget(block)
+
+
+def _forget(block: KVBlock) -> None:
+    block.block_hash, block.token_ids, block.parent_hash, block.extra_keys = None, (), None, None
