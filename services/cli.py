@@ -16,6 +16,7 @@ from services.engine.waiting_queue import SCHEDULING_POLICIES
 from services.gateway.config import TOOL_CALL_PARSER_OPTIONS
 from services.gateway.hosts import default_allowed_hosts
 from services.gateway.images import ImagePolicy
+from services.router.policies.base import DEFAULT_HOST_TIER_HIT_WEIGHT
 from services.router.router import POLICIES as ROUTER_POLICIES
 from services.workers.gpu_memory import DEFAULT_DECODE_KV_SHARE, ROLES
 
@@ -185,6 +186,7 @@ def _run_server(args: argparse.Namespace) -> int:
         num_decode=args.decode,
         num_encode=args.encode,
         router_policy=args.router_policy,
+        host_tier_hit_weight=args.host_tier_hit_weight,
         data_plane_host=args.data_plane_host,
         data_plane_auth=args.data_plane_auth,
         cluster_secret=_cluster_secret(args.cluster_secret_file),
@@ -228,6 +230,17 @@ def role_fraction(arg: str) -> tuple[str, float]:
         roles = ", ".join(ROLES)
         raise argparse.ArgumentTypeError(f"expected ROLE=FRACTION, ROLE one of {roles} and 0 < FRACTION <= 1")
     return role, fraction
+
+
+def unit_weight(arg: str) -> float:
+    """A weight in [0, 1] (--host-tier-hit-weight)."""
+    try:
+        weight = float(arg)
+    except ValueError:
+        weight = float("nan")
+    if not 0.0 <= weight <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {arg!r}")
+    return weight
 
 
 def allowed_hosts_from(arg: str | None, bind_host: str) -> tuple[str, ...] | None:
@@ -319,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--router-policy", default="preble", choices=list(ROUTER_POLICIES), help="prefill placement (default preble)"
+    )
+    srv.add_argument(
+        "--host-tier-hit-weight",
+        type=unit_weight,
+        default=DEFAULT_HOST_TIER_HIT_WEIGHT,
+        metavar="W",
+        help="what the router counts a prompt token cached on a worker's host KV tier (--kv-offloading-size) "
+        f"as worth, against one cached on its device, in [0, 1] (default {DEFAULT_HOST_TIER_HIT_WEIGHT})",
     )
     srv.add_argument(
         "--worker-metrics-port",

@@ -35,6 +35,7 @@ import uvicorn
 from services.common.security import ClusterSecret, ClusterSecretMissing, DataPlaneAuth, resolve_cluster_secret
 from services.engine import EngineConfig
 from services.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+from services.router.policies.base import DEFAULT_HOST_TIER_HIT_WEIGHT
 from services.workers.gpu_memory import DEFAULT_DECODE_KV_SHARE, GPUMemoryPlan
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class ServeConfig:
     num_decode: int = 1
     num_encode: int | None = None  # encode actors (vision-language models; None: 1 when disaggregated)
     router_policy: str = "preble"
+    host_tier_hit_weight: float = DEFAULT_HOST_TIER_HIT_WEIGHT  # RouterConfig's: a host-tier hit in device hits
     stage_resources: bool = False  # actors ask Ray for a custom resource named after their role
     worker_metrics_port: int | None = None  # workers serve their own /metrics from this port on
     ray_address: str | None = None  # join this Ray cluster instead of starting one
@@ -346,6 +348,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.gateway.cluster import ClusterBackend
     from services.gateway.config import GatewayConfig
     from services.gateway.http_server import uvicorn_options
+    from services.router import RouterConfig
     from services.workers.actor import resolve_bind_host
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
@@ -356,6 +359,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
         tokenizer=tokenizer,
         bind_host=resolve_bind_host(config.data_plane_host),
         router_policy=config.router_policy,
+        router_config=RouterConfig(host_tier_hit_weight=config.host_tier_hit_weight),
         processor=processor,
         cluster_secret=config.cluster_secret,
     )

@@ -16,6 +16,8 @@ Rows, top to bottom:
                 workers), tokens per engine step (every worker, by stage)
     decode      running requests, KV-cache usage, ITL, preemptions     (decode and colocated workers)
     transfers   KV and embedding bytes/s, KV transfer latency, failures, fallbacks, migrations
+    kv tiers    device and host KV usage, bytes/s offloaded to and onloaded from the host tier, host-tier hit
+                tokens/s, admissions held by the TPOT SLO (LayerKV; every engine worker)
     router      decisions by policy and reason, predicted vs observed prefix hits, load imbalance
 
 Every expression reads only the metric catalogue in `METRICS`; tests check that, parse every
@@ -76,11 +78,16 @@ COUNTERS = (
     "tristage:embedding_cache_hits_total",
     "tristage:embedding_cache_queries_total",
     "tristage:embedding_transfer_bytes_total",
+    "tristage:kv_offloaded_bytes_total",  # device -> host tier
+    "tristage:kv_onloaded_bytes_total",  # host tier -> device
+    "tristage:kv_host_hit_tokens_total",
+    "tristage:slo_held_admissions",
 )
 GAUGES = (
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
+    "tristage:kv_host_usage_perc",
     "tristage:router_load_imbalance",
     "tristage:requests_waiting_for_kv_room",
     "tristage:gateway_requests_in_flight",
@@ -444,6 +451,46 @@ def transfers() -> list[TimeSeries]:
     ]
 
 
+def kv_tiers() -> list[TimeSeries]:
+    return [
+        panel(
+            "Device KV usage",
+            "Fraction of each engine worker's device KV-cache blocks in use.",
+            "percentunit",
+            target(f"max by (worker) (vllm:kv_cache_usage_perc{{{MODEL}}})", "{{worker}}"),
+            valueMin=0,
+            valueMax=1,
+        ),
+        panel(
+            "Host KV usage",
+            "Fraction of each worker's host KV tier (--kv-offloading-size) holding KV blocks.",
+            "percentunit",
+            target(f"max by (worker) (tristage:kv_host_usage_perc{{{MODEL}}})", "{{worker}}"),
+            valueMin=0,
+            valueMax=1,
+        ),
+        panel(
+            "Host tier bytes / s",
+            "KV bytes copied from the device to the host tier (offloaded) and back (onloaded), per worker.",
+            "Bps",
+            target(f"sum by (worker) ({rate('tristage:kv_offloaded_bytes_total')})", "offloaded {{worker}}"),
+            target(f"sum by (worker) ({rate('tristage:kv_onloaded_bytes_total')})", "onloaded {{worker}}"),
+        ),
+        panel(
+            "Host-tier hit tokens / s",
+            "Prompt tokens restored from the host tier instead of recomputed, per worker.",
+            "short",
+            target(f"sum by (worker) ({rate('tristage:kv_host_hit_tokens_total')})", "{{worker}}"),
+        ),
+        panel(
+            "Admissions held by the SLO / s",
+            "Prefill chunks the scheduler held back to keep running decodes within the TPOT SLO, per worker.",
+            "short",
+            target(f"sum by (worker) ({rate('tristage:slo_held_admissions_total')})", "{{worker}}"),
+        ),
+    ]
+
+
 def router() -> list[TimeSeries]:
     return [
         panel(
@@ -478,6 +525,7 @@ ROWS = (
     ("Prefill", prefill),
     ("Decode", decode),
     ("Transfers", transfers),
+    ("KV tiers (LayerKV)", kv_tiers),
     ("Router", router),
 )
 

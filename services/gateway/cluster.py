@@ -96,7 +96,7 @@ from services.gateway.backend import ClusterStats, PromptImage, RequestFailed, W
 from services.gateway.room_queue import RoomQueue, RoomWaitTimeout
 from services.gateway.worker_restarts import WorkerRestarts
 from services.gateway.worker_state import KVEventFeed, worker_load, worker_snapshot
-from services.router import Router, RouteRequest
+from services.router import Router, RouterConfig, RouteRequest
 from services.router.router import NoRoomNow, NoWorkerAvailable
 from services.workers.pool import WorkerHandle
 
@@ -168,6 +168,7 @@ class ClusterBackend:
         bind_host: str = "127.0.0.1",
         health_interval_s: float = 1.0,
         router_policy: str = "preble",
+        router_config: RouterConfig | None = None,
         processor=None,
         cluster_secret: ClusterSecret | None = None,
     ) -> None:
@@ -195,7 +196,14 @@ class ClusterBackend:
         prefill = [w.name for w in workers if w.stage in ("prefill", "colocated")]
         decode = [w.name for w in workers if w.stage in ("decode", "colocated")]
         encode = [w.name for w in workers if w.stage == "encode"]
-        self.router = Router(prefill, decode, router_policy, engines[0].block_size, encode_workers=encode)
+        self.router = Router(
+            prefill,
+            decode,
+            router_policy,
+            engines[0].block_size,
+            router_config or RouterConfig(),
+            encode_workers=encode,
+        )
         for link in self._links:
             if link.handle.stage != "encode":
                 link.kv_feed = KVEventFeed(link.handle.name, self.router.index)

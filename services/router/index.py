@@ -69,6 +69,33 @@ the placements of the last second or so rather than by the whole index: a placem
 O(len(block_hashes)) operations on those small dicts when made and again when it ends, and
 `match` stays one walk over the request's blocks.
 
+Host tier (PrefixIndex only). An engine with a host-memory KV tier keeps blocks evicted from the
+device there and restores them on a hit. Its events tell the tiers apart by `medium`: BlockStored /
+BlockRemoved with medium None (or vLLM's "GPU") are device blocks, as above; medium "CPU" enters and
+leaves the host tier; any other medium is ignored (never taken for a device block). A block may be on
+both tiers at once (restored while its host copy stays). The host tier keeps a holder map of its own,
+in the same bitmask style, beside the device one:
+
+    device:  holders  h0 -> 0b01 (w0)       h1 -> (absent)       keys      w0 -> {h0}
+    host:    host_holders  h1 -> 0b01 (w0)  h2 -> 0b01 (w0)      host_keys w0 -> {h1, h2}
+
+`match` reads the device map and the claims only, as before. `match_tiers` walks the request's blocks
+once for both: a worker's chain goes on through its device prefix (held or claimed) and then through
+the blocks it holds on the host tier, which the engine restores contiguously after that prefix. With
+the maps above, for the request h0 h1 h2 h3:
+
+    request:  h0       h1      h2      h3
+    w0        device   host    host    NO     -> device 1, host 2 more
+
+    device_alive(i) = device_alive(i-1) & (holders(h_i) | pending(h_i))
+    chain_alive(i)  = device_alive(i) | (chain_alive(i-1) & host_holders(h_i))
+
+A worker's host count is where its bit leaves chain_alive minus where it leaves device_alive. Cost:
+one more dict lookup per block walked, and none at all while no worker holds a host block.
+AllBlocksCleared clears both tiers; replace_worker and remove_worker drop the worker's host blocks too
+(a replay installs the host blocks it is given, none by default). The batch sequence numbers are the
+device tier's, one stream per worker.
+
 Tunables:
   pending_block_ttl_s  10.0  seconds a placement's claims live at most; 0 records none
 
@@ -92,6 +119,10 @@ FIRST_EVENT_SEQ = 0
 # A pending claim packs (run << _RUN_SHIFT) | count into one int: no object per claimed block.
 _RUN_SHIFT = 32
 _COUNT_MASK = (1 << _RUN_SHIFT) - 1
+
+# The `medium` of KV events: the device's (None as tristage writes it, "GPU" as vLLM does) and the host tier's.
+DEVICE_MEDIA = (None, "GPU")
+HOST_MEDIUM = "CPU"
 
 K = TypeVar("K", bound=Hashable)
 
@@ -209,6 +240,46 @@ class _HolderSets(Generic[K]):
             del self._holders[key]
 
 
+class _TierHolders:
+    """One extra cache tier: block hash -> bitmask of its holders there, worker -> blocks it holds there.
+
+    The workers' bits are the owning index's (_HolderSets._bit); the caller passes them.
+    """
+
+    __slots__ = ("holders", "keys")
+
+    def __init__(self) -> None:
+        self.holders: dict[int, int] = {}
+        self.keys: dict[str, set[int]] = {}
+
+    def add(self, worker: str, bit: int, block_hashes: Iterable[int]) -> None:
+        held = self.keys.setdefault(worker, set())
+        holders = self.holders
+        for block_hash in block_hashes:
+            held.add(block_hash)
+            holders[block_hash] = holders.get(block_hash, 0) | bit
+
+    def remove(self, worker: str, bit: int, block_hashes: Iterable[int]) -> None:
+        held = self.keys.get(worker)
+        if not held:
+            return
+        for block_hash in block_hashes:
+            if block_hash in held:
+                held.discard(block_hash)
+                self._drop_bit(block_hash, bit)
+
+    def clear(self, worker: str, bit: int) -> None:
+        for block_hash in self.keys.pop(worker, ()):
+            self._drop_bit(block_hash, bit)
+
+    def _drop_bit(self, block_hash: int, bit: int) -> None:
+        mask = self.holders[block_hash] & ~bit
+        if mask:
+            self.holders[block_hash] = mask
+        else:
+            del self.holders[block_hash]
+
+
 @dataclass(slots=True)
 class _PendingPlacement:
     """One placement's claims: every full block of its prompt, on its worker."""
@@ -223,7 +294,8 @@ class _PendingPlacement:
 
 class PrefixIndex(_HolderSets[int]):
     """Which worker holds which KV block, from BlockStored / BlockRemoved / AllBlocksCleared,
-    plus the blocks the router's own recent placements claim (pending claims, in the module doc)."""
+    plus the blocks the router's own recent placements claim (pending claims, in the module doc),
+    and, apart, the blocks each worker holds on its host tier (host tier, in the module doc)."""
 
     def __init__(self, pending_block_ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -234,6 +306,7 @@ class PrefixIndex(_HolderSets[int]):
         self._placements: dict[str, _PendingPlacement] = {}  # request id -> its claims
         self._placements_by_age: deque[_PendingPlacement] = deque()
         self._num_placements = 0
+        self._host = _TierHolders()  # the host tier: medium HOST_MEDIUM
 
     def apply(self, worker: str, seq: int, events: Sequence[KVEvent]) -> bool:
         """Apply one numbered batch; False (nothing applied) when `seq` is not the one expected."""
@@ -241,16 +314,23 @@ class PrefixIndex(_HolderSets[int]):
             return False
         for event in events:
             if isinstance(event, BlockStored):
-                self._add(worker, event.block_hashes)
-                self._settle(worker, event.block_hashes)
+                if event.medium in DEVICE_MEDIA:
+                    self._add(worker, event.block_hashes)
+                    self._settle(worker, event.block_hashes)
+                elif event.medium == HOST_MEDIUM:
+                    self._host.add(worker, self._bit(worker), event.block_hashes)
             elif isinstance(event, BlockRemoved):
-                if worker in self._pending:  # a removal settles a claim only on a block the worker held
-                    held = self._keys[worker]
-                    self._settle(worker, [block_hash for block_hash in event.block_hashes if block_hash in held])
-                self._remove(worker, event.block_hashes)
+                if event.medium in DEVICE_MEDIA:
+                    if worker in self._pending:  # a removal settles a claim only on a block the worker held
+                        held = self._keys[worker]
+                        self._settle(worker, [block_hash for block_hash in event.block_hashes if block_hash in held])
+                    self._remove(worker, event.block_hashes)
+                elif event.medium == HOST_MEDIUM:
+                    self._host.remove(worker, self._bit(worker), event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
                 self._settle(worker, self._keys.get(worker, ()))
                 self._clear(worker)
+                self._host.clear(worker, self._bit(worker))
             else:
                 raise TypeError(f"not a KV event: {event!r}")
         self._bit(worker)  # an empty first batch still registers the worker
@@ -258,20 +338,31 @@ class PrefixIndex(_HolderSets[int]):
         return True
 
     def replace_worker(
-        self, worker: str, seq: int, stored_hashes_with_parents: Iterable[tuple[int, int | None]]
+        self,
+        worker: str,
+        seq: int,
+        stored_hashes_with_parents: Iterable[tuple[int, int | None]],
+        host_block_hashes: Iterable[int] = (),
     ) -> None:
-        """Install a replay: exactly these (block hash, parent hash) pairs, as of the worker's batch `seq`.
+        """Install a replay: exactly these (block hash, parent hash) pairs on the device, and these
+        blocks on the host tier, as of the worker's batch `seq`.
 
         Parents are accepted to match the BlockStored shape but not needed: the chain is inside
         each hash, and a block whose parent is absent is unreachable by `match`, as after eviction.
-        Every pending claim on the worker ends.
+        Every pending claim on the worker ends; its host blocks are exactly `host_block_hashes`.
         """
         self._drop_pending(worker)
         self._replace(worker, seq, (block_hash for block_hash, _ in stored_hashes_with_parents))
+        bit = self._bit(worker)
+        self._host.clear(worker, bit)
+        self._host.add(worker, bit, host_block_hashes)
 
     def remove_worker(self, worker: str) -> None:
-        """Forget the worker, everything it held and every claim on it (it left or died)."""
+        """Forget the worker, everything it held on either tier and every claim on it (it left or died)."""
         self._drop_pending(worker)
+        bit = self._bit_of.get(worker)
+        if bit is not None:
+            self._host.clear(worker, bit)
         super().remove_worker(worker)
 
     def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
@@ -292,6 +383,57 @@ class PrefixIndex(_HolderSets[int]):
         if block_hashes:
             self._record(alive, len(block_hashes), matched)
         return matched
+
+    def match_tiers(self, block_hashes: Sequence[int]) -> tuple[dict[str, int], dict[str, int]]:
+        """(match(block_hashes), host): host maps worker -> how many further leading blocks of
+        `block_hashes` it holds on its host tier right after its device match (absent: none).
+
+        One walk over the blocks for both (the module doc's host tier); while no worker holds a host
+        block it is `match` itself.
+        """
+        host_holders = self._host.holders
+        if not host_holders:
+            return self.match(block_hashes), {}
+        self._expire_pending(self._clock())
+        device_matched: dict[str, int] = {}
+        chain_matched: dict[str, int] = {}
+        holders = self._holders
+        pending = self._pending_holders
+        device_alive = chain_alive = -1  # every worker, until block 0 says otherwise
+        for i, block_hash in enumerate(block_hashes):
+            device = device_alive & (holders.get(block_hash, 0) | pending.get(block_hash, 0))
+            chain = device | (chain_alive & host_holders.get(block_hash, 0))
+            if device != device_alive:
+                if i > 0:
+                    self._record(device_alive & ~device, i, device_matched)
+                device_alive = device
+            if chain != chain_alive:
+                if i > 0:
+                    self._record(chain_alive & ~chain, i, chain_matched)
+                if not chain:  # device_alive is 0 too (device <= chain), and recorded above
+                    break
+                chain_alive = chain
+        else:
+            if block_hashes:
+                self._record(device_alive, len(block_hashes), device_matched)
+                self._record(chain_alive, len(block_hashes), chain_matched)
+        host: dict[str, int] = {}
+        for worker, num_blocks in chain_matched.items():
+            num_host_blocks = num_blocks - device_matched.get(worker, 0)
+            if num_host_blocks:
+                host[worker] = num_host_blocks
+        return device_matched, host
+
+    def host_blocks(self, worker: str) -> frozenset[int]:
+        """The block hashes the worker holds on its host tier (a copy; for tests and replay checks)."""
+        return frozenset(self._host.keys.get(worker, ()))
+
+    def num_host_keys(self, worker: str) -> int:
+        return len(self._host.keys.get(worker, ()))
+
+    def host_holders(self, block_hash: int) -> list[str]:
+        """Workers holding the block on their host tier."""
+        return self._workers_in(self._host.holders.get(block_hash, 0))
 
     def holds(self, worker: str, block_hash: int) -> bool:
         """Whether `worker` holds the block or has a live claim on it (what `match` counts). O(1)."""

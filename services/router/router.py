@@ -2,7 +2,8 @@
 
     place(request)
       1. block hashes  the request's own (from the gateway) or hashed here from its token ids
-      2. match         PrefixIndex.match: leading blocks each prefill worker holds
+      2. match         PrefixIndex.match_tiers: leading blocks each prefill worker holds on its device,
+                       and the blocks it holds right after them on its host tier
       3. decode        disaggregated: the decode worker with room and the lowest score (below)
       4. prefill       the policy's choice among the prefill workers (colocated: those with room
                        first), which is also the decode worker in colocated mode
@@ -46,6 +47,18 @@ token): matched_tokens is the best any prefill worker offers, predicted_hit_toke
 one offers. observe_hit reports what the worker really reused, for the predicted-versus-observed
 hit metric.
 
+Host tier. A worker with a host-memory KV tier restores the blocks it holds there right after its
+device prefix instead of recomputing them: cheaper than a miss, dearer than a device hit (a copy over
+PCIe). Where a hit is a cost or a score, host-tier tokens count host_tier_hit_weight each:
+
+    effective_hit_tokens(w) = device_hit_tokens(w) + host_tier_hit_weight * host_hit_tokens(w)
+
+the policies read it through PrefillRequest (its host_match and weight; index_match stays the device
+match, in blocks), the fallback orders survivors by it, and the in-flight prefill estimate is the
+prompt net of it. predicted_hit_tokens and matched_tokens count the tokens not recomputed, from either
+tier (predicted_host_hit_tokens says how many of them come from the host tier), since they are
+compared with what the worker reports reusing.
+
 Placements recorded at once. A worker's BlockStored events come after it has scheduled the
 request, up to a second after the placement; meanwhile a burst of requests sharing a new prefix
 would find it nowhere and scatter. So each placement claims the request's blocks on its prefill
@@ -78,6 +91,8 @@ Tunables (RouterConfig; the policies' own are in their modules):
                                          0 records none (placements then wait for the events)
   max_remembered_request_ids      65536  request ids kept so record_remote_placement ignores repeats
                                          and this router's own placements (oldest forgotten first)
+  host_tier_hit_weight            0.75   what a host-tier hit token is worth in device hit tokens, in
+                                         [0, 1] (NVIDIA Dynamo's host tier weight; --host-tier-hit-weight)
 """
 
 from __future__ import annotations
@@ -85,12 +100,12 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.common.block_hash import MultiModalSpan, hash_request_blocks
 from services.router.index import ContentIndex, PrefixIndex
 from services.router.load import LoadView
-from services.router.policies.base import Policy, PrefillRequest
+from services.router.policies.base import DEFAULT_HOST_TIER_HIT_WEIGHT, Policy, PrefillRequest
 from services.router.policies.kv_overlap import KvOverlap, KvOverlapConfig
 from services.router.policies.least_load import LeastLoad, LeastLoadConfig, least_load_cost
 from services.router.policies.preble import Preble, PrebleConfig
@@ -113,6 +128,11 @@ class RouterConfig:
     max_pending_hit_predictions: int = 65536
     pending_block_ttl_s: float = 10.0
     max_remembered_request_ids: int = 65536
+    host_tier_hit_weight: float = DEFAULT_HOST_TIER_HIT_WEIGHT
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.host_tier_hit_weight <= 1.0:
+            raise ValueError(f"host_tier_hit_weight must be in [0, 1], got {self.host_tier_hit_weight}")
 
 
 POLICIES: Mapping[str, Callable[[RouterConfig], Policy]] = {
@@ -126,6 +146,32 @@ POLICIES: Mapping[str, Callable[[RouterConfig], Policy]] = {
 
 
 FALLBACK_WHOLE = "fallback_whole"  # the decision reason of a whole placement on a stage's survivors
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    """A worker's predicted hit on a request: tokens not recomputed, and what they are worth."""
+
+    tokens: int  # from either tier, as the engine counts a hit
+    host_tokens: int  # of those, restored from the host tier
+    effective_tokens: float  # tokens - (1 - host_tier_hit_weight) * host_tokens: a device hit's worth
+
+    @staticmethod
+    def of(query: PrefillRequest, index_match: Mapping[str, int], worker: str) -> _Hit:
+        num_device_blocks = index_match.get(worker, 0)
+        device_tokens = query.hit_tokens(num_device_blocks)
+        host_tokens = query.host_hit_tokens(worker, num_device_blocks)
+        return _Hit(device_tokens + host_tokens, host_tokens, device_tokens + query.host_tier_hit_weight * host_tokens)
+
+    def prefill_tokens(self, num_prompt_tokens: int) -> int:
+        """The in-flight prefill estimate: the prompt net of the hit's worth (a host restore costs a share)."""
+        return num_prompt_tokens - int(self.effective_tokens)
+
+
+def _matched_tokens(query: PrefillRequest, index_match: Mapping[str, int], workers: Sequence[str]) -> int:
+    """The longest prefix any of `workers` would not recompute, from either tier."""
+    host_match = query.host_match
+    return query.hit_tokens(max((index_match.get(w, 0) + host_match.get(w, 0) for w in workers), default=0))
 
 
 class NoWorkerAvailable(RuntimeError):
@@ -161,6 +207,7 @@ class Placement:
     matched_tokens: int  # the longest reusable prefix on any prefill worker
     predicted_hit_tokens: int  # the reusable prefix on prefill_worker, pending claims counted as held
     encode_workers: tuple[str, ...] = ()  # one per image_hashes entry
+    predicted_host_hit_tokens: int = 0  # of predicted_hit_tokens, those prefill_worker restores from its host tier
 
 
 @dataclass(frozen=True)
@@ -225,7 +272,9 @@ class Router:
             raise NoWorkerAvailable("no prefill or decode worker")
         if request.image_hashes and not self.encode_workers:
             raise NoWorkerAvailable("the request has images and there is no encode worker")
-        index_match = self.index.match(query.block_hashes)
+        index_match, host_match = self.index.match_tiers(query.block_hashes)
+        if host_match:
+            query = replace(query, host_match=host_match)
         if not self.colocated and not (prefill_workers and decode_workers):
             return self._place_whole(request, query, index_match, need_blocks, prefill_workers or decode_workers)
         if self.colocated:
@@ -236,16 +285,21 @@ class Router:
             decode_worker = self._choose_decode(decode_workers, need_blocks)  # before any state changes: it may refuse
             decision = self.policy.choose_prefill(query, prefill_workers, index_match, self.load)
         encode_workers = self._choose_encoders(request)
-        predicted = query.hit_tokens(index_match.get(decision.worker, 0))
-        matched = query.hit_tokens(max((index_match.get(w, 0) for w in prefill_workers), default=0))
-        self._account(
-            request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks, predicted
-        )
+        hit = _Hit.of(query, index_match, decision.worker)
+        matched = _matched_tokens(query, index_match, prefill_workers)
+        self._account(request.request_id, query.num_prompt_tokens, decision.worker, decode_worker, need_blocks, hit)
         self.index.add_pending(request.request_id, decision.worker, query.block_hashes)
         self._remember(request.request_id)
         self.decisions[self.policy.name, decision.reason] += 1
         return Placement(
-            decision.worker, decode_worker, self.policy.name, decision.reason, matched, predicted, encode_workers
+            decision.worker,
+            decode_worker,
+            self.policy.name,
+            decision.reason,
+            matched,
+            hit.tokens,
+            encode_workers,
+            hit.host_tokens,
         )
 
     def _placeable_pools(self) -> tuple[list[str], list[str]]:
@@ -269,15 +323,24 @@ class Router:
         rebalancing) describes the prefill pool."""
         candidates = self._with_room(survivors, need_blocks) or survivors
         weight = self.config.least_load.running_weight
-        worker = min(candidates, key=lambda w: (-index_match.get(w, 0), least_load_cost(self.load.get(w), weight), w))
+        worker = min(
+            candidates,
+            key=lambda w: (
+                -query.effective_hit_tokens(w, index_match.get(w, 0)),
+                least_load_cost(self.load.get(w), weight),
+                w,
+            ),
+        )
         encode_workers = self._choose_encoders(request)
-        predicted = query.hit_tokens(index_match.get(worker, 0))
-        matched = query.hit_tokens(max((index_match.get(w, 0) for w in survivors), default=0))
-        self._account(request.request_id, query.num_prompt_tokens, worker, worker, need_blocks, predicted)
+        hit = _Hit.of(query, index_match, worker)
+        matched = _matched_tokens(query, index_match, survivors)
+        self._account(request.request_id, query.num_prompt_tokens, worker, worker, need_blocks, hit)
         self.index.add_pending(request.request_id, worker, query.block_hashes)
         self._remember(request.request_id)
         self.decisions[self.policy.name, FALLBACK_WHOLE] += 1
-        return Placement(worker, worker, self.policy.name, FALLBACK_WHOLE, matched, predicted, encode_workers)
+        return Placement(
+            worker, worker, self.policy.name, FALLBACK_WHOLE, matched, hit.tokens, encode_workers, hit.host_tokens
+        )
 
     def _prefill_request(self, request: RouteRequest) -> PrefillRequest:
         if request.block_hashes is not None:
@@ -291,7 +354,16 @@ class Router:
             if request.token_ids is None:
                 raise ValueError(f"request {request.request_id!r} gives block_hashes without num_prompt_tokens")
             num_prompt_tokens = len(request.token_ids)
-        return self._checked(PrefillRequest(request.request_id, block_hashes, num_prompt_tokens, self.block_size))
+        return self._checked(self._query(request.request_id, block_hashes, num_prompt_tokens))
+
+    def _query(self, request_id: str, block_hashes: Sequence[int], num_prompt_tokens: int) -> PrefillRequest:
+        return PrefillRequest(
+            request_id,
+            block_hashes,
+            num_prompt_tokens,
+            self.block_size,
+            host_tier_hit_weight=self.config.host_tier_hit_weight,
+        )
 
     def _checked(self, query: PrefillRequest) -> PrefillRequest:
         if query.num_prompt_tokens < 1 or len(query.block_hashes) > query.num_prompt_tokens // self.block_size:
@@ -352,15 +424,15 @@ class Router:
         prefill_worker: str,
         decode_worker: str,
         need_blocks: int,
-        predicted_hit_tokens: int,
+        hit: _Hit,
     ) -> None:
         self._add_inflight(
-            request_id, num_prompt_tokens - predicted_hit_tokens, prefill_worker, decode_worker, need_blocks
+            request_id, hit.prefill_tokens(num_prompt_tokens), prefill_worker, decode_worker, need_blocks
         )
         self._num_placements += 1
         self._num_prompt_tokens += num_prompt_tokens
-        self._predicted_hit_tokens += predicted_hit_tokens
-        self._pending_hits[request_id] = (prefill_worker, predicted_hit_tokens)
+        self._predicted_hit_tokens += hit.tokens
+        self._pending_hits[request_id] = (prefill_worker, hit.tokens)
         if len(self._pending_hits) > self.config.max_pending_hit_predictions:
             self._pending_hits.popitem(last=False)
 
@@ -416,14 +488,17 @@ class Router:
         serves_whole = prefill_worker in self.decode_workers  # a decode worker computing the prompt itself
         if request_id in self._request_ids or not (prefill_worker in self.prefill_workers or serves_whole):
             return False
-        query = self._checked(PrefillRequest(request_id, block_hashes, num_prompt_tokens, self.block_size))
-        hit_tokens = query.hit_tokens(self.index.match(block_hashes).get(prefill_worker, 0))
+        query = self._checked(self._query(request_id, block_hashes, num_prompt_tokens))
+        index_match, host_match = self.index.match_tiers(block_hashes)
+        if host_match:
+            query = replace(query, host_match=host_match)
+        hit = _Hit.of(query, index_match, prefill_worker)
         known_decode_worker = prefill_worker if serves_whole else None
         if decode_worker in self.decode_workers:
             known_decode_worker = decode_worker
         self._add_inflight(
             request_id,
-            num_prompt_tokens - hit_tokens,
+            hit.prefill_tokens(num_prompt_tokens),
             prefill_worker,
             known_decode_worker,
             self._kv_blocks_needed(num_prompt_tokens, max_tokens),

@@ -35,11 +35,19 @@ pytestmark = pytest.mark.skipif(
 MODEL = "tristage-tiny"
 SCRAPE_INTERVAL_S = 1
 NOT_EXPORTED_YET_REASON = "only encode workers export it, and a text model has none (see test_serve_multimodal)"
+HOST_TIER_REASON = "only a worker with a host KV tier exports it, on its own /metrics (services.workers.metrics)"
 NOT_EXPORTED_YET = {  # metric (as selected) -> why no series exists today
     "tristage:encode_latency_seconds_bucket": NOT_EXPORTED_YET_REASON,
     "tristage:embedding_cache_hits_total": NOT_EXPORTED_YET_REASON,
     "tristage:embedding_cache_queries_total": NOT_EXPORTED_YET_REASON,
     "tristage:embedding_transfer_bytes_total": NOT_EXPORTED_YET_REASON,
+    # the host KV tier's: only an engine with one (--kv-offloading-size, off here) has them, and so far only
+    # its own /metrics (--worker-metrics-port) exports them, not the gateway's
+    "tristage:kv_host_usage_perc": HOST_TIER_REASON,
+    "tristage:kv_offloaded_bytes_total": HOST_TIER_REASON,
+    "tristage:kv_onloaded_bytes_total": HOST_TIER_REASON,
+    "tristage:kv_host_hit_tokens_total": HOST_TIER_REASON,
+    "tristage:slo_held_admissions_total": "only a worker's own /metrics (--worker-metrics-port) exports it",
 }
 
 
@@ -178,8 +186,17 @@ def test_every_dashboard_query_runs_in_prometheus(server, tmp_path):
             elif not answer["data"]["result"]:
                 without_data.append(f"{title}: {query}")
         assert without_data == []
-        # The allow-list covers exactly the encode panels and the embedding target of the transfer-bytes
-        # panel (its KV target has data, checked above), nothing of today's paths.
-        assert set(not_exported) == {"Encode latency", "Embedding-cache hit rate", "Transfer bytes / s"}
+        # The allow-list covers exactly the encode panels, the embedding target of the transfer-bytes
+        # panel (its KV target has data, checked above) and the KV tiers row's host-tier and SLO panels
+        # (its device usage panel has data), nothing else of today's paths.
+        assert set(not_exported) == {
+            "Encode latency",
+            "Embedding-cache hit rate",
+            "Transfer bytes / s",
+            "Host KV usage",
+            "Host tier bytes / s",
+            "Host-tier hit tokens / s",
+            "Admissions held by the SLO / s",
+        }
     finally:
         prometheus.stop()

@@ -57,6 +57,11 @@ REQUIRED_METRICS = {
     "vllm:request_decode_time_seconds",
     "vllm:request_inference_time_seconds",
     "vllm:iteration_tokens_total",
+    "tristage:kv_host_usage_perc",
+    "tristage:kv_offloaded_bytes_total",
+    "tristage:kv_onloaded_bytes_total",
+    "tristage:kv_host_hit_tokens_total",
+    "tristage:slo_held_admissions_total",
 }
 
 
@@ -145,7 +150,16 @@ def test_parser_rejects_broken_promql():
 
 def test_rows_and_layout(dashboard):
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == ["Overview", "TTFT breakdown", "Encode", "Prefill", "Decode", "Transfers", "Router"]
+    assert rows == [
+        "Overview",
+        "TTFT breakdown",
+        "Encode",
+        "Prefill",
+        "Decode",
+        "Transfers",
+        "KV tiers (LayerKV)",
+        "Router",
+    ]
     cells = set()
     for panel in dashboard["panels"]:
         pos = panel["gridPos"]
@@ -180,3 +194,17 @@ def test_overview_has_latency_percentiles_and_goodput(dashboard):
             assert any(expr.startswith(prefix) for expr in exprs), (histogram, q)
     [goodput] = [expr for title, expr in overview if title == "Goodput"]
     assert 'le=~"${ttft_slo}' in goodput
+
+
+def test_kv_tiers_row_shows_both_tiers_and_the_slo_holds(dashboard):
+    exprs = [expr for _, expr in row_expressions(dashboard, "KV tiers (LayerKV)")]
+    selected = set().union(*(selected_metrics(substitute(expr)) for expr in exprs))
+    assert selected == {
+        "vllm:kv_cache_usage_perc",
+        "tristage:kv_host_usage_perc",
+        "tristage:kv_offloaded_bytes_total",
+        "tristage:kv_onloaded_bytes_total",
+        "tristage:kv_host_hit_tokens_total",
+        "tristage:slo_held_admissions_total",
+    }
+    assert all("by (worker)" in expr for expr in exprs)

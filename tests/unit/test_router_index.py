@@ -334,3 +334,142 @@ def test_claims_and_events_agree_with_a_plain_reference():
         assert index.match(request) == expected, step
     clock.now += ttl_s + 1
     assert all(index.pending_blocks(w) == {} for w in workers) and index.num_pending_placements() == 0
+
+
+# ---------------------------------------------------------------------------------------------- host tier
+
+
+def host_stored(hashes):
+    """The host tier's BlockStored: blocks entering host memory."""
+    return [BlockStored(list(hashes), None, [0] * (BLOCK * len(hashes)), BLOCK, medium="CPU")]
+
+
+def host_removed(hashes):
+    return [BlockRemoved(list(hashes), medium="CPU")]
+
+
+def test_host_tier_blocks_are_tracked_apart_from_device_blocks():
+    index = PrefixIndex()
+    a = chain(range(16))
+    assert index.apply("w0", 0, host_stored(a))
+    assert index.host_blocks("w0") == frozenset(a) and index.num_host_keys("w0") == 4
+    assert index.blocks("w0") == frozenset() and index.num_keys("w0") == 0 and len(index) == 0
+    assert index.match(a) == {}  # a host-only holder is no device hit
+    assert index.holds("w0", a[0]) is False and index.holders(a[0]) == [] and index.host_holders(a[0]) == ["w0"]
+    assert index.match_tiers(a) == ({}, {"w0": 4})
+    assert index.workers() == ["w0"] and index.expected_seq("w0") == 1  # one sequence for both tiers
+
+
+def test_match_tiers_continues_a_device_prefix_through_the_host_tier():
+    index = PrefixIndex()
+    a = chain(range(24))  # 6 blocks
+    index.apply("w0", 0, stored(a[:2]) + host_stored(a[2:4]))  # device 2, host 2 more
+    index.apply("w1", 0, stored(a[:3]) + host_stored(a[1:5]))  # on both tiers: blocks 1 and 2
+    index.apply("w2", 0, stored(a[:1]) + host_stored(a[2:6]))  # host from block 2: the hole at 1
+    index.apply("w3", 0, stored(a))
+    device, host = index.match_tiers(a)
+    assert device == index.match(a) == {"w0": 2, "w1": 3, "w2": 1, "w3": 6}
+    assert host == {"w0": 2, "w1": 2}
+    assert index.match_tiers(a[:3]) == (
+        {"w0": 2, "w1": 3, "w2": 1, "w3": 3},
+        {"w0": 1},
+    )
+    assert index.match_tiers([]) == ({}, {})
+
+
+def test_the_two_tiers_evict_apart_and_a_host_event_settles_no_claim():
+    index = PrefixIndex(pending_block_ttl_s=10.0, clock=SettableClock())
+    a = chain(range(16))
+    index.apply("w0", 0, stored(a[:2]) + host_stored(a[1:4]))
+    index.apply("w0", 1, [BlockRemoved([a[1]])])  # the device copy of block 1 goes; its host copy stays
+    assert index.match_tiers(a) == ({"w0": 1}, {"w0": 3})
+    index.apply("w0", 2, host_removed([a[2]]))  # the host copy of block 2 goes: the chain stops there
+    assert index.match_tiers(a) == ({"w0": 1}, {"w0": 1})
+    assert index.blocks("w0") == {a[0]} and index.host_blocks("w0") == {a[1], a[3]}
+    index.add_pending("r1", "w1", a)
+    index.apply("w1", 0, host_stored(a))  # a claim predicts device blocks: the host tier's events leave it open
+    assert index.pending_blocks("w1") == dict.fromkeys(a, 1)
+    assert index.match_tiers(a) == ({"w0": 1, "w1": 4}, {"w0": 1})
+
+
+def test_gpu_is_the_device_medium_and_other_media_are_ignored():
+    index = PrefixIndex()
+    a = chain(range(12))
+    index.apply("w0", 0, [BlockStored(a, None, [0] * 12, BLOCK, medium="GPU")])
+    index.apply("w1", 0, [BlockStored(a, None, [0] * 12, BLOCK, medium="DISK")])
+    assert index.match_tiers(a) == ({"w0": 3}, {})
+    index.apply("w0", 1, [BlockRemoved(a[2:], medium="GPU")])
+    assert index.match(a) == {"w0": 2}
+
+
+def test_all_blocks_cleared_remove_worker_and_a_replay_clear_the_host_tier():
+    index = PrefixIndex()
+    a, b = chain(range(16)), chain(range(50, 66))
+    for worker in ("w0", "w1", "w2"):
+        assert index.apply(worker, 0, stored(a[:1]) + host_stored(a[1:]))
+    index.apply("w0", 1, [AllBlocksCleared()])
+    assert index.blocks("w0") == frozenset() and index.host_blocks("w0") == frozenset()
+    index.remove_worker("w1")
+    assert index.host_blocks("w1") == frozenset() and index.host_holders(a[1]) == ["w2"]
+    index.replace_worker("w2", 5, [(b[0], None)])  # a replay without host blocks: the host tier is empty
+    assert index.host_blocks("w2") == frozenset() and index.host_holders(a[1]) == []
+    assert index.match_tiers(a) == ({}, {}) and index.expected_seq("w2") == 6
+    index.replace_worker("w2", 6, [(b[0], None)], host_block_hashes=b[1:3])
+    assert index.match_tiers(b) == ({"w2": 1}, {"w2": 2})
+    index.apply("w3", 0, host_stored(a))  # w3 takes w1's freed slot: nothing of w1's host blocks comes with it
+    assert index.match_tiers(a) == ({}, {"w3": 4})
+
+
+def test_match_tiers_agrees_with_a_plain_reference_under_random_events():
+    """The bitmask walk against sets per worker: device prefix d, then the host blocks that follow it."""
+    rng = random.Random(7)
+    index = PrefixIndex()
+    prefixes = [chain([p] * 4 + list(range(28))) for p in range(3)]  # 3 chains of 8 blocks
+    workers = [f"w{i}" for i in range(5)]
+    device = {w: set() for w in workers}
+    host = {w: set() for w in workers}
+    seq = dict.fromkeys(workers, 0)
+    for step in range(800):
+        worker = rng.choice(workers)
+        hashes = rng.choice(prefixes)
+        some = rng.sample(hashes, rng.randint(1, 4))
+        op = rng.random()
+        if op < 0.3:
+            events = stored(some)
+            device[worker].update(some)
+        elif op < 0.6:
+            events = host_stored(some)
+            host[worker].update(some)
+        elif op < 0.75:
+            events = [BlockRemoved(some)]
+            device[worker].difference_update(some)
+        elif op < 0.9:
+            events = host_removed(some)
+            host[worker].difference_update(some)
+        elif op < 0.95:
+            events = [AllBlocksCleared()]
+            device[worker].clear()
+            host[worker].clear()
+        else:
+            index.remove_worker(worker)
+            device[worker].clear()
+            host[worker].clear()
+            seq[worker] = 0
+            continue
+        assert index.apply(worker, seq[worker], events)
+        seq[worker] += 1
+        query = rng.choice(prefixes)[: rng.randint(1, 8)]
+        expected_device, expected_host = {}, {}
+        for w in workers:
+            d = 0
+            while d < len(query) and query[d] in device[w]:
+                d += 1
+            h = 0
+            while d + h < len(query) and query[d + h] in host[w]:
+                h += 1
+            if d:
+                expected_device[w] = d
+            if h:
+                expected_host[w] = h
+        assert index.match_tiers(query) == (expected_device, expected_host), step
+        assert index.match(query) == expected_device

@@ -14,8 +14,10 @@ Per request of n prompt tokens, block size b, over the candidates:
     active_prefill_tokens(w)  queued_prefill_tokens of the load view: prompt tokens w has accepted and
                               not prefilled, plus the router's in-flight placements net of their hits
                               (Dynamo charges a request's uncached prompt until its first token)
-    overlap_tokens(w)         b * the leading prompt blocks w holds (index_match, pending claims
-                              included), every matched block counted as Dynamo's indexer counts them
+    overlap_tokens(w)         b * (the leading prompt blocks w holds on its device (index_match, pending
+                              claims included) + host_tier_hit_weight * the blocks it holds on its host
+                              tier right after them (request.host_match)), every matched block counted
+                              as Dynamo's indexer counts them
     active_kv_blocks(w)       KV blocks referenced by w's requests (the snapshot's kv_usage times w's
                               usable blocks) plus the KV blocks the router has placed on w since
     ceil(n / b)               the incoming request's blocks (Dynamo's incoming active blocks; the same on
@@ -23,8 +25,9 @@ Per request of n prompt tokens, block size b, over the candidates:
 
 Both terms are in blocks, as Dynamo's: one block of prompt left to compute weighs as much as one block
 of KV held by a running request, at the default prefill_load_scale of 1. Temperature 0 (Dynamo's
-default) is the deterministic argmin; Dynamo's temperature > 0 softmax sampling, credit decay (default
-0: off), host and disk tier credits (no such tiers in the index) and busy-threshold queueing are not
+default) is the deterministic argmin; a host-tier block is credited at the router's host_tier_hit_weight
+(RouterConfig, default 0.75, Dynamo's host tier weight); Dynamo's temperature > 0 softmax sampling,
+credit decay (default 0: off), the disk tier (none here) and busy-threshold queueing are not
 implemented. Ties go to the earliest candidate (Dynamo leaves the order among equal costs unspecified).
 
 Older Dynamo releases called the prefill factor `kv-overlap-score-weight` (default 1) and wrote
@@ -68,7 +71,8 @@ class KvOverlap(Policy):
     ) -> Decision:
         cost = self.costs(request, candidates, index_match, load)
         worker = least_cost(candidates, cost)
-        return Decision(worker, "cache_hit" if index_match.get(worker, 0) > 0 else "least_cost")
+        hit = index_match.get(worker, 0) > 0 or request.host_match.get(worker, 0) > 0
+        return Decision(worker, "cache_hit" if hit else "least_cost")
 
     def costs(
         self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
@@ -76,9 +80,10 @@ class KvOverlap(Policy):
         """cost(w) of every candidate, in blocks."""
         block_size = request.block_size
         incoming_blocks = -(-request.num_prompt_tokens // block_size)
+        host_match, host_weight = request.host_match, request.host_tier_hit_weight
         cost = {}
         for w in candidates:
-            overlap_tokens = index_match.get(w, 0) * block_size
+            overlap_tokens = (index_match.get(w, 0) + host_weight * host_match.get(w, 0)) * block_size
             prefill_tokens = (
                 load.get(w).queued_prefill_tokens
                 + request.num_prompt_tokens

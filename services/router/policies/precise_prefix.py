@@ -11,7 +11,8 @@ Per request, over the candidates:
     score(w) = prefix_weight * prefix(w) + kv_usage_weight * (1 - kv_usage(w)) + queue_weight * queue(w)
                highest wins
 
-    prefix(w)    m(w) = the leading prompt blocks w holds (index_match, pending claims included).
+    prefix(w)    m(w) = the leading prompt blocks w holds (index_match, pending claims included), plus
+                 host_tier_hit_weight x the blocks it holds on its host tier right after them.
                  Over the holders H = {w : m(w) > 0}, min-max normalised:
                    (m(w) - min_H m) / (max_H m - min_H m), or 1 when every holder matches as much;
                  0 for a worker that holds no block of the prompt
@@ -51,13 +52,23 @@ class PrecisePrefixConfig:
     queue_weight: float = 1.0
 
 
-def prefix_scores(candidates: Sequence[str], index_match: Mapping[str, int]) -> dict[str, float]:
+def prefix_scores(candidates: Sequence[str], index_match: Mapping[str, float]) -> dict[str, float]:
     """prefix(w): matched blocks min-max normalised over the candidates that hold any."""
     held = {w: index_match.get(w, 0) for w in candidates if index_match.get(w, 0) > 0}
     if not held:
         return dict.fromkeys(candidates, 0.0)
     lo, hi = min(held.values()), max(held.values())
     return {w: (1.0 if hi == lo else (held[w] - lo) / (hi - lo)) if w in held else 0.0 for w in candidates}
+
+
+def weighted_blocks(
+    request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int]
+) -> Mapping[str, float]:
+    """m(w): device blocks plus host_tier_hit_weight x host-tier blocks; index_match itself without host blocks."""
+    if not request.host_match:
+        return index_match
+    weight = request.host_tier_hit_weight
+    return {w: index_match.get(w, 0) + weight * request.host_match.get(w, 0) for w in candidates}
 
 
 def queue_scores(num_waiting: Mapping[str, int]) -> dict[str, float]:
@@ -77,12 +88,13 @@ class PrecisePrefix(Policy):
     def choose_prefill(
         self, request: PrefillRequest, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView
     ) -> Decision:
-        score = self.scores(candidates, index_match, load)
+        matched = weighted_blocks(request, candidates, index_match)
+        score = self.scores(candidates, matched, load)
         worker = least_cost(candidates, {w: -s for w, s in score.items()})
-        return Decision(worker, "cache_hit" if index_match.get(worker, 0) > 0 else "max_score")
+        return Decision(worker, "cache_hit" if matched.get(worker, 0) > 0 else "max_score")
 
-    def scores(self, candidates: Sequence[str], index_match: Mapping[str, int], load: LoadView) -> dict[str, float]:
-        """score(w) of every candidate."""
+    def scores(self, candidates: Sequence[str], index_match: Mapping[str, float], load: LoadView) -> dict[str, float]:
+        """score(w) of every candidate, from its matched blocks (host-tier ones already weighted)."""
         loads = {w: load.get(w) for w in candidates}
         prefix = prefix_scores(candidates, index_match)
         queue = queue_scores({w: loads[w].num_waiting for w in candidates})

@@ -6,7 +6,9 @@ Per request, over the candidates:
                                                                router's in-flight placements
     imbalanced = max_load - min_load > balance_abs_threshold
                  and max_load > balance_rel_threshold * min_load
-    ratio(w)   = hit_tokens(w) / num_prompt_tokens             hits as the engine counts them
+    ratio(w)   = hit_tokens(w) / num_prompt_tokens             hits as the engine counts them, a
+                                                               host-tier hit at host_tier_hit_weight
+                                                               (PrefillRequest.effective_hit_tokens)
 
     1. imbalanced                   -> the least loaded worker        "balance"
     2. max ratio > cache_threshold  -> the worker of max ratio        "cache_hit"
@@ -70,9 +72,9 @@ class PrefixAffinity(Policy):
         least_loaded = least_cost(candidates, loads)
         if self.is_imbalanced(max(loads.values()), loads[least_loaded]):
             return Decision(least_loaded, "balance")
-        best, best_hit_tokens = least_loaded, 0
+        best, best_hit_tokens = least_loaded, 0.0
         for w in candidates:
-            hit_tokens = request.hit_tokens(index_match.get(w, 0))
+            hit_tokens = request.effective_hit_tokens(w, index_match.get(w, 0))
             if hit_tokens > best_hit_tokens or (hit_tokens == best_hit_tokens > 0 and loads[w] < loads[best]):
                 best, best_hit_tokens = w, hit_tokens
         if best_hit_tokens > self.cache_threshold * request.num_prompt_tokens:
