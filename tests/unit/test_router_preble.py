@@ -370,7 +370,7 @@ def test_costs_find_the_same_worker_as_every_cost_computed(seed):
     workers = [f"w{i}" for i in range(8)]
     lower = {w: float(rng.randint(0, 5)) for w in workers}
     evict = {w: float(rng.choice([0, 0, 1, 3])) for w in workers}
-    costs = _Costs(workers, lower.__getitem__, evict.__getitem__)
+    costs = _Costs(workers, lambda ws, into: into.update({w: lower[w] for w in ws if w not in into}), evict.__getitem__)
     subset = [w for w in workers if rng.random() < 0.7] or workers
     full = {w: lower[w] + evict[w] for w in workers}
     assert costs.cheapest(subset) == least_cost(subset, full)

@@ -251,6 +251,7 @@ class Preble(Policy):
         self.num_requests = 0
         self.num_moves = 0  # important nodes rebalancing moved, in all
         self._checked_at = 0  # num_requests at the last rebalancing check
+        self._decisions: dict[tuple[str, str], Decision] = {}  # (worker, reason) -> its decision, reused
 
     def bind_index(self, index: PrefixIndex) -> None:
         self._index = self._eviction.index = index
@@ -272,21 +273,29 @@ class Preble(Policy):
         if len(candidates) > 1 and self.num_requests - self._checked_at >= self._rebalance_every(candidates):
             self._rebalance(candidates, {w: self._load_cost(w, load) for w in candidates})
         a, b, c = self.fit.coefficients
+        extend_s_per_token = b + c * n  # prefill_time(n - hit, n) = a + (b + c·n)·(n - hit)
         decode_tokens, tpot_all, tpots, states = self.decode_tokens.median, self._tpot_all, self._tpot, self._workers
 
-        def lower(w: str) -> float:  # load(w) + prefill_time(n - hit(w), n): _load_cost inlined, a hot path
-            state = states.get(w) or self._state(w)
-            decode_s = load.mean_decoding(w) * decode_tokens * tpots.get(w, tpot_all).median
-            queued = load.get(w).queued_prefill_tokens
-            return a * state.s0 + b * state.s1 + c * state.s2 + b * queued + decode_s + a + (b + c * n) * (n - hits[w])
+        def add_lower(workers: Sequence[str], lower: dict[str, float]) -> None:
+            """lower(w) = load(w) + prefill_time(n - hit(w), n) of the workers without one: _load_cost inlined (the
+            hot path), its operations in its order (the same floats, bit for bit); the workers in their order (the
+            order in which the policy meets a new worker decides its bit)."""
+            for w in workers:
+                if w in lower:
+                    continue
+                state = states.get(w) or self._state(w)
+                decode_s = load.mean_decoding(w) * decode_tokens * tpots.get(w, tpot_all).median
+                queued = load.get(w).queued_prefill_tokens
+                window_s = a * state.s0 + b * state.s1 + c * state.s2  # the sum's leading terms: the same rounding
+                lower[w] = window_s + b * queued + decode_s + a + extend_s_per_token * (n - hits[w])
 
-        cost = _Costs(candidates, lower, lambda w: self._eviction_cost(w, load.get(w), request, hits[w], now))
+        cost = _Costs(candidates, add_lower, lambda w: self._eviction_cost(w, load.get(w), request, hits[w], now))
         important = _important_node(path)
         matched = max(hits.values())
         if matched > n - matched:
             decision = self._exploit(important, candidates, hits, matched, cost, now)
         else:
-            decision = Decision(cost.cheapest(candidates), "explore")
+            decision = self._decision(cost.cheapest(candidates), "explore")
         self._record(request, path, important, decision.worker, hits[decision.worker], now)
         self._expire(now)  # (at most max_window_requests: the one just added may push one out)
         self.tree.prune(now - self.config.window_s)
@@ -303,19 +312,29 @@ class Preble(Policy):
     ) -> Decision:
         node_load = important.stats if important is not None else None
         assigned = node_load.workers if node_load is not None else 0
-        target = cost.cheapest([w for w in candidates if hits[w] == matched or assigned & self._state(w).bit])
+        states = self._workers
+        target = cost.cheapest(
+            [w for w in candidates if hits[w] == matched or assigned & (states.get(w) or self._state(w)).bit]
+        )
         if node_load is None or not self._overloaded(node_load, target, now):
-            return Decision(target, "exploit")
+            return self._decision(target, "exploit")
         others = [w for w in candidates if not node_load.workers & self._state(w).bit]
         if not others:
-            return Decision(target, "exploit")
+            return self._decision(target, "exploit")
         replica = cost.cheapest(others)
         self._retract(node_load)
         node_load.workers |= self._state(replica).bit
         self._apply(node_load)
         assert node_load.trends is not None
         node_load.trends[target].clear()
-        return Decision(replica, "replicate")
+        return self._decision(replica, "replicate")
+
+    def _decision(self, worker: str, reason: str) -> Decision:
+        """Decision(worker, reason), one object per pair: it is frozen, and building one costs more than a lookup."""
+        decision = self._decisions.get((worker, reason))
+        if decision is None:
+            decision = self._decisions[worker, reason] = Decision(worker, reason)
+        return decision
 
     def _overloaded(self, node_load: NodeLoad, worker: str, now: float) -> bool:
         trend = node_load.trends.get(worker) if node_load.trends else None
@@ -619,33 +638,35 @@ class _Costs:
     are taken by increasing lower bound (candidate order among equals), and once a lower bound
     exceeds the best cost found no later one can win or tie. An exploit computes the lower bounds of
     its targets alone.
+
+    Lives for one placement, so nothing it keeps can go stale. `add_lower(workers, lower)` fills in the
+    lower bounds of a whole list in one call (one Python call a list rather than one a worker).
     """
 
-    def __init__(self, candidates: Sequence[str], lower: Callable[[str], float], evict: Callable[[str], float]) -> None:
+    __slots__ = ("_add_lower", "_evict", "_lower", "_total", "candidates")
+
+    def __init__(
+        self,
+        candidates: Sequence[str],
+        add_lower: Callable[[Sequence[str], dict[str, float]], None],
+        evict: Callable[[str], float],
+    ) -> None:
         self.candidates = candidates
-        self._lower_of = lower
+        self._add_lower = add_lower
         self._evict = evict
         self._lower: dict[str, float] = {}
         self._total: dict[str, float] = {}
 
-    def lower(self, worker: str) -> float:
-        cost = self._lower.get(worker)
-        if cost is None:
-            cost = self._lower[worker] = self._lower_of(worker)
-        return cost
-
-    def total(self, worker: str) -> float:
-        cost = self._total.get(worker)
-        if cost is None:
-            cost = self._total[worker] = self.lower(worker) + self._evict(worker)
-        return cost
-
     def cheapest(self, workers: Sequence[str]) -> str:
+        lower, total = self._lower, self._total
+        self._add_lower(workers, lower)
         best, best_cost = workers[0], 0.0
-        for i, worker in enumerate(sorted(workers, key=self.lower)):
-            if i and self._lower[worker] > best_cost:
+        for i, worker in enumerate(sorted(workers, key=lower.__getitem__)):  # stable: candidate order among equals
+            if i and lower[worker] > best_cost:
                 break
-            cost = self.total(worker)
+            cost = total.get(worker)
+            if cost is None:
+                cost = total[worker] = lower[worker] + self._evict(worker)
             if i == 0 or cost < best_cost or (cost == best_cost and self._earlier(worker, best)):
                 best, best_cost = worker, cost
         return best
