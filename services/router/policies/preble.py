@@ -8,7 +8,8 @@ overload detector fires.
 Per request of n prompt tokens, over the candidates:
 
     hit(w)  tokens worker w would not recompute (the index's match, counted as the engine counts
-            hits: whole blocks, never the block of the last prompt token)
+            hits: whole blocks, never the block of the last prompt token), those it restores from its
+            host tier at host_tier_hit_weight each (PrefillRequest.effective_hit_tokens, rounded down)
     m       = max_w hit(w)
 
     exploit  (m > n - m): the targets are the candidates holding the longest prefix (hit(w) = m)
@@ -54,7 +55,8 @@ Eviction cost. A worker's KV capacity and what it caches say how many blocks the
 would evict, and the index's view of its recency which:
 
     occupied(w) = max(blocks w holds per the index, total(w) - free(w))
-    need(w)     = ceil(n / block_size) - hit(w) / block_size - (total(w) - occupied(w))
+    need(w)     = ceil(n / block_size) - device_hit(w) / block_size - (total(w) - occupied(w))
+                  (device_hit: hit(w) without the host tier's blocks, which take device blocks too)
     evict(w)    = Σ over w's least recently placed nodes, oldest first, until their blocks cover
                   need(w), of each node's load contribution on w (0 for a node that is not an
                   important node assigned to w)                          (0 when need(w) <= 0)
@@ -269,7 +271,10 @@ class Preble(Policy):
         path = self.tree.insert(request.block_hashes, now)
         block_size = request.block_size
         max_hit_blocks = request.hit_tokens(len(request.block_hashes)) // block_size
-        hits = {w: min(index_match.get(w, 0), max_hit_blocks) * block_size for w in candidates}  # hit_tokens(m)
+        device_hits = {w: min(index_match.get(w, 0), max_hit_blocks) * block_size for w in candidates}  # hit_tokens(m)
+        hits = device_hits
+        if request.host_match:  # host-tier blocks count host_tier_hit_weight each (whole tokens, rounded down)
+            hits = {w: int(request.effective_hit_tokens(w, index_match.get(w, 0))) for w in candidates}
         if len(candidates) > 1 and self.num_requests - self._checked_at >= self._rebalance_every(candidates):
             self._rebalance(candidates, {w: self._load_cost(w, load) for w in candidates})
         a, b, c = self.fit.coefficients
@@ -289,7 +294,10 @@ class Preble(Policy):
                 window_s = a * state.s0 + b * state.s1 + c * state.s2  # the sum's leading terms: the same rounding
                 lower[w] = window_s + b * queued + decode_s + a + extend_s_per_token * (n - hits[w])
 
-        cost = _Costs(candidates, add_lower, lambda w: self._eviction_cost(w, load.get(w), request, hits[w], now))
+        # the eviction cost counts device hits only: blocks restored from the host tier take device blocks too
+        cost = _Costs(
+            candidates, add_lower, lambda w: self._eviction_cost(w, load.get(w), request, device_hits[w], now)
+        )
         important = _important_node(path)
         matched = max(hits.values())
         if matched > n - matched:
