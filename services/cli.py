@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="each prefill worker's shared-memory buffer for outgoing KV (same-host transfers read "
-        "it in place; default 1024 on a GPU, 64 on the CPU); 0 sends KV through plain host copies",
+        "it in place; default 4096 on a GPU, 64 on the CPU; a transfer that finds it full waits for room); "
+        "0 sends KV through plain host copies",
     )
     srv.add_argument("--ray-address", default=None, help="join an existing Ray cluster")
     srv.add_argument(

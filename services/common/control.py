@@ -215,6 +215,7 @@ class TransferCounters(msgspec.Struct, frozen=True, kw_only=True):
     # of bytes_sent / bytes_received, those staged in shared memory on one host (the rest went as frames)
     bytes_sent_shared_memory: int = 0
     bytes_received_shared_memory: int = 0
+    num_staging_waits: int = 0  # transfers that found the prefill worker's staging buffer full and waited
 
     def bytes_by_path(self) -> list[tuple[str, str, int]]:
         """(end, path, bytes) for tristage:kv_transfer_path_bytes_total: end "sent" or "received",

@@ -53,6 +53,7 @@ class WorkerSnapshot:
     kv_transfer_bytes: int = 0  # sent by a prefill worker
     kv_transfer_failures: int = 0
     kv_transfer_fallbacks: int = 0  # recomputed by a decode worker
+    kv_transfer_staging_waits: int = 0  # sent by a prefill worker after waiting for staging room
     kv_transfer_seconds_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound s, cumulative count)
     kv_transfer_seconds_sum: float = 0.0
     kv_transfer_bytes_by_path: tuple[tuple[str, str, int], ...] = ()  # (end, path, bytes): TransferCounters

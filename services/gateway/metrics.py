@@ -198,6 +198,11 @@ class _WorkerCollector(Collector):
                 "Requests a decode worker recomputed instead of importing KV.",
                 labels=_WORKER_LABELS,
             ),
+            transfer_staging_waits=CounterMetricFamily(
+                "tristage:kv_transfer_staging_waits",
+                "KV transfers that waited for room in the prefill worker's staging buffer.",
+                labels=_WORKER_LABELS,
+            ),
         )
         transfer_seconds = HistogramMetricFamily(
             "tristage:kv_transfer_seconds", "One request's KV transfer.", labels=_WORKER_LABELS
@@ -248,6 +253,7 @@ class _WorkerCollector(Collector):
             counters["transfer_bytes"].add_metric(labels, worker.kv_transfer_bytes)
             counters["transfer_failures"].add_metric(labels, worker.kv_transfer_failures)
             counters["transfer_fallbacks"].add_metric(labels, worker.kv_transfer_fallbacks)
+            counters["transfer_staging_waits"].add_metric(labels, worker.kv_transfer_staging_waits)
             for end, path, num_bytes in worker.kv_transfer_bytes_by_path:
                 transfer_path_bytes.add_metric([*labels, end, path], num_bytes)
             if worker.kv_transfer_seconds_buckets:

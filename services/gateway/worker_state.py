@@ -172,6 +172,7 @@ def worker_snapshot(stats: WorkerStats) -> WorkerSnapshot:
             kv_transfer_bytes=transfer.bytes_sent,
             kv_transfer_failures=transfer.num_failures,
             kv_transfer_fallbacks=transfer.num_fallbacks,
+            kv_transfer_staging_waits=transfer.num_staging_waits,
             kv_transfer_seconds_buckets=tuple(transfer.seconds.buckets),
             kv_transfer_seconds_sum=transfer.seconds.sum_s,
             kv_transfer_bytes_by_path=tuple(transfer.bytes_by_path()),

@@ -129,6 +129,7 @@ class EngineActor:
             num_transfers_completed=transfer.transfers_completed,
             num_failures=transfer.failures,
             num_fallbacks=transfer.fallbacks,
+            num_staging_waits=transfer.staging_waits,
             seconds=transfer.seconds.snapshot(),
         )
         return WorkerStats(

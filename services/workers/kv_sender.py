@@ -66,8 +66,11 @@ class KVSender:
 
     With staging (the default) `send` only queues copies on a side CUDA stream and returns; `poll`,
     called every loop turn, sends each layer group once its copy is done, and frees the request's
-    GPU blocks as soon as all of its groups are staged. Without room in the staging buffer (or with
-    staging off), a request goes out the plain way: copied to the host and sent inside `send`.
+    GPU blocks as soon as all of its groups are staged. A request that finds the staging buffer full
+    waits, its KV held on the GPU, until acks free room (FIFO: `poll` starts the waiting ones in
+    order); only one larger than the whole buffer, or any with staging off, goes out the plain way:
+    copied to the host and sent inside `send`, at a fraction of the staged path's rate (a synchronous
+    copy to pageable memory, then ZeroMQ frames), so that path is kept for requests nothing else takes.
 
     It connects to the `kv_address` of each target it is given: its owner checks that address against
     the worker's PeerRegistry first (EngineWorker, when the request arrives). `keys`: the cluster's
@@ -101,17 +104,29 @@ class KVSender:
         self._sockets: dict[str, list[zmq.Socket]] = {}
         self._shipments: dict[str, _Shipment] = {}
         self._no_shared_memory: set[str] = set()  # decode workers that could not read our staging file
+        # transfers waiting for staging room, oldest first (their KV held on the GPU meanwhile)
+        self._waiting: deque[tuple[KVTransfer, KVTarget, Sequence[memoryview]]] = deque()
         self._codec = MessageCodec(KVInbound)
         self._copy_stream = side_stream(engine)
 
     def send(self, transfer: KVTransfer, target: KVTarget, embeddings: Sequence[memoryview] = ()) -> None:
-        """Open the transfer (with a vision-language prompt's image `embeddings` as frames) and ship the KV."""
+        """Open the transfer (with a vision-language prompt's image `embeddings` as frames) and ship the KV,
+        or queue it until the staging buffer has room for it."""
+        if self._waiting or not self._start(transfer, target, embeddings):
+            self._waiting.append((transfer, target, embeddings))
+            self.stats.staging_waits += 1
+
+    def _start(self, transfer: KVTransfer, target: KVTarget, embeddings: Sequence[memoryview]) -> bool:
+        """Ship a transfer; False, sending nothing, when it fits the staging buffer but not its free room now."""
         request_id = transfer.request_id
-        sockets = self._socket(target.kv_address)
-        sockets[0].send_multipart(self._codec.encode(transfer, *embeddings))
         num_blocks = len(self.engine.kv_cache.block_ids(request_id))
         layer_bytes = self._layer_bytes(num_blocks)
-        region = self.staging.allocator.allocate(layer_bytes * self.layout.num_layers) if self.staging else None
+        nbytes = layer_bytes * self.layout.num_layers
+        region = self.staging.allocator.allocate(nbytes) if self.staging else None
+        if region is None and self.staging is not None and self.staging.allocator.fits(nbytes):
+            return False
+        sockets = self._socket(target.kv_address)
+        sockets[0].send_multipart(self._codec.encode(transfer, *embeddings))
         shipment = _Shipment(
             transfer,
             target.kv_address,
@@ -123,7 +138,7 @@ class KVSender:
         self._shipments[request_id] = shipment
         if region is None:
             self._send_unstaged(shipment, sockets)
-            return
+            return True
         assert self.staging is not None  # the region was allocated from it
         shared = (
             target.host_id == self.host_id and bool(self.host_id) and target.kv_address not in self._no_shared_memory
@@ -136,10 +151,17 @@ class KVSender:
                 request_id=request_id, layer_start=layer_start, layer_end=layer_end, num_blocks=num_blocks, staging=ref
             )
             shipment.groups.append(self._stage(request_id, header, self.staging.view(offset, nbytes)))
-        self.poll()
+        self._send_ready()
+        return True
 
     def poll(self) -> None:
-        """Send every staged group whose copy is done (in order per request); free staged GPU blocks."""
+        """Start the waiting transfers that fit now, in order; send every staged group whose copy is done
+        (in order per request); free staged GPU blocks."""
+        while self._waiting and self._start(*self._waiting[0]):
+            self._waiting.popleft()
+        self._send_ready()
+
+    def _send_ready(self) -> None:
         for shipment in self._shipments.values():
             sockets = self._sockets[shipment.kv_address]
             while shipment.groups and shipment.groups[0].ready():
@@ -171,8 +193,9 @@ class KVSender:
         shipment = self._shipments.get(request_id)
         if shipment is not None:
             self._finish(shipment)
-        else:
-            self.engine.release_kv(request_id)
+            return
+        self._waiting = deque(w for w in self._waiting if w[0].request_id != request_id)
+        self.engine.release_kv(request_id)
 
     def expire_leases(self) -> None:
         now = time.monotonic()
@@ -183,7 +206,8 @@ class KVSender:
 
     @property
     def num_leases(self) -> int:
-        return len(self._shipments)
+        """Transfers under way or waiting for staging room."""
+        return len(self._shipments) + len(self._waiting)
 
     def close(self) -> None:
         for sockets in self._sockets.values():

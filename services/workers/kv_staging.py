@@ -29,7 +29,9 @@ so "unlink once both ends have mapped it" never has a moment when every reader i
 
 Tunables (defaults):
     ALIGN_BYTES = 4096              region alignment (pages)
-    capacity_bytes (worker option)  1 GiB; 0 disables staging (KV then goes through plain host copies)
+    capacity_bytes (worker option)  4 GiB on a GPU (64 MiB on a CPU engine); 0 disables staging (KV then
+                                    goes through plain host copies). A transfer that finds it full waits
+                                    for room (services.workers.kv_sender)
 """
 
 from __future__ import annotations
@@ -60,9 +62,13 @@ class ExtentAllocator:
         self._free: list[tuple[int, int]] = [(0, capacity_bytes)] if capacity_bytes > 0 else []  # (offset, size)
         self._taken: dict[int, int] = {}  # offset -> size
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether a region of `nbytes` fits the empty buffer (it may not fit the free room now)."""
+        return self._size(nbytes) <= self.capacity_bytes
+
     def allocate(self, nbytes: int) -> int | None:
         """Offset of a region of at least `nbytes`, or None when no free range is big enough."""
-        size = -(-max(nbytes, 1) // self.align_bytes) * self.align_bytes
+        size = self._size(nbytes)
         for i, (offset, free_size) in enumerate(self._free):
             if free_size >= size:
                 if free_size == size:
@@ -83,6 +89,9 @@ class ExtentAllocator:
         if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
             left_offset, left_size = self._free[i - 1]
             self._free[i - 1] = (left_offset, left_size + self._free.pop(i)[1])
+
+    def _size(self, nbytes: int) -> int:
+        return -(-max(nbytes, 1) // self.align_bytes) * self.align_bytes
 
     @property
     def num_taken_bytes(self) -> int:

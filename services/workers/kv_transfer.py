@@ -68,6 +68,7 @@ class TransferStats:
     transfers_completed: int = 0
     failures: int = 0  # refused, timed out, or lease expired
     fallbacks: int = 0  # decode recomputed the prompt instead
+    staging_waits: int = 0  # transfers that found the staging buffer full and waited for room
     seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # one request's KV, first byte to ack
 
 

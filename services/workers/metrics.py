@@ -124,6 +124,12 @@ def _transfer_families(transfer: TransferCounters, values: list[str]) -> Iterato
     yield _counter(
         "tristage:kv_transfer_fallbacks", "Requests recomputed instead of imported.", values, transfer.num_fallbacks
     )
+    yield _counter(
+        "tristage:kv_transfer_staging_waits",
+        "KV transfers that waited for room in the prefill worker's staging buffer.",
+        values,
+        transfer.num_staging_waits,
+    )
     seconds = HistogramMetricFamily("tristage:kv_transfer_seconds", "One request's KV transfer.", labels=LABELS)
     seconds.add_metric(values, prometheus_buckets(transfer.seconds.buckets), transfer.seconds.sum_s)
     yield seconds

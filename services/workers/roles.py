@@ -37,7 +37,9 @@ from services.workers.wire import embedding_frame
 logger = logging.getLogger(__name__)
 
 # a prefill worker's shared-memory staging buffer for outgoing KV, by device (the CPU engine's KV is small)
-DEFAULT_KV_STAGING_BYTES = {"cuda": 2**30, "cpu": 64 * 2**20}
+# (on a GPU, room for several long prompts in flight: a 1,200-token LLaVA-1.5-7B prompt's KV is 629 MiB,
+# and a transfer that finds the buffer full waits for an ack to free room)
+DEFAULT_KV_STAGING_BYTES = {"cuda": 4 * 2**30, "cpu": 64 * 2**20}
 
 
 class PrefillRole:

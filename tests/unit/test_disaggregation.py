@@ -51,7 +51,7 @@ def colocated(model_dir, prompts, max_tokens):
 class Cluster:
     """One prefill worker, one decode worker, and the gateway's sockets."""
 
-    def __init__(self, model_dir, kv_timeout_s=10.0, kv_lease_s=30.0, delivery="shared memory"):
+    def __init__(self, model_dir, kv_timeout_s=10.0, kv_lease_s=30.0, delivery="shared memory", staging_bytes=None):
         self.prefill_engine, self.decode_engine = make_engine(model_dir), make_engine(model_dir)
         self.prefill = EngineWorker(
             self.prefill_engine,
@@ -59,7 +59,7 @@ class Cluster:
             "prefill-0",
             role="prefill",
             kv_lease_s=kv_lease_s,
-            kv_staging_bytes=0 if delivery == "plain" else None,
+            kv_staging_bytes=0 if delivery == "plain" else staging_bytes,
         )
         self.decode = EngineWorker(
             self.decode_engine, "tcp://127.0.0.1:0", "decode-0", role="decode", kv_timeout_s=kv_timeout_s
@@ -234,6 +234,24 @@ def test_kv_bytes_are_counted_at_both_ends_by_path(llama_dir, delivery):
         assert received.bytes_received == sent.bytes_sent > 0
         shared_bytes = sent.bytes_sent if delivery == "shared memory" else 0
         assert sent.bytes_sent_shared_memory == received.bytes_received_shared_memory == shared_bytes
+    finally:
+        cluster.close()
+
+
+def test_transfers_that_find_the_staging_buffer_full_wait_for_room_and_never_take_the_plain_path(llama_dir):
+    prompts = [list(range(10 + 50 * i, 50 + 50 * i)) for i in range(4)]  # 40 tokens each
+    layout = engine_layout(make_engine(llama_dir), "m")
+    num_blocks = -(-40 // layout.block_size)
+    one_request = 2 * num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim * 4 * layout.num_layers
+    cluster = Cluster(llama_dir, staging_bytes=one_request)  # room for one request's KV at a time
+    try:
+        assert cluster.generate(prompts, max_tokens=5) == colocated(llama_dir, prompts, 5)
+        sent = cluster.prefill.transfer_stats
+        assert sent.staging_waits >= 1 and sent.transfers_completed == len(prompts)
+        assert sent.bytes_sent_shared_memory == sent.bytes_sent > 0  # every byte staged, none sent the plain way
+        assert cluster.wait_idle(), "blocks leaked"
+        assert cluster.prefill.prefill_role.sender.num_leases == 0
+        assert cluster.prefill.prefill_role.staging.allocator.num_taken_bytes == 0
     finally:
         cluster.close()
 
