@@ -71,6 +71,35 @@ def loadgen(out_dir: str, rate: float, num_requests: int, images: int, output_le
     return json.loads(Path(out_dir, "summary.json").read_text())
 
 
+def scrape_sums() -> dict[str, float]:
+    """The gateway's running totals this benchmark reads: TTFT parts (sum and count per part) and the
+    KV transfers that waited for staging room."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{PORT}/metrics", timeout=30).text
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("tristage:ttft_part_seconds_sum", "tristage:ttft_part_seconds_count"):
+                key = f"{sample.labels['part']}_{sample.name.rsplit('_', 1)[1]}"
+                sums[key] = sums.get(key, 0.0) + sample.value
+            elif sample.name == "tristage:kv_transfer_staging_waits_total":
+                sums["staging_waits"] = sums.get("staging_waits", 0.0) + sample.value
+    return sums
+
+
+def mean_parts_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds of each TTFT part over the requests between two scrapes, and staging waits."""
+    parts: dict[str, float] = {}
+    for key in after:
+        if key.endswith("_count") and after[key] > before.get(key, 0.0):
+            part = key[: -len("_count")]
+            count = after[key] - before.get(key, 0.0)
+            parts[part] = round(1e3 * (after[f"{part}_sum"] - before.get(f"{part}_sum", 0.0)) / count, 1)
+    parts["staging_waits"] = after.get("staging_waits", 0.0) - before.get("staging_waits", 0.0)
+    return parts
+
+
 def ttft_s(client: httpx.Client, content) -> tuple[float, int]:
     """(time to the first token, prompt tokens) of one streamed chat."""
     start = time.perf_counter()
@@ -143,8 +172,10 @@ def run_mode(
         loadgen(f"{work}/warm", 1, 2, sizes["images"], 4)
         sweep = {}
         for rate in rates:
+            before = scrape_sums()
             s = loadgen(f"{work}/r{rate}", rate, sizes["requests"], sizes["images"], sizes["output"])
             sweep[str(rate)] = {
+                "ttft_parts_mean_ms": mean_parts_ms(before, scrape_sums()),
                 "ttft_p50_s": s["ttft"]["p50"],
                 "ttft_p99_s": s["ttft"]["p99"],
                 "request_throughput": s["request_throughput"],
