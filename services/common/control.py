@@ -297,11 +297,13 @@ class KVEventReplay(msgspec.Struct, tag="replay", frozen=True, kw_only=True):
 
 
 class KVEventSnapshot(msgspec.Struct, tag="snapshot", frozen=True, kw_only=True):
-    """Every block hash cached on the worker, as of its batch `seq` (-1: before its first batch).
-    The reader installs it whole, then applies batch seq + 1 on."""
+    """Every block hash cached on the worker, as of its batch `seq` (-1: before its first batch):
+    block_hashes on the device, host_block_hashes on its host tier (the blocks its medium="CPU" events
+    announce; empty without one). The reader installs it whole, then applies batch seq + 1 on."""
 
     seq: int
     block_hashes: list[int]
+    host_block_hashes: list[int] = msgspec.field(default_factory=list)
 
 
 # The answer to `kv_events(next_seq)`: a replay when the worker still has batch next_seq in its log,

@@ -84,7 +84,12 @@ class KVEventFeed:
             for offset, batch in enumerate(reply.batches):
                 self.on_batch(reply.first_seq + offset, batch.events)
         else:
-            self._index.replace_worker(self.worker, reply.seq, ((h, None) for h in reply.block_hashes))
+            self._index.replace_worker(
+                self.worker,
+                reply.seq,
+                ((h, None) for h in reply.block_hashes),
+                host_block_hashes=reply.host_block_hashes,
+            )
             self.next_seq = reply.seq + 1
         held, self._held = self._held, deque(maxlen=self._held.maxlen)
         for seq, events in held:

@@ -152,7 +152,8 @@ class EngineWorker:
         )
         self.kv_address = self.decode_role.address if self.decode_role is not None else None
         self.embedding_address = self.images.address
-        self.kv_events = KVEventLog(engine.kv_cache.pool.cached_hashes)
+        kv_cache = engine.kv_cache
+        self.kv_events = KVEventLog(kv_cache.pool.cached_hashes, host_snapshot=kv_cache.host_cached_hashes)
         # the state socket: KV events, `worker_stats` and admitted requests as they happen (None: no socket)
         self.publisher = (
             StatePublisher(

@@ -3,9 +3,9 @@
 The worker loop appends one batch per turn that changed the cache. The state publisher
 (services.workers.state_publisher) streams each new batch under its number; a router that missed
 one asks, over Ray, for the batches after the last one it applied (`read(next_seq)`). If those have
-left the bounded log (or the reader is new), it gets a snapshot instead (every cached block hash, and
-the batch number the snapshot is as of) and goes on from there: the router's index never depends on
-having seen every batch.
+left the bounded log (or the reader is new), it gets a snapshot instead (every cached block hash, on
+the device and on the host tier, and the batch number the snapshot is as of) and goes on from there:
+the router's index never depends on having seen every batch.
 
     batches:  [seq 40][seq 41] ... [seq 40 + MAX_BATCHES - 1]     (older ones dropped)
 
@@ -17,6 +17,12 @@ about 9 MiB; a router that falls further behind than that reads a snapshot inste
 
 Thread safety: the loop thread appends and publishes; Ray's threads read. One lock guards the deque
 and the next number.
+
+A snapshot's seq and hashes: both tiers are copied under the lock, so no batch is appended meanwhile.
+The loop thread changes the cache before it appends the batch that says so, so the copies may already
+hold changes of batches after seq (and a block moving between tiers between the two copies may show in
+both or neither); the reader applies those batches next, and as each event sets its block's state on
+its tier (stored or not), the last one wins: the index ends as the worker's cache is.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ class KVEventLog:
         max_batches: int = MAX_BATCHES,
         clock: Callable[[], float] = time.time,
         max_entries: int = MAX_ENTRIES,
+        host_snapshot: Callable[[], list[int]] = list,
     ) -> None:
-        self._snapshot = snapshot  # the cached block hashes, as of now
+        self._snapshot = snapshot  # the device's cached block hashes, as of now
+        self._host_snapshot = host_snapshot  # the host tier's (default: no host tier)
         self._clock = clock  # a batch's `ts`: seconds since the epoch, as vLLM stamps it
         self._max_batches, self._max_entries = max_batches, max_entries
         self._batches: deque[KVEventBatch] = deque()  # numbered _next_seq - len .. _next_seq - 1
@@ -83,7 +91,9 @@ class KVEventLog:
             first = self._next_seq - len(self._batches)
             if next_seq is not None and first <= next_seq <= self._next_seq:
                 return KVEventReplay(first_seq=next_seq, batches=self._since(next_seq))
-            return KVEventSnapshot(seq=self._next_seq - 1, block_hashes=self._snapshot())
+            return KVEventSnapshot(
+                seq=self._next_seq - 1, block_hashes=self._snapshot(), host_block_hashes=self._host_snapshot()
+            )
 
     def batches_from(self, next_seq: int) -> tuple[int, list[KVEventBatch]]:
         """(first, the batches numbered first, first + 1, ...): first is `next_seq`, or the oldest batch

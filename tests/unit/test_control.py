@@ -138,6 +138,14 @@ def test_the_kv_events_reply_is_a_tagged_union_of_replay_and_snapshot():
         assert pickle.loads(pickle.dumps(reply)) == reply
 
 
+def test_a_snapshot_from_a_worker_without_host_block_hashes_still_decodes():
+    old = msgspec.msgpack.encode({"type": "snapshot", "seq": 3, "block_hashes": [1, 2]})
+    reply = msgspec.msgpack.decode(old, type=KVEventsReply)
+    assert reply == KVEventSnapshot(seq=3, block_hashes=[1, 2]) and reply.host_block_hashes == []
+    with_host = KVEventSnapshot(seq=3, block_hashes=[1], host_block_hashes=[2])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(with_host), type=KVEventsReply) == with_host
+
+
 def test_load_reads_the_role_own_queue():
     assert (ENGINE_STATS.num_running, ENGINE_STATS.num_waiting) == (2, 5)
     assert ENGINE_STATS.scheduler.kv_cache_usage == 0.75

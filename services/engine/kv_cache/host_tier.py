@@ -157,7 +157,13 @@ class HostBlockPool:
         self._free_slots = list(range(self.num_blocks - 1, -1, -1))
 
     def cached_hashes(self) -> list[int]:
-        return list(self._lru)
+        """Every block hash the tier holds now (a snapshot for routers that fell behind)."""
+        for _ in range(8):  # another thread may be changing the map: retry the copy, as BlockPool's
+            try:
+                return list(self._lru)
+            except RuntimeError:
+                continue
+        return []
 
     def _evict_lru(self) -> bool:
         victim = next((b for b in self._lru.values() if not b.num_pins), None)

@@ -71,6 +71,10 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    def host_cached_hashes(self) -> list[int]:
+        """Every block hash the host tier holds now (none without one); safe from another thread."""
+        return self.host.cached_hashes() if self.host is not None else []
+
     def block_ids(self, request_id: str) -> list[int]:
         return self._block_ids.get(request_id, [])
 
