@@ -15,7 +15,8 @@ Three parts:
   * KVCopyPlan: the copies planned since the last flush: offloads (device block -> host slot) and
     onloads (host slot -> device block).
   * HostKVBuffer: the bytes, [num_blocks, layers, k|v, block_size, kv_heads, head_dim] (one slot is
-    one device block's KV for every layer, contiguous), pinned on CUDA; it issues a plan's copies.
+    one device block's KV for every layer, contiguous), page-locked on CUDA (see _page_locked_empty);
+    it issues a plan's copies.
 
 Ordering (why no synchronisation is needed). The engine flushes the plan right after the scheduling
 (or KV import) that made it, on the stream its forward runs on, before that forward; copies of a plan
@@ -37,9 +38,13 @@ the device staging memory of one gather or scatter.
 
 from __future__ import annotations
 
+import math
+import mmap
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,10 +188,20 @@ class HostKVBuffer:
     """
 
     def __init__(self, num_blocks: int, block_shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
-        pin = device.type == "cuda"  # pinned: asynchronous DMA copies; ordinary memory on a CPU engine
-        # [num_blocks, layers, k|v, block_size, kv_heads, head_dim]
-        self.blocks = torch.empty((num_blocks, *block_shape), dtype=dtype, pin_memory=pin)
+        shape = (num_blocks, *block_shape)  # [num_blocks, layers, k|v, block_size, kv_heads, head_dim]
+        self._unlock: Callable[[], object] | None = None  # unregisters the page-locked range, once
+        if device.type == "cuda":
+            self.blocks, self._unlock = _page_locked_empty(shape, dtype, device)
+            # non_blocking copies are asynchronous DMA only from and to page-locked memory
+            assert self.blocks.is_pinned(), "the host KV tier's memory is not page-locked"
+        else:  # a CPU engine: ordinary memory, plain copies
+            self.blocks = torch.empty(shape, dtype=dtype)
         self.device = device
+
+    def close(self) -> None:
+        """Unlock the pages now (once every queued copy is done) rather than when `blocks` is collected."""
+        if self._unlock is not None:
+            self._unlock()
 
     @property
     def bytes_per_block(self) -> int:
@@ -223,6 +238,51 @@ class HostKVBuffer:
         if self.device.type == "cuda":  # through pinned memory: a pageable copy would wait for the stream
             return index.pin_memory().to(self.device, non_blocking=True)
         return index
+
+
+def _page_locked_empty(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, Callable[[], object]]:
+    """An uninitialised host tensor whose exact byte range is page-locked, and the finalizer that unlocks it.
+
+    Not `torch.empty(..., pin_memory=True)`: PyTorch's caching host allocator rounds every allocation up
+    to a power of two (a 56 GiB tier would lock 64 GiB of RAM) and keeps the block cached after it is
+    freed. Instead the bytes are ordinary memory of exactly the tier's size, registered with
+    cudaHostRegister, so non_blocking copies from and to it are true asynchronous DMA (`is_pinned()`
+    reports True: it asks cudaPointerGetAttributes, which says cudaMemoryTypeHost for registered
+    memory). The memory is a private anonymous mapping of its own: what malloc gives a large allocation,
+    but also for a small tier, page-aligned and sharing no page with other heap data (so two tiers of
+    one process never register the same page). Registering faults in and locks every page at once.
+
+    Copies do not keep the memory alive (the caching allocator's stream events do not cover it), so
+    the finalizer, run by close() or when the tensor is collected, waits for the device before it
+    unregisters; the mapping is unmapped after it, with the tensor's storage.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous: untouched pages cost nothing yet
+    blocks = torch.frombuffer(mapping, dtype=dtype).view(shape)  # the storage holds the mapping
+    cudart = _cudart()
+    pointer = blocks.data_ptr()
+    with torch.cuda.device(device):
+        status = cudart.cudaHostRegister(pointer, nbytes, 0)  # 0: cudaHostRegisterDefault
+    if int(status) != 0:
+        raise RuntimeError(
+            f"could not page-lock the host KV tier's {nbytes} bytes ({nbytes / 2**30:.2f} GiB): "
+            f"CUDA error {int(status)} ({cudart.cudaGetErrorString(status)}); lower kv_offloading_size "
+            "or free host memory"
+        )
+    unlock = weakref.finalize(blocks, _unregister, device, pointer)
+    unlock.atexit = False  # at exit the process's pages go anyway; no device work while CUDA shuts down
+    return blocks, unlock
+
+
+def _unregister(device: torch.device, pointer: int) -> None:
+    torch.cuda.synchronize(device)  # no queued copy may still read or write the pages
+    _cudart().cudaHostUnregister(pointer)
+
+
+def _cudart() -> Any:
+    return torch.cuda.cudart()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
 
 def _runs(sorted_values: list[int]) -> list[tuple[int, int]]:
