@@ -22,7 +22,18 @@ from services.workers.gpu_memory import DEFAULT_DECODE_KV_SHARE, ROLES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF-format model directory (default: the embedded tiny model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF-format model directory or Hugging Face Hub id (org/name), fetched once per node into the Hub's "
+        "cache ($HF_HOME; $HF_HUB_OFFLINE=1: the cache only; $HF_TOKEN for gated repos; default: the embedded "
+        "tiny model)",
+    )
+    parser.add_argument("--revision", default=None, help="the Hub id's branch, tag or commit (default: main)")
+    parser.add_argument(
+        "--download-dir", default=None, help="the Hub cache to fetch into (default: $HF_HUB_CACHE or $HF_HOME/hub)"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
@@ -107,6 +118,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        tokenizer=args.tokenizer,
         device=args.device,
         dtype=args.dtype,
         load_format=args.load_format,
@@ -131,11 +145,15 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from services.common.errors import ModelLoadError
     from services.engine import LLM, SamplingParams
 
     config = engine_config_from_args(args)
     start = time.perf_counter()
-    llm = LLM(**{k: v for k, v in vars(config).items()})
+    try:
+        llm = LLM(**{k: v for k, v in vars(config).items()})
+    except ModelLoadError as exc:  # a missing or refused model: its message, not a traceback
+        raise SystemExit(f"tristage generate: {exc}") from exc
     print(
         f"model {llm.engine.model_dir} loaded on {llm.engine.config.device} "
         f"({llm.engine.config.dtype}) in {time.perf_counter() - start:.1f} s",
@@ -279,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="start a local cluster behind an OpenAI-compatible API")
     srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--served-model-name", default=None, help="API model name (default: the directory's name)")
+    srv.add_argument(
+        "--served-model-name", default=None, help="API model name (default: a Hub id as given, a directory's name)"
+    )
     srv.add_argument(
         "--mode",
         default="disaggregated",

@@ -32,9 +32,11 @@ import httpx
 import ray
 import uvicorn
 
+from services.common.errors import ModelLoadError
 from services.common.security import ClusterSecret, ClusterSecretMissing, DataPlaneAuth, resolve_cluster_secret
 from services.engine import EngineConfig
 from services.engine.default_model import DEFAULT_MODEL_NAME, default_model_path
+from services.engine.models.hub import HubSettings, ResolvedModel, local_tokenizer_dir, model_source, resolve_model
 from services.router.policies.base import DEFAULT_HOST_TIER_HIT_WEIGHT
 from services.workers.gpu_memory import DEFAULT_DECODE_KV_SHARE, GPUMemoryPlan
 
@@ -54,7 +56,7 @@ class ServeConfig:
     engine: EngineConfig
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None  # default: the model directory's name
+    served_model_name: str | None = None  # default: a Hub id as given, a model directory's name
     mode: str = "disaggregated"  # or "colocated"
     replicas: int = 1  # colocated engine actors
     num_prefill: int = 1  # disaggregated pools
@@ -99,11 +101,13 @@ def run(config: ServeConfig) -> int:
         check_tunables({}, config.decode_kv_share, dict(config.role_gpu_memory_utilization))
     except ValueError as exc:
         raise SystemExit(f"tristage serve: {exc}") from exc
-    model_dir = config.engine.model or str(default_model_path())
-    engine_config = replace(config.engine, model=model_dir)
-    name = config.served_model_name or (
-        DEFAULT_MODEL_NAME if config.engine.model is None else os.path.basename(os.path.normpath(model_dir))
-    )
+    try:  # before Ray: refuse early, and fetch a Hub id once for this node before its workers look for it
+        model, engine_config, tokenizer_dir = resolve_serve_model(config.engine)
+        vision_language = _is_vision_language(str(model.model_dir))
+    except ModelLoadError as exc:
+        raise SystemExit(f"tristage serve: {exc}") from exc
+    model_dir = str(model.model_dir)
+    name = config.served_model_name or (DEFAULT_MODEL_NAME if config.engine.model is None else model.served_name)
     config = replace(config, cluster_secret=_data_plane_secret(config))  # before Ray: refuse early
     started_ray = _start_ray(config)
     # joined to a Ray cluster, the pools belong to it: every gateway replica attaches to the same
@@ -117,7 +121,6 @@ def run(config: ServeConfig) -> int:
             if config.mode == "colocated"
             else {"prefill": config.num_prefill, "decode": config.num_decode}
         )
-        vision_language = _is_vision_language(model_dir)
         num_encode = _num_encode(config, model_dir, vision_language)
         if num_encode:
             pools = {"encode": num_encode, **pools}
@@ -146,8 +149,8 @@ def run(config: ServeConfig) -> int:
                 )
         except PoolUnplaceable as exc:
             raise SystemExit(f"tristage serve: {exc}") from exc
-        _check_layouts(workers, model_dir)
-        _run_event_loop(_serve_http(config, workers, model_dir, name, vision_language))
+        _check_layouts(workers, model_source(engine_config))
+        _run_event_loop(_serve_http(config, workers, model_dir, tokenizer_dir, name, vision_language))
     finally:
         if workers and not shared:
             stop_pool(workers)
@@ -159,6 +162,20 @@ def run(config: ServeConfig) -> int:
             ray.shutdown()
     logger.info("stopped")
     return 0
+
+
+def resolve_serve_model(engine: EngineConfig) -> tuple[ResolvedModel, EngineConfig, str]:
+    """The model on this node (a Hub id fetched into the cache), the engine config the workers get, and the
+    gateway's tokenizer directory. Workers get a Hub id pinned to the commit fetched here: each resolves it
+    on its own node (a no-op where this process already fetched it) and all serve the same files. Raises
+    ModelLoadError (ModelResolutionError for a Hub id: naming it, the revision and the cause)."""
+    if engine.model is None:
+        model = ResolvedModel(str(default_model_path()), default_model_path())
+    else:
+        settings = HubSettings.from_environ(os.environ, engine.download_dir)
+        model = resolve_model(engine.model, engine.revision, settings, need_weights=engine.load_format != "dummy")
+    pinned = replace(engine, model=model.model, revision=model.revision)
+    return model, pinned, local_tokenizer_dir(pinned, str(model.model_dir))
 
 
 def _data_plane_secret(config: ServeConfig) -> ClusterSecret | None:
@@ -341,7 +358,9 @@ def _use_ray_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: str, vision_language: bool) -> None:
+async def _serve_http(
+    config: ServeConfig, workers, model_dir: str, tokenizer_dir: str, model_name: str, vision_language: bool
+) -> None:
     from transformers import AutoTokenizer
 
     from services.gateway.app import create_app
@@ -351,7 +370,7 @@ async def _serve_http(config: ServeConfig, workers, model_dir: str, model_name: 
     from services.router import RouterConfig
     from services.workers.actor import resolve_bind_host
 
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, tokenizer_dir)
     processor = await asyncio.to_thread(_processor, model_dir) if vision_language else None
     backend = ClusterBackend(
         workers,

@@ -66,7 +66,9 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     stage: Stage
     pid: int
     host_id: str  # equal on two workers of one host (services.workers.kv_staging.host_identity)
-    model_dir: str  # encode workers too: the vision tower comes from the same directory
+    # the model as configured: a directory, or a Hub id pinned to a commit ("org/name@<sha>"); serve checks
+    # that attached pools serve the same one. Encode workers too: the vision tower comes from the same model
+    model_dir: str
     input_address: str  # ZeroMQ PULL: GenerateRequest / EncodeRequest / AbortRequest / KVAck in
     state_address: str  # ZeroMQ PUB: KV events, stats, admitted requests out (module docstring)
     kv_address: str | None = None  # decode workers: ZeroMQ PULL for KV transfers

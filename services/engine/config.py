@@ -26,8 +26,11 @@ CPU_KV_CACHE_BYTES = 512 * 2**20  # default KV budget on CPU
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF-format directory; None: the embedded default model
-    tokenizer: str | None = None  # defaults to the model directory
+    # An HF-format directory or a Hugging Face Hub id (services/engine/models/hub.py); None: the embedded default
+    model: str | None = None
+    revision: str | None = None  # a Hub id's branch, tag or commit (None: main); ignored for a directory
+    download_dir: str | None = None  # the Hub cache to fetch into (None: $HF_HUB_CACHE, $HF_HOME/hub, ...)
+    tokenizer: str | None = None  # a directory or Hub id; defaults to the model's
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     load_format: str = "auto"  # auto/safetensors read the weights; dummy: random weights of the real shapes

@@ -43,10 +43,10 @@ from services.common.control import CacheConfigInfo, KVTierStats, SchedulerStats
 from services.common.errors import InvalidRequestError
 from services.common.histogram import SecondsHistogram, TokensHistogram, iteration_tokens_buckets
 from services.engine.config import EngineConfig
-from services.engine.default_model import default_model_path
 from services.engine.detokenizer import IncrementalDetokenizer, decode_tokens
 from services.engine.kv_cache.manager import KVCacheManager
 from services.engine.model_runner import ModelRunner
+from services.engine.models.hub import local_model_dir, local_tokenizer_dir
 from services.engine.models.loader import read_model_config
 from services.engine.multimodal.inputs import MultiModalInputs, check_multimodal_inputs
 from services.engine.multimodal.spec import VisionLanguageSpec
@@ -114,10 +114,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
         config = replace(config or EngineConfig(), **overrides).resolved()
         self.config = config
-        self.model_dir = str(config.model or default_model_path())
+        # a Hub id is fetched here, in the process that runs the engine (once per node: models/hub.py)
+        self.model_dir = local_model_dir(config)
         self.hf_config = read_model_config(self.model_dir)
         self.vision_language = VisionLanguageSpec.from_hf_config(self.hf_config)  # None: text only
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_tokenizer_dir(config, self.model_dir))
         self.runner = ModelRunner(config, self.model_dir, self.hf_config)
         self.kv_cache = KVCacheManager(
             self.runner.num_blocks,

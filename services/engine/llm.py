@@ -17,6 +17,7 @@ from services.common.errors import InvalidRequestError
 from services.engine.config import EngineConfig
 from services.engine.default_model import default_model_path
 from services.engine.engine import LLMEngine, Prompt
+from services.engine.models.hub import with_local_files
 from services.engine.models.loader import read_model_config
 from services.engine.multimodal.encoder import VisionEncoder
 from services.engine.multimodal.inputs import MultiModalInputs
@@ -33,15 +34,16 @@ class LLM:
 
     A prompt is a string, a list of token ids, or `{"prompt_token_ids": [...]}` (with
     `"multi_modal_data"` for vision-language models, see the module docstring). Keyword arguments are
-    EngineConfig fields (model, dtype, device, block_size, max_num_batched_tokens, max_num_seqs,
-    enable_prefix_caching, ...).
+    EngineConfig fields (model: a directory or a Hugging Face Hub id, revision, download_dir, tokenizer,
+    dtype, device, block_size, max_num_batched_tokens, max_num_seqs, enable_prefix_caching, ...).
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
         unknown = set(kwargs) - _CONFIG_FIELDS
         if unknown:
             raise TypeError(f"unknown LLM arguments: {sorted(unknown)}; accepted: {sorted(_CONFIG_FIELDS)}")
-        config = EngineConfig(model=model, **kwargs).resolved()
+        # a Hub id is fetched once here; the vision side and the engine then read the same directory
+        config = with_local_files(EngineConfig(model=model, **kwargs).resolved())
         # the vision side first: on a GPU the engine sizes its KV cache from the memory left after it
         self.vision = OfflineVision.create(config)
         self.engine = LLMEngine(config)

@@ -31,6 +31,7 @@ from services.common.control import (
 from services.common.messages import DataPlanePeers
 from services.common.security import ClusterSecret, derive_keys
 from services.engine import EngineConfig, LLMEngine
+from services.engine.models.hub import local_model_dir, model_source
 from services.workers.engine_worker import EngineWorker
 from services.workers.kv_staging import host_identity
 from services.workers.restarts import back_off_if_restarted
@@ -108,7 +109,7 @@ class EngineActor:
             stage=self.stage,
             pid=os.getpid(),
             host_id=worker.host_id,
-            model_dir=engine.model_dir,
+            model_dir=model_source(engine.config),  # the same on every node, where the local paths may differ
             input_address=worker.input_address,
             state_address=worker.publisher.address,
             kv_address=worker.kv_address,
@@ -196,7 +197,9 @@ class EncodeActor:
         if engine_config.model is None:  # the embedded default model is text-only
             raise ValueError("an encode worker needs a vision-language model directory")
         self.name, self.stage = name, "encode"
-        self.model_dir = engine_config.model
+        # a Hub id is fetched on this actor's node (once per node: services/engine/models/hub.py)
+        self.model_dir = local_model_dir(engine_config)
+        self.model_source = model_source(engine_config)
         self.host_id = host_identity()
         self.encoder = _image_encoder(engine_config, self.model_dir, image_draft_decode)
         keys = derive_keys(cluster_secret) if cluster_secret is not None else None
@@ -212,7 +215,7 @@ class EncodeActor:
             stage="encode",
             pid=os.getpid(),
             host_id=self.host_id,
-            model_dir=self.model_dir,
+            model_dir=self.model_source,
             input_address=self.worker.input_address,
             state_address=self.worker.state_address,
             metrics_port=self.metrics_port,
