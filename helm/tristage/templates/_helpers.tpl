@@ -103,6 +103,40 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The Hub cache as HF_HOME, and the token, for a container that resolves model.id (the gateway, Ray workers). */}}
+{{- define "tristage.hubEnv" -}}
+{{- if .Values.model.id }}
+- {name: HF_HOME, value: {{ .Values.model.hubCache.mountPath | quote }}}
+{{- if .Values.model.hubCache.offline }}
+- {name: HF_HUB_OFFLINE, value: "1"}
+{{- end }}
+{{- if .Values.model.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.model.hfToken.existingSecret }}
+      key: {{ .Values.model.hfToken.existingSecretKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tristage.hubCacheVolume" -}}
+{{- if .Values.model.id }}
+- name: hf-cache
+{{- if .Values.model.hubCache.existingClaim }}
+  persistentVolumeClaim: {claimName: {{ .Values.model.hubCache.existingClaim | quote }}}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tristage.hubCacheVolumeMount" -}}
+{{- if .Values.model.id }}
+- {name: hf-cache, mountPath: {{ .Values.model.hubCache.mountPath | quote }}}
+{{- end }}
+{{- end }}
+
 {{/* The Secret holding Ray's auth token. */}}
 {{- define "tristage.rayAuthSecretName" -}}
 {{- .Values.ray.authToken.existingSecret | default (printf "%s-ray-auth" (include "tristage.fullname" .)) -}}
