@@ -7,6 +7,7 @@ output decodes to visible text and N words encode to exactly N tokens (prompts o
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -112,6 +113,18 @@ def _word(index: int) -> str:
         index, digit = divmod(index, 26)
         letters.append(chr(ord("a") + digit))
     return "".join(reversed(letters))
+
+
+def add_serve_arg(parser: argparse.ArgumentParser) -> None:
+    """--serve-arg: flags passed through to `tristage serve` (args.serve_arg, a list)."""
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one argument for tristage serve, written --serve-arg=--flag (repeatable; a value is its own "
+        "--serve-arg=VALUE)",
+    )
 
 
 def start_serve(model_dir: str, port: int, *args: str, timeout_s: float = 900) -> subprocess.Popen:

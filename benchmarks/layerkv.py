@@ -68,7 +68,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir
+from benchmarks.bench_models import LLAMA_31_8B, TINY, add_serve_arg, start_serve, write_model_dir
 from benchmarks.policy_comparison import samples
 from loadgen.metrics import distribution
 
@@ -308,14 +308,7 @@ def parse_args() -> argparse.Namespace:
         "--device-fraction", type=float, default=0.25, help="device KV pool, of all conversations' final histories"
     )
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="one argument for tristage serve, written --serve-arg=--flag (repeatable; a value is its own "
-        "--serve-arg=VALUE)",
-    )
+    add_serve_arg(parser)
     parser.add_argument("--time-limit", type=float, default=1800.0, help="seconds per loadgen run")
     parser.add_argument("--out", default="results/layerkv.json", help="all figures, as JSON")
     parser.add_argument("--tiny", action="store_true", help="tiny config and sizes on CPU, to check the script")

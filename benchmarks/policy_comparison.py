@@ -67,7 +67,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, LLAMA_32_1B, TINY, start_serve, write_model_dir
+from benchmarks.bench_models import LLAMA_31_8B, LLAMA_32_1B, TINY, add_serve_arg, start_serve, write_model_dir
 
 PORT = 8791
 BASE_URL = f"http://127.0.0.1:{PORT}"
@@ -325,14 +325,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe-concurrency", type=int, help="requests in flight (default 8 per worker)")
     parser.add_argument("--probe-requests", type=int, help="default 4 x the probe's concurrency")
     parser.add_argument("--local-schedulers", default="fcfs", help="comma-separated: fcfs, preble")
-    parser.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="one argument for tristage serve, written --serve-arg=--flag (repeatable; a value is its own "
-        "--serve-arg=VALUE)",
-    )
+    add_serve_arg(parser)
     parser.add_argument("--time-limit", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU, to check the script")
     parser.add_argument("--out", help="JSON results, rewritten after each policy")

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_models import LLAMA_31_8B, TINY, start_serve, write_model_dir
+from benchmarks.bench_models import LLAMA_31_8B, TINY, add_serve_arg, start_serve, write_model_dir
 from services.engine.config import SMALL_BATCH_LINEAR_KERNELS, EngineConfig
 
 PORT = 8791
@@ -288,14 +288,7 @@ def device_name() -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="colocated,disaggregated", help="comma-separated: colocated, disaggregated")
-    parser.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="one argument for tristage serve, written --serve-arg=--flag (repeatable; a value is its own "
-        "--serve-arg=VALUE)",
-    )
+    add_serve_arg(parser)
     parser.add_argument(
         "--small-batch-linear",
         choices=SMALL_BATCH_LINEAR_KERNELS,
