@@ -264,7 +264,7 @@ def test_a_transfer_that_never_completes_is_recomputed_and_frees_everything(llam
     prompts = prompts_with_shared_prefix()[:2]
     cluster = Cluster(llama_dir, kv_timeout_s=0.5, kv_lease_s=1.0)
     sender = cluster.prefill.prefill_role.sender
-    sender.poll = lambda: None  # injected fault: the staged layers never leave the prefill worker
+    sender._send_ready = lambda: None  # injected fault: the staged layers never leave the prefill worker
     try:
         assert cluster.generate(prompts, max_tokens=8) == colocated(llama_dir, prompts, 8)
         assert cluster.decode.transfer_stats.fallbacks == 2
