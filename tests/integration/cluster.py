@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+PORT_ATTEMPTS = 3
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,9 +31,6 @@ class ServeProcess:
     """`tristage serve ...` in its own session (so every process it starts can be found afterwards)."""
 
     def __init__(self, *args: str, cache_dir: Path, env: dict | None = None, startup_timeout_s: float = 240) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *args]
         # every actor's log line reaches the driver (Ray otherwise folds similar lines from several actors)
         full_env = {
             **os.environ,
@@ -40,22 +39,35 @@ class ServeProcess:
             "RAY_DEDUP_LOGS": "0",
             **(env or {}),
         }
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
-        )
-        self.sid = self.proc.pid
-        self.log: list[str] = []
-        ready = threading.Event()
-        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
-        if not ready.wait(startup_timeout_s):
+        # free_port's port can be taken (by one of Ray's many processes) before serve binds it: then serve
+        # exits at once, and a new port is tried
+        for attempt in range(PORT_ATTEMPTS):
+            self.port = free_port()
+            self.base_url = f"http://127.0.0.1:{self.port}"
+            cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port), *args]
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+            )
+            self.sid = self.proc.pid
+            self.log: list[str] = []
+            self._serving = False
+            done = threading.Event()  # serving, or the output ended (serve exited)
+            threading.Thread(target=self._read, args=(done,), daemon=True).start()
+            done.wait(startup_timeout_s)
+            if self._serving:
+                return
             self.stop(signal.SIGKILL)
-            raise RuntimeError("tristage serve did not become ready:\n" + "".join(self.log[-60:]))
+            if not any("address already in use" in line for line in self.log) or attempt == PORT_ATTEMPTS - 1:
+                raise RuntimeError("tristage serve did not become ready:\n" + "".join(self.log[-60:]))
 
-    def _read(self, ready: threading.Event) -> None:
+    def _read(self, done: threading.Event) -> None:
+        assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.log.append(line)
             if re.search(r"tristage is serving .* at http", line):
-                ready.set()
+                self._serving = True
+                done.set()
+        done.set()
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 90) -> int:
         if self.proc.poll() is None:
